@@ -1,0 +1,326 @@
+"""Backward kernels: recompute P tile by tile from Q, K and the saved log-sum-exp; never store it.
+
+With ``P = softmax(S)`` and ``O = P V``, the gradients are::
+
+    dV = P^T dO            dP = dO V^T
+    dS = P * (dP - delta)  with delta = rowsum(dO * O)   (one number per query row)
+    dQ = scale * dS K      dK = scale * dS^T Q
+
+Three launches:
+
+1. ``_bwd_delta``: ``delta = rowsum(dO * O)`` per query row, fp32, in the LSE's layout.
+2. ``_bwd_dkdv``: one program per key block and kv head. It holds K, V and the dK, dV accumulators on
+   chip and walks over the query blocks that see the key block, for every query head of its GQA group,
+   so dK/dV of a group are summed in registers: no atomics, no [B, L, H, D] temporaries.
+3. ``_bwd_dq``: one program per query block and head, walking over the key blocks like the forward.
+
+Splitting dQ from dK/dV costs one extra recompute of ``Q K^T`` and ``dO V^T`` but needs no atomic
+additions, so the gradients are bitwise reproducible run to run (``deterministic=True`` for free).
+
+Dropout: the keep-mask is regenerated from (seed, row, column) exactly as in the forward; ``dV`` uses the
+dropped and rescaled P, ``dS`` the dropped and rescaled dP (``delta`` already includes the dropout).
+Softcap ``s = c * tanh(x / c)`` multiplies dS by its derivative ``1 - tanh^2``.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from hf_flash.ops.common import (
+    strides_blh as _strides,
+    LOG2E,
+    dropout_keep,
+    head_ptr,
+    kv_segments,
+    q_segments,
+    seq_bounds,
+    tanh,
+    visible,
+)
+
+
+@triton.jit
+def _bwd_delta(
+    Out, dO, Delta, cu_seqlens_q,
+    stride_ob, stride_om, stride_oh, stride_dob, stride_dom, stride_doh, stride_lb, stride_lh,
+    seqlen_q_arg, n_heads,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = pid_bh // n_heads
+    off_h = pid_bh % n_heads
+    q_start, _, seqlen_q, _ = seq_bounds(cu_seqlens_q, cu_seqlens_q, off_b, seqlen_q_arg, seqlen_q_arg, IS_VARLEN)
+    m0 = pid_m * BLOCK_M
+    if m0 >= seqlen_q:
+        return
+    off_b64 = off_b.to(tl.int64)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = offs_m.to(tl.int64)[:, None]
+    ok = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(head_ptr(Out, off_b64, stride_ob, off_h, stride_oh, q_start, stride_om) + rows * stride_om
+                + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
+    do = tl.load(head_ptr(dO, off_b64, stride_dob, off_h, stride_doh, q_start, stride_dom) + rows * stride_dom
+                 + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, 1)  # [BM]
+    tl.store(Delta + off_b64 * stride_lb + off_h.to(tl.int64) * stride_lh + q_start + offs_m, delta,
+             mask=offs_m < seqlen_q)
+
+
+@triton.jit
+def _scores_and_grad_factor(s, sm_scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """Raw ``q.k`` products -> (base-2 scores, d(score)/d(scaled q.k) or 1.0)."""
+    if HAS_SOFTCAP:
+        t = tanh(s * (sm_scale / softcap))
+        return (softcap * LOG2E) * t, 1.0 - t * t
+    else:
+        return s * (sm_scale * LOG2E), 1.0
+
+
+@triton.jit
+def _bwd_dkdv_inner(
+    dk, dv, k, v, q_head, do_head, lse_head, delta_head, stride_qm, stride_dom,
+    offs_n, offs_d, start, end, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right,
+    dropout_p, seed,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr, MASK_LEFT: tl.constexpr,
+    MASK_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+):
+    """Add the contribution of query blocks ``[start, end)`` to dk, dv ``[BLOCK_N, BLOCK_D]`` (fp32).
+    Tiles are kept transposed (keys x queries) so the products land in dK/dV's orientation."""
+    d_ok = offs_d[None, :] < HEAD_DIM
+    for start_m in range(start, end, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        rows = offs_m.to(tl.int64)[:, None]
+        if MASK:
+            q_ok = (offs_m[:, None] < seqlen_q) & d_ok
+            row_ok = offs_m < seqlen_q
+        else:
+            q_ok = d_ok
+            row_ok = offs_m >= 0
+        q = tl.load(q_head + rows * stride_qm + offs_d[None, :], mask=q_ok, other=0.0)  # [BM, BD]
+        do = tl.load(do_head + rows * stride_dom + offs_d[None, :], mask=q_ok, other=0.0)  # [BM, BD]
+        # rows past the sequence end get lse = +inf, so their recomputed p is 0
+        lse2 = tl.load(lse_head + offs_m, mask=row_ok, other=float("inf")) * LOG2E  # [BM]
+        delta = tl.load(delta_head + offs_m, mask=row_ok, other=0.0)  # [BM]
+        # -- recompute P^T for this tile
+        sT, dcap = _scores_and_grad_factor(tl.dot(k, tl.trans(q)), sm_scale, softcap, HAS_SOFTCAP)  # [BN, BM]
+        pT = tl.math.exp2(sT - lse2[None, :])
+        if MASK:
+            ok = tl.trans(visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right,
+                                  MASK_LEFT, MASK_RIGHT))
+            pT = tl.where(ok, pT, 0.0)
+        # -- dV += P_dropped^T dO ;  dP^T = V dO^T
+        dpT = tl.dot(v, tl.trans(do))  # [BN, BM]
+        if HAS_DROPOUT:
+            keep = tl.trans(dropout_keep(seed, offs_m, offs_n, seqlen_k, dropout_p))
+            dv = tl.dot(tl.where(keep, pT / (1.0 - dropout_p), 0.0).to(do.dtype), do, dv)
+            dpT = tl.where(keep, dpT / (1.0 - dropout_p), 0.0)
+        else:
+            dv = tl.dot(pT.to(do.dtype), do, dv)
+        # -- dS^T = P^T * (dP^T - delta), through the softcap's derivative ; dK += dS^T Q
+        dsT = pT * (dpT - delta[None, :]) * dcap
+        dk = tl.dot(dsT.to(q.dtype), q, dk)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv(
+    Q, K, V, dO, Lse, Delta, dK, dV, cu_seqlens_q, cu_seqlens_k,
+    stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+    stride_dob, stride_dom, stride_doh, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
+    stride_lb, stride_lh,
+    seqlen_q_arg, seqlen_k_arg, n_heads_k, n_groups,
+    sm_scale, softcap, window_left, window_right, dropout_p, seed,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_VARLEN: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+):
+    """Grid ``(cdiv(max_seqlen_k, BLOCK_N), B * Hk)``. dK/dV like K/V; Lse/Delta as in the forward."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = pid_bh // n_heads_k
+    off_hk = pid_bh % n_heads_k
+    q_start, k_start, seqlen_q, seqlen_k = seq_bounds(
+        cu_seqlens_q, cu_seqlens_k, off_b, seqlen_q_arg, seqlen_k_arg, IS_VARLEN
+    )
+    n0 = pid_n * BLOCK_N
+    if n0 >= seqlen_k:
+        return
+    off_b64 = off_b.to(tl.int64)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_rows = offs_n.to(tl.int64)[:, None]
+    kv_ok = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
+    k_head = head_ptr(K, off_b64, stride_kb, off_hk, stride_kh, k_start, stride_kn)
+    v_head = head_ptr(V, off_b64, stride_vb, off_hk, stride_vh, k_start, stride_vn)
+    k = tl.load(k_head + kv_rows * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)  # [BN, BD]
+    v = tl.load(v_head + kv_rows * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)  # [BN, BD]
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    lo, mid_lo, mid_hi, hi = q_segments(
+        n0, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N, MASK_LEFT, MASK_RIGHT
+    )
+    # every query head of the GQA group adds into the same dK/dV registers
+    for g in range(0, n_groups):
+        off_h = off_hk * n_groups + g
+        q_head = head_ptr(Q, off_b64, stride_qb, off_h, stride_qh, q_start, stride_qm)
+        do_head = head_ptr(dO, off_b64, stride_dob, off_h, stride_doh, q_start, stride_dom)
+        lse_off = off_b64 * stride_lb + off_h.to(tl.int64) * stride_lh + q_start
+        seed_h = seed + off_b * (n_heads_k * n_groups) + off_h  # the forward's per-(batch, head) seed
+        dk, dv = _bwd_dkdv_inner(
+            dk, dv, k, v, q_head, do_head, Lse + lse_off, Delta + lse_off, stride_qm, stride_dom,
+            offs_n, offs_d, lo, mid_lo, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right,
+            dropout_p, seed_h, HEAD_DIM, BLOCK_M, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT,
+        )
+        dk, dv = _bwd_dkdv_inner(
+            dk, dv, k, v, q_head, do_head, Lse + lse_off, Delta + lse_off, stride_qm, stride_dom,
+            offs_n, offs_d, mid_lo, mid_hi, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right,
+            dropout_p, seed_h, HEAD_DIM, BLOCK_M, False, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT,
+        )
+        dk, dv = _bwd_dkdv_inner(
+            dk, dv, k, v, q_head, do_head, Lse + lse_off, Delta + lse_off, stride_qm, stride_dom,
+            offs_n, offs_d, mid_hi, hi, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right,
+            dropout_p, seed_h, HEAD_DIM, BLOCK_M, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT,
+        )
+    dk = dk * sm_scale
+    dk_head = head_ptr(dK, off_b64, stride_dkb, off_hk, stride_dkh, k_start, stride_dkn)
+    dv_head = head_ptr(dV, off_b64, stride_dvb, off_hk, stride_dvh, k_start, stride_dvn)
+    tl.store(dk_head + kv_rows * stride_dkn + offs_d[None, :], dk.to(dK.dtype.element_ty), mask=kv_ok)
+    tl.store(dv_head + kv_rows * stride_dvn + offs_d[None, :], dv.to(dV.dtype.element_ty), mask=kv_ok)
+
+
+@triton.jit
+def _bwd_dq_inner(
+    dq, q, do, lse2, delta, k_head, v_head, stride_kn, stride_vn,
+    offs_m, offs_d, start, end, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right,
+    dropout_p, seed,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, MASK_LEFT: tl.constexpr,
+    MASK_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+):
+    """Add the contribution of key blocks ``[start, end)`` to dq ``[BLOCK_M, BLOCK_D]`` (fp32)."""
+    d_ok = offs_d[None, :] < HEAD_DIM
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_rows = offs_n.to(tl.int64)[:, None]
+        if MASK:
+            kv_ok = (offs_n[:, None] < seqlen_k) & d_ok
+        else:
+            kv_ok = d_ok
+        k = tl.load(k_head + kv_rows * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)  # [BN, BD]
+        v = tl.load(v_head + kv_rows * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)  # [BN, BD]
+        s, dcap = _scores_and_grad_factor(tl.dot(q, tl.trans(k)), sm_scale, softcap, HAS_SOFTCAP)  # [BM, BN]
+        p = tl.math.exp2(s - lse2[:, None])
+        if MASK:
+            ok = visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right, MASK_LEFT, MASK_RIGHT)
+            p = tl.where(ok, p, 0.0)
+        dp = tl.dot(do, tl.trans(v))  # [BM, BN]
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, offs_m, offs_n, seqlen_k, dropout_p)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        ds = p * (dp - delta[:, None]) * dcap
+        dq = tl.dot(ds.to(k.dtype), k, dq)
+    return dq
+
+
+@triton.jit
+def _bwd_dq(
+    Q, K, V, dO, Lse, Delta, dQ, cu_seqlens_q, cu_seqlens_k,
+    stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+    stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh,
+    seqlen_q_arg, seqlen_k_arg, n_heads, n_groups,
+    sm_scale, softcap, window_left, window_right, dropout_p, seed,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_VARLEN: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+):
+    """Grid ``(cdiv(max_seqlen_q, BLOCK_M), B * H)``. dQ like Q."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = pid_bh // n_heads
+    off_h = pid_bh % n_heads
+    off_hk = off_h // n_groups
+    q_start, k_start, seqlen_q, seqlen_k = seq_bounds(
+        cu_seqlens_q, cu_seqlens_k, off_b, seqlen_q_arg, seqlen_k_arg, IS_VARLEN
+    )
+    m0 = pid_m * BLOCK_M
+    if m0 >= seqlen_q:
+        return
+    off_b64 = off_b.to(tl.int64)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = offs_m.to(tl.int64)[:, None]
+    q_ok = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
+    row_ok = offs_m < seqlen_q
+    q = tl.load(head_ptr(Q, off_b64, stride_qb, off_h, stride_qh, q_start, stride_qm) + rows * stride_qm
+                + offs_d[None, :], mask=q_ok, other=0.0)
+    do = tl.load(head_ptr(dO, off_b64, stride_dob, off_h, stride_doh, q_start, stride_dom) + rows * stride_dom
+                 + offs_d[None, :], mask=q_ok, other=0.0)
+    lse_off = off_b64 * stride_lb + off_h.to(tl.int64) * stride_lh + q_start
+    lse2 = tl.load(Lse + lse_off + offs_m, mask=row_ok, other=float("inf")) * LOG2E
+    delta = tl.load(Delta + lse_off + offs_m, mask=row_ok, other=0.0)
+    k_head = head_ptr(K, off_b64, stride_kb, off_hk, stride_kh, k_start, stride_kn)
+    v_head = head_ptr(V, off_b64, stride_vb, off_hk, stride_vh, k_start, stride_vn)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    seed = seed + pid_bh
+    lo, mid_lo, mid_hi, hi = kv_segments(
+        m0, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N, MASK_LEFT, MASK_RIGHT
+    )
+    dq = _bwd_dq_inner(
+        dq, q, do, lse2, delta, k_head, v_head, stride_kn, stride_vn, offs_m, offs_d, lo, mid_lo, seqlen_q,
+        seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p, seed,
+        HEAD_DIM, BLOCK_N, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT,
+    )
+    dq = _bwd_dq_inner(
+        dq, q, do, lse2, delta, k_head, v_head, stride_kn, stride_vn, offs_m, offs_d, mid_lo, mid_hi, seqlen_q,
+        seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p, seed,
+        HEAD_DIM, BLOCK_N, False, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT,
+    )
+    dq = _bwd_dq_inner(
+        dq, q, do, lse2, delta, k_head, v_head, stride_kn, stride_vn, offs_m, offs_d, mid_hi, hi, seqlen_q,
+        seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p, seed,
+        HEAD_DIM, BLOCK_N, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT,
+    )
+    dq = dq * sm_scale
+    dq_head = head_ptr(dQ, off_b64, stride_dqb, off_h, stride_dqh, q_start, stride_dqm)
+    tl.store(dq_head + rows * stride_dqm + offs_d[None, :], dq.to(dQ.dtype.element_ty), mask=q_ok)
+
+
+def flash_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+              softmax_scale, window, softcap, dropout_p, seed, config):
+    """Launch the three backward kernels. Tensors as in ``forward.flash_fwd``; ``do`` like ``out``;
+    dq, dk, dv like q, k, v (written)."""
+    varlen = cu_seqlens_q is not None
+    if varlen:
+        batch = cu_seqlens_q.numel() - 1
+        n_heads, head_dim, n_heads_k = q.shape[1], q.shape[2], k.shape[1]
+        ls = (0, lse.stride(0))
+    else:
+        batch, _, n_heads, head_dim = q.shape
+        n_heads_k = k.shape[2]
+        ls = lse.stride()[:2]
+        cu_seqlens_q = cu_seqlens_k = lse  # placeholders, never read when IS_VARLEN is off
+    delta = torch.empty_like(lse)
+    flags = dict(HEAD_DIM=head_dim, BLOCK_D=config.block_d, IS_VARLEN=varlen)
+    masks = dict(MASK_LEFT=window[0] >= 0, MASK_RIGHT=window[1] >= 0, HAS_SOFTCAP=softcap > 0,
+                 HAS_DROPOUT=dropout_p > 0)
+    bm, bn = config.block_m, config.block_n
+    _bwd_delta[(triton.cdiv(max_seqlen_q, bm), batch * n_heads)](
+        out, do, delta, cu_seqlens_q, *_strides(out, varlen), *_strides(do, varlen), *ls,
+        max_seqlen_q, n_heads, BLOCK_M=bm, **flags,
+    )
+    common = (softmax_scale, softcap, window[0], window[1], dropout_p, seed)
+    _bwd_dkdv[(triton.cdiv(max_seqlen_k, bn), batch * n_heads_k)](
+        q, k, v, do, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k,
+        *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
+        *_strides(dk, varlen), *_strides(dv, varlen), *ls,
+        max_seqlen_q, max_seqlen_k, n_heads_k, n_heads // n_heads_k, *common,
+        BLOCK_M=bm, BLOCK_N=bn, **flags, **masks, num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    _bwd_dq[(triton.cdiv(max_seqlen_q, bm), batch * n_heads)](
+        q, k, v, do, lse, delta, dq, cu_seqlens_q, cu_seqlens_k,
+        *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
+        *_strides(dq, varlen), *ls,
+        max_seqlen_q, max_seqlen_k, n_heads, n_heads // n_heads_k, *common,
+        BLOCK_M=bm, BLOCK_N=bn, **flags, **masks, num_warps=config.num_warps, num_stages=config.num_stages,
+    )

@@ -1,0 +1,97 @@
+"""Input validation for the public functions: every error names the argument and what is accepted,
+so bad input never reaches Triton (where it would be a compile error or a silently wrong result)."""
+
+from __future__ import annotations
+
+import torch
+
+from hf_flash.ops.config import MAX_HEAD_DIM, SUPPORTED_DTYPES, kernels_unavailable_reason
+
+
+def _is_compiling() -> bool:
+    return hasattr(torch, "compiler") and torch.compiler.is_compiling()
+
+
+def check_tensors(names, tensors, ndim: int, layout: str) -> None:
+    """Type, dtype, device and rank of q, k, v (and their packed forms' slices)."""
+    ref_name, ref = names[0], tensors[0]
+    for name, t in zip(names, tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(
+                f"{name} has dtype {t.dtype}; hf_flash kernels accept torch.float16 and torch.bfloat16 "
+                "(cast the inputs, or use PyTorch SDPA for float32)"
+            )
+        if t.dtype != ref.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; all must match")
+        if t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; all must be on one device")
+        if t.dim() != ndim:
+            raise ValueError(f"{name} must have {ndim} dimensions {layout}, got shape {tuple(t.shape)}")
+    reason = kernels_unavailable_reason(ref.device, ref.dtype)
+    if reason is not None:
+        raise ValueError(f"{ref_name}: the hf_flash kernels cannot run here: {reason}")
+
+
+def check_shapes(q, k, v, varlen: bool) -> None:
+    """q ``[B, Lq, H, D]`` / k, v ``[B, Lk, Hk, D]`` (or without B for varlen)."""
+    lead = 1 if varlen else 2  # dims before (heads, head_dim) that k and v share
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if not varlen and q.shape[0] != k.shape[0]:
+        raise ValueError(f"q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
+    n_heads, head_dim = q.shape[lead], q.shape[lead + 1]
+    n_heads_k = k.shape[lead]
+    if k.shape[-1] != head_dim:
+        raise ValueError(f"k and v must have q's head dim {head_dim}, got {k.shape[-1]}")
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim (last dim of q) must be in 1..{MAX_HEAD_DIM}, got {head_dim}")
+    if n_heads_k == 0 or n_heads % n_heads_k != 0:
+        raise ValueError(
+            f"the number of query heads ({n_heads}) must be a multiple of the number of key/value heads "
+            f"({n_heads_k}) (MQA/GQA)"
+        )
+
+
+def check_options(dropout_p, softmax_scale, window_size, softcap, alibi_slopes) -> tuple[int, int]:
+    """Scalar options; returns the window as two ints."""
+    if alibi_slopes is not None:
+        raise NotImplementedError("alibi_slopes is not supported by hf_flash; pass alibi_slopes=None")
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if softmax_scale is not None and not float(softmax_scale) > 0:
+        raise ValueError(f"softmax_scale must be a positive number or None, got {softmax_scale}")
+    if float(softcap) < 0:
+        raise ValueError(f"softcap must be >= 0 (0 disables it), got {softcap}")
+    try:
+        left, right = (int(w) for w in window_size)
+    except (TypeError, ValueError):
+        raise ValueError(f"window_size must be a pair of ints (left, right), -1 for unbounded; got {window_size!r}")
+    if left < -1 or right < -1:
+        raise ValueError(f"window_size entries must be >= -1 (-1 = unbounded), got {window_size!r}")
+    return left, right
+
+
+def check_cu_seqlens(name: str, cu_seqlens, total: int, max_seqlen, max_name: str, device) -> None:
+    """cu_seqlens: int32 ``[B + 1]``, starting at 0, non-decreasing, ending at the packed length."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of dtype int32, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"{name} must have dtype torch.int32, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"{name} must be 1-D of length batch + 1 >= 2, got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"{name} is on {cu_seqlens.device} but q is on {device}")
+    if not isinstance(max_seqlen, int) or max_seqlen < 0:
+        raise TypeError(f"{max_name} must be a non-negative Python int, got {max_seqlen!r}")
+    if _is_compiling():
+        return  # reading the values would sync and break the graph; checked in eager runs
+    values = cu_seqlens.tolist()
+    lengths = [b - a for a, b in zip(values, values[1:])]
+    if values[0] != 0 or min(lengths) < 0:
+        raise ValueError(f"{name} must start at 0 and be non-decreasing, got {values[:8]}...")
+    if values[-1] != total:
+        raise ValueError(f"{name} must end at the number of packed tokens ({total}), got {values[-1]}")
+    if max(lengths) > max_seqlen:
+        raise ValueError(f"{max_name}={max_seqlen} is smaller than the longest sequence in {name} ({max(lengths)})")

@@ -1,0 +1,137 @@
+"""Pieces shared by the forward and backward kernels: which keys a block of queries may see (and the
+converse), the score mask, the softcap and the dropout mask.
+
+Visibility, with ``shift = seqlen_k - seqlen_q`` (flash-attn's bottom-right alignment) and a window of
+``(left, right)`` keys around the diagonal, is: query ``i`` sees key ``j`` when
+``i + shift - left <= j <= i + shift + right``. Causal is ``right = 0``; an unbounded side has no flag
+set (``MASK_LEFT`` / ``MASK_RIGHT``), so the non-causal, windowless kernel carries no mask arithmetic.
+
+Each kernel walks over blocks in three segments: a masked head, an unmasked middle and a masked tail.
+Only blocks that straddle a mask edge or the end of a sequence pay for building the mask.
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def kv_segments(
+    m0, seqlen_q, seqlen_k, window_left, window_right,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
+):
+    """Key blocks for the query block starting at ``m0``: ``[lo, mid_lo)`` masked, ``[mid_lo, mid_hi)``
+    fully visible, ``[mid_hi, hi)`` masked. All bounds are multiples of BLOCK_N except ``hi``."""
+    shift = seqlen_k - seqlen_q
+    lo = 0
+    hi = seqlen_k
+    mid_lo = 0
+    # keys >= the last multiple of BLOCK_N below seqlen_k need the sequence-end mask
+    mid_hi = (seqlen_k // BLOCK_N) * BLOCK_N
+    if MASK_RIGHT:
+        # the last row of the block sees up to m0 + BLOCK_M - 1 + shift + right
+        hi = tl.minimum(hi, m0 + BLOCK_M + shift + window_right)
+        # every row sees the whole key block only if its last key <= m0 + shift + right
+        mid_hi = tl.minimum(mid_hi, (tl.maximum(m0 + shift + window_right + 1, 0) // BLOCK_N) * BLOCK_N)
+    if MASK_LEFT:
+        lo = tl.maximum(m0 + shift - window_left, 0)
+        lo = (lo // BLOCK_N) * BLOCK_N
+        # every row sees the whole block only if its first key >= (m0 + BLOCK_M - 1) + shift - left
+        mid_lo = tl.cdiv(tl.maximum(m0 + BLOCK_M - 1 + shift - window_left, 0), BLOCK_N) * BLOCK_N
+    hi = tl.maximum(hi, lo)
+    mid_lo = tl.minimum(tl.maximum(mid_lo, lo), hi)
+    mid_hi = tl.minimum(tl.maximum(mid_hi, mid_lo), hi)
+    return lo, mid_lo, mid_hi, hi
+
+
+@triton.jit
+def q_segments(
+    n0, seqlen_q, seqlen_k, window_left, window_right,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
+):
+    """Query blocks that see some key of the key block starting at ``n0``, split like
+    :func:`kv_segments`: ``[lo, mid_lo)`` masked, ``[mid_lo, mid_hi)`` fully visible, ``[mid_hi, hi)`` masked."""
+    shift = seqlen_k - seqlen_q
+    lo = 0
+    hi = seqlen_q
+    mid_lo = 0
+    mid_hi = (seqlen_q // BLOCK_M) * BLOCK_M
+    if n0 + BLOCK_N > seqlen_k:
+        # the key block runs past the sequence end: every query block needs the mask
+        mid_hi = 0
+    if MASK_RIGHT:
+        # key j is seen by rows i >= j - shift - right
+        lo = tl.maximum(n0 - shift - window_right, 0)
+        lo = (lo // BLOCK_M) * BLOCK_M
+        mid_lo = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - shift - window_right, 0), BLOCK_M) * BLOCK_M
+    if MASK_LEFT:
+        # key j is seen by rows i <= j - shift + left
+        hi = tl.minimum(hi, n0 + BLOCK_N - shift + window_left)
+        mid_hi = tl.minimum(mid_hi, (tl.maximum(n0 - shift + window_left + 1, 0) // BLOCK_M) * BLOCK_M)
+    hi = tl.maximum(hi, lo)
+    mid_lo = tl.minimum(tl.maximum(mid_lo, lo), hi)
+    mid_hi = tl.minimum(tl.maximum(mid_hi, mid_lo), hi)
+    return lo, mid_lo, mid_hi, hi
+
+
+@triton.jit
+def visible(
+    offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right,
+    MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
+):
+    """``[BLOCK_M, BLOCK_N]`` bool: query ``offs_m[i]`` may see key ``offs_n[j]`` (and both exist)."""
+    shift = seqlen_k - seqlen_q
+    ok = (offs_n[None, :] < seqlen_k) & (offs_m[:, None] < seqlen_q)
+    if MASK_RIGHT:
+        ok = ok & (offs_n[None, :] <= offs_m[:, None] + shift + window_right)
+    if MASK_LEFT:
+        ok = ok & (offs_n[None, :] >= offs_m[:, None] + shift - window_left)
+    return ok
+
+
+@triton.jit
+def tanh(x):
+    # tanh through exp keeps the kernels portable (the interpreter has no libdevice); for large |x|
+    # exp overflows to inf or underflows to 0 and the formula still lands on +-1.
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def dropout_keep(seed, offs_m, offs_n, seqlen_k, dropout_p):
+    """``[BLOCK_M, BLOCK_N]`` bool keep-mask, a pure function of (seed, row, column), so the backward
+    pass regenerates exactly the forward's mask instead of storing it. The seed already differs per
+    (batch, head). The counter wraps past 2**32 elements per head; streams stay valid, only repeat."""
+    rng_offs = offs_m[:, None] * seqlen_k + offs_n[None, :]
+    return tl.rand(seed, rng_offs) >= dropout_p
+
+
+@triton.jit
+def seq_bounds(cu_seqlens_q, cu_seqlens_k, off_b, seqlen_q_arg, seqlen_k_arg, IS_VARLEN: tl.constexpr):
+    """``(q_start, k_start, seqlen_q, seqlen_k)`` of batch element ``off_b``. Starts are rows of the packed
+    varlen tensors; without varlen they are 0 and the batch stride places the sequence instead."""
+    if IS_VARLEN:
+        q_start = tl.load(cu_seqlens_q + off_b)
+        k_start = tl.load(cu_seqlens_k + off_b)
+        seqlen_q = tl.load(cu_seqlens_q + off_b + 1) - q_start
+        seqlen_k = tl.load(cu_seqlens_k + off_b + 1) - k_start
+    else:
+        q_start = tl.full([], 0, tl.int32)
+        k_start = tl.full([], 0, tl.int32)
+        seqlen_q = seqlen_q_arg
+        seqlen_k = seqlen_k_arg
+    return q_start, k_start, seqlen_q, seqlen_k
+
+
+@triton.jit
+def head_ptr(base, off_b64, stride_b, off_h, stride_h, start, stride_row):
+    """Pointer to row 0 of one (batch, head) sequence; all terms in 64 bits since batch x sequence x
+    heads x head_dim can pass 2**31 elements."""
+    return base + off_b64 * stride_b + off_h.to(tl.int64) * stride_h + start.to(tl.int64) * stride_row
+
+
+def strides_blh(t, varlen: bool):
+    """(batch, row, head) strides of ``[B, L, H, D]``, or ``(0, row, head)`` of varlen ``[total, H, D]``
+    (a zero batch stride: varlen sequences are placed by their cu_seqlens start instead)."""
+    return (0, *t.stride()[:2]) if varlen else tuple(t.stride()[:3])

@@ -1,0 +1,180 @@
+"""Forward kernel: one program per (block of BLOCK_M queries, batch, head).
+
+The program keeps its query tile in registers and streams the key/value tiles of its (batch, kv head)
+through on-chip memory, with the online softmax of ``reference.attention_tiled``: running row max
+``m_i``, running row sum ``l_i``, accumulator ``acc`` rescaled by ``exp(m_old - m_new)``. Only the output
+and the fp32 log-sum-exp reach device memory, so extra memory is O(L).
+
+Scores are kept in base 2: ``softmax_scale * log2(e)`` is folded into one multiply so the kernel uses
+``exp2`` (one instruction) instead of ``exp``.
+"""
+
+import triton
+import triton.language as tl
+
+from hf_flash.ops.common import LN2, LOG2E, dropout_keep, head_ptr, kv_segments, seq_bounds, strides_blh, tanh, visible
+
+
+@triton.jit
+def _fwd_inner(
+    acc, l_i, m_i, q, k_head, v_head, stride_kn, stride_vn,
+    offs_m, offs_d, start, end, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right,
+    dropout_p, seed,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    MASK: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+):
+    """Fold key blocks ``[start, end)`` into (acc [BLOCK_M, BLOCK_D], l_i [BLOCK_M], m_i [BLOCK_M]).
+    ``MASK`` is off for blocks that every row sees whole, so those skip all mask arithmetic."""
+    d_ok = offs_d[None, :] < HEAD_DIM
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_rows = offs_n.to(tl.int64)[:, None]
+        if MASK:
+            kv_ok = (offs_n[:, None] < seqlen_k) & d_ok
+        else:
+            kv_ok = d_ok
+        k = tl.load(k_head + kv_rows * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)  # [BN, BD]
+        # -- scores of this tile, in base-2 units
+        s = tl.dot(q, tl.trans(k))  # [BM, BN] fp32
+        if HAS_SOFTCAP:
+            s = (softcap * LOG2E) * tanh(s * (sm_scale / softcap))
+        else:
+            s = s * (sm_scale * LOG2E)
+        if MASK:
+            ok = visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right, MASK_LEFT, MASK_RIGHT)
+            s = tl.where(ok, s, float("-inf"))
+        # -- new running max. A row that has seen no visible key yet keeps m = -inf; subtracting
+        #    -inf from -inf would give NaN, so such rows subtract 0 (their p is exp2(-inf) = 0 anyway).
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if MASK:
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_sub = m_new
+        p = tl.math.exp2(s - m_sub[:, None])
+        # -- rescale what was accumulated under the old max
+        alpha = tl.math.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if HAS_DROPOUT:
+            # the normaliser l_i uses the undropped p; only the product with V is dropped
+            keep = dropout_keep(seed, offs_m, offs_n, seqlen_k, dropout_p)
+            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        v = tl.load(v_head + kv_rows * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)  # [BN, BD]
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, Out, Lse, cu_seqlens_q, cu_seqlens_k,
+    stride_qb, stride_qm, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_ob, stride_om, stride_oh,
+    stride_lb, stride_lh,
+    seqlen_q_arg, seqlen_k_arg, n_heads, n_groups,
+    sm_scale, softcap, window_left, window_right, dropout_p, seed,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_VARLEN: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+):
+    """Q ``[.., Lq, H, D]``, K/V ``[.., Lk, Hk, D]``, Out like Q, Lse fp32 indexed
+    ``b * stride_lb + h * stride_lh + row`` (``[B, H, Lq]``, or ``[H, total_q]`` for varlen)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = pid_bh // n_heads
+    off_h = pid_bh % n_heads
+    off_hk = off_h // n_groups  # GQA: the kv head of this query head's group, read in place
+
+    q_start, k_start, seqlen_q, seqlen_k = seq_bounds(
+        cu_seqlens_q, cu_seqlens_k, off_b, seqlen_q_arg, seqlen_k_arg, IS_VARLEN
+    )
+    m0 = pid_m * BLOCK_M
+    if m0 >= seqlen_q:
+        return
+    off_b64 = off_b.to(tl.int64)
+    q_head = head_ptr(Q, off_b64, stride_qb, off_h, stride_qh, q_start, stride_qm)
+    k_head = head_ptr(K, off_b64, stride_kb, off_hk, stride_kh, k_start, stride_kn)
+    v_head = head_ptr(V, off_b64, stride_vb, off_hk, stride_vh, k_start, stride_vn)
+    o_head = head_ptr(Out, off_b64, stride_ob, off_h, stride_oh, q_start, stride_om)
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = offs_m.to(tl.int64)[:, None]
+    q_ok = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(q_head + rows * stride_qm + offs_d[None, :], mask=q_ok, other=0.0)  # [BM, BD]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if HAS_DROPOUT:
+        seed = seed + pid_bh
+    lo, mid_lo, mid_hi, hi = kv_segments(
+        m0, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N, MASK_LEFT, MASK_RIGHT
+    )
+    # masked head (left window edge), unmasked middle, masked tail (diagonal / window / sequence end)
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_head, v_head, stride_kn, stride_vn, offs_m, offs_d, lo, mid_lo, seqlen_q, seqlen_k,
+        sm_scale, softcap, window_left, window_right, dropout_p, seed,
+        HEAD_DIM, BLOCK_N, BLOCK_D, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT,
+    )
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_head, v_head, stride_kn, stride_vn, offs_m, offs_d, mid_lo, mid_hi, seqlen_q, seqlen_k,
+        sm_scale, softcap, window_left, window_right, dropout_p, seed,
+        HEAD_DIM, BLOCK_N, BLOCK_D, False, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT,
+    )
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_head, v_head, stride_kn, stride_vn, offs_m, offs_d, mid_hi, hi, seqlen_q, seqlen_k,
+        sm_scale, softcap, window_left, window_right, dropout_p, seed,
+        HEAD_DIM, BLOCK_N, BLOCK_D, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT,
+    )
+
+    # -- final division. Rows that saw no key output 0 and store lse = +inf, which makes the
+    #    backward's recomputed p = exp(s - lse) exactly 0 for them.
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+    tl.store(o_head + rows * stride_om + offs_d[None, :], out.to(Out.dtype.element_ty), mask=q_ok)
+    lse_ptr = Lse + off_b64 * stride_lb + off_h.to(tl.int64) * stride_lh + q_start + offs_m
+    tl.store(lse_ptr, lse, mask=offs_m < seqlen_q)
+
+
+def flash_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window,
+              softcap, dropout_p, seed, config):
+    """Launch the forward kernel. Shapes are checked by the caller (``function.py``).
+
+    Args:
+        q: ``[B, Lq, H, D]`` or, varlen, ``[total_q, H, D]``; k, v: ``[B, Lk, Hk, D]`` / ``[total_k, Hk, D]``;
+            last dimension contiguous.
+        out: like q, written. lse: fp32 ``[B, H, Lq]`` / ``[H, total_q]``, written.
+        cu_seqlens_q, cu_seqlens_k: int32 ``[B + 1]`` for varlen, else None.
+        window: ``(left, right)`` with -1 for unbounded; causal is ``right = 0``.
+        config: :class:`hf_flash.ops.config.KernelConfig`.
+    """
+    varlen = cu_seqlens_q is not None
+    if varlen:
+        batch = cu_seqlens_q.numel() - 1
+        n_heads, head_dim = q.shape[1], q.shape[2]
+        n_heads_k = k.shape[1]
+        ls = (0, lse.stride(0))
+    else:
+        batch, _, n_heads, head_dim = q.shape
+        n_heads_k = k.shape[2]
+        ls = lse.stride()[:2]
+        cu_seqlens_q = cu_seqlens_k = q  # unused placeholders (never read when IS_VARLEN is off)
+    block_m, block_n = config.block_m, config.block_n
+    grid = (triton.cdiv(max_seqlen_q, block_m), batch * n_heads)
+    _fwd_kernel[grid](
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+        *strides_blh(q, varlen), *strides_blh(k, varlen), *strides_blh(v, varlen), *strides_blh(out, varlen), *ls,
+        max_seqlen_q, max_seqlen_k, n_heads, n_heads // n_heads_k,
+        softmax_scale, softcap, window[0], window[1], dropout_p, seed,
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=config.block_d,
+        IS_VARLEN=varlen, MASK_LEFT=window[0] >= 0, MASK_RIGHT=window[1] >= 0,
+        HAS_SOFTCAP=softcap > 0, HAS_DROPOUT=dropout_p > 0,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+

@@ -1,0 +1,248 @@
+"""Custom ops, autograd and the public flash-attn 2 style functions.
+
+Layers: Triton kernels (``forward.py``, ``backward.py``) <- torch custom ops ``hf_flash::fwd`` /
+``hf_flash::bwd`` (with fake implementations, so ``torch.compile(fullgraph=True)`` traces through them)
+<- autograd registered on ``hf_flash::fwd`` <- ``flash_attn_func`` and friends, which validate input.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from hf_flash.ops import checks
+from hf_flash.ops.backward import flash_bwd
+from hf_flash.ops.config import backward_config, forward_config
+from hf_flash.ops.forward import flash_fwd
+
+_BATCH_LAYOUT = "[batch, seqlen, nheads, headdim]"
+_VARLEN_LAYOUT = "[total_tokens, nheads, headdim]"
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    # the kernels take any row/head/batch strides (e.g. views of a fused QKV) but need unit stride in D
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _lse_shape(q: torch.Tensor, varlen: bool, batch: int) -> tuple[int, ...]:
+    # flash-attn's layouts: [B, H, Lq], or [H, total_q] for varlen
+    return (q.shape[1], q.shape[0]) if varlen else (batch, q.shape[2], q.shape[1])
+
+
+@torch.library.custom_op("hf_flash::fwd", mutates_args=(), device_types=None)
+def _fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
+    max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+    window_left: int, window_right: int, softcap: float, dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (out like q, lse fp32, rng_state int64 [1] on the CPU: the dropout seed, 0 without dropout)."""
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    varlen = cu_seqlens_q is not None
+    batch = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
+    out = torch.empty_like(q)
+    lse = torch.empty(_lse_shape(q, varlen, batch), device=q.device, dtype=torch.float32)
+    # the seed comes from torch's default generator, so torch.manual_seed makes dropout reproducible
+    seed = int(torch.randint(0, 2**30, (1,)).item()) if dropout_p > 0 else 0
+    if out.numel() > 0:
+        config = forward_config(q.shape[-1], q.device)
+        flash_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                  (window_left, window_right), softcap, dropout_p, seed, config)
+    return out, lse, torch.tensor([seed], dtype=torch.int64)
+
+
+@_fwd_op.register_fake
+def _fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+              window_left, window_right, softcap, dropout_p):
+    varlen = cu_seqlens_q is not None
+    batch = cu_seqlens_q.shape[0] - 1 if varlen else q.shape[0]
+    lse = q.new_empty(_lse_shape(q, varlen, batch), dtype=torch.float32)
+    return torch.empty_like(q), lse, torch.empty(1, dtype=torch.int64, device="cpu")
+
+
+@torch.library.custom_op("hf_flash::bwd", mutates_args=(), device_types=None)
+def _bwd_op(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
+    max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+    window_left: int, window_right: int, softcap: float, dropout_p: float, rng_state: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (dq, dk, dv) shaped like q, k, v."""
+    dout, q, k, v, out = (_last_dim_contiguous(t) for t in (dout, q, k, v, out))
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if k.numel() > 0 and q.numel() == 0:
+        dk.zero_()
+        dv.zero_()
+    elif k.numel() > 0:
+        config = backward_config(q.shape[-1], q.device)
+        flash_bwd(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                  softmax_scale, (window_left, window_right), softcap, dropout_p, int(rng_state[0]), config)
+    else:
+        dq.zero_()
+    return dq, dk, dv
+
+
+@_bwd_op.register_fake
+def _bwd_fake(dout, q, k, v, *args):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+_FWD_ARGS = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "softmax_scale", "window_left",
+             "window_right", "softcap", "dropout_p")
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, *rest = inputs
+    out, lse, rng_state = output
+    ctx.save_for_backward(q, k, v, out, lse, rng_state, rest[0], rest[1])
+    ctx.args = dict(zip(_FWD_ARGS[2:], rest[2:]))
+    ctx.mark_non_differentiable(lse, rng_state)
+
+
+def _backward(ctx, dout, dlse, drng):
+    q, k, v, out, lse, rng_state, cu_q, cu_k = ctx.saved_tensors
+    a = ctx.args
+    dq, dk, dv = _bwd_op(
+        dout, q, k, v, out, lse, cu_q, cu_k, a["max_seqlen_q"], a["max_seqlen_k"], a["softmax_scale"],
+        a["window_left"], a["window_right"], a["softcap"], a["dropout_p"], rng_state,
+    )
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("hf_flash::fwd", _backward, setup_context=_setup_context)
+
+
+def _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
+               causal, window_size, softcap, alibi_slopes, return_attn_probs):
+    """Shared tail of the public functions: options, then the op. Returns out or (out, lse, None)."""
+    left, right = checks.check_options(dropout_p, softmax_scale, window_size, softcap, alibi_slopes)
+    if causal:
+        right = 0
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
+    out, lse, _ = _fwd_op(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, float(softmax_scale),
+        left, right, float(softcap), float(dropout_p),
+    )
+    # flash-attn returns a third tensor (the dropout-masked scores) for testing; it is never built here
+    return (out, lse, None) if return_attn_probs else out
+
+
+def flash_attn_func(
+    q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+    alibi_slopes=None, deterministic=False, return_attn_probs=False,
+):
+    """Scaled dot-product attention, flash-attn 2's ``flash_attn_func``.
+
+    Args:
+        q: ``[B, Lq, H, D]`` fp16 or bf16, on a CUDA GPU (or the CPU under ``TRITON_INTERPRET=1``).
+        k, v: ``[B, Lk, Hk, D]``, same dtype and device. ``H % Hk == 0``: MQA/GQA, query head ``h`` uses
+            key/value head ``h // (H // Hk)``; K/V are read in place, never repeated.
+        dropout_p: dropout on the attention probabilities (pass 0.0 in evaluation). The mask comes from
+            torch's default generator (``torch.manual_seed``) and is regenerated in backward, not stored.
+        softmax_scale: defaults to ``1 / sqrt(D)``.
+        causal: with ``Lq != Lk`` aligned to the bottom-right corner: query ``i`` sees keys
+            ``j <= i + Lk - Lq``. E.g. Lq = 2, Lk = 5::
+
+                1 1 1 1 0
+                1 1 1 1 1
+
+            A query row that sees no key (``Lq > Lk``) outputs 0.
+        window_size: ``(left, right)``: query ``i`` sees keys ``i + Lk - Lq - left <= j <= i + Lk - Lq + right``;
+            -1 leaves that side unbounded. ``causal`` sets ``right = 0``.
+        softcap: if > 0, scores become ``softcap * tanh(scores / softcap)`` (scores already scaled).
+        alibi_slopes: not supported (raises NotImplementedError).
+        deterministic: accepted for compatibility; the backward never uses atomics and is always
+            bitwise reproducible.
+        return_attn_probs: also return ``softmax_lse`` ``[B, H, Lq]`` (fp32, ``+inf`` on rows that see no key)
+            and ``None`` in place of flash-attn's debugging score matrix.
+
+    Returns:
+        out ``[B, Lq, H, D]`` in q's dtype, or ``(out, softmax_lse, None)``.
+    """
+    checks.check_tensors(("q", "k", "v"), (q, k, v), 4, _BATCH_LAYOUT)
+    checks.check_shapes(q, k, v, varlen=False)
+    return _attention(q, k, v, None, None, q.shape[1], k.shape[1], dropout_p, softmax_scale, causal,
+                      window_size, softcap, alibi_slopes, return_attn_probs)
+
+
+def flash_attn_varlen_func(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0, softmax_scale=None,
+    causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
+    return_attn_probs=False, block_table=None,
+):
+    """Attention over packed variable-length sequences, flash-attn 2's ``flash_attn_varlen_func``.
+
+    Args:
+        q: ``[total_q, H, D]``, the batch's query sequences concatenated; k, v: ``[total_k, Hk, D]``.
+        cu_seqlens_q, cu_seqlens_k: int32 ``[B + 1]`` on q's device, cumulative sequence starts
+            (``[0, len_0, len_0 + len_1, ...]``); sequence ``b`` is rows ``cu[b]:cu[b + 1]``. Empty
+            sequences are allowed.
+        max_seqlen_q, max_seqlen_k: Python ints, the longest sequence of each.
+        Other arguments as in :func:`flash_attn_func`, applied per sequence (causal alignment uses each
+        sequence's own lengths). ``block_table`` (paged KV cache) is not supported.
+
+    Returns:
+        out ``[total_q, H, D]``, or ``(out, softmax_lse [H, total_q], None)`` with ``return_attn_probs``.
+    """
+    if block_table is not None:
+        raise NotImplementedError("block_table (paged KV cache) is not supported by hf_flash; pass None")
+    checks.check_tensors(("q", "k", "v"), (q, k, v), 3, _VARLEN_LAYOUT)
+    checks.check_shapes(q, k, v, varlen=True)
+    checks.check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q", q.device)
+    checks.check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k", q.device)
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(
+            f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), got "
+            f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}"
+        )
+    return _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
+                      causal, window_size, softcap, alibi_slopes, return_attn_probs)
+
+
+def _unpack(name, packed, index_dim, count):
+    if not isinstance(packed, torch.Tensor) or packed.dim() <= index_dim or packed.shape[index_dim] != count:
+        shape = tuple(packed.shape) if isinstance(packed, torch.Tensor) else type(packed).__name__
+        raise ValueError(f"{name} must have size {count} in dimension {index_dim}, got {shape}")
+    return packed.unbind(index_dim)
+
+
+def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """:func:`flash_attn_func` with ``kv`` ``[B, Lk, 2, Hk, D]`` holding K and V."""
+    k, v = _unpack("kv", kv, 2, 2)
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs)
+
+
+def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """:func:`flash_attn_func` with ``qkv`` ``[B, L, 3, H, D]`` holding Q, K and V."""
+    q, k, v = _unpack("qkv", qkv, 2, 3)
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs)
+
+
+def flash_attn_varlen_kvpacked_func(
+    q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0, softmax_scale=None,
+    causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
+    return_attn_probs=False,
+):
+    """:func:`flash_attn_varlen_func` with ``kv`` ``[total_k, 2, Hk, D]``."""
+    k, v = _unpack("kv", kv, 1, 2)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                                  softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs)
+
+
+def flash_attn_varlen_qkvpacked_func(
+    qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+    softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False,
+):
+    """:func:`flash_attn_varlen_func` with ``qkv`` ``[total, 3, H, D]`` and one ``cu_seqlens`` for all."""
+    q, k, v = _unpack("qkv", qkv, 1, 3)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p,
+                                  softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs)
