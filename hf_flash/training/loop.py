@@ -1,0 +1,350 @@
+"""LoRA fine-tuning on the Transformers Trainer, with per-step measurements, Ctrl-C checkpoints and
+resume. ``scripts/finetune_lora.py`` parses arguments into :class:`FinetuneConfig` and calls
+:func:`finetune`; ``scripts/compare_backends.py`` runs that script once per backend.
+
+Files written to ``output_dir``:
+- ``steps.jsonl``: one JSON object per optimizer step (loss, tokens, step time, tokens/s, peak memory);
+- ``checkpoint-N/``: the Trainer's checkpoints (adapter, optimizer, scheduler, RNG, data position);
+- ``adapter/``: the final LoRA adapter (``adapter_config.json`` + weights), the tokenizer and
+  ``run_config.json`` (enough to rebuild a random-init base, see :func:`load_finetuned`);
+- ``summary.json``: status (ok / interrupted / oom), medians and the environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .data import build_train_dataset
+from .models import (
+    BACKENDS, UsageError, add_lora, backend_unavailable_reason, build_model, check_seq_len, load_tokenizer,
+    resolve_dtype, resolve_model,
+)  # fmt: skip
+
+STEPS_FILE, SUMMARY_FILE, RUN_CONFIG_FILE = "steps.jsonl", "summary.json", "run_config.json"
+
+
+@dataclass
+class FinetuneConfig:
+    model: str | None = None
+    model_preset: str | None = None
+    attn: str = "hf_flash"
+    data: str | None = None
+    text_field: str | None = None
+    prompt_field: str | None = None
+    response_field: str | None = None
+    max_docs: int | None = None
+    seq_len: int = 512
+    batch_size: int = 1
+    grad_accum: int = 1
+    lr: float = 2e-4
+    warmup_steps: int = 0
+    max_steps: int | None = None
+    epochs: float = 1.0
+    packing: bool = False
+    gradient_checkpointing: bool = False
+    dtype: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    lora_r: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    target_modules: str = "all-linear"
+    output_dir: str = "outputs/finetune"
+    save_steps: int = 100
+    save_total_limit: int = 2
+    resume: bool = False
+    save_adapter: bool = True
+    warmup_measure_steps: int = 1  # steps left out of the medians (compilation, autotuning, caches)
+    stop_after: int | None = None  # behave as if Ctrl-C came after this many steps (tests, demos)
+
+
+def validate(cfg: FinetuneConfig) -> None:
+    if cfg.attn not in BACKENDS:
+        raise UsageError(f"unknown --attn {cfg.attn!r}; choose one of {', '.join(BACKENDS)}")
+    for name in ("seq_len", "batch_size", "grad_accum", "lora_r"):
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise UsageError(f"--max-steps must be at least 1 (got {cfg.max_steps})")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"unknown --device {cfg.device!r}; choose auto, cpu or cuda")
+
+
+def pick_device(name: str) -> str:
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is visible to PyTorch")
+    return name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class StepMeter:
+    """Times each optimizer step, counts its tokens and reads its peak GPU memory.
+
+    The meter lives beside the Trainer: the callback opens/closes steps, ``MeteredTrainer`` counts
+    tokens and turns the numbers into the step's log record.
+    """
+
+    def __init__(self, device: str, world_size: int):
+        import torch
+
+        self.cuda = device == "cuda" and torch.cuda.is_available()
+        self.world_size = world_size
+        self.tokens = 0
+        self.start = 0.0
+        self.last: dict = {}
+
+    def _sync(self):
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def begin(self):
+        import torch
+
+        self._sync()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        self.tokens = 0
+        self.start = time.perf_counter()
+
+    def end(self):
+        import torch
+
+        self._sync()
+        seconds = time.perf_counter() - self.start
+        tokens = self.tokens * self.world_size  # every rank sees a batch of the same shape
+        peak = torch.cuda.max_memory_allocated() / 2**30 if self.cuda else None
+        self.last = {"tokens": tokens, "step_time_s": seconds, "tokens_per_s": tokens / seconds, "peak_mem_gib": peak}
+
+
+def _callback_class():
+    from transformers import TrainerCallback
+
+    class MeterCallback(TrainerCallback):
+        """Opens/closes the meter around each optimizer step and turns an interrupt into save-and-stop."""
+
+        def __init__(self, meter: StepMeter, stop_after: int | None):
+            self.meter = meter
+            self.stop_after = stop_after
+            self.interrupted = False
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.meter.begin()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.meter.end()
+            if self.stop_after is not None and state.global_step >= self.stop_after:
+                self.interrupted = True
+            if self.interrupted:  # the Trainer saves a checkpoint right after this hook, then stops
+                control.should_save = True
+                control.should_training_stop = True
+            return control
+
+    return MeterCallback
+
+
+def _trainer_class():
+    from transformers import Trainer
+
+    class MeteredTrainer(Trainer):
+        """Counts the tokens of each micro-batch and writes one JSON line per optimizer step."""
+
+        meter: StepMeter
+        steps_path: Path
+
+        def training_step(self, model, inputs, *args, **kwargs):
+            self.meter.tokens += int(inputs["input_ids"].numel())  # no batch holds padding
+            return super().training_step(model, inputs, *args, **kwargs)
+
+        def log(self, logs, *args, **kwargs):
+            if "loss" in logs and self.meter.last:
+                record = {"step": self.state.global_step, "loss": logs["loss"], **self.meter.last}
+                for key in ("grad_norm", "learning_rate"):
+                    if key in logs:
+                        record[key] = logs[key]
+                if self.is_world_process_zero():
+                    with open(self.steps_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                logs["tokens_per_s"] = round(record["tokens_per_s"], 1)
+                if record["peak_mem_gib"] is not None:
+                    logs["peak_mem_gib"] = round(record["peak_mem_gib"], 2)
+                self.meter.last = {}
+            super().log(logs, *args, **kwargs)
+
+    return MeteredTrainer
+
+
+def read_steps(output_dir) -> list[dict]:
+    path = Path(output_dir) / STEPS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _latest_checkpoint(output_dir: Path) -> tuple[str | None, int]:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    return last, (int(Path(last).name.split("-")[-1]) if last else 0)
+
+
+def summarize(steps: list[dict], warmup: int) -> dict:
+    """Medians over the measured steps (all of them when there are too few to leave any out)."""
+    measured = steps[warmup:] if len(steps) > warmup else steps
+    peaks = [s["peak_mem_gib"] for s in steps if s.get("peak_mem_gib") is not None]
+    return {
+        "steps": len(steps),
+        "median_tokens_per_s": statistics.median(s["tokens_per_s"] for s in measured) if measured else None,
+        "median_step_time_s": statistics.median(s["step_time_s"] for s in measured) if measured else None,
+        "peak_mem_gib": max(peaks) if peaks else None,
+        "final_loss": steps[-1]["loss"] if steps else None,
+        "losses": [s["loss"] for s in steps],
+    }
+
+
+def _environment(device: str) -> dict:
+    import torch
+    import transformers
+
+    env = {"torch": torch.__version__, "transformers": transformers.__version__, "device": device}
+    if device == "cuda":
+        env["gpu"] = torch.cuda.get_device_name()
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def _training_arguments(cfg: FinetuneConfig, out: Path, device: str, dtype):
+    import torch
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(out),
+        max_steps=cfg.max_steps if cfg.max_steps else -1,
+        num_train_epochs=cfg.epochs,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        warmup_steps=cfg.warmup_steps,
+        logging_steps=1,
+        save_strategy="steps" if cfg.save_steps > 0 else "no",
+        save_steps=max(cfg.save_steps, 1),
+        save_total_limit=cfg.save_total_limit,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu=device == "cpu",
+        remove_unused_columns=False,  # our collators already emit exactly what the model takes
+        dataloader_num_workers=0,
+        report_to="none",
+        optim="adamw_torch",
+    )
+
+
+def finetune(cfg: FinetuneConfig) -> dict:
+    """Run the fine-tune described by ``cfg``; returns the summary also written to summary.json.
+
+    Raises UsageError (one line, says what to fix) for bad input before anything slow starts.
+    """
+    import torch
+
+    validate(cfg)
+    device = pick_device(cfg.device)
+    spec = resolve_model(cfg.model, cfg.model_preset)
+    check_seq_len(spec, cfg.seq_len)
+    reason = backend_unavailable_reason(cfg.attn, device)
+    if reason:
+        raise UsageError(f"--attn {cfg.attn} cannot run here: {reason}")
+    dtype = resolve_dtype(cfg.dtype, device)
+    out = Path(cfg.output_dir)
+    checkpoint, done_steps = _latest_checkpoint(out) if cfg.resume else (None, 0)
+    if cfg.resume and checkpoint is None:
+        print(f"--resume: no checkpoint in {out}; starting from step 0")
+
+    tokenizer = load_tokenizer(spec)
+    dataset, collator, n_tokens = build_train_dataset(
+        tokenizer, cfg.data, cfg.seq_len, cfg.packing, cfg.text_field, cfg.prompt_field, cfg.response_field,
+        cfg.max_docs,
+    )  # fmt: skip
+    base = build_model(spec, cfg.attn, dtype, device, cfg.seed)
+    if cfg.gradient_checkpointing:
+        # Enabled on the model, not through TrainingArguments, whose flag is renamed in Transformers 5.
+        # Non-reentrant checkpointing needs no input gradients, which a frozen LoRA base does not have.
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = add_lora(base, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules)
+    trainable, total = (sum(p.numel() for p in model.parameters() if p.requires_grad),
+                        sum(p.numel() for p in model.parameters()))  # fmt: skip
+    print(f"model {spec.name} ({total / 1e6:.1f}M params, {trainable / 1e6:.2f}M trainable LoRA), attn={cfg.attn}, "
+          f"dtype={str(dtype).removeprefix('torch.')}, device={device}; data: {len(dataset)} "
+          f"{'packed bins' if cfg.packing else 'rows'} of <= {cfg.seq_len} tokens from {n_tokens} tokens")  # fmt: skip
+
+    out.mkdir(parents=True, exist_ok=True)
+    steps_path = out / STEPS_FILE
+    # Keep the log in step with the checkpoint: steps after it will be run (and logged) again.
+    kept = [s for s in read_steps(out) if s["step"] <= done_steps] if checkpoint else []
+    steps_path.write_text("".join(json.dumps(s) + "\n" for s in kept))
+
+    args = _training_arguments(cfg, out, device, dtype)
+    meter = StepMeter(device, args.world_size)
+    callback = _callback_class()(meter, cfg.stop_after)
+    trainer = _trainer_class()(
+        model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[callback]
+    )
+    trainer.meter, trainer.steps_path = meter, steps_path
+
+    def on_sigint(signum, frame):
+        if callback.interrupted:  # a second Ctrl-C means: stop now, without a checkpoint
+            raise KeyboardInterrupt
+        callback.interrupted = True
+        print("\nCtrl-C: saving a checkpoint at the end of this step (press again to quit at once)", flush=True)
+
+    status = "ok"
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    except getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError) as exc:
+        status, error = "oom", " ".join(str(exc).split())[:300]
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if status == "ok" and callback.interrupted:
+        status = "interrupted"
+
+    if status == "ok" and cfg.save_adapter and trainer.is_world_process_zero():
+        save_adapter(trainer.model, tokenizer, cfg, out / "adapter")
+    summary = {"status": status, "attn": cfg.attn, "seq_len": cfg.seq_len, "model": spec.name,
+               "dtype": str(dtype).removeprefix("torch."), **summarize(read_steps(out), cfg.warmup_measure_steps),
+               "environment": _environment(device)}  # fmt: skip
+    if status == "oom":
+        summary["error"] = error
+    if trainer.is_world_process_zero():
+        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def save_adapter(model, tokenizer, cfg: FinetuneConfig, path: Path) -> None:
+    model.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    (path / RUN_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+
+
+def load_finetuned(adapter_dir, attn: str = "sdpa", device: str = "cpu", dtype=None):
+    """Rebuild the base model of a run (same config/checkpoint and seed) and load its saved adapter."""
+    from peft import PeftModel
+
+    cfg = FinetuneConfig(**json.loads((Path(adapter_dir) / RUN_CONFIG_FILE).read_text()))
+    spec = resolve_model(cfg.model, cfg.model_preset)
+    base = build_model(spec, attn, dtype or resolve_dtype(cfg.dtype, device), device, cfg.seed)
+    return PeftModel.from_pretrained(base, str(adapter_dir))

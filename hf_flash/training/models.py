@@ -1,0 +1,219 @@
+"""Which model to fine-tune: the embedded default, a random-init preset of a real shape, or a local
+checkpoint; which attention backends exist here; and the LoRA wrapper.
+
+Nothing is ever downloaded: a Hugging Face id is looked up in the local cache only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+EMBEDDED_MODEL = ASSETS / "tiny-llama"
+BACKENDS = ("hf_flash", "sdpa", "eager", "flex_attention", "flash_attention_2")
+
+
+class UsageError(ValueError):
+    """Bad input from the user; the scripts print its one-line message and exit with status 2."""
+
+
+# Published shapes of real models (random init: speed and memory work only, the weights are noise).
+# Keys follow the long-standing Transformers names, which 4.56 and 5.x both accept.
+_LLAMA3_ROPE = {"rope_type": "llama3", "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                "original_max_position_embeddings": 8192}  # fmt: skip
+PRESETS: dict[str, dict] = {
+    "llama-3.2-1b": dict(
+        model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
+        max_position_embeddings=131072, rope_theta=500000.0, rope_scaling={**_LLAMA3_ROPE, "factor": 32.0},
+        tie_word_embeddings=True, rms_norm_eps=1e-5,
+    ),
+    "llama-3.2-3b": dict(
+        model_type="llama", hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+        num_attention_heads=24, num_key_value_heads=8, head_dim=128, vocab_size=128256,
+        max_position_embeddings=131072, rope_theta=500000.0, rope_scaling={**_LLAMA3_ROPE, "factor": 32.0},
+        tie_word_embeddings=True, rms_norm_eps=1e-5,
+    ),
+    "llama-3.1-8b": dict(
+        model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256,
+        max_position_embeddings=131072, rope_theta=500000.0, rope_scaling={**_LLAMA3_ROPE, "factor": 8.0},
+        tie_word_embeddings=False, rms_norm_eps=1e-5,
+    ),
+    "qwen2.5-1.5b": dict(
+        model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+        num_attention_heads=12, num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
+        rope_theta=1000000.0, tie_word_embeddings=True, rms_norm_eps=1e-6, use_sliding_window=False,
+    ),
+    "mistral-7b": dict(
+        model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=32768,
+        max_position_embeddings=32768, rope_theta=1000000.0, sliding_window=None,
+        tie_word_embeddings=False, rms_norm_eps=1e-5,
+    ),
+}  # fmt: skip
+PRESETS["llama-3-8b"] = PRESETS["llama-3.1-8b"]  # same shape; 8b is what people type
+
+
+@dataclass
+class ModelSpec:
+    """Where the config, the weights (None: random init) and the tokenizer come from."""
+
+    name: str
+    config: object  # transformers.PretrainedConfig
+    weights: str | None
+    tokenizer: str
+
+
+def _has_weights(folder: Path) -> bool:
+    return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")) or any(folder.glob("*.safetensors.index.json"))
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return (folder / "tokenizer.json").exists() or (folder / "tokenizer.model").exists()
+
+
+def resolve_model(model: str | None = None, preset: str | None = None) -> ModelSpec:
+    """Find the model without loading weights, so bad input fails before anything slow happens."""
+    from transformers import AutoConfig, CONFIG_MAPPING
+
+    if model and preset:
+        raise UsageError("pass either --model or --model-preset, not both")
+    if preset:
+        if preset not in PRESETS:
+            raise UsageError(f"unknown --model-preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
+        fields = dict(PRESETS[preset])
+        config = CONFIG_MAPPING[fields.pop("model_type")](**fields)
+        return ModelSpec(preset, config, None, str(EMBEDDED_MODEL))
+    if not model:
+        config = AutoConfig.from_pretrained(EMBEDDED_MODEL)
+        return ModelSpec("embedded tiny-llama", config, None, str(EMBEDDED_MODEL))
+
+    folder = Path(model).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").exists():
+            raise UsageError(f"--model {model}: the folder has no config.json; pass a Transformers model folder")
+        config = AutoConfig.from_pretrained(folder)
+        weights = str(folder) if _has_weights(folder) else None
+        # A config-only folder is a shape to try at random init; it borrows the embedded tokenizer.
+        tokenizer = str(folder) if _has_tokenizer(folder) else str(EMBEDDED_MODEL)
+        return ModelSpec(str(folder), config, weights, tokenizer)
+    if folder.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise UsageError(f"--model {model}: no such folder")
+    try:  # a hub id: only the local cache is allowed
+        config = AutoConfig.from_pretrained(model, local_files_only=True)
+    except OSError:
+        raise UsageError(
+            f"--model {model}: not a local folder and not in the Hugging Face cache "
+            f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}); nothing can be downloaded here, so copy "
+            "the model to a folder and pass its path, or use --model-preset for a random-init shape"
+        ) from None
+    return ModelSpec(model, config, model, model)
+
+
+def max_positions(config) -> int | None:
+    return getattr(config, "max_position_embeddings", None)
+
+
+def check_seq_len(spec: ModelSpec, seq_len: int) -> None:
+    limit = max_positions(spec.config)
+    if limit is not None and seq_len > limit:
+        raise UsageError(
+            f"--seq-len {seq_len} is above the model's max_position_embeddings ({limit}) for {spec.name}; "
+            f"use --seq-len {limit} or less"
+        )
+
+
+def backend_unavailable_reason(name: str, device: str) -> str | None:
+    """None when ``attn_implementation=name`` can run on ``device`` ("cpu"/"cuda"), else why not."""
+    if name not in BACKENDS:
+        raise UsageError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if name == "hf_flash":
+        try:
+            import hf_flash  # noqa: F401  (importing registers the backend with Transformers)
+            from transformers import AttentionInterface
+        except ImportError as exc:
+            return f"hf_flash cannot be imported: {exc}"
+        if "hf_flash" not in AttentionInterface._global_mapping:
+            return "importing hf_flash did not register the 'hf_flash' attention with Transformers"
+    if name == "flex_attention":
+        from transformers.utils import is_torch_flex_attn_available
+
+        if not is_torch_flex_attn_available():
+            return "flex_attention needs torch >= 2.5"
+        if device != "cuda":
+            return "flex_attention is only compared on a CUDA GPU here (on CPU it compiles for minutes)"
+    if name == "flash_attention_2":
+        if importlib.util.find_spec("flash_attn") is None:
+            return "flash_attention_2 needs the flash-attn package"
+        if device != "cuda":
+            return "flash_attention_2 needs a CUDA GPU"
+    return None
+
+
+def resolve_dtype(name: str, device: str):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if name not in dtypes:
+        raise UsageError(f"unknown --dtype {name!r}; choose auto, bf16, fp16 or fp32")
+    return dtypes[name]
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype):
+    # from_config's dtype keyword changed name across Transformers versions; the default dtype did not.
+    import torch
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def load_tokenizer(spec: ModelSpec):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer, local_files_only=True)
+    if tokenizer.pad_token is None:  # only the collators' bookkeeping needs one; no batch is padded
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_model(spec: ModelSpec, attn: str, dtype, device: str, seed: int):
+    """The base model on ``device``; random init (seeded, so a saved adapter finds the same base) or
+    the checkpoint's weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if spec.weights is not None:
+        model = AutoModelForCausalLM.from_pretrained(
+            spec.weights, attn_implementation=attn, dtype=dtype, local_files_only=True
+        )
+        model.to(device)
+    else:
+        torch.manual_seed(seed)
+        # Initialise directly on the device and in the final dtype: an 8B model never exists in fp32.
+        with torch.device(device), _default_dtype(dtype):
+            model = AutoModelForCausalLM.from_config(spec.config, attn_implementation=attn)
+    model.config.use_cache = False  # training never reuses keys/values; the cache would only cost memory
+    return model
+
+
+def add_lora(model, r: int, alpha: float, dropout: float, target_modules: str):
+    from peft import LoraConfig, get_peft_model
+
+    targets = "all-linear" if target_modules == "all-linear" else [t.strip() for t in target_modules.split(",")]
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:  # peft names the modules it could not find; keep its words, on one line
+        raise UsageError(f"--target-modules {target_modules}: {' '.join(str(exc).split())}") from None

@@ -1,0 +1,106 @@
+#!/usr/bin/env python
+"""LoRA fine-tuning of a causal language model with a chosen attention backend.
+
+    python scripts/finetune_lora.py                       # embedded tiny Llama, stdlib docstrings, hf_flash
+    python scripts/finetune_lora.py --attn sdpa --max-steps 20
+    python scripts/finetune_lora.py --model-preset llama-3.2-1b --seq-len 8192 --gradient-checkpointing
+    python scripts/finetune_lora.py --model /models/llama --data train.jsonl --packing
+    accelerate launch scripts/finetune_lora.py ...        # several GPUs (the Trainer does the rest)
+
+Ctrl-C saves a checkpoint; rerun with --resume to continue. Per-step numbers go to
+OUTPUT_DIR/steps.jsonl, the adapter to OUTPUT_DIR/adapter. See hf_flash/training/loop.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+BACKENDS = ("hf_flash", "sdpa", "eager", "flex_attention", "flash_attention_2")
+OOM_EXIT, USAGE_EXIT = 3, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    m = p.add_argument_group("model")
+    m.add_argument("--model", help="local model folder or a Hugging Face id already in the local cache\n"
+                   "(default: the embedded tiny Llama, random init)")  # fmt: skip
+    m.add_argument("--model-preset", help="random-init real shape: llama-3.2-1b, llama-3.2-3b, llama-3.1-8b,\n"
+                   "qwen2.5-1.5b, mistral-7b")  # fmt: skip
+    m.add_argument("--attn", default="hf_flash", choices=BACKENDS, help="attention backend (default: hf_flash)")
+    m.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+                   help="auto: bf16 on a GPU that has it, else fp32")  # fmt: skip
+    m.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    d = p.add_argument_group("data")
+    d.add_argument("--data", help="json/jsonl/csv/parquet/txt file or a folder of them\n"
+                   "(default: docstrings of Python's standard library)")  # fmt: skip
+    d.add_argument("--text-field", help="column holding plain text (default: 'text' when present)")
+    d.add_argument("--prompt-field", help="instruction column (default: instruction/prompt/question/input)")
+    d.add_argument("--response-field", help="answer column (default: response/output/answer/completion)")
+    d.add_argument("--max-docs", type=int, help="use only the first N rows")
+    d.add_argument("--seq-len", type=int, default=512, help="tokens per row (default 512)")
+    d.add_argument("--packing", action="store_true",
+                   help="padding-free: whole documents flattened into one row, attention kept\n"
+                   "within each (DataCollatorWithFlattening); default: fixed-length blocks")  # fmt: skip
+    t = p.add_argument_group("training")
+    t.add_argument("--batch-size", type=int, default=1, help="rows (or packed bins) per device per micro-step")
+    t.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
+    t.add_argument("--lr", type=float, default=2e-4)
+    t.add_argument("--warmup-steps", type=int, default=0)
+    t.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
+    t.add_argument("--epochs", type=float, default=1.0)
+    t.add_argument("--gradient-checkpointing", action="store_true")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--lora-r", type=int, default=16)
+    t.add_argument("--lora-alpha", type=float, default=32.0)
+    t.add_argument("--lora-dropout", type=float, default=0.05)
+    t.add_argument("--target-modules", default="all-linear",
+                   help="comma-separated module names, e.g. q_proj,v_proj (default: all linear projections)")  # fmt: skip
+    o = p.add_argument_group("output")
+    o.add_argument("--output-dir", default="outputs/finetune")
+    o.add_argument("--save-steps", type=int, default=100, help="checkpoint every N steps (0: none)")
+    o.add_argument("--save-total-limit", type=int, default=2, help="keep this many checkpoints")
+    o.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    o.add_argument("--no-save-adapter", dest="save_adapter", action="store_false", help="skip OUTPUT_DIR/adapter")
+    o.add_argument("--warmup-measure-steps", type=int, default=1,
+                   help="first steps left out of the median speed (default 1)")  # fmt: skip
+    o.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)  # acts as Ctrl-C after N steps (tests)
+    return p
+
+
+def _prepare_environment(args) -> None:
+    # Must happen before anything imports hf_flash, transformers or huggingface_hub.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing can be downloaded here: fail fast, locally
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    _prepare_environment(args)
+    from hf_flash.training.loop import FinetuneConfig, finetune
+    from hf_flash.training.models import UsageError
+
+    try:
+        summary = finetune(FinetuneConfig(**vars(args)))
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return USAGE_EXIT
+    if summary["status"] == "oom":
+        print(f"out of memory at --seq-len {args.seq_len} with --attn {args.attn}: {summary['error']}", file=sys.stderr)
+        return OOM_EXIT
+    if summary["status"] == "interrupted":
+        print(f"stopped after step {summary['steps']}; checkpoint in {args.output_dir}; "
+              "rerun the same command with --resume to continue")  # fmt: skip
+        return 0
+    speed = summary["median_tokens_per_s"]
+    peak = summary["peak_mem_gib"]
+    print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, median {speed:,.0f} tokens/s"
+          + (f", peak {peak:.2f} GiB" if peak is not None else "") + f"; outputs in {args.output_dir}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
