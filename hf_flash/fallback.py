@@ -1,0 +1,235 @@
+"""When the Triton kernels cannot run, and what runs instead.
+
+The kernels need fp16/bf16 tensors on a CUDA GPU of compute capability >= 7.5 (or CPU tensors under
+``TRITON_INTERPRET=1``) and a head dim <= 256. Anywhere else, :func:`sdpa_flash_attn_func` and
+:func:`sdpa_flash_attn_varlen_func` compute the same thing with the same arguments (flash-attn's
+layouts and masking rules, see :mod:`hf_flash.ops.reference`) through PyTorch's
+``scaled_dot_product_attention``, so a caller only swaps the function, never its plumbing.
+
+Every fallback is announced by :func:`report_fallback`: one :class:`FallbackWarning` per distinct
+reason per process, or a :class:`FallbackError` when ``HF_FLASH_STRICT=1`` is set in the environment
+(for users who want to be sure the kernels run).
+
+Nothing here imports Transformers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from hf_flash.ops.config import MAX_HEAD_DIM, kernels_unavailable_reason
+
+__all__ = [
+    "FallbackError",
+    "FallbackWarning",
+    "kernel_unavailable_reason",
+    "report_fallback",
+    "reset_warnings",
+    "sdpa_flash_attn_func",
+    "sdpa_flash_attn_varlen_func",
+    "strict_mode",
+    "visibility",
+]
+
+
+class FallbackWarning(UserWarning):
+    """hf_flash ran a call through PyTorch instead of its kernels (the message says why)."""
+
+
+class FallbackError(RuntimeError):
+    """Raised instead of falling back when ``HF_FLASH_STRICT=1``."""
+
+
+_warned: set[str] = set()
+
+
+def strict_mode() -> bool:
+    """``HF_FLASH_STRICT`` set to anything but empty / "0": fallbacks raise."""
+    return os.environ.get("HF_FLASH_STRICT", "0") not in ("", "0")
+
+
+def report_fallback(reason: str, instead: str = "PyTorch SDPA") -> None:
+    """Warn once per distinct ``reason`` that a call runs through ``instead``; raise in strict mode."""
+    message = f"hf_flash: this attention call runs through {instead} instead of the hf_flash kernels: {reason}"
+    if strict_mode():
+        raise FallbackError(message + " (raised because HF_FLASH_STRICT=1)")
+    if reason in _warned:
+        return
+    _warned.add(reason)
+    warnings.warn(message + ". Set HF_FLASH_STRICT=1 to make this an error.", FallbackWarning, stacklevel=3)
+
+
+def reset_warnings() -> None:
+    """Forget which reasons were already reported (tests use it to see a warning again)."""
+    _warned.clear()
+
+
+def kernel_unavailable_reason(q: torch.Tensor, v: torch.Tensor | None = None) -> str | None:
+    """None when the kernels can take ``q`` (and ``v``), else a one-line reason.
+
+    Args:
+        q: ``[..., H, D]``; only its device, dtype and head dim matter. v: the same for values.
+    """
+    reason = kernels_unavailable_reason(q.device, q.dtype)
+    if reason is not None:
+        return reason
+    head_dim = max(q.shape[-1], v.shape[-1] if v is not None else 0)
+    if head_dim > MAX_HEAD_DIM:
+        return f"head dim {head_dim} is larger than {MAX_HEAD_DIM}, the largest the kernels support"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Masks: which key each query may see, in flash-attn's rules
+# ----------------------------------------------------------------------------------------------
+
+
+def visibility(q_seq, q_pos, k_seq, k_pos, causal: bool, window_size=(-1, -1)) -> torch.Tensor:
+    """Bool ``[B, 1, Lq, Lk]``: True where query i may attend key j.
+
+    Args:
+        q_seq, q_pos: ``[B, Lq]`` ints: the sequence each query belongs to and its position, already
+            aligned bottom-right (shifted by ``len_k - len_q`` of its sequence).
+        k_seq, k_pos: ``[B, Lk]`` the same for keys; give a key a sequence id no query has (e.g. -1)
+            to hide it (padding).
+        causal, window_size: flash-attn's; causal forces the right window to 0.
+    """
+    left, right = window_size
+    if causal:
+        right = 0
+    offset = k_pos[:, None, :] - q_pos[:, :, None]  # [B, Lq, Lk]: how far right of the query the key is
+    visible = q_seq[:, :, None] == k_seq[:, None, :]
+    if right >= 0:
+        visible = visible & (offset <= right)
+    if left >= 0:
+        visible = visible & (offset >= -left)
+    return visible[:, None]
+
+
+def dense_visibility(batch: int, seqlen_q: int, seqlen_k: int, causal: bool, window_size, device) -> torch.Tensor | None:
+    """:func:`visibility` for a plain batch (every row one sequence); None when nothing is hidden."""
+    left, right = window_size
+    if not causal and left < 0 and right < 0:
+        return None
+    q_pos = (torch.arange(seqlen_q, device=device) + (seqlen_k - seqlen_q)).expand(batch, -1)
+    k_pos = torch.arange(seqlen_k, device=device).expand(batch, -1)
+    zeros_q = torch.zeros_like(q_pos)
+    return visibility(zeros_q, q_pos, torch.zeros_like(k_pos), k_pos, causal, window_size)
+
+
+def packed_positions(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For packed tokens ``0..total-1``: (sequence id ``[total]``, position in it ``[total]``, lengths ``[S]``)."""
+    cu = cu_seqlens.long()
+    token = torch.arange(total, device=cu.device)
+    seq = torch.searchsorted(cu[1:], token, right=True)
+    return seq, token - cu[seq], cu.diff()
+
+
+def varlen_visibility(cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int, causal: bool, window_size):
+    """:func:`visibility` ``[1, 1, total_q, total_k]`` for packed sequences (block diagonal)."""
+    q_seq, q_pos, len_q = packed_positions(cu_seqlens_q, total_q)
+    k_seq, k_pos, len_k = packed_positions(cu_seqlens_k, total_k)
+    q_pos = q_pos + (len_k - len_q)[q_seq]  # bottom-right alignment inside each sequence
+    return visibility(q_seq[None], q_pos[None], k_seq[None], k_pos[None], causal, window_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention through PyTorch
+# ----------------------------------------------------------------------------------------------
+
+
+def _sdpa_backends(device: torch.device) -> list:
+    """SDPA backends that exist on this chip. MATH always runs, so SDPA can never answer
+    "No available kernel" (as it does on a T4 when only the flash backend is enabled)."""
+    from torch.nn.attention import SDPBackend
+
+    backends = []
+    if device.type == "cuda":
+        if torch.cuda.get_device_capability(device) >= (8, 0):
+            backends.append(SDPBackend.FLASH_ATTENTION)
+        backends.append(SDPBackend.EFFICIENT_ATTENTION)
+    backends.append(SDPBackend.MATH)
+    return backends
+
+
+def _sdpa(q, k, v, visible, is_causal: bool, scale: float, dropout_p: float) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` on ``[B, H, L, D]`` inside a backend choice that cannot fail."""
+    if torch.compiler.is_compiling():
+        # the backend context manager is a graph break; under compile SDPA's own choice stands
+        return F.scaled_dot_product_attention(q, k, v, visible, dropout_p, is_causal, scale=scale)
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel(_sdpa_backends(q.device)):
+        return F.scaled_dot_product_attention(q, k, v, visible, dropout_p, is_causal, scale=scale)
+
+
+def attention_with_mask(q, k, v, visible, softmax_scale=None, dropout_p=0.0, softcap=0.0, is_causal=False):
+    """Attention on the flash-attn layout with an explicit visibility mask.
+
+    Args:
+        q: ``[B, Lq, H, D]``; k, v: ``[B, Lk, Hk, D]`` (GQA: ``H % Hk == 0``).
+        visible: bool ``[B, 1, Lq, Lk]`` or None (everything visible, or top-left causal when ``is_causal``).
+    Returns:
+        ``[B, Lq, H, D]`` in q's dtype; rows that see no key are 0, as in the kernels.
+    """
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    groups = q.shape[2] // k.shape[2]
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    has_key = None
+    if visible is not None:
+        # A row that sees no key would be softmax over nothing (NaN). Let it see everything, then zero it.
+        has_key = visible.any(dim=-1, keepdim=True)
+        visible = visible | ~has_key
+    if softcap > 0:
+        # SDPA has no softcap: the scores are formed explicitly (in fp32, like Gemma 2's eager path)
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+        scores = softcap * torch.tanh(scores / softcap)
+        if visible is not None:
+            scores = scores.masked_fill(~visible, float("-inf"))
+        elif is_causal:
+            scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
+        probs = F.dropout(torch.softmax(scores, dim=-1), p=dropout_p, training=dropout_p > 0)
+        out = torch.matmul(probs.to(v.dtype), v)
+    else:
+        out = _sdpa(q, k, v, visible, is_causal and visible is None, scale, dropout_p)
+    if has_key is not None:
+        out = out * has_key
+    return out.transpose(1, 2)
+
+
+def sdpa_flash_attn_func(
+    q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, **unused
+):
+    """``hf_flash.flash_attn_func`` through PyTorch: q ``[B, Lq, H, D]``, k/v ``[B, Lk, Hk, D]`` -> ``[B, Lq, H, D]``.
+
+    Causal is bottom-right aligned when ``Lq != Lk`` (query i sees keys ``j <= i + Lk - Lq``).
+    Extra flash-attn arguments (``deterministic``, ...) are accepted and have no effect here.
+    """
+    batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
+    if causal and seqlen_q == seqlen_k and tuple(window_size) == (-1, -1):
+        visible = None  # SDPA's is_causal is top-left aligned, which is the same when Lq == Lk
+    else:
+        visible = dense_visibility(batch, seqlen_q, seqlen_k, causal, tuple(window_size), q.device)
+    return attention_with_mask(q, k, v, visible, softmax_scale, dropout_p, softcap, is_causal=causal)
+
+
+def sdpa_flash_attn_varlen_func(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0, softmax_scale=None,
+    causal=False, window_size=(-1, -1), softcap=0.0, **unused,
+):
+    """``hf_flash.flash_attn_varlen_func`` through PyTorch.
+
+    q ``[total_q, H, D]``, k/v ``[total_k, Hk, D]``, cu_seqlens_* int32 ``[S + 1]`` -> ``[total_q, H, D]``.
+    One SDPA call over all tokens with a block-diagonal mask (``total_q x total_k`` bools): memory
+    grows with the square of the packed length, which is acceptable for a fallback and needs no sync.
+    """
+    visible = varlen_visibility(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], causal, tuple(window_size))
+    out = attention_with_mask(q[None], k[None], v[None], visible, softmax_scale, dropout_p, softcap)
+    return out[0]
