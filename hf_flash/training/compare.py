@@ -1,0 +1,219 @@
+"""Compare attention backends on the same LoRA fine-tune: one subprocess per backend and length.
+
+Each run is ``scripts/finetune_lora.py`` in a fresh process, so one backend's allocator state,
+compiled kernels or caches cannot change another's speed or peak memory. The runs share seed,
+data, model and steps; the rows report medians, ratios to sdpa and the loss gap to eager.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from .loop import SUMMARY_FILE, read_steps, summarize
+
+DEFAULT_BACKENDS = ("eager", "sdpa", "hf_flash")
+OPTIONAL_BACKENDS = ("flex_attention", "flash_attention_2")  # added to the default when they can run
+OOM_EXIT, USAGE_EXIT = 3, 2
+
+
+def default_backends(cuda: bool) -> list[str]:
+    backends = list(DEFAULT_BACKENDS)
+    if cuda:
+        from transformers.utils import is_torch_flex_attn_available
+
+        if is_torch_flex_attn_available():
+            backends.append("flex_attention")
+        if importlib.util.find_spec("flash_attn") is not None:
+            backends.append("flash_attention_2")
+    return backends
+
+
+def _last_error_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in reversed(lines):  # the one-line message of a UsageError or the exception line
+        if line.startswith("error:") or "Error" in line.split(":")[0]:
+            return line[:300]
+    return lines[-1][:300] if lines else "no output"
+
+
+def _fallback_note(log: str) -> str | None:
+    """hf_flash warns when a call runs through PyTorch instead of its kernels; a row must say so."""
+    for line in log.splitlines():
+        if "instead of the hf_flash kernels" in line:
+            reason = line.split("kernels:", 1)[-1].split(". Set HF_FLASH_STRICT")[0]
+            return "fell back to PyTorch: " + reason.split(" by the hf_flash kernels")[0].strip()
+    return None
+
+
+def run_one(finetune_cmd: list[str], backend: str, seq_len: int, run_dir: Path, extra: list[str],
+            timeout: float | None, warmup: int) -> dict:  # fmt: skip
+    """Run one fine-tune in its own process; always returns a row, whatever happened."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in (run_dir / SUMMARY_FILE, run_dir / "steps.jsonl"):
+        stale.unlink(missing_ok=True)
+    cmd = [*finetune_cmd, "--attn", backend, "--seq-len", str(seq_len), "--output-dir", str(run_dir),
+           "--save-steps", "0", "--no-save-adapter", "--warmup-measure-steps", str(warmup), *extra]  # fmt: skip
+    row = {"backend": backend, "seq_len": seq_len, "command": " ".join(cmd)}
+    start = time.perf_counter()
+    with open(run_dir / "log.txt", "w") as log:
+        try:
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, env=os.environ.copy())
+            code = proc.returncode
+        except subprocess.TimeoutExpired:
+            code = None
+    row["wall_s"] = round(time.perf_counter() - start, 1)
+    summary_path = run_dir / SUMMARY_FILE
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
+    if code is None:
+        row.update(status="timeout", error=f"no result within {timeout:.0f} s")
+    elif code == OOM_EXIT or (summary and summary["status"] == "oom"):
+        row.update(status="oom", error=(summary or {}).get("error", "out of memory"))
+    elif code != 0 or summary is None:
+        text = (run_dir / "log.txt").read_text(errors="replace")
+        row.update(status="unavailable" if code == USAGE_EXIT else "error", error=_last_error_line(text))
+    else:
+        row["status"] = "ok"
+    if summary:
+        row["environment"] = summary.get("environment")
+    fallback = _fallback_note((run_dir / "log.txt").read_text(errors="replace"))
+    if fallback:
+        row["note"] = fallback
+    steps = read_steps(run_dir)
+    row.update({k: v for k, v in summarize(steps, warmup).items() if k != "steps"}, steps=len(steps))
+    return row
+
+
+def add_relative_columns(rows: list[dict]) -> None:
+    """Ratios to sdpa (same length) and the largest per-step loss gap to eager (same length)."""
+    by_key = {(r["backend"], r["seq_len"]): r for r in rows}
+    for row in rows:
+        sdpa = by_key.get(("sdpa", row["seq_len"]))
+        eager = by_key.get(("eager", row["seq_len"]))
+        for key, out in (("median_tokens_per_s", "tokens_per_s_vs_sdpa"), ("median_step_time_s", "step_time_vs_sdpa"),
+                         ("peak_mem_gib", "peak_mem_vs_sdpa")):  # fmt: skip
+            ok = row["status"] == "ok" and sdpa and sdpa["status"] == "ok" and row.get(key) and sdpa.get(key)
+            row[out] = row[key] / sdpa[key] if ok else None
+        pairs = list(zip(row.get("losses") or [], (eager or {}).get("losses") or []))
+        row["max_abs_loss_diff_vs_eager"] = max(abs(a - b) for a, b in pairs) if pairs else None
+
+
+def _fmt(value, spec: str, suffix: str = "") -> str:
+    return "—" if value is None else f"{value:{spec}}{suffix}"
+
+
+def markdown_table(rows: list[dict], header: str = "") -> str:
+    cols = ("backend", "seq len", "status", "tokens/s", "× sdpa", "step (s)", "peak GiB", "mem × sdpa",
+            "final loss", "max \\|Δloss\\| vs eager")  # fmt: skip  (pipes escaped: they would split the cell)
+    lines = [header, ""] if header else []
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        status = r["status"] if r["status"] == "ok" else f"{r['status'].upper()}: {r.get('error', '')}"
+        if r.get("note"):
+            status += f" ({r['note']})"
+        lines.append("| " + " | ".join((
+            r["backend"], str(r["seq_len"]), status.replace("|", "/"),
+            _fmt(r.get("median_tokens_per_s"), ",.0f"), _fmt(r.get("tokens_per_s_vs_sdpa"), ".2f", "×"),
+            _fmt(r.get("median_step_time_s"), ".3f"), _fmt(r.get("peak_mem_gib"), ".2f"),
+            _fmt(r.get("peak_mem_vs_sdpa"), ".2f", "×"), _fmt(r.get("final_loss"), ".4f"),
+            _fmt(r.get("max_abs_loss_diff_vs_eager"), ".2e"),
+        )) + " |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def _styles(backends: list[str]) -> dict[str, dict]:
+    """One colour and marker per backend across all panels; eager drawn wide and dashed underneath,
+    so a backend whose curve lies exactly on it stays visible."""
+    markers = "os^Dvx*"
+    styles = {}
+    for i, name in enumerate(backends):
+        styles[name] = dict(color=f"C{i}", marker=markers[i % len(markers)], markersize=4, linewidth=1.5, zorder=3 + i)
+        if name == "eager":
+            styles[name].update(linestyle="--", linewidth=4, alpha=0.45, markersize=8, zorder=2)
+    return styles
+
+
+def plot(rows: list[dict], out_dir: Path, title: str) -> list[Path]:
+    """loss_curves.png (all backends, one panel per length) and speed_memory.png (vs length)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    styles = _styles(list(dict.fromkeys(r["backend"] for r in rows)))
+    seq_lens = sorted({r["seq_len"] for r in rows})
+    paths = [out_dir / "loss_curves.png", out_dir / "speed_memory.png"]
+    fig, axes = plt.subplots(1, len(seq_lens), figsize=(5 * len(seq_lens), 4), squeeze=False)
+    for ax, seq_len in zip(axes[0], seq_lens):
+        for r in rows:
+            if r["seq_len"] == seq_len and r.get("losses"):
+                ax.plot(range(1, len(r["losses"]) + 1), r["losses"], label=r["backend"], **styles[r["backend"]])
+        ax.set(title=f"seq len {seq_len}", xlabel="step", ylabel="training loss")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    fig.suptitle(f"Loss per step: {title}")
+    fig.tight_layout()
+    fig.savefig(paths[0], dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for backend, style in styles.items():
+        mine = [r for r in rows if r["backend"] == backend]
+        ok = [r for r in mine if r["status"] == "ok"]
+        axes[0].plot([r["seq_len"] for r in ok], [r["median_tokens_per_s"] for r in ok], label=backend, **style)
+        mem = [(r["seq_len"], r["peak_mem_gib"]) for r in ok if r.get("peak_mem_gib") is not None]
+        if mem:
+            axes[1].plot(*zip(*mem), label=backend, **style)
+        for r in mine:  # a failed run is a result too: write it where its point would be
+            if r["status"] != "ok":
+                for ax in axes:
+                    ax.annotate(f"{backend}: {r['status'].upper()}", (r["seq_len"], 0.03), xycoords=("data", "axes fraction"),
+                                rotation=90, fontsize=8, color=style["color"], va="bottom")  # fmt: skip
+    axes[0].set(title="median tokens/s", xlabel="sequence length", ylabel="tokens/s")
+    axes[1].set(title="peak GPU memory", xlabel="sequence length", ylabel="GiB")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(seq_lens, [str(s) for s in seq_lens])
+        ax.set_xlim(seq_lens[0] / 1.5, seq_lens[-1] * 1.5)
+        ax.set_ylim(bottom=0)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    if not any(r.get("peak_mem_gib") for r in rows):
+        axes[1].text(0.5, 0.5, "no GPU: not measured", ha="center", transform=axes[1].transAxes)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(paths[1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def compare(finetune_cmd: list[str], backends: list[str], seq_lens: list[int], out_dir: Path, extra: list[str],
+            timeout: float | None = None, warmup: int = 1, title: str = "", progress=print) -> dict:  # fmt: skip
+    """Run every (length, backend) pair, then write results.json, results.md and the plots."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for seq_len in seq_lens:
+        for backend in backends:
+            progress(f"[{len(rows) + 1}/{len(seq_lens) * len(backends)}] {backend} at seq len {seq_len} ...")
+            row = run_one(finetune_cmd, backend, seq_len, out_dir / f"L{seq_len}" / backend, extra, timeout, warmup)
+            speed = _fmt(row.get("median_tokens_per_s"), ",.0f", " tokens/s")
+            progress(f"    {row['status']}" + (f": {row['error']}" if row.get("error") else f", {speed}"))
+            rows.append(row)
+    add_relative_columns(rows)
+    env = next((r["environment"] for r in rows if r.get("environment")), {}) or {}
+    where = env.get("gpu") or env.get("device", "?")
+    header = (f"{title} — {where}, torch {env.get('torch', '?')}, transformers {env.get('transformers', '?')}; "
+              f"ratios are to sdpa in the same run")  # fmt: skip
+    table = markdown_table(rows, header)
+    results = {"title": title, "environment": env, "backends": backends, "seq_lens": seq_lens, "rows": rows}
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out_dir / "results.md").write_text(table)
+    results["plots"] = [str(p) for p in plot(rows, out_dir, f"{title} ({where})")]
+    results["table"] = table
+    return results

@@ -1,0 +1,88 @@
+#!/usr/bin/env python
+"""Compare attention backends on the same LoRA fine-tune, each backend in its own process.
+
+    python scripts/compare_backends.py                    # embedded tiny Llama; on CPU: 3 steps at 256 tokens
+    python scripts/compare_backends.py --model-preset llama-3.2-1b --seq-lens 2048,8192,32768 \\
+        --max-steps 8 --gradient-checkpointing
+
+Writes OUTPUT_DIR/results.json, results.md (a Markdown table), loss_curves.png and speed_memory.png.
+An out-of-memory run is a row saying OOM. Options not listed here go unchanged to
+scripts/finetune_lora.py (e.g. --packing, --dtype, --lora-r, --data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+SCRIPTS = Path(__file__).resolve().parent
+BACKENDS = ("hf_flash", "sdpa", "eager", "flex_attention", "flash_attention_2")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _backend_list(text: str) -> list[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [n for n in names if n not in BACKENDS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown backend(s) {', '.join(unknown) or text!r}; choose from {', '.join(BACKENDS)}")
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--backends", type=_backend_list,
+                   help="comma-separated (default: eager,sdpa,hf_flash, plus flex_attention and\n"
+                   "flash_attention_2 when they can run here)")  # fmt: skip
+    p.add_argument("--seq-lens", type=_int_list, help="comma-separated (default: 2048,8192 on a GPU, 256 on CPU)")
+    p.add_argument("--max-steps", type=int, help="steps per run (default: 8 on a GPU, 3 on CPU)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--model", help="local model folder (default: the embedded tiny Llama)")
+    p.add_argument("--model-preset", help="random-init real shape, e.g. llama-3.2-1b")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup-steps", type=int, default=1, help="first steps left out of the medians (default 1)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per run (default 1800)")
+    p.add_argument("--output-dir", default="outputs/compare")
+    return p
+
+
+def main(argv=None) -> int:
+    args, passthrough = build_parser().parse_known_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.path.insert(0, str(SCRIPTS.parent))
+    import torch
+
+    from hf_flash.training.compare import compare, default_backends
+
+    cuda = torch.cuda.is_available()
+    backends = args.backends or default_backends(cuda)
+    seq_lens = args.seq_lens or ([2048, 8192] if cuda else [256])
+    max_steps = args.max_steps or (8 if cuda else 3)
+    extra = ["--max-steps", str(max_steps), "--batch-size", str(args.batch_size), "--seed", str(args.seed)]
+    if args.model:
+        extra += ["--model", args.model]
+    if args.model_preset:
+        extra += ["--model-preset", args.model_preset]
+    model = args.model_preset or args.model or "embedded tiny-llama"
+    title = f"LoRA fine-tune, {model}, batch {args.batch_size}, {max_steps} steps"
+    results = compare([sys.executable, str(SCRIPTS / "finetune_lora.py")], backends, seq_lens,
+                      Path(args.output_dir), extra + passthrough, args.timeout, args.warmup_steps, title)  # fmt: skip
+    print()
+    print(results["table"])
+    print(f"wrote {args.output_dir}/results.json, results.md, " + ", ".join(Path(p).name for p in results["plots"]))
+    failed = [r for r in results["rows"] if r["status"] in ("error", "timeout")]
+    return 1 if failed and len(failed) == len(results["rows"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
