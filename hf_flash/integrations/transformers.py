@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_flash import fallback
+from hf_flash.ops import flash_attn_func, flash_attn_varlen_func
 from hf_flash.integrations.padding import mask_to_varlen, pad, varlen_from_position_ids
 
 __all__ = ["NAME", "hf_flash_attention_forward", "hf_flash_mask", "is_registered", "register"]
@@ -58,14 +59,6 @@ _IGNORED_KWARGS = frozenset(
 _HANDLED_KWARGS = frozenset(
     {"position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "deterministic"}
 )
-
-
-def _kernels():
-    """(flash_attn_func, flash_attn_varlen_func) of hf_flash.ops, imported on first use so that
-    ``import hf_flash`` stays cheap and the ops package never depends on this one."""
-    from hf_flash.ops import flash_attn_func, flash_attn_varlen_func
-
-    return flash_attn_func, flash_attn_varlen_func
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,6 +249,8 @@ def hf_flash_attention_forward(
 
     reason = _unsupported_reason(attention_mask, s_aux, kwargs)
     if reason is not None:
+        # eager functions take ``scaling`` as required (None would fail there)
+        scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
         call_kwargs = dict(kwargs, dropout=dropout, scaling=scaling, sliding_window=sliding_window,
                            softcap=softcap, is_causal=is_causal, s_aux=s_aux)  # fmt: skip
         plan_args = lambda: (*_route(batch, len_q, len_k, attention_mask, kwargs), causal, window)  # noqa: E731
@@ -271,7 +266,7 @@ def hf_flash_attention_forward(
 
     unavailable = fallback.kernel_unavailable_reason(q)
     if unavailable is None:
-        attn_func, varlen_func = _kernels()
+        attn_func, varlen_func = flash_attn_func, flash_attn_varlen_func
     else:
         fallback.report_fallback(unavailable)
         attn_func, varlen_func = fallback.sdpa_flash_attn_func, fallback.sdpa_flash_attn_varlen_func
@@ -385,7 +380,6 @@ def _teach_flash_loader() -> bool:
     @functools.wraps(original)
     def load_and_register_attn_kernel(attn_implementation, *args, **kwargs):
         if isinstance(attn_implementation, str) and attn_implementation.split("|")[-1] == NAME:
-            flash_attn_func, flash_attn_varlen_func = _kernels()
             # no register call here: our attention and mask functions are already registered
             return types.SimpleNamespace(flash_attn_func=flash_attn_func, flash_attn_varlen_func=flash_attn_varlen_func)
         return original(attn_implementation, *args, **kwargs)
