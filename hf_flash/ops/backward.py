@@ -28,7 +28,6 @@ import triton.language as tl
 
 from hf_flash.ops.common import (
     strides_blh as _strides,
-    LOG2E,
     dropout_keep,
     head_ptr,
     kv_segments,
@@ -73,9 +72,9 @@ def _scores_and_grad_factor(s, sm_scale, softcap, HAS_SOFTCAP: tl.constexpr):
     """Raw ``q.k`` products -> (base-2 scores, d(score)/d(scaled q.k) or 1.0)."""
     if HAS_SOFTCAP:
         t = tanh(s * (sm_scale / softcap))
-        return (softcap * LOG2E) * t, 1.0 - t * t
+        return (softcap * 1.4426950408889634) * t, 1.0 - t * t
     else:
-        return s * (sm_scale * LOG2E), 1.0
+        return s * (sm_scale * 1.4426950408889634), 1.0
 
 
 @triton.jit
@@ -101,7 +100,7 @@ def _bwd_dkdv_inner(
         q = tl.load(q_head + rows * stride_qm + offs_d[None, :], mask=q_ok, other=0.0)  # [BM, BD]
         do = tl.load(do_head + rows * stride_dom + offs_d[None, :], mask=q_ok, other=0.0)  # [BM, BD]
         # rows past the sequence end get lse = +inf, so their recomputed p is 0
-        lse2 = tl.load(lse_head + offs_m, mask=row_ok, other=float("inf")) * LOG2E  # [BM]
+        lse2 = tl.load(lse_head + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634  # [BM]
         delta = tl.load(delta_head + offs_m, mask=row_ok, other=0.0)  # [BM]
         # -- recompute P^T for this tile
         sT, dcap = _scores_and_grad_factor(tl.dot(k, tl.trans(q)), sm_scale, softcap, HAS_SOFTCAP)  # [BN, BM]
@@ -257,7 +256,7 @@ def _bwd_dq(
     do = tl.load(head_ptr(dO, off_b64, stride_dob, off_h, stride_doh, q_start, stride_dom) + rows * stride_dom
                  + offs_d[None, :], mask=q_ok, other=0.0)
     lse_off = off_b64 * stride_lb + off_h.to(tl.int64) * stride_lh + q_start
-    lse2 = tl.load(Lse + lse_off + offs_m, mask=row_ok, other=float("inf")) * LOG2E
+    lse2 = tl.load(Lse + lse_off + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
     delta = tl.load(Delta + lse_off + offs_m, mask=row_ok, other=0.0)
     k_head = head_ptr(K, off_b64, stride_kb, off_hk, stride_kh, k_start, stride_kn)
     v_head = head_ptr(V, off_b64, stride_vb, off_hk, stride_vh, k_start, stride_vn)
@@ -287,9 +286,10 @@ def _bwd_dq(
 
 
 def flash_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-              softmax_scale, window, softcap, dropout_p, seed, config):
+              softmax_scale, window, softcap, dropout_p, seed, config_dkdv, config_dq):
     """Launch the three backward kernels. Tensors as in ``forward.flash_fwd``; ``do`` like ``out``;
-    dq, dk, dv like q, k, v (written)."""
+    dq, dk, dv like q, k, v (written). ``config_dkdv``: key blocks of ``block_n`` walking query blocks of
+    ``block_m``; ``config_dq``: query blocks of ``block_m`` walking key blocks of ``block_n``."""
     varlen = cu_seqlens_q is not None
     if varlen:
         batch = cu_seqlens_q.numel() - 1
@@ -301,26 +301,27 @@ def flash_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max
         ls = lse.stride()[:2]
         cu_seqlens_q = cu_seqlens_k = lse  # placeholders, never read when IS_VARLEN is off
     delta = torch.empty_like(lse)
-    flags = dict(HEAD_DIM=head_dim, BLOCK_D=config.block_d, IS_VARLEN=varlen)
+    flags = dict(HEAD_DIM=head_dim, BLOCK_D=config_dq.block_d, IS_VARLEN=varlen)
     masks = dict(MASK_LEFT=window[0] >= 0, MASK_RIGHT=window[1] >= 0, HAS_SOFTCAP=softcap > 0,
                  HAS_DROPOUT=dropout_p > 0)
-    bm, bn = config.block_m, config.block_n
-    _bwd_delta[(triton.cdiv(max_seqlen_q, bm), batch * n_heads)](
+    _bwd_delta[(triton.cdiv(max_seqlen_q, 64), batch * n_heads)](
         out, do, delta, cu_seqlens_q, *_strides(out, varlen), *_strides(do, varlen), *ls,
-        max_seqlen_q, n_heads, BLOCK_M=bm, **flags,
+        max_seqlen_q, n_heads, BLOCK_M=64, **flags,
     )
     common = (softmax_scale, softcap, window[0], window[1], dropout_p, seed)
-    _bwd_dkdv[(triton.cdiv(max_seqlen_k, bn), batch * n_heads_k)](
+    c = config_dkdv
+    _bwd_dkdv[(triton.cdiv(max_seqlen_k, c.block_n), batch * n_heads_k)](
         q, k, v, do, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k,
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
         *_strides(dk, varlen), *_strides(dv, varlen), *ls,
         max_seqlen_q, max_seqlen_k, n_heads_k, n_heads // n_heads_k, *common,
-        BLOCK_M=bm, BLOCK_N=bn, **flags, **masks, num_warps=config.num_warps, num_stages=config.num_stages,
+        BLOCK_M=c.block_m, BLOCK_N=c.block_n, **flags, **masks, num_warps=c.num_warps, num_stages=c.num_stages,
     )
-    _bwd_dq[(triton.cdiv(max_seqlen_q, bm), batch * n_heads)](
+    c = config_dq
+    _bwd_dq[(triton.cdiv(max_seqlen_q, c.block_m), batch * n_heads)](
         q, k, v, do, lse, delta, dq, cu_seqlens_q, cu_seqlens_k,
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
         *_strides(dq, varlen), *ls,
         max_seqlen_q, max_seqlen_k, n_heads, n_heads // n_heads_k, *common,
-        BLOCK_M=bm, BLOCK_N=bn, **flags, **masks, num_warps=config.num_warps, num_stages=config.num_stages,
+        BLOCK_M=c.block_m, BLOCK_N=c.block_n, **flags, **masks, num_warps=c.num_warps, num_stages=c.num_stages,
     )

@@ -13,8 +13,8 @@ Only blocks that straddle a mask edge or the end of a sequence pay for building 
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+# log2(e) and ln(2) are written as literals inside the kernels: a module-level float is not allowed
+# in compiled kernels, and a tl.constexpr global mis-evaluates under the interpreter (Triton 3.9).
 
 
 @triton.jit

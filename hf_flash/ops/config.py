@@ -65,14 +65,14 @@ def forward_config(head_dim: int, device: torch.device) -> KernelConfig:
     return KernelConfig(64, 32, block_d, num_warps=4, num_stages=2)
 
 
-def backward_config(head_dim: int, device: torch.device) -> KernelConfig:
-    """One config for both backward kernels: dK/dV (a key block, looping over query blocks of size
-    ``block_m``) and dQ (a query block of size ``block_m``, looping over key blocks of size ``block_n``)."""
+def backward_config(head_dim: int, device: torch.device) -> tuple[KernelConfig, KernelConfig]:
+    """Configs of the two backward kernels: dK/dV (key blocks of ``block_n`` walking query blocks of
+    ``block_m``) and dQ (query blocks of ``block_m`` walking key blocks of ``block_n``)."""
     block_d = block_d_for(head_dim)
     if device.type != "cuda":
-        return KernelConfig(16, 16, block_d)
+        return KernelConfig(16, 16, block_d), KernelConfig(16, 16, block_d)
     if block_d <= 64:
-        return KernelConfig(64, 64, block_d, num_warps=4, num_stages=3)
+        return KernelConfig(64, 64, block_d, 4, 3), KernelConfig(64, 64, block_d, 4, 3)
     if block_d <= 128:
-        return KernelConfig(64, 64, block_d, num_warps=8, num_stages=2)
-    return KernelConfig(32, 32, block_d, num_warps=4, num_stages=1)
+        return KernelConfig(64, 64, block_d, 8, 2), KernelConfig(64, 64, block_d, 8, 2)
+    return KernelConfig(32, 32, block_d, 4, 1), KernelConfig(32, 32, block_d, 4, 1)

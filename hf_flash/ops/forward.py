@@ -12,7 +12,7 @@ Scores are kept in base 2: ``softmax_scale * log2(e)`` is folded into one multip
 import triton
 import triton.language as tl
 
-from hf_flash.ops.common import LN2, LOG2E, dropout_keep, head_ptr, kv_segments, seq_bounds, strides_blh, tanh, visible
+from hf_flash.ops.common import dropout_keep, head_ptr, kv_segments, seq_bounds, strides_blh, tanh, visible
 
 
 @triton.jit
@@ -38,9 +38,9 @@ def _fwd_inner(
         # -- scores of this tile, in base-2 units
         s = tl.dot(q, tl.trans(k))  # [BM, BN] fp32
         if HAS_SOFTCAP:
-            s = (softcap * LOG2E) * tanh(s * (sm_scale / softcap))
+            s = (softcap * 1.4426950408889634) * tanh(s * (sm_scale / softcap))
         else:
-            s = s * (sm_scale * LOG2E)
+            s = s * (sm_scale * 1.4426950408889634)
         if MASK:
             ok = visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right, MASK_LEFT, MASK_RIGHT)
             s = tl.where(ok, s, float("-inf"))
@@ -136,7 +136,7 @@ def _fwd_kernel(
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
-    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
     tl.store(o_head + rows * stride_om + offs_d[None, :], out.to(Out.dtype.element_ty), mask=q_ok)
     lse_ptr = Lse + off_b64 * stride_lb + off_h.to(tl.int64) * stride_lh + q_start + offs_m
     tl.store(lse_ptr, lse, mask=offs_m < seqlen_q)

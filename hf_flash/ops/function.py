@@ -76,9 +76,10 @@ def _bwd_op(
         dk.zero_()
         dv.zero_()
     elif k.numel() > 0:
-        config = backward_config(q.shape[-1], q.device)
+        config_dkdv, config_dq = backward_config(q.shape[-1], q.device)
         flash_bwd(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                  softmax_scale, (window_left, window_right), softcap, dropout_p, int(rng_state[0]), config)
+                  softmax_scale, (window_left, window_right), softcap, dropout_p, int(rng_state[0]),
+                  config_dkdv, config_dq)
     else:
         dq.zero_()
     return dq, dk, dv
