@@ -74,6 +74,13 @@ def _prepare_environment(args) -> None:
     # Must happen before anything imports hf_flash, transformers or huggingface_hub.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing can be downloaded here: fail fast, locally
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.attn == "hf_flash" and "TRITON_INTERPRET" not in os.environ:
+        import torch
+
+        if args.device == "cpu" or not torch.cuda.is_available():
+            # Without a GPU the Triton kernels can only run in Triton's (slow) interpreter, which is
+            # chosen when hf_flash is imported. fp32 calls still go to hf_flash's PyTorch fallback.
+            os.environ["TRITON_INTERPRET"] = "1"
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 

@@ -79,7 +79,7 @@ def run_one(finetune_cmd: list[str], backend: str, seq_len: int, run_dir: Path, 
     else:
         row["status"] = "ok"
     if summary:
-        row["environment"] = summary.get("environment")
+        row["environment"], row["dtype"] = summary.get("environment"), summary.get("dtype")
     fallback = _fallback_note((run_dir / "log.txt").read_text(errors="replace"))
     if fallback:
         row["note"] = fallback
@@ -208,8 +208,12 @@ def compare(finetune_cmd: list[str], backends: list[str], seq_lens: list[int], o
     add_relative_columns(rows)
     env = next((r["environment"] for r in rows if r.get("environment")), {}) or {}
     where = env.get("gpu") or env.get("device", "?")
+    dtype = next((r["dtype"] for r in rows if r.get("dtype")), None)
+    title += f", {dtype}" if dtype else ""
     header = (f"{title} — {where}, torch {env.get('torch', '?')}, transformers {env.get('transformers', '?')}; "
               f"ratios are to sdpa in the same run")  # fmt: skip
+    if env.get("device") == "cpu" and "hf_flash" in backends:
+        header += "; on CPU hf_flash runs in Triton's interpreter: its speed means nothing here, its loss does"
     table = markdown_table(rows, header)
     results = {"title": title, "environment": env, "backends": backends, "seq_lens": seq_lens, "rows": rows}
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import warnings
 
 # Pure-Python modules with substantial, prose-like docstrings and no import-time side effects.
 STDLIB_MODULES = (
@@ -62,7 +63,9 @@ def stdlib_documents(max_docs: int | None = None) -> list[dict[str, str]]:
         except ImportError:  # a trimmed Python build (e.g. without sqlite3) still gives the rest
             continue
         for qualname, obj in _documented_objects(module):
-            doc = inspect.getdoc(obj)
+            with warnings.catch_warnings():  # reading deprecated names (typing.io, ...) warns
+                warnings.simplefilter("ignore", DeprecationWarning)
+                doc = inspect.getdoc(obj)
             if not doc or len(doc) < MIN_CHARS or doc in seen:
                 continue
             seen.add(doc)

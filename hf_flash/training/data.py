@@ -26,10 +26,14 @@ def _data_files(path: Path) -> tuple[str, list[str]]:
     """The `datasets` builder name and the files for a file or a folder."""
     if path.is_file():
         files = [path]
+    elif not path.is_dir():
+        raise UsageError(f"--data {path}: not a regular file or folder")
     else:
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FORMATS)
         if not files:
             raise UsageError(f"--data {path}: the folder has no {'/'.join(sorted(FORMATS))} files")
+    if all(p.stat().st_size == 0 for p in files):
+        raise UsageError(f"--data {path} is empty; pass a file with at least one row")
     kinds = {FORMATS.get(p.suffix.lower()) for p in files}
     if None in kinds:
         raise UsageError(f"--data {path}: unsupported file type; use one of {', '.join(sorted(FORMATS))}")
@@ -57,6 +61,8 @@ def load_records(data: str | None, max_docs: int | None = None):
         rows = datasets.load_dataset(builder, data_files=files, split="train")
     except Exception as exc:  # datasets raises many types; all mean the file could not be parsed
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "corresponds to no data" in first:  # datasets' words for a file with a header and no rows
+            raise UsageError(f"--data {data} is empty; pass a file with at least one row") from None
         raise UsageError(f"--data {data}: could not read it as {builder}: {first}") from None
     if max_docs is not None:
         rows = rows.select(range(min(max_docs, len(rows))))

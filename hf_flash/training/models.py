@@ -6,7 +6,6 @@ Nothing is ever downloaded: a Hugging Face id is looked up in the local cache on
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -166,17 +165,11 @@ def resolve_dtype(name: str, device: str):
     return dtypes[name]
 
 
-@contextlib.contextmanager
-def _default_dtype(dtype):
-    # from_config's dtype keyword changed name across Transformers versions; the default dtype did not.
-    import torch
+def _dtype_kwarg(dtype) -> dict:
+    # Transformers 5 names the keyword `dtype`; 4.x reads `torch_dtype` in from_config.
+    import transformers
 
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
+    return {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": dtype}
 
 
 def load_tokenizer(spec: ModelSpec):
@@ -196,14 +189,14 @@ def build_model(spec: ModelSpec, attn: str, dtype, device: str, seed: int):
 
     if spec.weights is not None:
         model = AutoModelForCausalLM.from_pretrained(
-            spec.weights, attn_implementation=attn, dtype=dtype, local_files_only=True
+            spec.weights, attn_implementation=attn, local_files_only=True, **_dtype_kwarg(dtype)
         )
         model.to(device)
     else:
         torch.manual_seed(seed)
         # Initialise directly on the device and in the final dtype: an 8B model never exists in fp32.
-        with torch.device(device), _default_dtype(dtype):
-            model = AutoModelForCausalLM.from_config(spec.config, attn_implementation=attn)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(spec.config, attn_implementation=attn, **_dtype_kwarg(dtype))
     model.config.use_cache = False  # training never reuses keys/values; the cache would only cost memory
     return model
 

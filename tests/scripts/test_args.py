@@ -1,0 +1,92 @@
+"""Argument parsing of both scripts, and the one-line errors for bad input (nothing is trained)."""
+
+import json
+
+import pytest
+
+
+def test_finetune_defaults(finetune_script):
+    args = finetune_script.build_parser().parse_args([])
+    assert args.attn == "hf_flash"
+    assert (args.model, args.model_preset, args.data) == (None, None, None)
+    assert (args.seq_len, args.batch_size, args.grad_accum, args.lora_r) == (512, 1, 1, 16)
+    assert args.target_modules == "all-linear" and args.save_adapter and not args.packing and not args.resume
+
+
+def test_finetune_options_reach_the_config(finetune_script):
+    from hf_flash.training.loop import FinetuneConfig
+
+    argv = ["--attn", "eager", "--packing", "--gradient-checkpointing", "--dtype", "fp32", "--lora-r", "4",
+            "--target-modules", "q_proj,v_proj", "--max-steps", "7", "--resume", "--no-save-adapter"]
+    cfg = FinetuneConfig(**vars(finetune_script.build_parser().parse_args(argv)))
+    assert (cfg.attn, cfg.packing, cfg.gradient_checkpointing, cfg.dtype) == ("eager", True, True, "fp32")
+    assert (cfg.lora_r, cfg.target_modules, cfg.max_steps, cfg.resume, cfg.save_adapter) == (
+        4, "q_proj,v_proj", 7, True, False)
+
+
+def test_unknown_backend_is_rejected_by_the_parser(finetune_script, capsys):
+    with pytest.raises(SystemExit) as exc:
+        finetune_script.build_parser().parse_args(["--attn", "flash"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'flash'" in capsys.readouterr().err
+
+
+def test_compare_parser(compare_script):
+    args, rest = compare_script.build_parser().parse_known_args(
+        ["--seq-lens", "2048,8192", "--backends", "sdpa,hf_flash", "--packing", "--lora-r", "8"])
+    assert args.seq_lens == [2048, 8192] and args.backends == ["sdpa", "hf_flash"]
+    assert rest == ["--packing", "--lora-r", "8"]  # passed through to finetune_lora.py
+    defaults = compare_script.build_parser().parse_args([])
+    assert defaults.backends is None and defaults.seq_lens is None  # chosen from the device at run time
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seq-lens", "2k"], "expected comma-separated integers"),
+    (["--seq-lens", "0"], "expected positive integers"),
+    (["--backends", "sdpa,xformers"], "unknown backend(s) xformers"),
+])  # fmt: skip
+def test_compare_parser_errors(compare_script, capsys, argv, message):
+    with pytest.raises(SystemExit):
+        compare_script.build_parser().parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def _one_line_error(run_finetune, *argv):
+    code, _, err, _ = run_finetune(*argv)
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1, err
+    return lines[0]
+
+
+def test_missing_data_file(run_finetune, tmp_path):
+    assert "no such file or folder" in _one_line_error(run_finetune, "--data", str(tmp_path / "nope.jsonl"))
+
+
+def test_empty_dataset(run_finetune, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    line = _one_line_error(run_finetune, "--data", str(tmp_path / "empty.jsonl"))
+    assert "empty" in line
+
+
+def test_unknown_text_field(run_finetune, tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"body": "some words " * 20}) + "\n")
+    line = _one_line_error(run_finetune, "--data", str(path), "--text-field", "content")
+    assert "--text-field 'content' is not a column" in line and "body" in line
+    assert "no text column" in _one_line_error(run_finetune, "--data", str(path))
+
+
+def test_seq_len_above_model_limit(run_finetune):
+    line = _one_line_error(run_finetune, "--seq-len", "100000")
+    assert "above the model's max_position_embeddings (8192)" in line
+
+
+def test_missing_model_says_nothing_can_be_downloaded(run_finetune, tmp_path):
+    line = _one_line_error(run_finetune, "--model", "some-org/not-in-the-cache")
+    assert "nothing can be downloaded here" in line
+    assert "no such folder" in _one_line_error(run_finetune, "--model", str(tmp_path / "missing"))
+
+
+def test_unknown_preset_and_bad_target_modules(run_finetune):
+    assert "llama-3.2-1b" in _one_line_error(run_finetune, "--model-preset", "gpt-5")
+    assert "--target-modules" in _one_line_error(run_finetune, "--target-modules", "no_such_proj", "--max-steps", "1")

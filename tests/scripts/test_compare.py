@@ -1,0 +1,68 @@
+"""compare_backends: a 3-step CPU run end to end, and the rows for failures (OOM, bad input, timeout)."""
+
+import json
+import sys
+
+import pytest
+
+from hf_flash.training.compare import add_relative_columns, markdown_table, run_one
+
+
+def test_three_step_cpu_comparison(compare_script, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    code = compare_script.main(["--backends", "eager,sdpa", "--seq-lens", "64", "--max-steps", "3",
+                                "--dtype", "fp32", "--max-docs", "40", "--output-dir", str(out)])  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| eager | 64 | ok |" in printed and "| sdpa | 64 | ok |" in printed
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["backend"]: r for r in results["rows"]}
+    assert set(rows) == {"eager", "sdpa"} and all(r["status"] == "ok" and r["steps"] == 3 for r in rows.values())
+    assert rows["sdpa"]["tokens_per_s_vs_sdpa"] == pytest.approx(1.0)
+    assert rows["sdpa"]["max_abs_loss_diff_vs_eager"] < 1e-4  # same model, seed and data: same losses
+    assert rows["eager"]["max_abs_loss_diff_vs_eager"] == 0
+    for name in ("results.md", "loss_curves.png", "speed_memory.png"):
+        assert (out / name).stat().st_size > 0
+    assert "--max-docs 40" in rows["eager"]["command"]  # unknown options reach finetune_lora.py
+
+
+def _fake(tmp_path, code: int, text: str = "") -> list[str]:
+    script = tmp_path / f"fake{code}.py"
+    script.write_text(f"import sys\nprint({text!r}, file=sys.stderr)\nsys.exit({code})\n")
+    return [sys.executable, str(script)]
+
+
+@pytest.mark.parametrize("code, text, status", [
+    (3, "out of memory at --seq-len 64", "oom"),
+    (2, "error: --attn flash_attention_2 cannot run here: needs the flash-attn package", "unavailable"),
+    (1, "RuntimeError: something broke", "error"),
+])  # fmt: skip
+def test_failed_runs_become_rows(tmp_path, code, text, status):
+    row = run_one(_fake(tmp_path, code, text), "sdpa", 64, tmp_path / "run", [], timeout=30, warmup=1)
+    assert row["status"] == status and row["steps"] == 0
+    if status != "oom":
+        assert row["error"] == text
+
+
+def test_timeout_becomes_a_row(tmp_path):
+    script = tmp_path / "slow.py"
+    script.write_text("import time\ntime.sleep(30)\n")
+    row = run_one([sys.executable, str(script)], "eager", 64, tmp_path / "run", [], timeout=1, warmup=1)
+    assert row["status"] == "timeout"
+
+
+def test_relative_columns_and_table_with_an_oom_row():
+    rows = [
+        {"backend": "eager", "seq_len": 8, "status": "oom", "error": "CUDA out of memory", "losses": []},
+        {"backend": "sdpa", "seq_len": 8, "status": "ok", "median_tokens_per_s": 100.0, "median_step_time_s": 2.0,
+         "peak_mem_gib": 4.0, "final_loss": 2.0, "losses": [3.0, 2.0]},
+        {"backend": "hf_flash", "seq_len": 8, "status": "ok", "median_tokens_per_s": 125.0,
+         "median_step_time_s": 1.6, "peak_mem_gib": 3.0, "final_loss": 2.0, "losses": [3.0, 2.0]},
+    ]  # fmt: skip
+    add_relative_columns(rows)
+    assert rows[2]["tokens_per_s_vs_sdpa"] == pytest.approx(1.25) and rows[2]["peak_mem_vs_sdpa"] == 0.75
+    assert rows[2]["max_abs_loss_diff_vs_eager"] is None  # eager did not run: nothing to compare with
+    table = markdown_table(rows)
+    assert "| eager | 8 | OOM: CUDA out of memory | — |" in table and "| 1.25× |" in table
+    cells = {line.count("|") - line.count("\\|") for line in table.splitlines()}
+    assert cells == {11}  # ten columns on every line: escaped pipes in the header do not split cells
