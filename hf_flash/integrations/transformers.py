@@ -108,7 +108,11 @@ def _route(batch: int, len_q: int, len_k: int, attention_mask, kwargs) -> tuple[
     position_ids = kwargs.get("position_ids")
     # 3D position ids (multimodal RoPE) are not sequence positions: never read them as packing
     if isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2 and position_ids.shape[-1] == len_q:
-        if len_q == len_k and len_q > 1:
+        # Finding packed rows reads the positions (a sync, a graph break under torch.compile). Packed
+        # batches have one row (DataCollatorWithFlattening, TRL padding_free), so compiled multi-row
+        # batches skip the check and keep one graph, as Transformers' own flash path does.
+        maybe_packed = batch == 1 or not torch.compiler.is_compiling()
+        if len_q == len_k and len_q > 1 and maybe_packed:
             packed = varlen_from_position_ids(position_ids.expand(batch, -1))
             if packed is not None:
                 cu, max_len = packed
