@@ -53,26 +53,29 @@ def block_d_for(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def forward_config(head_dim: int, device: torch.device) -> KernelConfig:
+# Tile configs (block_m, block_n, num_warps, num_stages) measured on an H100 (bf16, L = 4k, 16k tokens,
+# torch 2.11 + Triton 3.6), best of a sweep per head-dim class; see README's benchmark section.
+_FWD = {64: (128, 64, 8, 3), 128: (128, 128, 8, 3), 256: (64, 64, 4, 3)}
+_DKDV = {64: (32, 64, 4, 3), 128: (64, 128, 8, 3), 256: (32, 64, 4, 3)}
+_DQ = {64: (64, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 4, 3)}
+# the interpreter's cost grows with the tile; small tiles also exercise the block loops in CPU tests
+_INTERPRETER = (16, 16, 4, 1)
+
+
+def _pick(table: dict, head_dim: int, device: torch.device) -> KernelConfig:
     block_d = block_d_for(head_dim)
     if device.type != "cuda":
-        # the interpreter's cost grows with the tile; small tiles also exercise the block loops
-        return KernelConfig(16, 16, block_d)
-    if block_d <= 64:
-        return KernelConfig(128, 64, block_d, num_warps=4, num_stages=3)
-    if block_d <= 128:
-        return KernelConfig(128, 64, block_d, num_warps=8, num_stages=3)
-    return KernelConfig(64, 32, block_d, num_warps=4, num_stages=2)
+        return KernelConfig(*_INTERPRETER[:2], block_d, *_INTERPRETER[2:])
+    head_class = min(c for c in table if c >= block_d)
+    block_m, block_n, num_warps, num_stages = table[head_class]
+    return KernelConfig(block_m, block_n, block_d, num_warps, num_stages)
+
+
+def forward_config(head_dim: int, device: torch.device) -> KernelConfig:
+    return _pick(_FWD, head_dim, device)
 
 
 def backward_config(head_dim: int, device: torch.device) -> tuple[KernelConfig, KernelConfig]:
     """Configs of the two backward kernels: dK/dV (key blocks of ``block_n`` walking query blocks of
     ``block_m``) and dQ (query blocks of ``block_m`` walking key blocks of ``block_n``)."""
-    block_d = block_d_for(head_dim)
-    if device.type != "cuda":
-        return KernelConfig(16, 16, block_d), KernelConfig(16, 16, block_d)
-    if block_d <= 64:
-        return KernelConfig(64, 64, block_d, 4, 3), KernelConfig(64, 64, block_d, 4, 3)
-    if block_d <= 128:
-        return KernelConfig(64, 64, block_d, 8, 2), KernelConfig(64, 64, block_d, 8, 2)
-    return KernelConfig(32, 32, block_d, 4, 1), KernelConfig(32, 32, block_d, 4, 1)
+    return _pick(_DKDV, head_dim, device), _pick(_DQ, head_dim, device)
