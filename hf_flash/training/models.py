@@ -210,3 +210,24 @@ def add_lora(model, r: int, alpha: float, dropout: float, target_modules: str):
         return get_peft_model(model, config)
     except ValueError as exc:  # peft names the modules it could not find; keep its words, on one line
         raise UsageError(f"--target-modules {target_modules}: {' '.join(str(exc).split())}") from None
+
+
+def embedded_checkpoint(folder: str | os.PathLike | None = None, seed: int = 0) -> str:
+    """Save the embedded tiny Llama (random init, fixed seed) with its tokenizer as an ordinary
+    checkpoint folder and return its path, so examples can call ``from_pretrained`` as users do.
+
+    Default folder: ``$HF_FLASH_CACHE`` or ``~/.cache/hf_flash``, then ``tiny-llama-seed{seed}``;
+    an existing checkpoint there is reused.
+    """
+    import torch
+
+    root = Path(folder or os.environ.get("HF_FLASH_CACHE", Path.home() / ".cache" / "hf_flash"))
+    path = root / f"tiny-llama-seed{seed}" if folder is None else root
+    if (path / "config.json").exists() and _has_weights(path):
+        return str(path)
+    spec = resolve_model()
+    model = build_model(spec, "sdpa", torch.float32, "cpu", seed)
+    model.config.use_cache = True  # a checkpoint for generation too
+    model.save_pretrained(path)
+    load_tokenizer(spec).save_pretrained(path)
+    return str(path)
