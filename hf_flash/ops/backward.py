@@ -79,13 +79,14 @@ def _scores_and_grad_factor(s, sm_scale, softcap, HAS_SOFTCAP: tl.constexpr):
 
 @triton.jit
 def _bwd_dkdv_inner(
-    dk, dv, k, v, q_head, do_head, lse_head, delta_head, stride_qm, stride_dom,
+    dk, dv, k, v, q_head, do_head, lse_head, delta_head, dq_head, stride_qm, stride_dom, stride_dqm,
     offs_n, offs_d, start, end, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right,
     dropout_p, seed,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr, MASK_LEFT: tl.constexpr,
-    MASK_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    MASK_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
-    """Add the contribution of query blocks ``[start, end)`` to dk, dv ``[BLOCK_N, BLOCK_D]`` (fp32).
+    """Add the contribution of query blocks ``[start, end)`` to dk, dv ``[BLOCK_N, BLOCK_D]`` (fp32), and
+    with ``ATOMIC_DQ`` add ``dS K`` into the fp32 dQ accumulator at ``dq_head``.
     Tiles are kept transposed (keys x queries) so the products land in dK/dV's orientation."""
     d_ok = offs_d[None, :] < HEAD_DIM
     for start_m in range(start, end, BLOCK_M):
@@ -118,24 +119,29 @@ def _bwd_dkdv_inner(
         else:
             dv = tl.dot(pT.to(do.dtype), do, dv)
         # -- dS^T = P^T * (dP^T - delta), through the softcap's derivative ; dK += dS^T Q
-        dsT = pT * (dpT - delta[None, :]) * dcap
-        dk = tl.dot(dsT.to(q.dtype), q, dk)
+        dsT = (pT * (dpT - delta[None, :]) * dcap).to(q.dtype)
+        dk = tl.dot(dsT, q, dk)
+        if ATOMIC_DQ:
+            # the order of these fp32 additions varies run to run: not bitwise reproducible
+            dq_part = tl.dot(tl.trans(dsT), k) * sm_scale  # [BM, BD]
+            tl.atomic_add(dq_head + rows * stride_dqm + offs_d[None, :], dq_part, mask=q_ok, sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def _bwd_dkdv(
-    Q, K, V, dO, Lse, Delta, dK, dV, cu_seqlens_q, cu_seqlens_k,
+    Q, K, V, dO, Lse, Delta, dK, dV, DQacc, cu_seqlens_q, cu_seqlens_k,
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     stride_dob, stride_dom, stride_doh, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
-    stride_lb, stride_lh,
+    stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh,
     seqlen_q_arg, seqlen_k_arg, n_heads_k, n_groups,
     sm_scale, softcap, window_left, window_right, dropout_p, seed,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_VARLEN: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
-    """Grid ``(cdiv(max_seqlen_k, BLOCK_N), B * Hk)``. dK/dV like K/V; Lse/Delta as in the forward."""
+    """Grid ``(cdiv(max_seqlen_k, BLOCK_N), B * Hk)``. dK/dV like K/V; Lse/Delta as in the forward;
+    DQacc fp32 like Q, zeroed, only with ``ATOMIC_DQ``."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = pid_bh // n_heads_k
@@ -166,21 +172,25 @@ def _bwd_dkdv(
         q_head = head_ptr(Q, off_b64, stride_qb, off_h, stride_qh, q_start, stride_qm)
         do_head = head_ptr(dO, off_b64, stride_dob, off_h, stride_doh, q_start, stride_dom)
         lse_off = off_b64 * stride_lb + off_h.to(tl.int64) * stride_lh + q_start
+        dq_head = head_ptr(DQacc, off_b64, stride_dqb, off_h, stride_dqh, q_start, stride_dqm)
         seed_h = seed + off_b * (n_heads_k * n_groups) + off_h  # the forward's per-(batch, head) seed
         dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, q_head, do_head, Lse + lse_off, Delta + lse_off, stride_qm, stride_dom,
+            dk, dv, k, v, q_head, do_head, Lse + lse_off, Delta + lse_off, dq_head, stride_qm, stride_dom, stride_dqm,
             offs_n, offs_d, lo, mid_lo, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right,
             dropout_p, seed_h, HEAD_DIM, BLOCK_M, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT,
+            ATOMIC_DQ,
         )
         dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, q_head, do_head, Lse + lse_off, Delta + lse_off, stride_qm, stride_dom,
+            dk, dv, k, v, q_head, do_head, Lse + lse_off, Delta + lse_off, dq_head, stride_qm, stride_dom, stride_dqm,
             offs_n, offs_d, mid_lo, mid_hi, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right,
             dropout_p, seed_h, HEAD_DIM, BLOCK_M, False, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT,
+            ATOMIC_DQ,
         )
         dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, q_head, do_head, Lse + lse_off, Delta + lse_off, stride_qm, stride_dom,
+            dk, dv, k, v, q_head, do_head, Lse + lse_off, Delta + lse_off, dq_head, stride_qm, stride_dom, stride_dqm,
             offs_n, offs_d, mid_hi, hi, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right,
             dropout_p, seed_h, HEAD_DIM, BLOCK_M, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT,
+            ATOMIC_DQ,
         )
     dk = dk * sm_scale
     dk_head = head_ptr(dK, off_b64, stride_dkb, off_hk, stride_dkh, k_start, stride_dkn)
@@ -235,6 +245,8 @@ def _bwd_dq(
 ):
     """Grid ``(cdiv(max_seqlen_q, BLOCK_M), B * H)``. dQ like Q."""
     pid_m = tl.program_id(0)
+    if MASK_RIGHT:
+        pid_m = tl.num_programs(0) - 1 - pid_m  # longest programs first, as in the forward
     pid_bh = tl.program_id(1)
     off_b = pid_bh // n_heads
     off_h = pid_bh % n_heads
@@ -286,10 +298,12 @@ def _bwd_dq(
 
 
 def flash_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-              softmax_scale, window, softcap, dropout_p, seed, config_dkdv, config_dq):
+              softmax_scale, window, softcap, dropout_p, seed, config_dkdv, config_dq, deterministic=True):
     """Launch the three backward kernels. Tensors as in ``forward.flash_fwd``; ``do`` like ``out``;
     dq, dk, dv like q, k, v (written). ``config_dkdv``: key blocks of ``block_n`` walking query blocks of
-    ``block_m``; ``config_dq``: query blocks of ``block_m`` walking key blocks of ``block_n``."""
+    ``block_m``; ``config_dq``: query blocks of ``block_m`` walking key blocks of ``block_n``.
+    ``deterministic=False`` folds dQ into the dK/dV kernel with fp32 atomic additions (fewer matmuls,
+    run-to-run rounding differences); True runs the separate dQ kernel (bitwise reproducible)."""
     varlen = cu_seqlens_q is not None
     if varlen:
         batch = cu_seqlens_q.numel() - 1
@@ -309,14 +323,20 @@ def flash_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max
         max_seqlen_q, n_heads, BLOCK_M=64, **flags,
     )
     common = (softmax_scale, softcap, window[0], window[1], dropout_p, seed)
+    atomic = not deterministic
+    dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if atomic else dq
     c = config_dkdv
     _bwd_dkdv[(triton.cdiv(max_seqlen_k, c.block_n), batch * n_heads_k)](
-        q, k, v, do, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k,
+        q, k, v, do, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_seqlens_k,
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
-        *_strides(dk, varlen), *_strides(dv, varlen), *ls,
+        *_strides(dk, varlen), *_strides(dv, varlen), *_strides(dq_acc, varlen), *ls,
         max_seqlen_q, max_seqlen_k, n_heads_k, n_heads // n_heads_k, *common,
-        BLOCK_M=c.block_m, BLOCK_N=c.block_n, **flags, **masks, num_warps=c.num_warps, num_stages=c.num_stages,
+        BLOCK_M=c.block_m, BLOCK_N=c.block_n, **flags, **masks, ATOMIC_DQ=atomic,
+        num_warps=c.num_warps, num_stages=c.num_stages,
     )
+    if atomic:
+        dq.copy_(dq_acc)
+        return
     c = config_dq
     _bwd_dq[(triton.cdiv(max_seqlen_q, c.block_m), batch * n_heads)](
         q, k, v, do, lse, delta, dq, cu_seqlens_q, cu_seqlens_k,

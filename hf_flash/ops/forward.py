@@ -83,6 +83,10 @@ def _fwd_kernel(
     """Q ``[.., Lq, H, D]``, K/V ``[.., Lk, Hk, D]``, Out like Q, Lse fp32 indexed
     ``b * stride_lb + h * stride_lh + row`` (``[B, H, Lq]``, or ``[H, total_q]`` for varlen)."""
     pid_m = tl.program_id(0)
+    if MASK_RIGHT:
+        # with a causal/right bound, later query blocks see more keys: launch them first so the
+        # grid's tail is made of short programs (better balance across the SMs)
+        pid_m = tl.num_programs(0) - 1 - pid_m
     pid_bh = tl.program_id(1)
     off_b = pid_bh // n_heads
     off_h = pid_bh % n_heads

@@ -36,9 +36,10 @@ def _fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
     max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
-    window_left: int, window_right: int, softcap: float, dropout_p: float,
+    window_left: int, window_right: int, softcap: float, dropout_p: float, deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (out like q, lse fp32, rng_state int64 [1] on the CPU: the dropout seed, 0 without dropout)."""
+    """Returns (out like q, lse fp32, rng_state: int64 [1] on the CPU, the dropout seed or 0).
+    ``deterministic`` is only recorded for the backward."""
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     varlen = cu_seqlens_q is not None
     batch = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
@@ -55,7 +56,7 @@ def _fwd_op(
 
 @_fwd_op.register_fake
 def _fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-              window_left, window_right, softcap, dropout_p):
+              window_left, window_right, softcap, dropout_p, deterministic):
     varlen = cu_seqlens_q is not None
     batch = cu_seqlens_q.shape[0] - 1 if varlen else q.shape[0]
     lse = q.new_empty(_lse_shape(q, varlen, batch), dtype=torch.float32)
@@ -68,6 +69,7 @@ def _bwd_op(
     cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
     max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
     window_left: int, window_right: int, softcap: float, dropout_p: float, rng_state: torch.Tensor,
+    deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dq, dk, dv) shaped like q, k, v."""
     dout, q, k, v, out = (_last_dim_contiguous(t) for t in (dout, q, k, v, out))
@@ -79,7 +81,7 @@ def _bwd_op(
         config_dkdv, config_dq = backward_config(q.shape[-1], q.device)
         flash_bwd(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                   softmax_scale, (window_left, window_right), softcap, dropout_p, int(rng_state[0]),
-                  config_dkdv, config_dq)
+                  config_dkdv, config_dq, deterministic)
     else:
         dq.zero_()
     return dq, dk, dv
@@ -91,7 +93,7 @@ def _bwd_fake(dout, q, k, v, *args):
 
 
 _FWD_ARGS = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "softmax_scale", "window_left",
-             "window_right", "softcap", "dropout_p")
+             "window_right", "softcap", "dropout_p", "deterministic")
 
 
 def _setup_context(ctx, inputs, output):
@@ -107,16 +109,16 @@ def _backward(ctx, dout, dlse, drng):
     a = ctx.args
     dq, dk, dv = _bwd_op(
         dout, q, k, v, out, lse, cu_q, cu_k, a["max_seqlen_q"], a["max_seqlen_k"], a["softmax_scale"],
-        a["window_left"], a["window_right"], a["softcap"], a["dropout_p"], rng_state,
+        a["window_left"], a["window_right"], a["softcap"], a["dropout_p"], rng_state, a["deterministic"],
     )
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("hf_flash::fwd", _backward, setup_context=_setup_context)
 
 
 def _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
-               causal, window_size, softcap, alibi_slopes, return_attn_probs):
+               causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs):
     """Shared tail of the public functions: options, then the op. Returns out or (out, lse, None)."""
     left, right = checks.check_options(dropout_p, softmax_scale, window_size, softcap, alibi_slopes)
     if causal:
@@ -125,7 +127,7 @@ def _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     out, lse, _ = _fwd_op(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, float(softmax_scale),
-        left, right, float(softcap), float(dropout_p),
+        left, right, float(softcap), float(dropout_p), bool(deterministic),
     )
     # flash-attn returns a third tensor (the dropout-masked scores) for testing; it is never built here
     return (out, lse, None) if return_attn_probs else out
@@ -155,8 +157,8 @@ def flash_attn_func(
             -1 leaves that side unbounded. ``causal`` sets ``right = 0``.
         softcap: if > 0, scores become ``softcap * tanh(scores / softcap)`` (scores already scaled).
         alibi_slopes: not supported (raises NotImplementedError).
-        deterministic: accepted for compatibility; the backward never uses atomics and is always
-            bitwise reproducible.
+        deterministic: True makes the backward bitwise reproducible run to run (dQ in its own kernel);
+            False (default) adds dQ with fp32 atomics inside the dK/dV kernel, which is faster.
         return_attn_probs: also return ``softmax_lse`` ``[B, H, Lq]`` (fp32, ``+inf`` on rows that see no key)
             and ``None`` in place of flash-attn's debugging score matrix.
 
@@ -166,7 +168,7 @@ def flash_attn_func(
     checks.check_tensors(("q", "k", "v"), (q, k, v), 4, _BATCH_LAYOUT)
     checks.check_shapes(q, k, v, varlen=False)
     return _attention(q, k, v, None, None, q.shape[1], k.shape[1], dropout_p, softmax_scale, causal,
-                      window_size, softcap, alibi_slopes, return_attn_probs)
+                      window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
 
 
 def flash_attn_varlen_func(
@@ -200,7 +202,7 @@ def flash_attn_varlen_func(
             f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}"
         )
     return _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
-                      causal, window_size, softcap, alibi_slopes, return_attn_probs)
+                      causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
 
 
 def _unpack(name, packed, index_dim, count):
