@@ -111,7 +111,9 @@ def visibility(q_seq, q_pos, k_seq, k_pos, causal: bool, window_size=(-1, -1)) -
     return visible[:, None]
 
 
-def dense_visibility(batch: int, seqlen_q: int, seqlen_k: int, causal: bool, window_size, device) -> torch.Tensor | None:
+def dense_visibility(
+    batch: int, seqlen_q: int, seqlen_k: int, causal: bool, window_size, device
+) -> torch.Tensor | None:
     """:func:`visibility` for a plain batch (every row one sequence); None when nothing is hidden."""
     left, right = window_size
     if not causal and left < 0 and right < 0:
@@ -221,8 +223,19 @@ def sdpa_flash_attn_func(
 
 
 def sdpa_flash_attn_varlen_func(
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0, softmax_scale=None,
-    causal=False, window_size=(-1, -1), softcap=0.0, **unused,
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    **unused,
 ):
     """``hf_flash.flash_attn_varlen_func`` through PyTorch.
 

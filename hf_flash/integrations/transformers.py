@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from hf_flash import fallback
-from hf_flash.ops import flash_attn_func, flash_attn_varlen_func
 from hf_flash.integrations.padding import mask_to_varlen, pad, varlen_from_position_ids
+from hf_flash.ops import flash_attn_func, flash_attn_varlen_func
 
 __all__ = ["NAME", "hf_flash_attention_forward", "hf_flash_mask", "is_registered", "register"]
 
@@ -244,7 +244,12 @@ def hf_flash_attention_forward(
     Returns:
         ``(out [B, Lq, H, D], None)``; ``out`` is in the compute dtype (see :func:`_compute_dtype`).
     """
-    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    if is_causal is None:
+        # 5.x lets a config turn a decoder bidirectional (``config.is_causal = False``) without
+        # touching its layers; its eager/SDPA masks follow the config, so do we
+        config_causal = getattr(getattr(module, "config", None), "is_causal", True)
+        is_causal = getattr(module, "is_causal", True) and config_causal is not False
+    causal = bool(is_causal)
     window = (-1, -1)
     if sliding_window is not None and sliding_window > 0:
         window = (sliding_window - 1, 0 if causal else sliding_window - 1)
@@ -257,7 +262,7 @@ def hf_flash_attention_forward(
         scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
         call_kwargs = dict(kwargs, dropout=dropout, scaling=scaling, sliding_window=sliding_window,
                            softcap=softcap, is_causal=is_causal, s_aux=s_aux)  # fmt: skip
-        plan_args = lambda: (*_route(batch, len_q, len_k, attention_mask, kwargs), causal, window)  # noqa: E731
+        plan_args = lambda: (*_route(batch, len_q, len_k, attention_mask, kwargs), causal, window)
         return _eager_fallback(module, query, key, value, attention_mask, reason, plan_args, call_kwargs)
 
     dtype = _compute_dtype(query, module)
@@ -275,8 +280,8 @@ def hf_flash_attention_forward(
         fallback.report_fallback(unavailable)
         attn_func, varlen_func = fallback.sdpa_flash_attn_func, fallback.sdpa_flash_attn_varlen_func
 
-    options = dict(dropout_p=dropout, softmax_scale=scale, causal=causal, window_size=window,
-                   softcap=float(softcap or 0.0))  # fmt: skip
+    options = {"dropout_p": dropout, "softmax_scale": scale, "causal": causal, "window_size": window,
+                   "softcap": float(softcap or 0.0)}  # fmt: skip
     if kwargs.get("deterministic") is not None:
         options["deterministic"] = bool(kwargs["deterministic"])
     used_k, plan = _route(batch, len_q, len_k, attention_mask, kwargs)

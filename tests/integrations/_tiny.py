@@ -22,11 +22,11 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 DTYPE = torch.bfloat16 if HAS_CUDA else torch.float16
 VOCAB = 128
 
-_COMMON = dict(
-    vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.2, pad_token_id=0, eos_token_id=None,
-    bos_token_id=None,
-)  # fmt: skip
+_COMMON = {
+    "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "max_position_embeddings": 128, "initializer_range": 0.2, "pad_token_id": 0, "eos_token_id": None,
+    "bos_token_id": None,
+}  # fmt: skip
 
 # family -> (model class name, config class name, extra config)
 FAMILIES = {
@@ -105,7 +105,9 @@ def greedy_equal_up_to_ties(ours, eager, eager_fp32_model, prompt_mask) -> None:
         with torch.no_grad():
             logits = eager_fp32_model(eager[row : row + 1, :col], attention_mask=mask, position_ids=position_ids).logits
         top2 = logits[0, -1].float().topk(2).values
-        assert top2[0] - top2[1] < 2e-2, f"row {row}: tokens differ at {col}: {ours[row].tolist()} vs {eager[row].tolist()}"
+        assert top2[0] - top2[1] < 2e-2, (
+            f"row {row}: tokens differ at {col}: {ours[row].tolist()} vs {eager[row].tolist()}"
+        )
 
 
 def positions(mask: torch.Tensor) -> torch.Tensor:

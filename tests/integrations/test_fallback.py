@@ -25,7 +25,7 @@ def _fallback_warnings(record):
 
 def _padded_inputs():
     ids, mask = pad_batch([tokens(1, 10, seed=1)[0], tokens(1, 6, seed=2)[0]], "left")
-    return ids, dict(attention_mask=mask, position_ids=positions(mask)), mask.bool()
+    return ids, {"attention_mask": mask, "position_ids": positions(mask)}, mask.bool()
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="simulates a machine without GPU and without the Triton interpreter")

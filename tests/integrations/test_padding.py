@@ -73,7 +73,7 @@ def test_sdpa_fallback_matches_reference(lq, lk, causal, window, softcap, groups
     torch.manual_seed(0)
     q = torch.randn(2, lq, 4, 8)
     k, v = torch.randn(2, lk, 4 // groups, 8), torch.randn(2, lk, 4 // groups, 8)
-    options = dict(softmax_scale=0.3, causal=causal, window_size=window, softcap=softcap)
+    options = {"softmax_scale": 0.3, "causal": causal, "window_size": window, "softcap": softcap}
     out = fallback.sdpa_flash_attn_func(q, k, v, **options)
     torch.testing.assert_close(out, attention_ref(q, k, v, **options), atol=1e-5, rtol=1e-5)
 
@@ -84,7 +84,7 @@ def test_sdpa_varlen_fallback_matches_reference(causal, window, softcap):
     cu_q = torch.tensor([0, 3, 3, 8], dtype=torch.int32)  # an empty sequence in the middle
     cu_k = torch.tensor([0, 5, 7, 12], dtype=torch.int32)
     q, k, v = torch.randn(8, 4, 8), torch.randn(12, 2, 8), torch.randn(12, 2, 8)
-    options = dict(causal=causal, window_size=window, softcap=softcap)
+    options = {"causal": causal, "window_size": window, "softcap": softcap}
     out = fallback.sdpa_flash_attn_varlen_func(q, k, v, cu_q, cu_k, 5, 5, **options)
     expected = attention_ref_varlen(q, k, v, cu_q, cu_k, 5, 5, **options)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)

@@ -40,7 +40,7 @@ def test_from_pretrained_side_by_side_with_sdpa_and_eager(saved_llama):
     for attn, model in loaded.items():
         assert model.config._attn_implementation == attn
     ids, mask = pad_batch([tokens(1, 10, seed=1)[0], tokens(1, 6, seed=2)[0]], "left")
-    kw = dict(attention_mask=mask, position_ids=positions(mask))
+    kw = {"attention_mask": mask, "position_ids": positions(mask)}
     real = mask.bool()
     with torch.no_grad():
         ref = loaded["eager"](ids, **kw).logits[real]
