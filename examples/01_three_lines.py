@@ -21,8 +21,9 @@ path = embedded_checkpoint()
 device, dtype = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float16)
 
 # --- the three lines ---------------------------------------------------------------------------
-import hf_flash  # noqa: E402,F401  (registers "hf_flash" with Transformers)
 from transformers import AutoModelForCausalLM  # noqa: E402
+
+import hf_flash  # noqa: E402,F401  (registers "hf_flash" with Transformers)
 
 model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="hf_flash", dtype=dtype).to(device)
 # ------------------------------------------------------------------------------------------------

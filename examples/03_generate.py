@@ -16,9 +16,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before hf_flash is imported
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-import hf_flash  # noqa: E402,F401  (registers "hf_flash" with Transformers)
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
+import hf_flash  # noqa: E402,F401  (registers "hf_flash" with Transformers)
 from hf_flash.training.models import embedded_checkpoint  # noqa: E402
 
 path = embedded_checkpoint()

@@ -20,10 +20,10 @@ if not torch.cuda.is_available():
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-import hf_flash  # noqa: E402,F401  (registers "hf_flash" with Transformers)
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
+import hf_flash  # noqa: E402,F401  (registers "hf_flash" with Transformers)
 from hf_flash.training.models import embedded_checkpoint  # noqa: E402
 
 cuda = torch.cuda.is_available()

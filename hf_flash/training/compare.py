@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -62,7 +61,7 @@ def run_one(finetune_cmd: list[str], backend: str, seq_len: int, run_dir: Path, 
     start = time.perf_counter()
     with open(run_dir / "log.txt", "w") as log:
         try:
-            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, env=os.environ.copy())
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, check=False)
             code = proc.returncode
         except subprocess.TimeoutExpired:
             code = None
@@ -107,8 +106,18 @@ def _fmt(value, spec: str, suffix: str = "") -> str:
 
 
 def markdown_table(rows: list[dict], header: str = "") -> str:
-    cols = ("backend", "seq len", "status", "tokens/s", "× sdpa", "step (s)", "peak GiB", "mem × sdpa",
-            "final loss", "max \\|Δloss\\| vs eager")  # fmt: skip  (pipes escaped: they would split the cell)
+    cols = (
+        "backend",
+        "seq len",
+        "status",
+        "tokens/s",
+        "× sdpa",
+        "step (s)",
+        "peak GiB",
+        "mem × sdpa",
+        "final loss",
+        "max \\|Δloss\\| vs eager",
+    )  # fmt: skip  (pipes escaped: they would split the cell)
     lines = [header, ""] if header else []
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:

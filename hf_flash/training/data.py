@@ -10,7 +10,6 @@ Two batch layouts, both without padding:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .models import ASSETS, UsageError
@@ -238,9 +237,3 @@ def build_train_dataset(tokenizer, data=None, seq_len=512, packing=False, text_f
     rows = make_bins(sequences, seq_len) if packing else make_blocks(sequences, seq_len)
     n_tokens = sum(len(ids) for ids, _ in sequences)
     return ListDataset(rows), (PackedCollator() if packing else BlockCollator()), n_tokens
-
-
-def write_jsonl(path, rows) -> None:
-    with open(path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")

@@ -22,8 +22,15 @@ from pathlib import Path
 
 from .data import build_train_dataset
 from .models import (
-    BACKENDS, UsageError, add_lora, backend_unavailable_reason, build_model, check_seq_len, load_tokenizer,
-    resolve_dtype, resolve_model,
+    BACKENDS,
+    UsageError,
+    add_lora,
+    backend_unavailable_reason,
+    build_model,
+    check_seq_len,
+    load_tokenizer,
+    resolve_dtype,
+    resolve_model,
 )  # fmt: skip
 
 STEPS_FILE, SUMMARY_FILE, RUN_CONFIG_FILE = "steps.jsonl", "summary.json", "run_config.json"

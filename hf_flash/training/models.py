@@ -69,7 +69,9 @@ class ModelSpec:
 
 
 def _has_weights(folder: Path) -> bool:
-    return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")) or any(folder.glob("*.safetensors.index.json"))
+    return (
+        any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")) or any(folder.glob("*.safetensors.index.json"))
+    )
 
 
 def _has_tokenizer(folder: Path) -> bool:
@@ -78,7 +80,7 @@ def _has_tokenizer(folder: Path) -> bool:
 
 def resolve_model(model: str | None = None, preset: str | None = None) -> ModelSpec:
     """Find the model without loading weights, so bad input fails before anything slow happens."""
-    from transformers import AutoConfig, CONFIG_MAPPING
+    from transformers import CONFIG_MAPPING, AutoConfig
 
     if model and preset:
         raise UsageError("pass either --model or --model-preset, not both")
@@ -133,8 +135,9 @@ def backend_unavailable_reason(name: str, device: str) -> str | None:
         raise UsageError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if name == "hf_flash":
         try:
-            import hf_flash  # noqa: F401  (importing registers the backend with Transformers)
             from transformers import AttentionInterface
+
+            import hf_flash  # noqa: F401  (importing registers the backend with Transformers)
         except ImportError as exc:
             return f"hf_flash cannot be imported: {exc}"
         if "hf_flash" not in AttentionInterface._global_mapping:

@@ -16,12 +16,31 @@ def test_finetune_defaults(finetune_script):
 def test_finetune_options_reach_the_config(finetune_script):
     from hf_flash.training.loop import FinetuneConfig
 
-    argv = ["--attn", "eager", "--packing", "--gradient-checkpointing", "--dtype", "fp32", "--lora-r", "4",
-            "--target-modules", "q_proj,v_proj", "--max-steps", "7", "--resume", "--no-save-adapter"]
+    argv = [
+        "--attn",
+        "eager",
+        "--packing",
+        "--gradient-checkpointing",
+        "--dtype",
+        "fp32",
+        "--lora-r",
+        "4",
+        "--target-modules",
+        "q_proj,v_proj",
+        "--max-steps",
+        "7",
+        "--resume",
+        "--no-save-adapter",
+    ]
     cfg = FinetuneConfig(**vars(finetune_script.build_parser().parse_args(argv)))
     assert (cfg.attn, cfg.packing, cfg.gradient_checkpointing, cfg.dtype) == ("eager", True, True, "fp32")
     assert (cfg.lora_r, cfg.target_modules, cfg.max_steps, cfg.resume, cfg.save_adapter) == (
-        4, "q_proj,v_proj", 7, True, False)
+        4,
+        "q_proj,v_proj",
+        7,
+        True,
+        False,
+    )
 
 
 def test_unknown_backend_is_rejected_by_the_parser(finetune_script, capsys):
@@ -33,7 +52,8 @@ def test_unknown_backend_is_rejected_by_the_parser(finetune_script, capsys):
 
 def test_compare_parser(compare_script):
     args, rest = compare_script.build_parser().parse_known_args(
-        ["--seq-lens", "2048,8192", "--backends", "sdpa,hf_flash", "--packing", "--lora-r", "8"])
+        ["--seq-lens", "2048,8192", "--backends", "sdpa,hf_flash", "--packing", "--lora-r", "8"]
+    )
     assert args.seq_lens == [2048, 8192] and args.backends == ["sdpa", "hf_flash"]
     assert rest == ["--packing", "--lora-r", "8"]  # passed through to finetune_lora.py
     defaults = compare_script.build_parser().parse_args([])

@@ -5,7 +5,12 @@ import json
 import pytest
 
 from hf_flash.training.data import (
-    IGNORE_INDEX, BlockCollator, PackedCollator, build_train_dataset, load_records, resolve_fields,
+    IGNORE_INDEX,
+    BlockCollator,
+    PackedCollator,
+    build_train_dataset,
+    load_records,
+    resolve_fields,
 )  # fmt: skip
 from hf_flash.training.models import UsageError, load_tokenizer, resolve_model
 
@@ -59,7 +64,7 @@ def test_folder_of_files(tmp_path, tokenizer):
 
 def test_instruction_data_uses_the_chat_template_and_masks_the_prompt(tmp_path, tokenizer):
     path = _write(tmp_path, "jsonl", QA)
-    dataset, collator, _ = build_train_dataset(tokenizer, str(path), seq_len=64, packing=True)
+    dataset, _, _ = build_train_dataset(tokenizer, str(path), seq_len=64, packing=True)
     doc = dataset[0]["docs"][0]
     text = tokenizer.decode(doc["input_ids"])
     assert text.startswith("<s><|user|>\nQuestion 0") and "<|assistant|>\nIt hides later tokens.</s>" in text

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
 
 EXAMPLES = sorted((ROOT / "examples").glob("[0-9][0-9]_*.py"))
@@ -20,7 +19,7 @@ def cache(tmp_path_factory):
 def test_example_runs(example, cache, tmp_path):
     env = {**os.environ, "HF_FLASH_STRICT": "1", "HF_FLASH_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, str(example)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
+                          timeout=120, check=False)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stdout.strip(), "an example prints what it showed"
 

@@ -9,8 +9,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import ROOT, SCRIPTS, TINY
+
 from hf_flash.training.loop import load_finetuned, read_steps
 
 
@@ -26,7 +26,8 @@ def test_three_step_run_writes_steps_summary_and_adapter(run_finetune):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "ok" and summary["steps"] == 3 and summary["final_loss"] == steps[-1]["loss"]
     assert {"adapter_config.json", "adapter_model.safetensors", "run_config.json"} <= {
-        p.name for p in (run_dir / "adapter").iterdir()}
+        p.name for p in (run_dir / "adapter").iterdir()
+    }
 
 
 def test_adapter_loads_with_peft_and_changes_the_model(run_finetune):
