@@ -1,0 +1,483 @@
+#!/usr/bin/env python
+"""Benchmark hf_flash's attention kernels against PyTorch's and flash-attn's, in one run on one GPU.
+
+    python scripts/bench_attention.py --quick            # bf16, D 64/128, L 1k/4k/16k, causal and not (~3 min)
+    python scripts/bench_attention.py --full             # issue 6's grid: bf16+fp16, D 64/128/256, L 512..32k,
+                                                         # GQA 32/8 and varlen (see --time-budget)
+    python scripts/bench_attention.py --dtypes bf16 --head-dims 128 --seqlens 4096 --causal yes --backends hf_flash,sdpa_cudnn
+
+Backends: hf_flash; SDPA with each backend forced (flash, cuDNN, memory-efficient, via sdpa_kernel);
+FlexAttention (torch.compile'd); eager (matmul + softmax); flash-attn when installed. A backend that is
+missing is noted and skipped; one that fails or runs out of memory on a shape becomes a row with the error.
+
+Setup (as in shared/ANCHORS.md): 16k tokens per batch (B = 16384 / L, at least 1), hidden 2048 (H = 2048 / D),
+each backend fed its native contiguous layout: [B, H, L, D] for SDPA / Flex / eager, [B, L, H, D] for hf_flash
+and flash-attn. Forward is timed with inputs that require grad (the training setting); backward alone is
+``out.backward`` on a saved graph; fwd_bwd both. Median of triton.testing.do_bench after a warm-up call.
+FLOPs = 4 B H L^2 D, halved when causal; backward = 2.5x forward (two matmul passes plus the recompute).
+Extra memory = peak allocated during one forward + backward minus what the inputs held before.
+
+Writes OUT/bench_attention.json (rows as they are measured), OUT/bench_attention_<dtype>.png, and prints a
+Markdown table (TFLOP/s, extra MiB, hf_flash's ratio to each backend) last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+DEVICE = "cuda"
+TOKENS_PER_BATCH = 16384
+HIDDEN = 2048
+DENSE_BACKENDS = ("hf_flash", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex", "eager", "flash_attn")
+VARLEN_BACKENDS = ("hf_flash", "flash_attn", "flex", "sdpa_njt")
+MODES = ("fwd", "bwd", "fwd_bwd")
+FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Shape:
+    dtype: str
+    head_dim: int
+    causal: bool
+    seqlen: int  # longest sequence (varlen: of the mix)
+    batch: int
+    nheads: int
+    nheads_k: int
+    lengths: list[int] = field(default_factory=list)  # varlen only: the mix of sequence lengths
+
+    @property
+    def kind(self):
+        return "varlen" if self.lengths else ("gqa" if self.nheads_k != self.nheads else "mha")
+
+    @property
+    def label(self):
+        heads = f"H{self.nheads}" + (f"/{self.nheads_k}" if self.nheads_k != self.nheads else "")
+        size = f"{len(self.lengths)} seqs <= {self.seqlen}" if self.lengths else f"B{self.batch} L{self.seqlen}"
+        return f"{self.kind} {self.dtype} D{self.head_dim} {'causal' if self.causal else 'full'} {size} {heads}"
+
+    def fwd_flops(self):
+        squares = sum(n * n for n in self.lengths) if self.lengths else self.batch * self.seqlen**2
+        return 4 * self.nheads * squares * self.head_dim / (2 if self.causal else 1)
+
+
+# ---- each backend: make its inputs in its native layout and return a callable for the forward ----
+
+
+def _dense_inputs(shape, layout, device=None):
+    """q, k, v contiguous in ``layout`` ("bhld" or "blhd"), requiring grad, and a matching dout."""
+    dtype, device = DTYPES[shape.dtype], device or DEVICE
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def make(heads):
+        dims = (shape.batch, heads, shape.seqlen, shape.head_dim) if layout == "bhld" else \
+            (shape.batch, shape.seqlen, heads, shape.head_dim)
+        return torch.randn(*dims, generator=gen, device=device, dtype=dtype)
+
+    q, k, v = make(shape.nheads), make(shape.nheads_k), make(shape.nheads_k)
+    return [t.requires_grad_() for t in (q, k, v)], make(shape.nheads)
+
+
+def _sdpa(backend_name):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
+               "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION}[backend_name]
+
+    def build(shape):
+        inputs, dout = _dense_inputs(shape, "bhld")
+        gqa = {"enable_gqa": True} if shape.nheads_k != shape.nheads else {}
+
+        def forward():
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(*inputs, is_causal=shape.causal, **gqa)
+
+        return forward, inputs, dout
+
+    return build
+
+
+def _eager(shape):
+    inputs, dout = _dense_inputs(shape, "bhld")
+    q, k, v = inputs
+    group = shape.nheads // shape.nheads_k
+    mask = torch.ones(shape.seqlen, shape.seqlen, dtype=torch.bool, device=DEVICE).tril() if shape.causal else None
+
+    def forward():
+        kk, vv = (k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)) if group > 1 else (k, v)
+        scores = (q @ kk.transpose(-1, -2)) * shape.head_dim**-0.5
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ vv
+
+    return forward, inputs, dout
+
+
+_FLEX = {}
+
+
+def _flex_fn(dynamic=False):
+    """flex_attention compiled once per shape (static, as its users run it), unless --flex-dynamic."""
+    if "fn" not in _FLEX:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        # every shape is a recompile; past dynamo's limit (8) flex would silently fall back to eager
+        for knob in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
+                     "accumulated_recompile_limit"):
+            if hasattr(torch._dynamo.config, knob):
+                setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 1024))
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=dynamic)
+    return _FLEX["fn"]
+
+
+def _flex(shape):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    inputs, dout = _dense_inputs(shape, "bhld")
+    block_mask = None
+    if shape.causal:
+        block_mask = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, shape.seqlen,
+                                       shape.seqlen, device=DEVICE)
+    gqa = shape.nheads_k != shape.nheads
+    flex = _flex_fn(_FLEX.get("dynamic", False))
+    return lambda: flex(*inputs, block_mask=block_mask, enable_gqa=gqa), inputs, dout
+
+
+def _blhd(module_name):
+    """hf_flash or flash-attn, which share flash-attn 2's API and [B, L, H, D] layout."""
+    def build(shape):
+        mod = __import__(module_name)
+        inputs, dout = _dense_inputs(shape, "blhd")
+        return lambda: mod.flash_attn_func(*inputs, causal=shape.causal), inputs, dout
+
+    return build
+
+
+# ---- varlen: one packed batch of mixed lengths ----
+
+
+def _packed_inputs(shape):
+    total = sum(shape.lengths)
+    dtype = DTYPES[shape.dtype]
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+
+    def make(heads):
+        return torch.randn(total, heads, shape.head_dim, generator=gen, device=DEVICE, dtype=dtype)
+
+    q, k, v = make(shape.nheads), make(shape.nheads_k), make(shape.nheads_k)
+    cu = torch.tensor([0] + shape.lengths, device=DEVICE).cumsum(0).to(torch.int32)
+    return [t.requires_grad_() for t in (q, k, v)], make(shape.nheads), cu
+
+
+def _varlen_blhd(module_name):
+    def build(shape):
+        mod = __import__(module_name)
+        inputs, dout, cu = _packed_inputs(shape)
+        longest = max(shape.lengths)
+        return (lambda: mod.flash_attn_varlen_func(*inputs, cu, cu, longest, longest, causal=shape.causal),
+                inputs, dout)
+
+    return build
+
+
+def _varlen_flex(shape):
+    """Documents as a block mask over one packed sequence [1, H, total, D]."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    inputs, dout, cu = _packed_inputs(shape)
+    total = cu[-1].item()
+    doc = torch.repeat_interleave(torch.arange(len(shape.lengths), device=DEVICE),
+                                  torch.tensor(shape.lengths, device=DEVICE))
+
+    def same_doc(b, h, q_idx, kv_idx):
+        keep = doc[q_idx] == doc[kv_idx]
+        return keep & (q_idx >= kv_idx) if shape.causal else keep
+
+    block_mask = create_block_mask(same_doc, None, None, total, total, device=DEVICE)
+    flex, gqa = _flex_fn(_FLEX.get("dynamic", False)), shape.nheads_k != shape.nheads
+
+    def forward():
+        q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in inputs)  # views: [1, H, total, D]
+        return flex(q, k, v, block_mask=block_mask, enable_gqa=gqa)[0].transpose(0, 1)
+
+    return forward, inputs, dout
+
+
+def _varlen_sdpa_njt(shape):
+    """SDPA on nested (jagged) tensors, whichever fused backend SDPA picks."""
+    inputs, dout, cu = _packed_inputs(shape)
+    offsets = cu.long()
+
+    def forward():
+        q, k, v = (torch.nested.nested_tensor_from_jagged(t, offsets).transpose(1, 2) for t in inputs)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=shape.causal)
+        return out.transpose(1, 2).values()
+
+    return forward, inputs, dout
+
+
+def backend_builders(varlen):
+    if varlen:
+        return {"hf_flash": _varlen_blhd("hf_flash"), "flash_attn": _varlen_blhd("flash_attn"), "flex": _varlen_flex,
+                "sdpa_njt": _varlen_sdpa_njt}
+    builders = {"hf_flash": _blhd("hf_flash"), "flex": _flex, "eager": _eager, "flash_attn": _blhd("flash_attn")}
+    builders.update({name: _sdpa(name) for name in ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient")})
+    return builders
+
+
+def unavailable_backends():
+    """name -> why it is skipped in this environment."""
+    notes = {}
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError as err:
+        notes["flash_attn"] = f"flash-attn not installed ({err.msg})"
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except ImportError:
+        notes["flex"] = f"FlexAttention needs torch >= 2.5 (have {torch.__version__})"
+    if not torch.backends.cudnn.is_available():
+        notes["sdpa_cudnn"] = "cuDNN not available"
+    return notes
+
+
+# ---- measuring ----
+
+
+def _zero_grads(inputs):
+    for t in inputs:
+        t.grad = None
+
+
+def measure(build, shape, modes, bench):
+    """Time each mode and the extra peak memory of one forward + backward; returns {mode: ms, "extra_mib": ..}."""
+    forward, inputs, dout = build(shape)
+    forward().backward(dout)  # compile / autotune / cuDNN plan, outside the timings
+    _zero_grads(inputs)
+    result = {}
+    if "fwd" in modes:
+        result["fwd"] = bench(forward, grad_to_none=inputs)
+    if "bwd" in modes:
+        out = forward()
+        result["bwd"] = bench(lambda: out.backward(dout, retain_graph=True), grad_to_none=inputs)
+        del out
+    if "fwd_bwd" in modes:
+        result["fwd_bwd"] = bench(lambda: forward().backward(dout), grad_to_none=inputs)
+    _zero_grads(inputs)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    forward().backward(dout)
+    torch.cuda.synchronize()
+    result["extra_mib"] = (torch.cuda.max_memory_allocated() - before) / 2**20
+    return result
+
+
+def run_case(name, build, shape, modes, bench):
+    row = {"shape": asdict(shape), "label": shape.label, "backend": name}
+    try:
+        result = measure(build, shape, modes, bench)
+        for mode in modes:
+            row[f"{mode}_ms"] = result[mode]
+            row[f"{mode}_tflops"] = shape.fwd_flops() * FLOP_FACTOR[mode] / (result[mode] * 1e-3) / 1e12
+        row["extra_mib"] = result["extra_mib"]
+    except torch.cuda.OutOfMemoryError:
+        row["error"] = "out of memory"
+    except Exception as err:  # a backend that cannot run this shape is a row, not a crash
+        row["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}"
+    finally:
+        torch.cuda.empty_cache()
+    return row
+
+
+# ---- the grid ----
+
+
+def mixed_lengths(total, longest, seed=0):
+    """Lengths between longest / 16 and longest that add up to ``total`` (the last one trimmed)."""
+    rng, lengths = random.Random(seed), []
+    while sum(lengths) < total:
+        lengths.append(min(rng.randint(max(1, longest // 16), longest), total - sum(lengths)))
+    return lengths
+
+
+def build_shapes(args):
+    shapes = []
+    for dtype in args.dtypes:
+        for head_dim in args.head_dims:
+            for causal in args.causal:
+                for seqlen in args.seqlens:
+                    batch = max(1, TOKENS_PER_BATCH // seqlen)
+                    nheads = HIDDEN // head_dim
+                    shapes.append(Shape(dtype, head_dim, causal, seqlen, batch, nheads, nheads))
+        for causal in args.causal if args.gqa else []:
+            for seqlen in args.seqlens:  # Llama-3.2-1B's attention: 32 query heads, 8 kv heads, D 64
+                shapes.append(Shape(dtype, 64, causal, seqlen, max(1, TOKENS_PER_BATCH // seqlen), 32, 8))
+        for causal in args.causal if args.varlen else []:
+            for longest in (2048, 8192):
+                lengths = mixed_lengths(TOKENS_PER_BATCH, longest)
+                shapes.append(Shape(dtype, 128, causal, max(lengths), len(lengths), 16, 16, lengths))
+    return shapes
+
+
+# ---- output ----
+
+
+def markdown_table(rows, modes, gpu):
+    by_case = {}
+    for row in rows:
+        by_case.setdefault(row["label"], {})[row["backend"]] = row
+    mode_heads = " | ".join(f"{m} TFLOP/s" for m in modes)
+    lines = [f"GPU: {gpu}. hf_flash ratio = hf_flash's TFLOP/s / the backend's (>1: hf_flash faster).", "",
+             f"| case | backend | {mode_heads} | extra MiB | " + " | ".join(f"hf_flash ratio {m}" for m in modes) + " |",
+             "|" + "---|" * (3 + 2 * len(modes))]
+    for label, backends in by_case.items():
+        ours = backends.get("hf_flash", {})
+        for name, row in backends.items():
+            if "error" in row:
+                lines.append(f"| {label} | {name} | {row['error']} |" + " |" * (2 * len(modes)))
+                continue
+            speeds = " | ".join(f"{row[f'{m}_tflops']:.0f}" for m in modes)
+            ratios = " | ".join(f"{ours[f'{m}_tflops'] / row[f'{m}_tflops']:.2f}" if f"{m}_tflops" in ours else "-"
+                                for m in modes)
+            lines.append(f"| {label} | {name} | {speeds} | {row['extra_mib']:.0f} | {ratios} |")
+    return "\n".join(lines)
+
+
+def plot(rows, modes, out_dir):
+    """One PNG per dtype: TFLOP/s against L, a row of panels per (kind, D, causal), a column per mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for dtype in sorted({r["shape"]["dtype"] for r in rows}):
+        ok = [r for r in rows if r["shape"]["dtype"] == dtype and "error" not in r and not r["shape"]["lengths"]]
+        panels = sorted({(r["shape"]["nheads_k"] != r["shape"]["nheads"], r["shape"]["head_dim"], r["shape"]["causal"])
+                         for r in ok})
+        if not panels:
+            continue
+        fig, axes = plt.subplots(len(panels), len(modes), figsize=(5 * len(modes), 3.2 * len(panels)), squeeze=False)
+        for (gqa, head_dim, causal), ax_row in zip(panels, axes):
+            for mode, ax in zip(modes, ax_row):
+                for backend in DENSE_BACKENDS:
+                    pts = sorted((r["shape"]["seqlen"], r[f"{mode}_tflops"]) for r in ok if r["backend"] == backend
+                                 and (r["shape"]["nheads_k"] != r["shape"]["nheads"], r["shape"]["head_dim"],
+                                      r["shape"]["causal"]) == (gqa, head_dim, causal))
+                    if pts:
+                        ax.plot(*zip(*pts), marker="o", label=backend, linewidth=2.5 if backend == "hf_flash" else 1)
+                ax.set_xscale("log", base=2)
+                ax.set_title(f"{'GQA 32/8 ' if gqa else ''}D{head_dim} {'causal' if causal else 'full'} {mode}")
+                ax.set_xlabel("L")
+                ax.set_ylabel("TFLOP/s")
+        axes[0][0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / f"bench_attention_{dtype}.png", dpi=90)
+        plt.close(fig)
+
+
+# ---- command line ----
+
+
+def _csv(kind):
+    def parse(text):
+        return [kind(x) for x in text.split(",") if x.strip()]
+
+    return parse
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    preset = p.add_mutually_exclusive_group()
+    preset.add_argument("--quick", action="store_true", help="bf16, D 64/128, L 1k/4k/16k, causal and not; no GQA/varlen")
+    preset.add_argument("--full", action="store_true", help="the whole grid (also the default)")
+    p.add_argument("--dtypes", type=_csv(str), help="comma-separated from bf16,fp16")
+    p.add_argument("--head-dims", type=_csv(int), help="e.g. 64,128,256")
+    p.add_argument("--seqlens", type=_csv(int), help="e.g. 512,1024,...,32768")
+    p.add_argument("--causal", choices=("both", "yes", "no"), default="both")
+    p.add_argument("--backends", type=_csv(str), help=f"subset of {','.join(DENSE_BACKENDS + VARLEN_BACKENDS[-1:])}")
+    p.add_argument("--modes", type=_csv(str), default=list(MODES), help="subset of fwd,bwd,fwd_bwd")
+    p.add_argument("--no-gqa", dest="gqa", action="store_false", help="leave out the GQA 32/8 rows")
+    p.add_argument("--no-varlen", dest="varlen", action="store_false", help="leave out the varlen rows")
+    p.add_argument("--eager-max-len", type=int, default=8192, help="skip eager above this L (quadratic memory)")
+    p.add_argument("--rep-ms", type=float, default=50, help="do_bench's rep: ms of timed runs per number (default 50)")
+    p.add_argument("--flex-dynamic", action="store_true",
+                   help="compile FlexAttention with dynamic shapes: far fewer compiles, maybe slower kernels")
+    p.add_argument("--time-budget", type=float, default=0, help="seconds; stop starting new shapes after it (0: none)")
+    p.add_argument("--out", default=os.environ.get("OUT") or "outputs/bench_attention", help="output folder")
+    p.add_argument("--list", action="store_true", help="print the shapes and exit (no GPU needed)")
+    args = p.parse_args(argv)
+    quick = args.quick
+    args.dtypes = args.dtypes or (["bf16"] if quick else ["bf16", "fp16"])
+    args.head_dims = args.head_dims or ([64, 128] if quick else [64, 128, 256])
+    args.seqlens = args.seqlens or ([1024, 4096, 16384] if quick else [512, 1024, 2048, 4096, 8192, 16384, 32768])
+    args.causal = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
+    if quick:
+        args.gqa = args.varlen = False
+    bad = [d for d in args.dtypes if d not in DTYPES] + [m for m in args.modes if m not in MODES]
+    if bad:
+        p.error(f"unknown dtype/mode {bad}: dtypes are bf16,fp16 and modes fwd,bwd,fwd_bwd")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    shapes = build_shapes(args)
+    if args.list:
+        for shape in shapes:
+            print(shape.label)
+        print(f"{len(shapes)} shapes")
+        return
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_attention.py needs a CUDA GPU (use --list to see the shapes)")
+    import functools
+
+    from triton.testing import do_bench
+
+    import hf_flash  # noqa: F401  (fails early if the package is broken)
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    gpu = torch.cuda.get_device_name()
+    skipped = unavailable_backends()
+    for name, why in skipped.items():
+        print(f"note: skipping {name}: {why}", flush=True)
+    bench = functools.partial(do_bench, warmup=10, rep=args.rep_ms, return_mode="median")
+    _FLEX["dynamic"] = args.flex_dynamic
+    rows, start = [], time.time()
+    meta = {"gpu": gpu, "torch": torch.__version__, "triton": __import__("triton").__version__, "skipped": skipped,
+            "tokens_per_batch": TOKENS_PER_BATCH, "hidden": HIDDEN, "modes": args.modes,
+            "layouts": "SDPA/Flex/eager [B, H, L, D]; hf_flash/flash-attn [B, L, H, D]; each contiguous",
+            "flex_dynamic": args.flex_dynamic, "timing": f"triton do_bench median, rep {args.rep_ms} ms"}
+    for i, shape in enumerate(shapes):
+        if args.time_budget and time.time() - start > args.time_budget:
+            print(f"time budget spent: {len(shapes) - i} shapes not run", flush=True)
+            meta["not_run"] = [s.label for s in shapes[i:]]
+            break
+        for name, build in backend_builders(bool(shape.lengths)).items():
+            if name in skipped or (args.backends and name not in args.backends):
+                continue
+            if name == "eager" and shape.seqlen > args.eager_max_len:
+                continue
+            row = run_case(name, build, shape, args.modes, bench)
+            rows.append(row)
+            speeds = row.get("error") or " ".join(f"{m} {row[f'{m}_tflops']:.0f}" for m in args.modes)
+            print(f"[{time.time() - start:6.0f}s] {shape.label:45s} {name:15s} {speeds}", flush=True)
+            (out_dir / "bench_attention.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    plot(rows, args.modes, out_dir)
+    print()
+    print(markdown_table(rows, args.modes, gpu))
+
+
+if __name__ == "__main__":
+    main()
