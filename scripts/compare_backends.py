@@ -54,9 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: auto (bf16) on a GPU; fp16 on CPU, where hf_flash's kernels run in\n"
                    "Triton's interpreter, which takes fp16 (its bf16 dots are wrong) and not fp32")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--warmup-steps", type=int, default=1, help="first steps left out of the medians (default 1)")
+    p.add_argument("--warmup-measure-steps", type=int, default=1,
+                   help="first steps of each run left out of the medians (default 1)")  # fmt: skip
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per run (default 1800)")
     p.add_argument("--output-dir", default="outputs/compare")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep finished runs already in --output-dir that had the same arguments\n"
+                   "(split a long comparison over several invocations; the last one writes all)")  # fmt: skip
     return p
 
 
@@ -82,7 +86,8 @@ def main(argv=None) -> int:
     model = args.model_preset or args.model or "embedded tiny-llama"
     title = f"LoRA fine-tune, {model}, batch {args.batch_size}, {max_steps} steps"
     results = compare([sys.executable, str(SCRIPTS / "finetune_lora.py")], backends, seq_lens,
-                      Path(args.output_dir), extra + passthrough, args.timeout, args.warmup_steps, title)  # fmt: skip
+                      Path(args.output_dir), extra + passthrough, args.timeout, args.warmup_measure_steps, title,
+                      reuse=args.reuse)  # fmt: skip
     print()
     print(results["table"])
     print(f"wrote {args.output_dir}/results.json, results.md, " + ", ".join(Path(p).name for p in results["plots"]))

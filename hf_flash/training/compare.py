@@ -18,6 +18,7 @@ from .loop import SUMMARY_FILE, read_steps, summarize
 DEFAULT_BACKENDS = ("eager", "sdpa", "hf_flash")
 OPTIONAL_BACKENDS = ("flex_attention", "flash_attention_2")  # added to the default when they can run
 OOM_EXIT, USAGE_EXIT = 3, 2
+ROW_FILE = "row.json"  # a finished run's row, for --reuse
 
 
 def default_backends(cuda: bool) -> list[str]:
@@ -50,14 +51,24 @@ def _fallback_note(log: str) -> str | None:
 
 
 def run_one(finetune_cmd: list[str], backend: str, seq_len: int, run_dir: Path, extra: list[str],
-            timeout: float | None, warmup: int) -> dict:  # fmt: skip
-    """Run one fine-tune in its own process; always returns a row, whatever happened."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in (run_dir / SUMMARY_FILE, run_dir / "steps.jsonl"):
-        stale.unlink(missing_ok=True)
+            timeout: float | None, warmup: int, reuse: bool = False) -> dict:  # fmt: skip
+    """Run one fine-tune in its own process; always returns a row, whatever happened.
+
+    With ``reuse``, a finished run of the very same command in ``run_dir`` is read back instead of
+    run again, so a long comparison can be split over several invocations into one output folder.
+    """
     cmd = [*finetune_cmd, "--attn", backend, "--seq-len", str(seq_len), "--output-dir", str(run_dir),
            "--save-steps", "0", "--no-save-adapter", "--warmup-measure-steps", str(warmup), *extra]  # fmt: skip
-    row = {"backend": backend, "seq_len": seq_len, "command": " ".join(cmd)}
+    row_path = run_dir / ROW_FILE
+    if reuse and row_path.exists():
+        previous = json.loads(row_path.read_text())
+        # The interpreter and script paths may differ between machines; the arguments must not.
+        if previous.get("argv", [])[2:] == cmd[2:] and previous["status"] in ("ok", "oom", "unavailable"):
+            return {**previous, "reused": True}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in (run_dir / SUMMARY_FILE, run_dir / "steps.jsonl", row_path):
+        stale.unlink(missing_ok=True)
+    row = {"backend": backend, "seq_len": seq_len, "command": " ".join(cmd), "argv": cmd}
     start = time.perf_counter()
     with open(run_dir / "log.txt", "w") as log:
         try:
@@ -84,6 +95,7 @@ def run_one(finetune_cmd: list[str], backend: str, seq_len: int, run_dir: Path, 
         row["note"] = fallback
     steps = read_steps(run_dir)
     row.update({k: v for k, v in summarize(steps, warmup).items() if k != "steps"}, steps=len(steps))
+    row_path.write_text(json.dumps(row, indent=2) + "\n")
     return row
 
 
@@ -203,16 +215,19 @@ def plot(rows: list[dict], out_dir: Path, title: str) -> list[Path]:
 
 
 def compare(finetune_cmd: list[str], backends: list[str], seq_lens: list[int], out_dir: Path, extra: list[str],
-            timeout: float | None = None, warmup: int = 1, title: str = "", progress=print) -> dict:  # fmt: skip
+            timeout: float | None = None, warmup: int = 1, title: str = "", progress=print,
+            reuse: bool = False) -> dict:  # fmt: skip
     """Run every (length, backend) pair, then write results.json, results.md and the plots."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for seq_len in seq_lens:
         for backend in backends:
             progress(f"[{len(rows) + 1}/{len(seq_lens) * len(backends)}] {backend} at seq len {seq_len} ...")
-            row = run_one(finetune_cmd, backend, seq_len, out_dir / f"L{seq_len}" / backend, extra, timeout, warmup)
+            run_dir = out_dir / f"L{seq_len}" / backend
+            row = run_one(finetune_cmd, backend, seq_len, run_dir, extra, timeout, warmup, reuse)
             speed = _fmt(row.get("median_tokens_per_s"), ",.0f", " tokens/s")
-            progress(f"    {row['status']}" + (f": {row['error']}" if row.get("error") else f", {speed}"))
+            done = f"{row['status']}" + (f": {row['error']}" if row.get("error") else f", {speed}")
+            progress(f"    {done}" + (" (reused from an earlier invocation)" if row.get("reused") else ""))
             rows.append(row)
     add_relative_columns(rows)
     env = next((r["environment"] for r in rows if r.get("environment")), {}) or {}

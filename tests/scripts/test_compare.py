@@ -66,3 +66,15 @@ def test_relative_columns_and_table_with_an_oom_row():
     assert "| eager | 8 | OOM: CUDA out of memory | — |" in table and "| 1.25× |" in table
     cells = {line.count("|") - line.count("\\|") for line in table.splitlines()}
     assert cells == {11}  # ten columns on every line: escaped pipes in the header do not split cells
+
+
+def test_reuse_reads_back_a_finished_run_with_the_same_arguments(tmp_path):
+    counter = tmp_path / "calls"
+    script = tmp_path / "count.py"
+    script.write_text(f"open({str(counter)!r}, 'a').write('x')\nraise SystemExit(3)\n")  # an "OOM" run
+    cmd = [sys.executable, str(script)]
+    first = run_one(cmd, "eager", 64, tmp_path / "run", ["--max-steps", "3"], timeout=30, warmup=1, reuse=True)
+    again = run_one(cmd, "eager", 64, tmp_path / "run", ["--max-steps", "3"], timeout=30, warmup=1, reuse=True)
+    assert first["status"] == again["status"] == "oom" and again["reused"] and counter.read_text() == "x"
+    changed = run_one(cmd, "eager", 64, tmp_path / "run", ["--max-steps", "4"], timeout=30, warmup=1, reuse=True)
+    assert not changed.get("reused") and counter.read_text() == "xx"  # other arguments: run again
