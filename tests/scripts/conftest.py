@@ -12,6 +12,12 @@ SCRIPTS = ROOT / "scripts"
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# The GPU machine may lack `datasets` (and pandas): tests that read data files skip there.
+needs_datasets = pytest.mark.skipif(
+    importlib.util.find_spec("datasets") is None or importlib.util.find_spec("pandas") is None,
+    reason="needs the datasets and pandas packages",
+)
+
 # Tiny and quick on 2 CPU cores: the embedded model, 64-token rows, sdpa.
 TINY = ["--attn", "sdpa", "--seq-len", "64", "--batch-size", "2", "--max-docs", "60", "--device", "cpu"]
 

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from conftest import needs_datasets
 
 
 def test_finetune_defaults(finetune_script):
@@ -88,6 +89,7 @@ def test_empty_dataset(run_finetune, tmp_path):
     assert "empty" in line
 
 
+@needs_datasets
 def test_unknown_text_field(run_finetune, tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"body": "some words " * 20}) + "\n")

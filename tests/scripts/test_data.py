@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from conftest import needs_datasets
 
 from hf_flash.training.data import (
     IGNORE_INDEX,
@@ -41,6 +42,7 @@ def _write(tmp_path, fmt: str, rows: list[dict]):
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "json", "csv", "parquet", "txt"])
+@needs_datasets
 def test_each_format_loads_and_trains_on_text(tmp_path, tokenizer, fmt):
     path = _write(tmp_path, fmt, [{"text": t} for t in TEXTS])
     records = load_records(str(path))
@@ -51,6 +53,7 @@ def test_each_format_loads_and_trains_on_text(tmp_path, tokenizer, fmt):
     assert batch["input_ids"].shape == batch["labels"].shape == (2, 32)
 
 
+@needs_datasets
 def test_folder_of_files(tmp_path, tokenizer):
     folder = tmp_path / "shards"
     folder.mkdir()
@@ -62,6 +65,7 @@ def test_folder_of_files(tmp_path, tokenizer):
         load_records(str(folder))
 
 
+@needs_datasets
 def test_instruction_data_uses_the_chat_template_and_masks_the_prompt(tmp_path, tokenizer):
     path = _write(tmp_path, "jsonl", QA)
     dataset, _, _ = build_train_dataset(tokenizer, str(path), seq_len=64, packing=True)
@@ -73,6 +77,7 @@ def test_instruction_data_uses_the_chat_template_and_masks_the_prompt(tmp_path, 
     assert "Question" not in answer
 
 
+@needs_datasets
 def test_messages_column_and_explicit_fields(tmp_path, tokenizer):
     rows = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."}]}] * 4
     records = load_records(str(_write(tmp_path, "jsonl", rows)))
@@ -104,6 +109,7 @@ def test_default_data_is_the_standard_library_docstrings(tokenizer):
     assert records[0]["text"].startswith("builtins")
 
 
+@needs_datasets
 def test_too_little_data_for_one_block(tmp_path, tokenizer):
     path = _write(tmp_path, "jsonl", [{"text": "short"}])
     with pytest.raises(UsageError, match="fewer than one --seq-len row of 512"):
