@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import subprocess
+import textwrap
 import time
 from pathlib import Path
 
@@ -169,7 +170,8 @@ def plot(rows: list[dict], out_dir: Path, title: str) -> list[Path]:
     styles = _styles(list(dict.fromkeys(r["backend"] for r in rows)))
     seq_lens = sorted({r["seq_len"] for r in rows})
     paths = [out_dir / "loss_curves.png", out_dir / "speed_memory.png"]
-    fig, axes = plt.subplots(1, len(seq_lens), figsize=(5 * len(seq_lens), 4), squeeze=False)
+    width = max(7, 5 * len(seq_lens))
+    fig, axes = plt.subplots(1, len(seq_lens), figsize=(width, 4.5), squeeze=False)
     for ax, seq_len in zip(axes[0], seq_lens):
         for r in rows:
             if r["seq_len"] == seq_len and r.get("losses"):
@@ -178,12 +180,12 @@ def plot(rows: list[dict], out_dir: Path, title: str) -> list[Path]:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
-    fig.suptitle(f"Loss per step: {title}")
+    fig.suptitle(textwrap.fill(f"Loss per step: {title}", width * 11))  # ~11 characters per inch
     fig.tight_layout()
     fig.savefig(paths[0], dpi=120)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for backend, style in styles.items():
         mine = [r for r in rows if r["backend"] == backend]
         ok = [r for r in mine if r["status"] == "ok"]
@@ -207,7 +209,7 @@ def plot(rows: list[dict], out_dir: Path, title: str) -> list[Path]:
             ax.legend()
     if not any(r.get("peak_mem_gib") for r in rows):
         axes[1].text(0.5, 0.5, "no GPU: not measured", ha="center", transform=axes[1].transAxes)
-    fig.suptitle(title)
+    fig.suptitle(textwrap.fill(title, 120))
     fig.tight_layout()
     fig.savefig(paths[1], dpi=120)
     plt.close(fig)
