@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from hf_flash import flash_attn_func, flash_attn_varlen_func  # noqa: E402  <- after
 
 
-def reference(q, k, v, causal):
-    """softmax(q kᵀ / √d) v in fp32, keys/values repeated for grouped-query attention."""
-    q, k, v = (t.float().transpose(1, 2) for t in (q, k, v))  # [B, H, L, D]
+def reference(q, k, v, causal, dtype=torch.float32):
+    """softmax(q kᵀ / √d) v in ``dtype``, keys/values repeated for grouped-query attention."""
+    q, k, v = (t.detach().to(dtype).transpose(1, 2) for t in (q, k, v))  # [B, H, L, D]
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal).transpose(1, 2)
@@ -37,9 +37,13 @@ v = torch.randn(2, 40, 2, 64, device=device, dtype=dtype, requires_grad=True)
 
 out = flash_attn_func(q, k, v, causal=True)
 out.sum().backward()  # the backward kernels run too
-err = (out.float() - reference(q, k, v, causal=True)).abs().max().item()
-print(f"flash_attn_func: out {tuple(out.shape)} {out.dtype}, max error vs fp32 {err:.1e}, dq {tuple(q.grad.shape)}")
-assert err < 2e-2
+exact = reference(q, k, v, causal=True)
+err = (out.float() - exact).abs().max().item()
+# Judged like flash-attn's tests: at most twice the error of PyTorch's own attention in the same dtype.
+torch_err = (reference(q, k, v, causal=True, dtype=dtype).float() - exact).abs().max().item()
+print(f"flash_attn_func: out {tuple(out.shape)} {out.dtype}, max error vs fp32 {err:.1e} (PyTorch {dtype}: "
+      f"{torch_err:.1e}), dq {tuple(q.grad.shape)}")  # fmt: skip
+assert err <= 2 * torch_err + 1e-3
 
 # Variable-length batch: sequences of 13 and 27 tokens packed into one [total, heads, dim] tensor.
 lengths = [13, 27]
@@ -50,4 +54,4 @@ pieces = torch.split(torch.arange(40), lengths)
 expected = torch.cat([reference(q[:1, i], k[:1, i], v[:1, i], causal=True)[0] for i in pieces])
 err = (out.float() - expected).abs().max().item()
 print(f"flash_attn_varlen_func: out {tuple(out.shape)}, max error vs fp32 {err:.1e}")
-assert err < 2e-2
+assert err <= 2 * torch_err + 1e-3
