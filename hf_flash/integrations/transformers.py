@@ -126,6 +126,34 @@ def _route(batch: int, len_q: int, len_k: int, attention_mask, kwargs) -> tuple[
     return len_k, None
 
 
+# The layers of one forward pass get the same mask / position tensors, so the routing (and its
+# device syncs) is computed once per pass and reused. A pass is a run of increasing layer indices: a
+# layer index that does not grow starts a new pass and empties the cache, so a mask changed in place
+# between two calls is never served stale. A few entries, because Gemma-style models alternate masks;
+# entries hold the tensors themselves, so an identity match cannot be a recycled id.
+_ROUTE_CACHE: list[tuple[tuple, tuple, tuple[int, _Varlen | None]]] = []
+_ROUTE_CACHE_SIZE = 4
+_last_layer_idx = [-1]
+
+
+def _route_cached(batch, len_q, len_k, attention_mask, kwargs, layer_idx) -> tuple[int, _Varlen | None]:
+    """:func:`_route`, memoized over the layers of one forward pass (not under torch.compile)."""
+    if torch.compiler.is_compiling() or not isinstance(layer_idx, int):
+        return _route(batch, len_q, len_k, attention_mask, kwargs)
+    if layer_idx <= _last_layer_idx[0]:
+        _ROUTE_CACHE.clear()
+    _last_layer_idx[0] = layer_idx
+    tensors = (attention_mask, *(kwargs.get(k) for k in ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k")))
+    key = (batch, len_q, len_k, kwargs.get("max_length_q"), kwargs.get("max_length_k"))
+    for cached_tensors, cached_key, result in _ROUTE_CACHE:
+        if cached_key == key and all(a is b for a, b in zip(cached_tensors, tensors)):
+            return result
+    result = _route(batch, len_q, len_k, attention_mask, kwargs)
+    _ROUTE_CACHE.insert(0, (tensors, key, result))
+    del _ROUTE_CACHE[_ROUTE_CACHE_SIZE:]
+    return result
+
+
 def _flatten(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
     """``[B, L, H, D]`` -> packed ``[N, H, D]`` (all rows, or those in ``index``)."""
     x = x.reshape(-1, *x.shape[2:])
@@ -284,7 +312,7 @@ def hf_flash_attention_forward(
                    "softcap": float(softcap or 0.0)}  # fmt: skip
     if kwargs.get("deterministic") is not None:
         options["deterministic"] = bool(kwargs["deterministic"])
-    used_k, plan = _route(batch, len_q, len_k, attention_mask, kwargs)
+    used_k, plan = _route_cached(batch, len_q, len_k, attention_mask, kwargs, getattr(module, "layer_idx", None))
     k, v = k[:, :used_k], v[:, :used_k]
     if plan is None:
         out = attn_func(q, k, v, **options)

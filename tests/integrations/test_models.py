@@ -182,3 +182,15 @@ def test_torch_compile_fullgraph_training_step(family):
     for name, param in peft_model.named_parameters():
         if param.requires_grad:
             check(f"{family} compiled grad {name}", param.grad, expected[name], baseline[name], factor=3)
+
+
+def test_routing_is_recomputed_for_each_forward_pass():
+    """The padding layout is computed once per pass and shared by its layers, never across passes."""
+    ours = models("llama")[0]
+    ids, mask = pad_batch([tokens(1, 9, seed=19)[0], tokens(1, 5, seed=20)[0]], "left")
+    with torch.no_grad():
+        ours(ids, attention_mask=mask, position_ids=positions(mask))
+        mask[1] = 1  # the same tensor object, changed in place
+        reused = ours(ids, attention_mask=mask, position_ids=positions(mask)).logits
+        fresh = ours(ids, attention_mask=mask.clone(), position_ids=positions(mask)).logits
+    assert torch.equal(reused, fresh)

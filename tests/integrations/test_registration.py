@@ -127,3 +127,26 @@ def test_no_4d_mask_reaches_the_attention_function(family, monkeypatch):
         model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert len(seen) > 0
     assert all(shape is None or len(shape) == 2 for shape in seen), seen
+
+
+def test_custom_mask_pattern_yields_a_4d_mask_for_the_eager_fallback():
+    """An or-mask overlay (e.g. bidirectional image tokens) cannot be expressed as padding: the mask
+    function hands over Transformers' 4D mask, which the attention function sends to eager."""
+    import inspect
+
+    from transformers import masking_utils as mu
+
+    def image_tokens_bidirectional(batch_idx, head_idx, q_idx, kv_idx):
+        return kv_idx < 3
+
+    config = make_config("llama")
+    config._attn_implementation = "hf_flash"
+    params = inspect.signature(mu.create_causal_mask).parameters
+    kwargs = {"config": config, "attention_mask": None, "or_mask_function": image_tokens_bidirectional}
+    kwargs["inputs_embeds" if "inputs_embeds" in params else "input_embeds"] = torch.zeros(1, 6, 64)
+    kwargs["past_key_values" if "past_key_values" in params else "cache"] = None
+    if "cache_position" in params:
+        kwargs["cache_position"] = torch.arange(6)
+    mask = mu.create_causal_mask(**kwargs)
+    assert mask is not None and mask.dim() == 4
+    assert bool(mask[0, 0, 0, 2]) and not bool(mask[0, 0, 3, 4])  # image keys visible, future text keys not
