@@ -309,7 +309,7 @@ def hf_flash_attention_forward(
         attn_func, varlen_func = fallback.sdpa_flash_attn_func, fallback.sdpa_flash_attn_varlen_func
 
     options = {"dropout_p": dropout, "softmax_scale": scale, "causal": causal, "window_size": window,
-                   "softcap": float(softcap or 0.0)}  # fmt: skip
+               "softcap": float(softcap or 0.0)}  # fmt: skip
     if kwargs.get("deterministic") is not None:
         options["deterministic"] = bool(kwargs["deterministic"])
     used_k, plan = _route_cached(batch, len_q, len_k, attention_mask, kwargs, getattr(module, "layer_idx", None))
