@@ -36,12 +36,7 @@ def register() -> bool:
     Returns False when Transformers is not installed."""
     if importlib.util.find_spec("transformers") is None:
         return False
-    try:
-        from hf_flash.integrations.transformers import register as _register
-    except ModuleNotFoundError as err:  # TEMP while the integration lands
-        if err.name == "hf_flash.integrations.transformers":
-            return False
-        raise
+    from hf_flash.integrations.transformers import register as _register
 
     _register()
     return True
