@@ -6,6 +6,7 @@ Every check compares with the dense oracle of flash_oracle.py under flash-attn's
 a boundary, an alignment, a mask. The wide grid is in test_flash_attn_gpu.py.
 """
 
+import dataclasses
 import functools
 import os
 import re
@@ -46,8 +47,11 @@ DENSE_CASES = [
 ]
 
 
+# deterministic=True takes another dQ path (no atomics), so every case runs both ways
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "det"])
 @pytest.mark.parametrize("case", DENSE_CASES, ids=lambda c: c.id)
-def test_output_and_grads(case, device):
+def test_output_and_grads(case, deterministic, device):
+    case = dataclasses.replace(case, deterministic=deterministic)
     q, k, v, dout = make_inputs(case, device)
     ours = functools.partial(flash_attn_func, **case.kwargs)
     assert_matches_oracle(ours, oracle_for(case), (q, k, v), dout)
@@ -58,7 +62,8 @@ def edge_case(residue):
     edge falls at every offset inside a key / query block of 16, 32, 64 or 128, whatever the tiles are."""
     left, right = (3 * residue + 5) % 23, residue % 5
     window = (left, right) if residue % 3 else (-1, -1)
-    return Case(1, 37, 37 + residue - 8, 2, 1, 16, causal=residue % 2 == 0, window=window)
+    return Case(1, 37, 37 + residue - 8, 2, 1, 16, causal=residue % 2 == 0, window=window,
+                deterministic=residue % 4 < 2)
 
 
 @pytest.mark.parametrize("case", [edge_case(r) for r in range(16)], ids=lambda c: c.id)
@@ -113,9 +118,11 @@ def oracle_kwargs(kwargs):
                 softcap=kwargs.get("softcap", 0.0), softmax_scale=kwargs.get("softmax_scale"))
 
 
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "det"])
 @pytest.mark.parametrize("params", VARLEN_CASES, ids=varlen_id)
-def test_varlen(params, device):
+def test_varlen(params, deterministic, device):
     lengths_q, lengths_k, nheads, nheads_k, headdim, kwargs = params
+    kwargs = dict(kwargs, deterministic=deterministic)
     q, k, v, dout, cu_q, cu_k = varlen_inputs(lengths_q, lengths_k, nheads, nheads_k, headdim, device)
 
     def ours(q, k, v):
@@ -202,7 +209,8 @@ def test_deterministic_bitwise(device):
     case = Case(2, 50, 50, 4, 1, 32, causal=True, deterministic=True)
     q, k, v, dout = make_inputs(case, device)
     ours = functools.partial(flash_attn_func, **case.kwargs)
-    first, second = grads_of(ours, (q, k, v), dout), grads_of(ours, (q, k, v), dout)
+    _, first = assert_matches_oracle(ours, oracle_for(case), (q, k, v), dout)
+    second = grads_of(ours, (q, k, v), dout)
     for name, a, b in zip(("dq", "dk", "dv"), first, second):
         assert torch.equal(a, b), f"{name} differs between two deterministic runs"
 
