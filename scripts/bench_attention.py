@@ -24,6 +24,7 @@ Markdown table (TFLOP/s, extra MiB, hf_flash's ratio to each backend) last.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -296,6 +297,7 @@ def run_case(name, build, shape, modes, bench):
     except Exception as err:  # a backend that cannot run this shape is a row, not a crash
         row["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}"
     finally:
+        gc.collect()  # drop what a failed attempt left behind before the next backend allocates
         torch.cuda.empty_cache()
     return row
 
@@ -414,6 +416,8 @@ def parse_args(argv=None):
     p.add_argument("--flex-dynamic", action="store_true",
                    help="compile FlexAttention with dynamic shapes: far fewer compiles, maybe slower kernels")
     p.add_argument("--time-budget", type=float, default=0, help="seconds; stop starting new shapes after it (0: none)")
+    p.add_argument("--resume", help="a bench_attention.json of an earlier run: keep its rows, measure only the\n"
+                   "shapes it lacks (a long grid over several invocations; every shape's backends still run together)")
     p.add_argument("--out", default=os.environ.get("OUT") or "outputs/bench_attention", help="output folder")
     p.add_argument("--list", action="store_true", help="print the shapes and exit (no GPU needed)")
     args = p.parse_args(argv)
@@ -428,6 +432,27 @@ def parse_args(argv=None):
     if bad:
         p.error(f"unknown dtype/mode {bad}: dtypes are bf16,fp16 and modes fwd,bwd,fwd_bwd")
     return args
+
+
+def run_shapes(shapes, args, bench, skipped, rows, meta, out_dir):
+    """Measure every backend on each shape in turn, saving the JSON after each row."""
+    start = time.time()
+    for i, shape in enumerate(shapes):
+        if args.time_budget and time.time() - start > args.time_budget:
+            print(f"time budget spent: {len(shapes) - i} shapes not run (--resume the JSON to go on)", flush=True)
+            meta["not_run"] = [s.label for s in shapes[i:]]
+            break
+        for name, build in backend_builders(bool(shape.lengths)).items():
+            if name in skipped or (args.backends and name not in args.backends):
+                continue
+            if name == "eager" and shape.seqlen > args.eager_max_len:
+                continue
+            row = run_case(name, build, shape, args.modes, bench)
+            rows.append(row)
+            speeds = row.get("error") or " ".join(f"{m} {row[f'{m}_tflops']:.0f}" for m in args.modes)
+            print(f"[{time.time() - start:6.0f}s] {shape.label:45s} {name:15s} {speeds}", flush=True)
+            (out_dir / "bench_attention.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (out_dir / "bench_attention.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
 
 def main(argv=None):
@@ -454,26 +479,20 @@ def main(argv=None):
         print(f"note: skipping {name}: {why}", flush=True)
     bench = functools.partial(do_bench, warmup=10, rep=args.rep_ms, return_mode="median")
     _FLEX["dynamic"] = args.flex_dynamic
-    rows, start = [], time.time()
+    rows = []
+    if args.resume:
+        earlier = json.loads(Path(args.resume).read_text())
+        rows = earlier["rows"]
+        if earlier["meta"]["gpu"] != gpu:
+            print(f"note: resuming rows measured on {earlier['meta']['gpu']}; this GPU is {gpu}", flush=True)
+        done = {row["label"] for row in rows}
+        shapes = [shape for shape in shapes if shape.label not in done]
+        print(f"resuming: {len(done)} shapes kept, {len(shapes)} to measure", flush=True)
     meta = {"gpu": gpu, "torch": torch.__version__, "triton": __import__("triton").__version__, "skipped": skipped,
             "tokens_per_batch": TOKENS_PER_BATCH, "hidden": HIDDEN, "modes": args.modes,
             "layouts": "SDPA/Flex/eager [B, H, L, D]; hf_flash/flash-attn [B, L, H, D]; each contiguous",
             "flex_dynamic": args.flex_dynamic, "timing": f"triton do_bench median, rep {args.rep_ms} ms"}
-    for i, shape in enumerate(shapes):
-        if args.time_budget and time.time() - start > args.time_budget:
-            print(f"time budget spent: {len(shapes) - i} shapes not run", flush=True)
-            meta["not_run"] = [s.label for s in shapes[i:]]
-            break
-        for name, build in backend_builders(bool(shape.lengths)).items():
-            if name in skipped or (args.backends and name not in args.backends):
-                continue
-            if name == "eager" and shape.seqlen > args.eager_max_len:
-                continue
-            row = run_case(name, build, shape, args.modes, bench)
-            rows.append(row)
-            speeds = row.get("error") or " ".join(f"{m} {row[f'{m}_tflops']:.0f}" for m in args.modes)
-            print(f"[{time.time() - start:6.0f}s] {shape.label:45s} {name:15s} {speeds}", flush=True)
-            (out_dir / "bench_attention.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    run_shapes(shapes, args, bench, skipped, rows, meta, out_dir)
     plot(rows, args.modes, out_dir)
     print()
     print(markdown_table(rows, args.modes, gpu))
