@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import random
 import time
@@ -81,8 +80,11 @@ def _dense_inputs(shape, layout, device=None):
     gen = torch.Generator(device=device).manual_seed(0)
 
     def make(heads):
-        dims = (shape.batch, heads, shape.seqlen, shape.head_dim) if layout == "bhld" else \
-            (shape.batch, shape.seqlen, heads, shape.head_dim)
+        dims = (
+            (shape.batch, heads, shape.seqlen, shape.head_dim)
+            if layout == "bhld"
+            else (shape.batch, shape.seqlen, heads, shape.head_dim)
+        )
         return torch.randn(*dims, generator=gen, device=device, dtype=dtype)
 
     q, k, v = make(shape.nheads), make(shape.nheads_k), make(shape.nheads_k)
@@ -92,8 +94,11 @@ def _dense_inputs(shape, layout, device=None):
 def _sdpa(backend_name):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    backend = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
-               "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION}[backend_name]
+    backend = {
+        "sdpa_flash": SDPBackend.FLASH_ATTENTION,
+        "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
+        "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
+    }[backend_name]
 
     def build(shape):
         inputs, dout = _dense_inputs(shape, "bhld")
@@ -133,8 +138,12 @@ def _flex_fn(dynamic=False):
         from torch.nn.attention.flex_attention import flex_attention
 
         # every shape is a recompile; past dynamo's limit (8) flex would silently fall back to eager
-        for knob in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
-                     "accumulated_recompile_limit"):
+        for knob in (
+            "cache_size_limit",
+            "recompile_limit",
+            "accumulated_cache_size_limit",
+            "accumulated_recompile_limit",
+        ):
             if hasattr(torch._dynamo.config, knob):
                 setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 1024))
         _FLEX["fn"] = torch.compile(flex_attention, dynamic=dynamic)
@@ -147,8 +156,9 @@ def _flex(shape):
     inputs, dout = _dense_inputs(shape, "bhld")
     block_mask = None
     if shape.causal:
-        block_mask = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, shape.seqlen,
-                                       shape.seqlen, device=DEVICE)
+        block_mask = create_block_mask(
+            lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, shape.seqlen, shape.seqlen, device=DEVICE
+        )
     gqa = shape.nheads_k != shape.nheads
     flex = _flex_fn(_FLEX.get("dynamic", False))
     return lambda: flex(*inputs, block_mask=block_mask, enable_gqa=gqa), inputs, dout
@@ -156,6 +166,7 @@ def _flex(shape):
 
 def _blhd(module_name):
     """hf_flash or flash-attn, which share flash-attn 2's API and [B, L, H, D] layout."""
+
     def build(shape):
         mod = __import__(module_name)
         inputs, dout = _dense_inputs(shape, "blhd")
@@ -185,8 +196,11 @@ def _varlen_blhd(module_name):
         mod = __import__(module_name)
         inputs, dout, cu = _packed_inputs(shape)
         longest = max(shape.lengths)
-        return (lambda: mod.flash_attn_varlen_func(*inputs, cu, cu, longest, longest, causal=shape.causal),
-                inputs, dout)
+        return (
+            lambda: mod.flash_attn_varlen_func(*inputs, cu, cu, longest, longest, causal=shape.causal),
+            inputs,
+            dout,
+        )
 
     return build
 
@@ -197,8 +211,9 @@ def _varlen_flex(shape):
 
     inputs, dout, cu = _packed_inputs(shape)
     total = cu[-1].item()
-    doc = torch.repeat_interleave(torch.arange(len(shape.lengths), device=DEVICE),
-                                  torch.tensor(shape.lengths, device=DEVICE))
+    doc = torch.repeat_interleave(
+        torch.arange(len(shape.lengths), device=DEVICE), torch.tensor(shape.lengths, device=DEVICE)
+    )
 
     def same_doc(b, h, q_idx, kv_idx):
         keep = doc[q_idx] == doc[kv_idx]
@@ -229,8 +244,12 @@ def _varlen_sdpa_njt(shape):
 
 def backend_builders(varlen):
     if varlen:
-        return {"hf_flash": _varlen_blhd("hf_flash"), "flash_attn": _varlen_blhd("flash_attn"), "flex": _varlen_flex,
-                "sdpa_njt": _varlen_sdpa_njt}
+        return {
+            "hf_flash": _varlen_blhd("hf_flash"),
+            "flash_attn": _varlen_blhd("flash_attn"),
+            "flex": _varlen_flex,
+            "sdpa_njt": _varlen_sdpa_njt,
+        }
     builders = {"hf_flash": _blhd("hf_flash"), "flex": _flex, "eager": _eager, "flash_attn": _blhd("flash_attn")}
     builders.update({name: _sdpa(name) for name in ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient")})
     return builders
@@ -294,7 +313,7 @@ def run_case(name, build, shape, modes, bench):
         row["extra_mib"] = result["extra_mib"]
     except torch.cuda.OutOfMemoryError:
         row["error"] = "out of memory"
-    except Exception as err:  # a backend that cannot run this shape is a row, not a crash
+    except Exception as err:  # noqa: BLE001 (a backend that cannot run this shape is a row, not a crash)
         row["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}"
     finally:
         gc.collect()  # drop what a failed attempt left behind before the next backend allocates
@@ -340,9 +359,12 @@ def markdown_table(rows, modes, gpu):
     for row in rows:
         by_case.setdefault(row["label"], {})[row["backend"]] = row
     mode_heads = " | ".join(f"{m} TFLOP/s" for m in modes)
-    lines = [f"GPU: {gpu}. hf_flash ratio = hf_flash's TFLOP/s / the backend's (>1: hf_flash faster).", "",
-             f"| case | backend | {mode_heads} | extra MiB | " + " | ".join(f"hf_flash ratio {m}" for m in modes) + " |",
-             "|" + "---|" * (3 + 2 * len(modes))]
+    lines = [
+        f"GPU: {gpu}. hf_flash ratio = hf_flash's TFLOP/s / the backend's (>1: hf_flash faster).",
+        "",
+        f"| case | backend | {mode_heads} | extra MiB | " + " | ".join(f"hf_flash ratio {m}" for m in modes) + " |",
+        "|" + "---|" * (3 + 2 * len(modes)),
+    ]
     for label, backends in by_case.items():
         ours = backends.get("hf_flash", {})
         for name, row in backends.items():
@@ -350,8 +372,9 @@ def markdown_table(rows, modes, gpu):
                 lines.append(f"| {label} | {name} | {row['error']} |" + " |" * (2 * len(modes)))
                 continue
             speeds = " | ".join(f"{row[f'{m}_tflops']:.0f}" for m in modes)
-            ratios = " | ".join(f"{ours[f'{m}_tflops'] / row[f'{m}_tflops']:.2f}" if f"{m}_tflops" in ours else "-"
-                                for m in modes)
+            ratios = " | ".join(
+                f"{ours[f'{m}_tflops'] / row[f'{m}_tflops']:.2f}" if f"{m}_tflops" in ours else "-" for m in modes
+            )
             lines.append(f"| {label} | {name} | {speeds} | {row['extra_mib']:.0f} | {ratios} |")
     return "\n".join(lines)
 
@@ -365,17 +388,26 @@ def plot(rows, modes, out_dir):
 
     for dtype in sorted({r["shape"]["dtype"] for r in rows}):
         ok = [r for r in rows if r["shape"]["dtype"] == dtype and "error" not in r and not r["shape"]["lengths"]]
-        panels = sorted({(r["shape"]["nheads_k"] != r["shape"]["nheads"], r["shape"]["head_dim"], r["shape"]["causal"])
-                         for r in ok})
+        panels = sorted(
+            {(r["shape"]["nheads_k"] != r["shape"]["nheads"], r["shape"]["head_dim"], r["shape"]["causal"]) for r in ok}
+        )
         if not panels:
             continue
         fig, axes = plt.subplots(len(panels), len(modes), figsize=(5 * len(modes), 3.2 * len(panels)), squeeze=False)
         for (gqa, head_dim, causal), ax_row in zip(panels, axes):
             for mode, ax in zip(modes, ax_row):
                 for backend in DENSE_BACKENDS:
-                    pts = sorted((r["shape"]["seqlen"], r[f"{mode}_tflops"]) for r in ok if r["backend"] == backend
-                                 and (r["shape"]["nheads_k"] != r["shape"]["nheads"], r["shape"]["head_dim"],
-                                      r["shape"]["causal"]) == (gqa, head_dim, causal))
+                    pts = sorted(
+                        (r["shape"]["seqlen"], r[f"{mode}_tflops"])
+                        for r in ok
+                        if r["backend"] == backend
+                        and (
+                            r["shape"]["nheads_k"] != r["shape"]["nheads"],
+                            r["shape"]["head_dim"],
+                            r["shape"]["causal"],
+                        )
+                        == (gqa, head_dim, causal)
+                    )
                     if pts:
                         ax.plot(*zip(*pts), marker="o", label=backend, linewidth=2.5 if backend == "hf_flash" else 1)
                 ax.set_xscale("log", base=2)
@@ -401,7 +433,9 @@ def _csv(kind):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     preset = p.add_mutually_exclusive_group()
-    preset.add_argument("--quick", action="store_true", help="bf16, D 64/128, L 1k/4k/16k, causal and not; no GQA/varlen")
+    preset.add_argument(
+        "--quick", action="store_true", help="bf16, D 64/128, L 1k/4k/16k, causal and not; no GQA/varlen"
+    )
     preset.add_argument("--full", action="store_true", help="the whole grid (also the default)")
     p.add_argument("--dtypes", type=_csv(str), help="comma-separated from bf16,fp16")
     p.add_argument("--head-dims", type=_csv(int), help="e.g. 64,128,256")
@@ -413,11 +447,17 @@ def parse_args(argv=None):
     p.add_argument("--no-varlen", dest="varlen", action="store_false", help="leave out the varlen rows")
     p.add_argument("--eager-max-len", type=int, default=8192, help="skip eager above this L (quadratic memory)")
     p.add_argument("--rep-ms", type=float, default=50, help="do_bench's rep: ms of timed runs per number (default 50)")
-    p.add_argument("--flex-dynamic", action="store_true",
-                   help="compile FlexAttention with dynamic shapes: far fewer compiles, maybe slower kernels")
+    p.add_argument(
+        "--flex-dynamic",
+        action="store_true",
+        help="compile FlexAttention with dynamic shapes: far fewer compiles, maybe slower kernels",
+    )
     p.add_argument("--time-budget", type=float, default=0, help="seconds; stop starting new shapes after it (0: none)")
-    p.add_argument("--resume", help="a bench_attention.json of an earlier run: keep its rows, measure only the\n"
-                   "shapes it lacks (a long grid over several invocations; every shape's backends still run together)")
+    p.add_argument(
+        "--resume",
+        help="a bench_attention.json of an earlier run: keep its rows, measure only the\n"
+        "shapes it lacks (a long grid over several invocations; every shape's backends still run together)",
+    )
     p.add_argument("--out", default=os.environ.get("OUT") or "outputs/bench_attention", help="output folder")
     p.add_argument("--list", action="store_true", help="print the shapes and exit (no GPU needed)")
     args = p.parse_args(argv)
@@ -488,10 +528,18 @@ def main(argv=None):
         done = {row["label"] for row in rows}
         shapes = [shape for shape in shapes if shape.label not in done]
         print(f"resuming: {len(done)} shapes kept, {len(shapes)} to measure", flush=True)
-    meta = {"gpu": gpu, "torch": torch.__version__, "triton": __import__("triton").__version__, "skipped": skipped,
-            "tokens_per_batch": TOKENS_PER_BATCH, "hidden": HIDDEN, "modes": args.modes,
-            "layouts": "SDPA/Flex/eager [B, H, L, D]; hf_flash/flash-attn [B, L, H, D]; each contiguous",
-            "flex_dynamic": args.flex_dynamic, "timing": f"triton do_bench median, rep {args.rep_ms} ms"}
+    meta = {
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "skipped": skipped,
+        "tokens_per_batch": TOKENS_PER_BATCH,
+        "hidden": HIDDEN,
+        "modes": args.modes,
+        "layouts": "SDPA/Flex/eager [B, H, L, D]; hf_flash/flash-attn [B, L, H, D]; each contiguous",
+        "flex_dynamic": args.flex_dynamic,
+        "timing": f"triton do_bench median, rep {args.rep_ms} ms",
+    }
     run_shapes(shapes, args, bench, skipped, rows, meta, out_dir)
     plot(rows, args.modes, out_dir)
     print()

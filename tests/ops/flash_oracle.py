@@ -12,7 +12,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-
 from conftest import assert_close_rel
 
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -55,8 +54,13 @@ class Case:
     @property
     def kwargs(self) -> dict:
         """Keyword arguments of flash_attn_func that this case sets."""
-        return dict(causal=self.causal, window_size=self.window, softcap=self.softcap,
-                    dropout_p=self.dropout_p, deterministic=self.deterministic)
+        return {
+            "causal": self.causal,
+            "window_size": self.window,
+            "softcap": self.softcap,
+            "dropout_p": self.dropout_p,
+            "deterministic": self.deterministic,
+        }
 
 
 def make_inputs(case: Case, device, seed: int = 0):
@@ -89,8 +93,7 @@ def visible_mask(seqlen_q, seqlen_k, causal=False, window=(-1, -1), device=None)
     return mask
 
 
-def attention_oracle(q, k, v, softmax_scale=None, causal=False, window=(-1, -1), softcap=0.0,
-                     keep=None, dropout_p=0.0):
+def attention_oracle(q, k, v, softmax_scale=None, causal=False, window=(-1, -1), softcap=0.0, keep=None, dropout_p=0.0):
     """Dense attention in the dtype of the inputs. Returns (out [B, Lq, H, D], lse [B, H, Lq]).
 
     keep: optional [B, H, Lq, Lk] bool dropout mask (True = kept); kept weights are scaled by 1/(1-p).
@@ -122,8 +125,9 @@ def varlen_oracle(q, k, v, cu_seqlens_q, cu_seqlens_k, keep=None, **kwargs):
     bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     for b in range(len(bounds_q) - 1):
         sq, sk = slice(bounds_q[b], bounds_q[b + 1]), slice(bounds_k[b], bounds_k[b + 1])
-        out, lse = attention_oracle(q[None, sq], k[None, sk], v[None, sk],
-                                    keep=None if keep is None else keep[b], **kwargs)
+        out, lse = attention_oracle(
+            q[None, sq], k[None, sk], v[None, sk], keep=None if keep is None else keep[b], **kwargs
+        )
         outs.append(out[0])
         lses.append(lse[0])
     return torch.cat(outs), torch.cat(lses, dim=-1)
@@ -178,15 +182,20 @@ def recover_keep_mask(forward, key_pos, total_q, nheads, headdim, max_seqlen_k, 
         v[rows, :, key_pos[rows] - start] = 1
         out = forward(v).reshape(total_q, nheads, headdim).float()
         width = min(headdim, max_seqlen_k - start)
-        keep[:, :, start:start + width] = out[:, :, :width] != 0
-        weights[:, :, start:start + width] = out[:, :, :width]
+        keep[:, :, start : start + width] = out[:, :, :width] != 0
+        weights[:, :, start : start + width] = out[:, :, :width]
     return keep, weights
 
 
 def oracle_for(case: Case, **extra):
     """attention_oracle with the case's masking options, returning only the output."""
-    return functools.partial(lambda q, k, v, **kw: attention_oracle(q, k, v, **kw)[0], causal=case.causal,
-                             window=case.window, softcap=case.softcap, **extra)
+    return functools.partial(
+        lambda q, k, v, **kw: attention_oracle(q, k, v, **kw)[0],
+        causal=case.causal,
+        window=case.window,
+        softcap=case.softcap,
+        **extra,
+    )
 
 
 def varlen_inputs(lengths_q, lengths_k, nheads, nheads_k, headdim, device, dtype=torch.float16, seed=0):
@@ -211,8 +220,17 @@ def dense_keep_mask(attn_fn, case: Case, k, seed):
         return attn_fn(q0, k, v.unflatten(0, (case.batch, case.seqlen_k)), **case.kwargs)
 
     key_pos = torch.arange(case.seqlen_k, device=k.device).repeat(case.batch)
-    keep, weights = recover_keep_mask(forward, key_pos, case.batch * case.seqlen_q, case.nheads, case.headdim,
-                                      case.seqlen_k, case.nheads_k, case.dtype, k.device)
+    keep, weights = recover_keep_mask(
+        forward,
+        key_pos,
+        case.batch * case.seqlen_q,
+        case.nheads,
+        case.headdim,
+        case.seqlen_k,
+        case.nheads_k,
+        case.dtype,
+        k.device,
+    )
 
     def to_bhqk(x):
         return x.unflatten(0, (case.batch, case.seqlen_q)).transpose(1, 2)
@@ -231,7 +249,8 @@ def varlen_keep_masks(attn_fn, q, k, lengths_q, lengths_k, seed, **kwargs):
         return attn_fn(q0, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
 
     key_pos = torch.cat([torch.arange(n, device=q.device) for n in lengths_k])
-    keep, _ = recover_keep_mask(forward, key_pos, q.shape[0], q.shape[1], q.shape[2], max_k, k.shape[1], q.dtype,
-                                q.device)
+    keep, _ = recover_keep_mask(
+        forward, key_pos, q.shape[0], q.shape[1], q.shape[2], max_k, k.shape[1], q.dtype, q.device
+    )
     starts = cu_q.tolist()
-    return [keep[starts[b]:starts[b + 1], :, :n].transpose(0, 1)[None] for b, n in enumerate(lengths_k)]
+    return [keep[starts[b] : starts[b + 1], :, :n].transpose(0, 1)[None] for b, n in enumerate(lengths_k)]

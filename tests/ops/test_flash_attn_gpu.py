@@ -14,10 +14,19 @@ import random
 
 import pytest
 import torch
-from flash_oracle import (Case, assert_matches_oracle, attention_oracle, dense_keep_mask, make_inputs, oracle_for,
-                          varlen_inputs, varlen_keep_masks, varlen_oracle)
-
 from conftest import assert_close_rel
+from flash_oracle import (
+    Case,
+    assert_matches_oracle,
+    attention_oracle,
+    dense_keep_mask,
+    make_inputs,
+    oracle_for,
+    varlen_inputs,
+    varlen_keep_masks,
+    varlen_oracle,
+)
+
 from hf_flash import flash_attn_func, flash_attn_kvpacked_func, flash_attn_varlen_func, flash_attn_varlen_kvpacked_func
 
 pytestmark = pytest.mark.gpu
@@ -85,19 +94,36 @@ def window_for(flag, seqlen_k, rng):
 
 # ---- dense [B, L, H, D] grid ----
 
-DENSE_AXES = dict(
-    dtype=[torch.float16, torch.bfloat16],
-    headdim=HEAD_DIMS,
-    seqlens=[(1, 1), (1, 239), (239, 1), (3, 799), (799, 3), (97, 97), (113, 203), (203, 113), (128, 217),
-             (108, 256), (256, 512), (512, 256), (127, 513), (1023, 1024), (1024, 1023), (1025, 1025), (2048, 2048)],
-    heads=MHA_GQA_MQA,
-    causal=[False, True],
-    window=[False, True],
-    softcap=[0.0, 5.0],  # 5 bends scores of size ~3 noticeably, so a wrong tanh derivative shows
-    dropout=[0.0, 0.17],
-    deterministic=[False, True],
-    api=["func", "kvpacked"],
-)
+DENSE_AXES = {
+    "dtype": [torch.float16, torch.bfloat16],
+    "headdim": HEAD_DIMS,
+    "seqlens": [
+        (1, 1),
+        (1, 239),
+        (239, 1),
+        (3, 799),
+        (799, 3),
+        (97, 97),
+        (113, 203),
+        (203, 113),
+        (128, 217),
+        (108, 256),
+        (256, 512),
+        (512, 256),
+        (127, 513),
+        (1023, 1024),
+        (1024, 1023),
+        (1025, 1025),
+        (2048, 2048),
+    ],
+    "heads": MHA_GQA_MQA,
+    "causal": [False, True],
+    "window": [False, True],
+    "softcap": [0.0, 5.0],  # 5 bends scores of size ~3 noticeably, so a wrong tanh derivative shows
+    "dropout": [0.0, 0.17],
+    "deterministic": [False, True],
+    "api": ["func", "kvpacked"],
+}
 
 
 def dense_grid():
@@ -105,9 +131,19 @@ def dense_grid():
     grid = []
     for c in covering_cases(DENSE_AXES, required_pairs(DENSE_AXES), TILE, seed=0):
         seqlen_q, seqlen_k = c["seqlens"]
-        case = Case(2 if max(c["seqlens"]) <= 512 else 1, seqlen_q, seqlen_k, *c["heads"], c["headdim"],
-                    causal=c["causal"], window=window_for(c["window"], seqlen_k, rng), softcap=c["softcap"],
-                    dropout_p=c["dropout"], deterministic=c["deterministic"], dtype=c["dtype"])
+        case = Case(
+            2 if max(c["seqlens"]) <= 512 else 1,
+            seqlen_q,
+            seqlen_k,
+            *c["heads"],
+            c["headdim"],
+            causal=c["causal"],
+            window=window_for(c["window"], seqlen_k, rng),
+            softcap=c["softcap"],
+            dropout_p=c["dropout"],
+            deterministic=c["deterministic"],
+            dtype=c["dtype"],
+        )
         grid.append(pytest.param(case, c["api"], id=case.id + ("-kvpacked" if c["api"] == "kvpacked" else "")))
     return grid
 
@@ -137,20 +173,31 @@ def test_dense_grid(case, api):
 
 # ---- varlen grid: packed sequences with random padding ----
 
-VARLEN_AXES = dict(
-    dtype=[torch.float16, torch.bfloat16],
-    headdim=HEAD_DIMS,
-    seqlens=[(1, 147), (113, 203), (128, 217), (113, 211), (108, 256), (256, 512), (512, 256), (1024, 1024),
-             (1023, 1024), (1024, 1023), (2048, 2048)],
-    heads=MHA_GQA_MQA,
-    causal=[False, True],
-    window=[False, True],
-    softcap=[0.0, 5.0],
-    dropout=[0.0, 0.17],
-    deterministic=[False, True],
-    padding=["random", "third", "full", "with-empty"],
-    api=["func", "kvpacked"],
-)
+VARLEN_AXES = {
+    "dtype": [torch.float16, torch.bfloat16],
+    "headdim": HEAD_DIMS,
+    "seqlens": [
+        (1, 147),
+        (113, 203),
+        (128, 217),
+        (113, 211),
+        (108, 256),
+        (256, 512),
+        (512, 256),
+        (1024, 1024),
+        (1023, 1024),
+        (1024, 1023),
+        (2048, 2048),
+    ],
+    "heads": MHA_GQA_MQA,
+    "causal": [False, True],
+    "window": [False, True],
+    "softcap": [0.0, 5.0],
+    "dropout": [0.0, 0.17],
+    "deterministic": [False, True],
+    "padding": ["random", "third", "full", "with-empty"],
+    "api": ["func", "kvpacked"],
+}
 
 
 def padded_lengths(max_len, batch, mode, rng):
@@ -172,9 +219,19 @@ def varlen_grid():
         batch = 4 if max(c["seqlens"]) <= 512 else 2
         lengths_q = padded_lengths(c["seqlens"][0], batch, c["padding"], rng)
         lengths_k = padded_lengths(c["seqlens"][1], batch, c["padding"], rng)
-        case = Case(batch, max(lengths_q), max(lengths_k), *c["heads"], c["headdim"], causal=c["causal"],
-                    window=window_for(c["window"], max(lengths_k), rng), softcap=c["softcap"],
-                    dropout_p=c["dropout"], deterministic=c["deterministic"], dtype=c["dtype"])
+        case = Case(
+            batch,
+            max(lengths_q),
+            max(lengths_k),
+            *c["heads"],
+            c["headdim"],
+            causal=c["causal"],
+            window=window_for(c["window"], max(lengths_k), rng),
+            softcap=c["softcap"],
+            dropout_p=c["dropout"],
+            deterministic=c["deterministic"],
+            dtype=c["dtype"],
+        )
         name = f"{case.id}-varlen-{c['padding']}" + ("-kvpacked" if c["api"] == "kvpacked" else "")
         grid.append(pytest.param(case, lengths_q, lengths_k, c["api"], id=name))
     return grid
@@ -182,8 +239,9 @@ def varlen_grid():
 
 @pytest.mark.parametrize("case,lengths_q,lengths_k,api", varlen_grid())
 def test_varlen_grid(case, lengths_q, lengths_k, api):
-    q, k, v, dout, cu_q, cu_k = varlen_inputs(lengths_q, lengths_k, case.nheads, case.nheads_k, case.headdim, "cuda",
-                                              case.dtype)
+    q, k, v, dout, cu_q, cu_k = varlen_inputs(
+        lengths_q, lengths_k, case.nheads, case.nheads_k, case.headdim, "cuda", case.dtype
+    )
     max_q, max_k = max(lengths_q), max(lengths_k)
     keep = None
     if case.dropout_p:
@@ -192,13 +250,24 @@ def test_varlen_grid(case, lengths_q, lengths_k, api):
     def ours(q, k, v):
         torch.manual_seed(DROPOUT_SEED)
         if api == "kvpacked":
-            return flash_attn_varlen_kvpacked_func(q, torch.stack([k, v], dim=1), cu_q, cu_k, max_q, max_k,
-                                                   **case.kwargs)
+            return flash_attn_varlen_kvpacked_func(
+                q, torch.stack([k, v], dim=1), cu_q, cu_k, max_q, max_k, **case.kwargs
+            )
         return flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, **case.kwargs)
 
     def oracle(q, k, v):
-        return varlen_oracle(q, k, v, cu_q, cu_k, keep=keep, causal=case.causal, window=case.window,
-                             softcap=case.softcap, dropout_p=case.dropout_p)[0]
+        return varlen_oracle(
+            q,
+            k,
+            v,
+            cu_q,
+            cu_k,
+            keep=keep,
+            causal=case.causal,
+            window=case.window,
+            softcap=case.softcap,
+            dropout_p=case.dropout_p,
+        )[0]
 
     _, grads = assert_matches_oracle(ours, oracle, (q, k, v), dout)
     if case.deterministic:
@@ -249,9 +318,12 @@ def test_offsets_past_2_31():
     for b, rows, hk in ((batch - 1, slice(seqlen - tail, seqlen), nheads_k - 1), (0, slice(0, tail), 0)):
         heads = slice(hk * group, (hk + 1) * group)
         keys = slice(0, rows.stop)
-        inputs = (q[b:b + 1, rows, heads].detach(), k[b:b + 1, keys, hk:hk + 1].detach(),
-                  v[b:b + 1, keys, hk:hk + 1].detach())
-        upstream = dout[b:b + 1, rows, heads]
+        inputs = (
+            q[b : b + 1, rows, heads].detach(),
+            k[b : b + 1, keys, hk : hk + 1].detach(),
+            v[b : b + 1, keys, hk : hk + 1].detach(),
+        )
+        upstream = dout[b : b + 1, rows, heads]
         refs = []
         for upcast in (True, False):
             leaves = [(x.float() if upcast else x.clone()).requires_grad_() for x in inputs]
@@ -259,12 +331,16 @@ def test_offsets_past_2_31():
             refs.append((ref_out, *torch.autograd.grad(ref_out, leaves, upstream.to(ref_out.dtype))))
         (ref_out, ref_dq, ref_dk, ref_dv), (pt_out, pt_dq, pt_dk, pt_dv) = refs
         where = f"batch {b}, rows {rows.start}..{rows.stop - 1}"
-        assert_close_rel(f"out ({where})", out[b:b + 1, rows, heads], ref_out, pt_out, 2)
-        assert_close_rel(f"dq ({where})", q.grad[b:b + 1, rows, heads], ref_dq, pt_dq, 3)
+        assert_close_rel(f"out ({where})", out[b : b + 1, rows, heads], ref_out, pt_out, 2)
+        assert_close_rel(f"dq ({where})", q.grad[b : b + 1, rows, heads], ref_dq, pt_dq, 3)
         if rows.stop == seqlen:  # keys 0..63 of batch 0 are seen by later rows too: no exact dK/dV there
             last = slice(seqlen - tail, seqlen)
-            assert_close_rel(f"dk ({where})", k.grad[b:b + 1, last, hk:hk + 1], ref_dk[:, -tail:], pt_dk[:, -tail:], 3)
-            assert_close_rel(f"dv ({where})", v.grad[b:b + 1, last, hk:hk + 1], ref_dv[:, -tail:], pt_dv[:, -tail:], 3)
+            assert_close_rel(
+                f"dk ({where})", k.grad[b : b + 1, last, hk : hk + 1], ref_dk[:, -tail:], pt_dk[:, -tail:], 3
+            )
+            assert_close_rel(
+                f"dv ({where})", v.grad[b : b + 1, last, hk : hk + 1], ref_dv[:, -tail:], pt_dv[:, -tail:], 3
+            )
 
 
 def extra_peak_bytes(seqlen, batch=1, nheads=16, headdim=128):
