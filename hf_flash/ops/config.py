@@ -1,12 +1,30 @@
-"""Where the kernels can run, and with which tile sizes.
+"""Where the kernels can run, and with which tile sizes on each chip.
 
-The kernels run on CUDA GPUs through Triton, or on CPU tensors through Triton's interpreter when
-``TRITON_INTERPRET=1`` was set before ``hf_flash`` was imported (slow: for tests and debugging).
+The kernels run on CUDA GPUs of compute capability 7.5 (T4) and newer through Triton, or on CPU tensors
+through Triton's interpreter when ``TRITON_INTERPRET=1`` was set before ``hf_flash`` was imported (slow:
+for tests and debugging).
+
+Tiles come from one :class:`ChipTable` per chip family, picked from the GPU's compute capability and its
+shared memory per block (:func:`table_for`): a table is used only where its tiles fit. What differs:
+
+* sm75 (T4, 64 KB): Triton lowers ``tl.dot`` to FMA on CUDA cores below sm80 (no ``mma.sync``), and
+  an FMA dot holds whole operand rows in registers, so the tiles are small enough not to spill. There
+  is no ``cp.async`` either, so nothing to pipeline (one stage). No bfloat16.
+* sm80 (A100, 163 KB) and sm86/sm89 (RTX 30/40, A10, L4, 99 KB): tensor cores with ``cp.async``
+  pipelining; the 99 KB chips get fewer stages or narrower key blocks.
+* sm90 (H100/H200, 227 KB): measured on an H100.
+
+``HF_FLASH_ARCH=sm75`` (or :func:`force_arch`) makes hf_flash treat the GPU as that chip: its tile table
+and its dtype rules (never enabling what the real GPU lacks). It exists to run each chip's tiles on the
+GPU at hand in tests; forcing a bigger chip's table than the GPU's shared memory allows fails at launch.
+``tests/ops/test_chips.py`` cross-compiles every table for its chip and checks shared memory and spills.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -14,10 +32,86 @@ import triton
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
+ARCH_ENV = "HF_FLASH_ARCH"
+KB = 1024
 
 
 def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# ------------------------------------------------------------------------------------------------
+# Which chip: the GPU's own capability, or the one forced by HF_FLASH_ARCH / force_arch
+# ------------------------------------------------------------------------------------------------
+
+
+def parse_arch(arch: str) -> tuple[int, int]:
+    """``"sm75"``, ``"sm_75"``, ``"75"`` or ``"7.5"`` -> ``(7, 5)``; ``"sm120"`` -> ``(12, 0)``."""
+    text = str(arch).strip().lower()
+    dotted = re.fullmatch(r"(\d+)\.(\d)", text)
+    plain = re.fullmatch(r"(?:sm_?)?(\d+)(\d)", text)
+    match = dotted or plain
+    if match is None:
+        raise ValueError(
+            f"{ARCH_ENV} / arch must name a compute capability like 'sm75', 'sm_80', '86' or '9.0', got {arch!r}"
+        )
+    return int(match.group(1)), int(match.group(2))
+
+
+_forced: str | None = os.environ.get(ARCH_ENV) or None
+
+
+def force_arch(arch: str | None) -> str | None:
+    """Treat every CUDA GPU as ``arch`` (e.g. ``"sm75"``) from now on, or stop with None. Returns the
+    previous setting, so a caller can restore it. Starts from ``$HF_FLASH_ARCH``."""
+    global _forced
+    if arch is not None:
+        parse_arch(arch)  # reject a bad name here, not at the next attention call
+    previous, _forced = _forced, arch
+    return previous
+
+
+def forced_arch() -> tuple[int, int] | None:
+    """The capability forced by :func:`force_arch` / ``$HF_FLASH_ARCH``, or None."""
+    return None if _forced is None else parse_arch(_forced)
+
+
+def forced_arch_name() -> str | None:
+    return _forced
+
+
+# opt-in shared memory per block, the most one program may use (CUDA's occupancy tables);
+# used where torch does not report it and for a forced arch
+_SMEM_PER_BLOCK = {
+    (7, 5): 64 * KB, (8, 0): 163 * KB, (8, 6): 99 * KB, (8, 7): 163 * KB, (8, 9): 99 * KB,
+    (9, 0): 227 * KB, (10, 0): 227 * KB, (12, 0): 99 * KB,
+}
+
+
+def default_smem_per_block(capability: tuple[int, int]) -> int:
+    """Known shared memory per block of ``capability``, else that of the nearest older known chip."""
+    older = [c for c in _SMEM_PER_BLOCK if c <= tuple(capability)]
+    return _SMEM_PER_BLOCK[max(older)] if older else 48 * KB
+
+
+@functools.cache
+def _device_facts(index: int) -> tuple[tuple[int, int], int, str]:
+    props = torch.cuda.get_device_properties(index)
+    capability = (props.major, props.minor)
+    smem = getattr(props, "shared_memory_per_block_optin", 0) or default_smem_per_block(capability)
+    return capability, int(smem), props.name
+
+
+def device_facts(device: torch.device | str | int | None = None) -> tuple[tuple[int, int], int, str]:
+    """(compute capability, shared memory per block in bytes, name) of a CUDA device, as the kernels see
+    it: a forced arch replaces the capability and takes that chip's shared memory."""
+    device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    capability, smem, name = _device_facts(index)
+    forced = forced_arch()
+    if forced is not None:
+        return forced, default_smem_per_block(forced), name
+    return capability, smem, name
 
 
 def kernels_unavailable_reason(device: torch.device | str, dtype: torch.dtype) -> str | None:
@@ -27,16 +121,25 @@ def kernels_unavailable_reason(device: torch.device | str, dtype: torch.dtype) -
         return f"dtype {dtype} is not supported by the hf_flash kernels: torch.float16 and torch.bfloat16 are"
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
-        if major < 7 or (major, minor) < (7, 5):
-            return f"GPU compute capability {major}.{minor} is below 7.5 (T4), the oldest the kernels target"
+        forced = forced_arch()
+        if forced is not None and forced < (major, minor):
+            major, minor = forced  # a forced older chip brings its limits; a newer one brings none
+        where = f"this GPU is {major}.{minor}" + (f" ({ARCH_ENV}={_forced})" if forced is not None else "")
+        if (major, minor) < (7, 5):
+            return f"GPU compute capability {major}.{minor} is below 7.5 (T4), the oldest the kernels target; {where}"
         if dtype == torch.bfloat16 and major < 8:
-            return f"bfloat16 needs compute capability 8.0 or newer, this GPU is {major}.{minor}"
+            return f"bfloat16 needs compute capability 8.0 or newer (float16 runs on the kernels); {where}"
         return None
     if device.type == "cpu":
         if interpreter_enabled():
             return None
         return "tensors are on the CPU and TRITON_INTERPRET=1 is not set (the kernels need a CUDA GPU)"
     return f"device type {device.type!r} is not supported: the kernels run on CUDA GPUs"
+
+
+# ------------------------------------------------------------------------------------------------
+# Tile tables
+# ------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -53,29 +156,110 @@ def block_d_for(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-# Tile configs (block_m, block_n, num_warps, num_stages) measured on an H100 (bf16, L = 4k, 16k tokens,
-# torch 2.11 + Triton 3.6), best of a sweep per head-dim class; see README's benchmark section.
-_FWD = {64: (128, 64, 8, 3), 128: (128, 128, 8, 3), 256: (64, 64, 4, 3)}
-_DKDV = {64: (32, 64, 4, 3), 128: (64, 128, 8, 3), 256: (32, 64, 4, 3)}
-_DQ = {64: (64, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 4, 3)}
+Tiles = dict  # head-dim class (padded head dim 64 / 128 / 256) -> (block_m, block_n, num_warps, num_stages)
+
+
+@dataclass(frozen=True)
+class ChipTable:
+    """Tiles of the three attention kernels for one chip family.
+
+    ``fwd``: query blocks of ``block_m`` walking key blocks of ``block_n``; ``dkdv``: key blocks of
+    ``block_n`` walking query blocks of ``block_m``; ``dq``: like the forward. A head dim uses the
+    smallest class >= its padded size (D = 80 pads to 128)."""
+
+    name: str
+    chips: str
+    min_capability: tuple[int, int]
+    smem_per_block: int  # bytes: every tile below fits (tests/ops/test_chips.py compiles and checks)
+    tensor_cores: bool  # whether Triton lowers tl.dot to mma here (sm80+) or to FMA on CUDA cores
+    fwd: Tiles
+    dkdv: Tiles
+    dq: Tiles
+    source: str  # how the tiles were chosen
+
+    def config(self, kernel: str, head_dim: int) -> KernelConfig:
+        """``kernel``: "fwd", "dkdv" or "dq"."""
+        tiles = getattr(self, kernel)
+        block_d = block_d_for(head_dim)
+        head_class = min(c for c in tiles if c >= block_d)
+        block_m, block_n, num_warps, num_stages = tiles[head_class]
+        return KernelConfig(block_m, block_n, block_d, num_warps, num_stages)
+
+
+SM90 = ChipTable(
+    "sm90", "H100, H200 (and newer GPUs with >= 227 KB shared memory per block)", (9, 0), 227 * KB, True,
+    # measured on an H100 (bf16, L = 4k, 16k tokens, torch 2.11 + Triton 3.6), best of a sweep per
+    # head-dim class; see README's benchmark section
+    fwd={64: (128, 64, 8, 3), 128: (128, 128, 8, 3), 256: (64, 64, 4, 3)},
+    dkdv={64: (32, 64, 4, 3), 128: (64, 128, 8, 3), 256: (32, 64, 4, 3)},
+    dq={64: (64, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 4, 3)},
+    source="swept on an H100",
+)
+
+SM80 = ChipTable(
+    "sm80", "A100, A30, Jetson Orin (163 KB shared memory per block)", (8, 0), 163 * KB, True,
+    # the H100 tiles where they fit 163 KB without spilling; smaller key blocks / fewer stages where not
+    fwd={64: (128, 64, 8, 3), 128: (128, 64, 8, 3), 256: (64, 32, 4, 3)},
+    dkdv={64: (32, 64, 4, 3), 128: (64, 64, 8, 3), 256: (32, 64, 8, 2)},
+    dq={64: (64, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 8, 2)},
+    source="fitted to 163 KB and the register file by cross-compiling; not timed on an A100",
+)
+
+SM86 = ChipTable(
+    "sm86", "RTX 30xx/40xx, A10, A40, L4, L40 (sm86/sm89, 99 KB shared memory per block)", (8, 6), 99 * KB, True,
+    # 99 KB: two stages, and narrower blocks from head dim 128 on
+    fwd={64: (128, 64, 8, 3), 128: (128, 64, 8, 2), 256: (64, 32, 4, 2)},
+    dkdv={64: (32, 64, 4, 2), 128: (32, 64, 8, 2), 256: (16, 32, 4, 2)},
+    dq={64: (64, 64, 4, 2), 128: (64, 32, 4, 2), 256: (32, 32, 4, 2)},
+    source="fitted to 99 KB and the register file by cross-compiling; not timed on an sm86/sm89 GPU",
+)
+
+SM75 = ChipTable(
+    "sm75", "T4, RTX 20xx, Quadro RTX (64 KB shared memory per block; float16 only)", (7, 5), 64 * KB, False,
+    # FMA dots keep whole operand rows in registers: at most ~8 outputs per thread, fewer as D grows;
+    # one stage, since without cp.async there is nothing to overlap
+    fwd={64: (64, 32, 8, 1), 128: (32, 32, 8, 1), 256: (32, 16, 8, 1)},
+    dkdv={64: (16, 64, 8, 1), 128: (16, 16, 8, 1), 256: (16, 16, 8, 1)},
+    dq={64: (32, 32, 8, 1), 128: (16, 16, 8, 1), 256: (16, 16, 8, 1)},
+    source="fitted to 64 KB and the register file by cross-compiling; not timed on a T4",
+)
+
+TABLES = {t.name: t for t in (SM75, SM80, SM86, SM90)}
+
+
+def table_for(capability: tuple[int, int], smem_per_block: int | None = None) -> ChipTable:
+    """The fastest table this chip can run: its capability reaches the table's and its shared memory
+    holds the table's tiles. E.g. sm87 (Orin, 163 KB) -> sm80, sm120 (99 KB) -> sm86, sm100 -> sm90."""
+    capability = tuple(capability)
+    smem = smem_per_block if smem_per_block is not None else default_smem_per_block(capability)
+    for table in (SM90, SM80, SM86):
+        if capability >= table.min_capability and smem >= table.smem_per_block:
+            return table
+    return SM75
+
+
+def chip_table(device: torch.device | str | None = None) -> ChipTable:
+    """The table the kernels use on a CUDA device (honouring a forced arch)."""
+    capability, smem, _ = device_facts(device)
+    return table_for(capability, smem)
+
+
 # the interpreter's cost grows with the tile; small tiles also exercise the block loops in CPU tests
 _INTERPRETER = (16, 16, 4, 1)
 
 
-def _pick(table: dict, head_dim: int, device: torch.device) -> KernelConfig:
-    block_d = block_d_for(head_dim)
+def _pick(kernel: str, head_dim: int, device: torch.device) -> KernelConfig:
     if device.type != "cuda":
-        return KernelConfig(*_INTERPRETER[:2], block_d, *_INTERPRETER[2:])
-    head_class = min(c for c in table if c >= block_d)
-    block_m, block_n, num_warps, num_stages = table[head_class]
-    return KernelConfig(block_m, block_n, block_d, num_warps, num_stages)
+        block_m, block_n, num_warps, num_stages = _INTERPRETER
+        return KernelConfig(block_m, block_n, block_d_for(head_dim), num_warps, num_stages)
+    return chip_table(device).config(kernel, head_dim)
 
 
 def forward_config(head_dim: int, device: torch.device) -> KernelConfig:
-    return _pick(_FWD, head_dim, device)
+    return _pick("fwd", head_dim, device)
 
 
 def backward_config(head_dim: int, device: torch.device) -> tuple[KernelConfig, KernelConfig]:
     """Configs of the two backward kernels: dK/dV (key blocks of ``block_n`` walking query blocks of
     ``block_m``) and dQ (query blocks of ``block_m`` walking key blocks of ``block_n``)."""
-    return _pick(_DKDV, head_dim, device), _pick(_DQ, head_dim, device)
+    return _pick("dkdv", head_dim, device), _pick("dq", head_dim, device)

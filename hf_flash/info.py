@@ -1,0 +1,149 @@
+"""What hf_flash does on this machine: ``hf_flash.info()`` or ``python -m hf_flash``.
+
+Prints the versions that matter (torch, Triton, Transformers), whether Triton's interpreter is on, and
+for each GPU its chip, the tile table picked for it and, per dtype, whether attention runs on the
+hf_flash kernels or falls back to PyTorch SDPA, and why. :func:`report` returns the same as a dict.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import sys
+
+import torch
+
+from hf_flash.ops import config
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FALLBACK = "PyTorch SDPA"  # what the Transformers integration runs instead (hf_flash.fallback)
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _env_flag(name: str) -> str:
+    value = os.environ.get(name, "")
+    return "off" if value in ("", "0") else f"on ({name}={value})"
+
+
+def _paths(device: torch.device, dot_on: str) -> dict[str, dict[str, str]]:
+    """dtype name -> {"path": "kernels" | "fallback", "why": ...}."""
+    paths = {}
+    for dtype in DTYPES:
+        reason = config.kernels_unavailable_reason(device, dtype)
+        name = str(dtype).removeprefix("torch.")
+        if reason is None:
+            paths[name] = {"path": "kernels", "why": dot_on}
+        else:
+            paths[name] = {"path": "fallback", "why": f"fallback to {FALLBACK}: {reason}"}
+    return paths
+
+
+def _tiles(table: config.ChipTable) -> dict[str, dict[str, str]]:
+    """head-dim class -> kernel -> "block_m x block_n, warps, stages"."""
+    out = {}
+    for head_class in sorted(table.fwd):
+        row = {}
+        for kernel in ("fwd", "dkdv", "dq"):
+            c = table.config(kernel, head_class)
+            row[kernel] = f"{c.block_m}x{c.block_n} w{c.num_warps} s{c.num_stages}"
+        out[f"D<={head_class}"] = row
+    return out
+
+
+def _gpu(index: int) -> dict:
+    device = torch.device("cuda", index)
+    props = torch.cuda.get_device_properties(index)
+    capability, smem, _ = config.device_facts(device)
+    table = config.table_for(capability, smem)
+    if table.tensor_cores:
+        dot_on = "tensor cores (mma)"
+    else:
+        dot_on = ("CUDA cores: Triton emits no mma.sync below sm80, so tl.dot runs as FMA; PyTorch SDPA's "
+                  "memory-efficient backend uses this GPU's tensor cores")
+    return {
+        "index": index,
+        "name": props.name,
+        "capability": f"{props.major}.{props.minor}",
+        "treated_as": None if config.forced_arch() is None else "{}.{}".format(*capability),
+        "smem_per_block_kb": smem // config.KB,
+        "table": table.name,
+        "table_chips": table.chips,
+        "table_source": table.source,
+        "matmuls": dot_on,
+        "paths": _paths(device, dot_on),
+        "tiles": _tiles(table),
+    }
+
+
+def report() -> dict:
+    """Everything :func:`info` prints, as plain data."""
+    from hf_flash import __version__
+
+    gpus = [_gpu(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    cpu_note = "Triton's interpreter (slow: tests and debugging)" if config.interpreter_enabled() else ""
+    return {
+        "hf_flash": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": _version("triton"),
+        "transformers": _version("transformers"),
+        "interpreter": _env_flag("TRITON_INTERPRET"),
+        "forced_arch": config.forced_arch_name(),
+        "strict": _env_flag("HF_FLASH_STRICT"),
+        "gpus": gpus,
+        "cpu_paths": _paths(torch.device("cpu"), cpu_note),
+        "max_head_dim": config.MAX_HEAD_DIM,
+    }
+
+
+def format_report(r: dict) -> str:
+    cuda = f" (CUDA {r['cuda']})" if r["cuda"] else " (no CUDA)"
+    lines = [
+        f"hf_flash {r['hf_flash']}",
+        f"  python {r['python']} | torch {r['torch']}{cuda} | triton {r['triton']} | transformers {r['transformers']}",
+        (
+            f"  TRITON_INTERPRET {r['interpreter']} | {config.ARCH_ENV} {r['forced_arch'] or 'not set'} | "
+            f"HF_FLASH_STRICT {r['strict']} (fallbacks {'raise' if r['strict'] != 'off' else 'warn once'})"
+        ),
+    ]
+    for gpu in r["gpus"]:
+        treated = f", treated as {gpu['treated_as']} ({config.ARCH_ENV})" if gpu["treated_as"] else ""
+        lines += [
+            (
+                f"GPU {gpu['index']}: {gpu['name']}, compute capability {gpu['capability']}{treated}, "
+                f"{gpu['smem_per_block_kb']} KB shared memory per block"
+            ),
+            f"  tile table {gpu['table']} ({gpu['table_chips']}; {gpu['table_source']})",
+            f"  tl.dot on {gpu['matmuls']}",
+        ]
+        lines += _format_paths(gpu["paths"])
+        lines.append("  tiles (block_m x block_n, warps, stages):")
+        for head_class, row in gpu["tiles"].items():
+            lines.append(f"    {head_class:<7} forward {row['fwd']:<14} dK/dV {row['dkdv']:<14} dQ {row['dq']}")
+    if not r["gpus"]:
+        lines.append("no CUDA GPU")
+    lines.append("CPU tensors:")
+    lines += _format_paths(r["cpu_paths"])
+    lines.append(f"any device: head dim > {r['max_head_dim']} -> fallback ({FALLBACK})")
+    return "\n".join(lines)
+
+
+def _format_paths(paths: dict) -> list[str]:
+    lines = []
+    for dtype, p in paths.items():
+        why = f": {p['why']}" if p["path"] == "kernels" and p["why"] else ""
+        lines.append(f"  {dtype:<9} -> {'hf_flash kernels' + why if p['path'] == 'kernels' else p['why']}")
+    return lines
+
+
+def info(file=None) -> None:
+    """Print which attention path hf_flash takes here, per GPU and dtype, and why (see module doc)."""
+    print(format_report(report()), file=file or sys.stdout)

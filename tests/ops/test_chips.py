@@ -1,0 +1,536 @@
+"""Per-chip tile tables: compiled for every chip (CPU, so CI runs it) and run on the GPU at hand.
+
+Only Hopper GPUs and CPUs are at hand, so each chip's configuration is checked twice without its
+hardware:
+
+* cross-compiled for its target (``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``,
+  which needs no GPU) and held to the chip's limits: shared memory per block and register spills;
+* forced on the GPU at hand (``config.force_arch``) and compared against the fp32 reference.
+
+The compiles run in fresh worker processes of this file (``python test_chips.py --worker``): the test
+process has ``TRITON_INTERPRET=1`` on a CPU-only machine (tests/conftest.py), which turns every
+``@triton.jit`` function into an interpreter object that ``triton.compile`` cannot take.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+# ------------------------------------------------------------------------------------------------
+# Cross-compilation (worker side: imports Triton and the kernels without the interpreter)
+# ------------------------------------------------------------------------------------------------
+
+# the kernels' scalar arguments by type; pointers are the capitalised names (Q, Out, dK, ...)
+_FLOAT_ARGS = {"sm_scale", "softcap", "dropout_p"}
+_INT_PREFIXES = ("stride_", "seqlen_", "n_", "window_")
+_FP32_POINTERS = {"Lse", "Delta"}
+_INT_POINTERS = {"cu_seqlens_q", "cu_seqlens_k"}
+
+
+def _arg_type(name: str, dtype: str) -> str:
+    if name in _FLOAT_ARGS:
+        return "fp32"
+    if name == "seed" or name.startswith(_INT_PREFIXES):
+        return "i32"
+    if name in _FP32_POINTERS:
+        return "*fp32"
+    if name in _INT_POINTERS:
+        return "*i32"
+    if re.fullmatch(r"d?[A-Z]\w*", name):
+        return f"*{dtype}"
+    raise AssertionError(f"kernel argument {name!r} has no type rule in test_chips._arg_type; add one")
+
+
+def _kernel(name: str):
+    from hf_flash.ops import backward, forward
+
+    return {"fwd": forward._fwd_kernel, "dkdv": backward._bwd_dkdv, "dq": backward._bwd_dq,
+            "delta": backward._bwd_delta}[name]
+
+
+def _resources(ptxas_log: str, cubin: bytes) -> dict:
+    """Registers and spilled bytes per thread, from ptxas' verbose log (Triton prints it with
+    TRITON_DUMP_PTXAS_LOG=1 when it runs ptxas); None when the kernel came from Triton's cache."""
+    regs = re.search(r"Used (\d+) registers", ptxas_log)
+    spills = re.search(r"(\d+) bytes spill stores", ptxas_log)
+    return {"regs": int(regs.group(1)) if regs else None, "spill_bytes": int(spills.group(1)) if spills else None}
+
+
+def compile_case(case: dict) -> dict:
+    """Compile one kernel specialisation for one target; returns its shared memory and registers.
+
+    ``case``: kernel ("fwd" / "dkdv" / "dq" / "delta"), cc (e.g. 75), dtype ("fp16" / "bf16"),
+    constexprs (name -> value, as the launcher passes them), num_warps, num_stages.
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = _kernel(case["kernel"])
+    constexprs = case["constexprs"]
+    names = list(fn.arg_names)
+    missing = [n for n in constexprs if n not in names]
+    assert not missing, f"{case['kernel']} has no constexpr {missing}: the test's variants are stale"
+    signature = {n: "constexpr" if n in constexprs else _arg_type(n, case["dtype"]) for n in names}
+    # Triton marks 16-byte aligned pointers and strides divisible by 16 at launch (contiguous inputs
+    # with D % 8 == 0); give the compiler the same facts so the code matches what runs
+    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+               if signature[n].startswith("*") or n.startswith("stride_")}
+    source = ASTSource(fn=fn, signature=signature, constexprs=dict(constexprs), attrs=aligned)
+    log = io.StringIO()
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(log):
+        compiled = triton.compile(source, target=GPUTarget("cuda", case["cc"], 32),
+                                  options={"num_warps": case["num_warps"], "num_stages": case["num_stages"]})
+    seconds = time.perf_counter() - start
+    return dict(case, shared=compiled.metadata.shared, seconds=round(seconds, 2),
+                **_resources(log.getvalue(), compiled.asm.get("cubin", b"")))
+
+
+def _worker() -> None:
+    """Read a JSON list of cases on stdin, print one JSON result per line (an error is a result)."""
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+    for case in json.load(sys.stdin):
+        try:
+            result = compile_case(case)
+        except Exception as err:  # noqa: BLE001 - any failure is a result, reported with its case
+            result = dict(case, error=f"{type(err).__name__}: {err}"[:2000])
+        print(json.dumps(result), flush=True)
+
+
+def run_workers(cases: list[dict], processes: int = 2, timeout: float = 600) -> list[dict]:
+    """Compile ``cases`` in ``processes`` fresh interpreters without TRITON_INTERPRET."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; 1 is its default
+    # longest first, dealt round-robin, so the workers finish together
+    shares = [cases[i::processes] for i in range(processes)]
+    procs = [subprocess.Popen([sys.executable, __file__, "--worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env, cwd=REPO) for _ in shares]
+    results = []
+    for proc, share in zip(procs, shares):
+        out, err = proc.communicate(json.dumps(share), timeout=timeout)
+        lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        assert proc.returncode == 0 and len(lines) == len(share), f"compile worker failed:\n{err[-3000:]}"
+        results += lines
+    return results
+
+
+# ------------------------------------------------------------------------------------------------
+# The compile matrix
+# ------------------------------------------------------------------------------------------------
+
+# target capability -> the table hf_flash picks there (sm89 runs the sm86 table)
+TARGETS = {"sm75": 75, "sm80": 80, "sm89": 89, "sm90": 90}
+HEAD_DIMS = (64, 80, 128, 256)  # one per head-dim class; 80 pads to 128 (masked columns)
+FLAG_SETS = {
+    "plain": {},
+    "causal": {"MASK_RIGHT": True},
+    "window-varlen": {"IS_VARLEN": True, "MASK_LEFT": True, "MASK_RIGHT": True},
+    "all": {"IS_VARLEN": True, "MASK_LEFT": True, "MASK_RIGHT": True, "HAS_SOFTCAP": True, "HAS_DROPOUT": True},
+}
+# Registers: the launch needs regs x threads <= the 64K registers of an SM (true of every chip here).
+# Spills: the sm90 tiles won a timed sweep on an H100, spills included, so theirs are only reported;
+# the other tables were fitted without their hardware, so a spill there is a cost nothing measured:
+# bytes per thread allowed in the flag-heavy "all" variant, none in the others.
+REGISTERS_PER_SM = 64 * 1024
+SPILL_BUDGET_ALL = {"sm75": 8192, "sm80": 8192, "sm89": 8192, "sm90": None}
+
+
+def _case(chip: str, kernel: str, head_dim: int, flags: str, dtype: str = "fp16") -> dict:
+    """The specialisation the launchers build for this chip's table (forward.flash_fwd, backward.flash_bwd)."""
+    from hf_flash.ops import config
+
+    table = config.table_for(config.parse_arch(chip))
+    block_d = config.block_d_for(head_dim)
+    case = {"chip": chip, "table": table.name, "kernel": kernel, "cc": TARGETS[chip], "dtype": dtype, "flags": flags}
+    if kernel == "delta":
+        # flash_bwd launches it with BLOCK_M=64 and Triton's default warps and stages
+        constexprs = {"HEAD_DIM": head_dim, "BLOCK_M": 64, "BLOCK_D": block_d, "IS_VARLEN": flags != "plain"}
+        return {**case, "constexprs": constexprs, "num_warps": 4, "num_stages": 3}
+    c = table.config(kernel, head_dim)
+    constexprs = {"HEAD_DIM": head_dim, "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_D": c.block_d}
+    constexprs.update(dict.fromkeys(("IS_VARLEN", "MASK_LEFT", "MASK_RIGHT", "HAS_SOFTCAP", "HAS_DROPOUT"), False))
+    constexprs.update(FLAG_SETS[flags])
+    return {**case, "constexprs": constexprs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+
+
+def quick_matrix() -> list[dict]:
+    """One compile per (chip, kernel), a Latin square over head dims: every kernel meets every head-dim
+    class on some chip, each in the flag-heavy variant (the most registers); the delta kernel alternates
+    varlen. 16 compiles, about a minute on two cores."""
+    cases = []
+    for i, chip in enumerate(TARGETS):
+        for j, kernel in enumerate(("fwd", "dkdv", "dq")):
+            cases.append(_case(chip, kernel, HEAD_DIMS[(i + j) % len(HEAD_DIMS)], "all"))
+        cases.append(_case(chip, "delta", HEAD_DIMS[i], "all" if i % 2 else "plain"))
+    return cases
+
+
+def full_matrix() -> list[dict]:
+    """Every chip x kernel x head dim x flag set, plus bf16 on the chips that have it."""
+    cases = [_case(chip, kernel, d, flags) for chip in TARGETS for kernel in ("fwd", "dkdv", "dq")
+             for d in HEAD_DIMS for flags in FLAG_SETS]
+    cases += [_case(chip, "delta", d, flags) for chip in TARGETS for d in HEAD_DIMS for flags in ("plain", "all")]
+    cases += [_case(chip, kernel, 128, "causal", "bf16") for chip in ("sm80", "sm89", "sm90")
+              for kernel in ("fwd", "dkdv", "dq")]
+    return cases
+
+
+def _describe(r: dict) -> str:
+    c = r["constexprs"]
+    tile = f"{c['BLOCK_M']}x{c.get('BLOCK_N', '-')}"
+    return (f"{r['chip']:<5} {r['kernel']:<5} D{c['HEAD_DIM']:<4} {r['flags']:<13} {r['dtype']} {tile:<8} "
+            f"w{r['num_warps']} s{r['num_stages']}: smem {r.get('shared')} regs {r.get('regs')} "
+            f"spill {r.get('spill_bytes')} ({r.get('seconds')} s)")
+
+
+def check_results(results: list[dict]) -> list[str]:
+    """Every limit a result breaks, as readable lines (empty when all fit)."""
+    from hf_flash.ops import config
+
+    problems = []
+    for r in results:
+        if "error" in r:
+            problems.append(f"{_describe(r)}\n    compile failed: {r['error']}")
+            continue
+        limit = config.TABLES[r["table"]].smem_per_block
+        if r["shared"] > limit:
+            problems.append(f"{_describe(r)}\n    shared memory {r['shared']} B > the chip's {limit} B per block")
+        if r["regs"] is not None and r["regs"] * 32 * r["num_warps"] > REGISTERS_PER_SM:
+            problems.append(f"{_describe(r)}\n    {r['regs']} registers x {32 * r['num_warps']} threads > 64K")
+        budget = SPILL_BUDGET_ALL[r["chip"]]
+        if budget is not None and r["spill_bytes"] is not None and r["kernel"] != "delta":
+            allowed = budget if r["flags"] == "all" else 0
+            if r["spill_bytes"] > allowed:
+                problems.append(f"{_describe(r)}\n    spills {r['spill_bytes']} B per thread > {allowed} B allowed")
+    return problems
+
+
+def _compile_and_check(cases: list[dict]) -> None:
+    processes = max(1, min(len(cases), os.cpu_count() or 1))
+    start = time.perf_counter()
+    results = run_workers(sorted(cases, key=_cost, reverse=True), processes=processes)
+    print(f"\n{len(results)} compiles in {time.perf_counter() - start:.0f} s on {processes} processes")
+    for r in results:
+        print("  " + _describe(r))
+    problems = check_results(results)
+    assert not problems, "kernels that do not fit their chip:\n" + "\n".join(problems)
+
+
+def _cost(case: dict) -> int:
+    # compile time grows with the tile, and FMA code (sm75) unrolls every multiply-add
+    c = case["constexprs"]
+    work = c["BLOCK_M"] * c.get("BLOCK_N", 16) * c["BLOCK_D"] // (case["num_warps"] * 32)
+    return work * (4 if case["cc"] < 80 else 1) * (2 if case["flags"] == "all" else 1)
+
+
+def test_compile_matrix_quick():
+    """Each chip's tiles compile for that chip and fit its shared memory and registers."""
+    pytest.importorskip("triton.compiler", reason="Triton without a compiler package")
+    _compile_and_check(quick_matrix())
+
+
+@pytest.mark.skipif(not os.environ.get("HF_FLASH_FULL_MATRIX"),
+                    reason="the full cross-compile matrix takes ~15 min on 2 cores; set HF_FLASH_FULL_MATRIX=1")
+def test_compile_matrix_full():
+    _compile_and_check(full_matrix())
+
+
+# ------------------------------------------------------------------------------------------------
+# Picking a table (CPU: the GPU is described to config.py by monkeypatching)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """``fake_gpu(capability, smem)`` makes config.py and info.py see one CUDA GPU of that kind."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from hf_flash.ops import config
+
+    monkeypatch.setattr(config, "_forced", None)
+
+    def install(capability, smem=None, name="Fake GPU"):
+        smem = smem if smem is not None else config.default_smem_per_block(capability)
+        props = SimpleNamespace(name=name, major=capability[0], minor=capability[1],
+                                shared_memory_per_block_optin=smem)
+        monkeypatch.setattr(config, "_device_facts", lambda index: (tuple(capability), smem, name))
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index=None: props)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: tuple(capability))
+        return torch.device("cuda", 0)
+
+    return install
+
+
+@pytest.mark.parametrize("text, expected", [("sm75", (7, 5)), ("sm_80", (8, 0)), ("86", (8, 6)), ("8.9", (8, 9)),
+                                            ("SM90", (9, 0)), ("sm120", (12, 0))])
+def test_parse_arch(text, expected):
+    from hf_flash.ops import config
+
+    assert config.parse_arch(text) == expected
+
+
+def test_bad_arch_names_the_setting():
+    from hf_flash.ops import config
+
+    with pytest.raises(ValueError, match="HF_FLASH_ARCH.*'sm75'"):
+        config.force_arch("volta")
+
+
+@pytest.mark.parametrize("capability, smem_kb, table", [
+    ((7, 5), 64, "sm75"), ((8, 0), 163, "sm80"), ((8, 6), 99, "sm86"), ((8, 7), 163, "sm80"), ((8, 9), 99, "sm86"),
+    ((9, 0), 227, "sm90"), ((10, 0), 227, "sm90"), ((12, 0), 99, "sm86"),
+    ((9, 0), 99, "sm86"),  # a Hopper part with less shared memory gets tiles that fit it
+    ((8, 0), 64, "sm75"),
+])
+def test_table_follows_capability_and_shared_memory(capability, smem_kb, table):
+    from hf_flash.ops import config
+
+    assert config.table_for(capability, smem_kb * 1024).name == table
+    if smem_kb * 1024 == config.default_smem_per_block(capability):  # torch without the smem property
+        assert config.table_for(capability).name == table
+
+
+@pytest.mark.parametrize("name", ["sm75", "sm80", "sm86", "sm90"])
+def test_tables_cover_every_head_dim(name):
+    from hf_flash.ops import config
+
+    table = config.TABLES[name]
+    for kernel in ("fwd", "dkdv", "dq"):
+        assert sorted(getattr(table, kernel)) == [64, 128, 256]
+        for head_dim in (1, 16, 59, 64, 80, 111, 128, 160, 256):
+            c = table.config(kernel, head_dim)
+            assert c.block_d >= head_dim and c.block_d >= 16
+            for block in (c.block_m, c.block_n):
+                assert block >= 16 and block & (block - 1) == 0  # tl.dot needs powers of two >= 16
+    assert table.config("fwd", 80) == table.config("fwd", 128)
+
+
+def test_configs_follow_the_gpu(fake_gpu):
+    from hf_flash.ops import config
+
+    device = fake_gpu((7, 5), name="Tesla T4")
+    assert config.forward_config(64, device) == config.SM75.config("fwd", 64)
+    assert config.backward_config(256, device) == (config.SM75.config("dkdv", 256), config.SM75.config("dq", 256))
+    device = fake_gpu((8, 9), name="NVIDIA L4")
+    assert config.forward_config(128, device) == config.SM86.config("fwd", 128)
+
+
+def test_forced_arch_replaces_the_table_and_restores(fake_gpu):
+    from hf_flash.ops import config
+
+    device = fake_gpu((9, 0), name="NVIDIA H100")  # the fixture restores the forced arch afterwards
+    assert config.chip_table(device).name == "sm90"
+    assert config.force_arch("sm75") is None
+    assert config.chip_table(device).name == "sm75"
+    assert config.forward_config(64, device) == config.SM75.config("fwd", 64)
+    assert config.device_facts(device)[:2] == ((7, 5), 64 * 1024)
+    assert config.force_arch(None) == "sm75"
+    assert config.chip_table(device).name == "sm90"
+
+
+def test_t4_runs_fp16_and_refuses_bf16_with_a_reason(fake_gpu):
+    import torch
+
+    from hf_flash.ops import config
+
+    device = fake_gpu((7, 5), name="Tesla T4")
+    assert config.kernels_unavailable_reason(device, torch.float16) is None
+    reason = config.kernels_unavailable_reason(device, torch.bfloat16)
+    assert "bfloat16" in reason and "8.0" in reason and "7.5" in reason
+
+
+def test_forcing_an_older_chip_brings_its_limits_but_a_newer_one_lifts_none(fake_gpu):
+    import torch
+
+    from hf_flash.ops import config
+
+    h100 = fake_gpu((9, 0))
+    config.force_arch("sm75")
+    assert "HF_FLASH_ARCH=sm75" in config.kernels_unavailable_reason(h100, torch.bfloat16)
+    t4 = fake_gpu((7, 5))
+    config.force_arch("sm90")
+    assert config.kernels_unavailable_reason(t4, torch.bfloat16) is not None
+
+
+def test_fp16_on_sm70_is_refused(fake_gpu):
+    import torch
+
+    from hf_flash.ops import config
+
+    assert "below 7.5" in config.kernels_unavailable_reason(fake_gpu((7, 0)), torch.float16)
+
+
+# ------------------------------------------------------------------------------------------------
+# hf_flash.info / python -m hf_flash
+# ------------------------------------------------------------------------------------------------
+
+
+def test_info_on_a_t4_says_cuda_cores_and_bf16_fallback(fake_gpu):
+    from hf_flash import info as info_module
+
+    fake_gpu((7, 5), name="Tesla T4")
+    r = info_module.report()
+    gpu = r["gpus"][0]
+    assert (gpu["name"], gpu["capability"], gpu["table"], gpu["smem_per_block_kb"]) == ("Tesla T4", "7.5", "sm75", 64)
+    assert gpu["paths"]["float16"]["path"] == "kernels" and "CUDA cores" in gpu["paths"]["float16"]["why"]
+    assert gpu["paths"]["bfloat16"]["path"] == "fallback" and "bfloat16" in gpu["paths"]["bfloat16"]["why"]
+    assert gpu["paths"]["float32"]["path"] == "fallback"
+    out = io.StringIO()
+    info_module.info(file=out)
+    text = out.getvalue()
+    for needle in ("Tesla T4", "compute capability 7.5", "tile table sm75", "triton", "TRITON_INTERPRET", "D<=256"):
+        assert needle in text, (needle, text)
+
+
+def test_info_shows_a_forced_arch(fake_gpu):
+    from hf_flash import info as info_module
+    from hf_flash.ops import config
+
+    fake_gpu((9, 0), name="NVIDIA H100")
+    config.force_arch("sm80")
+    gpu = info_module.report()["gpus"][0]
+    assert (gpu["capability"], gpu["treated_as"], gpu["table"]) == ("9.0", "8.0", "sm80")
+
+
+def test_python_m_hf_flash_prints_the_report():
+    out = subprocess.run([sys.executable, "-m", "hf_flash"], capture_output=True, text=True, cwd=REPO, timeout=300,
+                         check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    import triton
+
+    assert f"triton {triton.__version__}" in out.stdout and "float16" in out.stdout, out.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# Each chip's tiles on the GPU at hand
+# ------------------------------------------------------------------------------------------------
+
+GPU_SHAPES = [  # (batch, seqlen_q, seqlen_k, heads, kv heads, head dim, causal)
+    (2, 113, 203, 4, 2, 64, True),
+    (1, 255, 255, 2, 2, 128, False),
+    (2, 97, 65, 4, 1, 256, True),
+    (1, 130, 257, 2, 2, 80, False),
+]
+
+
+@pytest.fixture
+def forced(request):
+    from hf_flash.ops import config
+
+    previous = config.force_arch(request.param)
+    yield request.param
+    config.force_arch(previous)
+
+
+def _shape_id(shape):
+    b, lq, lk, h, hk, d, causal = shape
+    return f"B{b}-Lq{lq}-Lk{lk}-H{h}/{hk}-D{d}" + ("-causal" if causal else "")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=_shape_id)
+@pytest.mark.parametrize("forced", list(TARGETS), indirect=True)
+def test_chip_tiles_match_reference_on_this_gpu(forced, shape):
+    import torch
+    from conftest import assert_close_rel
+
+    from hf_flash import flash_attn_func
+    from hf_flash.ops import config
+    from hf_flash.ops.reference import attention_ref
+
+    b, lq, lk, h, hk, d, causal = shape
+    device = torch.device("cuda")
+    table = config.table_for(config.parse_arch(forced))
+    assert config.forward_config(d, device) == table.config("fwd", d)
+    torch.manual_seed(0)
+    q = torch.randn(b, lq, h, d, device=device, dtype=torch.float16, requires_grad=True)
+    k, v = (torch.randn(b, lk, hk, d, device=device, dtype=torch.float16, requires_grad=True) for _ in range(2))
+    dout = torch.randn(b, lq, h, d, device=device, dtype=torch.float16)
+    out = flash_attn_func(q, k, v, causal=causal)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref = attention_ref(q, k, v, causal=causal)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), dout)
+    base = attention_ref(q, k, v, causal=causal, upcast=False)
+    base_grads = torch.autograd.grad(base, (q, k, v), dout)
+    assert_close_rel(f"{forced} out", out, ref, base, 2)
+    for name, ours, r, bl in zip(("dq", "dk", "dv"), grads, ref_grads, base_grads):
+        assert_close_rel(f"{forced} {name}", ours, r, bl, 3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("forced", list(TARGETS), indirect=True)
+def test_chip_tiles_varlen_window_softcap_on_this_gpu(forced):
+    import torch
+    from conftest import assert_close_rel
+
+    from hf_flash import flash_attn_varlen_func
+    from hf_flash.ops.reference import attention_ref_varlen
+
+    device = torch.device("cuda")
+    lens_q, lens_k = [37, 0, 130, 64], [70, 5, 130, 97]
+    cu_q = torch.tensor([0] + lens_q, device=device).cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0] + lens_k, device=device).cumsum(0).to(torch.int32)
+    torch.manual_seed(1)
+    q = torch.randn(sum(lens_q), 4, 128, device=device, dtype=torch.float16, requires_grad=True)
+    k, v = (torch.randn(sum(lens_k), 2, 128, device=device, dtype=torch.float16, requires_grad=True) for _ in range(2))
+    dout = torch.randn_like(q)
+    options = {"causal": True, "window_size": (40, 0), "softcap": 20.0}
+    out = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), **options)
+    ref = attention_ref_varlen(q, k, v, cu_q, cu_k, **options)
+    base = attention_ref_varlen(q, k, v, cu_q, cu_k, upcast=False, **options)
+    assert_close_rel(f"{forced} varlen out", out, ref, base, 2)
+    for name, ours, r, bl in zip(("dq", "dk", "dv"), torch.autograd.grad(out, (q, k, v), dout),
+                                 torch.autograd.grad(ref, (q, k, v), dout), torch.autograd.grad(base, (q, k, v), dout)):
+        assert_close_rel(f"{forced} varlen {name}", ours, r, bl, 3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("forced", ["sm75"], indirect=True)
+def test_bf16_on_sm75_warns_once_and_falls_back(forced, monkeypatch):
+    """A T4 has no bfloat16: the Transformers integration runs SDPA instead, with one warning."""
+    import warnings
+
+    import torch
+
+    from hf_flash import fallback
+    from hf_flash.integrations.transformers import hf_flash_attention_forward
+    from hf_flash.ops.reference import attention_ref
+
+    monkeypatch.delenv("HF_FLASH_STRICT", raising=False)
+    fallback.reset_warnings()
+    layer = torch.nn.Module()
+    layer.is_causal, layer.training = True, False
+    torch.manual_seed(2)
+    q, k, v = (torch.randn(2, 4, 50, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))  # [B, H, L, D]
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        out, _ = hf_flash_attention_forward(layer, q, k, v, None)
+        hf_flash_attention_forward(layer, q, k, v, None)
+    messages = [str(w.message) for w in record if issubclass(w.category, fallback.FallbackWarning)]
+    fallback.reset_warnings()
+    assert len(messages) == 1 and "bfloat16" in messages[0] and "SDPA" in messages[0], messages
+    expected = attention_ref(*(t.transpose(1, 2) for t in (q, k, v)), causal=True)
+    torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
+    _worker()
