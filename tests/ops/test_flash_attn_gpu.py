@@ -92,6 +92,14 @@ def window_for(flag, seqlen_k, rng):
     return (rng.randrange(max(seqlen_k, 1)), rng.randrange(max(seqlen_k, 1))) if flag else (-1, -1)
 
 
+def case_from(axes_values, batch, seqlen_q, seqlen_k, rng):
+    """The Case of one covering-design row (a dict of axis values)."""
+    c = axes_values
+    return Case(batch, seqlen_q, seqlen_k, *c["heads"], c["headdim"], causal=c["causal"],
+                window=window_for(c["window"], seqlen_k, rng), softcap=c["softcap"], dropout_p=c["dropout"],
+                deterministic=c["deterministic"], dtype=c["dtype"])  # fmt: skip
+
+
 # ---- dense [B, L, H, D] grid ----
 
 DENSE_AXES = {
@@ -130,20 +138,7 @@ def dense_grid():
     rng = random.Random(1)
     grid = []
     for c in covering_cases(DENSE_AXES, required_pairs(DENSE_AXES), TILE, seed=0):
-        seqlen_q, seqlen_k = c["seqlens"]
-        case = Case(
-            2 if max(c["seqlens"]) <= 512 else 1,
-            seqlen_q,
-            seqlen_k,
-            *c["heads"],
-            c["headdim"],
-            causal=c["causal"],
-            window=window_for(c["window"], seqlen_k, rng),
-            softcap=c["softcap"],
-            dropout_p=c["dropout"],
-            deterministic=c["deterministic"],
-            dtype=c["dtype"],
-        )
+        case = case_from(c, 2 if max(c["seqlens"]) <= 512 else 1, *c["seqlens"], rng)
         grid.append(pytest.param(case, c["api"], id=case.id + ("-kvpacked" if c["api"] == "kvpacked" else "")))
     return grid
 
@@ -174,8 +169,7 @@ def test_dense_grid(case, api):
 # ---- varlen grid: packed sequences with random padding ----
 
 VARLEN_AXES = {
-    "dtype": [torch.float16, torch.bfloat16],
-    "headdim": HEAD_DIMS,
+    **DENSE_AXES,
     "seqlens": [
         (1, 147),
         (113, 203),
@@ -189,14 +183,7 @@ VARLEN_AXES = {
         (1024, 1023),
         (2048, 2048),
     ],
-    "heads": MHA_GQA_MQA,
-    "causal": [False, True],
-    "window": [False, True],
-    "softcap": [0.0, 5.0],
-    "dropout": [0.0, 0.17],
-    "deterministic": [False, True],
     "padding": ["random", "third", "full", "with-empty"],
-    "api": ["func", "kvpacked"],
 }
 
 
@@ -219,19 +206,7 @@ def varlen_grid():
         batch = 4 if max(c["seqlens"]) <= 512 else 2
         lengths_q = padded_lengths(c["seqlens"][0], batch, c["padding"], rng)
         lengths_k = padded_lengths(c["seqlens"][1], batch, c["padding"], rng)
-        case = Case(
-            batch,
-            max(lengths_q),
-            max(lengths_k),
-            *c["heads"],
-            c["headdim"],
-            causal=c["causal"],
-            window=window_for(c["window"], max(lengths_k), rng),
-            softcap=c["softcap"],
-            dropout_p=c["dropout"],
-            deterministic=c["deterministic"],
-            dtype=c["dtype"],
-        )
+        case = case_from(c, batch, max(lengths_q), max(lengths_k), rng)
         name = f"{case.id}-varlen-{c['padding']}" + ("-kvpacked" if c["api"] == "kvpacked" else "")
         grid.append(pytest.param(case, lengths_q, lengths_k, c["api"], id=name))
     return grid
