@@ -1,0 +1,44 @@
+"""Shared test setup.
+
+Without a CUDA GPU the Triton kernels run under Triton's interpreter on CPU tensors. The interpreter
+is chosen when a kernel is decorated, so ``TRITON_INTERPRET`` is set here, before anything imports
+``hf_flash``.
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def assert_close_rel(name, ours, ref_fp32, torch_same_dtype, factor, eps=1e-5):
+    """flash-attn's rule: our error against the fp32 reference is at most ``factor`` times the error
+    of PyTorch's own computation in the same low-precision dtype, plus a small absolute eps."""
+    err = max_err(ours, ref_fp32)
+    base = max_err(torch_same_dtype, ref_fp32)
+    assert torch.isfinite(ours.float()).all(), f"{name}: non-finite values"
+    assert err <= factor * base + eps, f"{name}: max err {err:.3e} > {factor} x torch err {base:.3e} + {eps}"
