@@ -128,7 +128,8 @@ def _bwd_dkdv_inner(
     return dk, dv
 
 
-@triton.jit
+# a fresh dropout seed every call must not trigger a recompile (ints are specialized on % 16)
+@triton.jit(do_not_specialize=["seed"])
 def _bwd_dkdv(
     Q, K, V, dO, Lse, Delta, dK, dV, DQacc, cu_seqlens_q, cu_seqlens_k,
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
@@ -232,7 +233,8 @@ def _bwd_dq_inner(
     return dq
 
 
-@triton.jit
+# a fresh dropout seed every call must not trigger a recompile (ints are specialized on % 16)
+@triton.jit(do_not_specialize=["seed"])
 def _bwd_dq(
     Q, K, V, dO, Lse, Delta, dQ, cu_seqlens_q, cu_seqlens_k,
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,

@@ -66,7 +66,8 @@ def _fwd_inner(
     return acc, l_i, m_i
 
 
-@triton.jit
+# a fresh dropout seed every call must not trigger a recompile (ints are specialized on % 16)
+@triton.jit(do_not_specialize=["seed"])
 def _fwd_kernel(
     Q, K, V, Out, Lse, cu_seqlens_q, cu_seqlens_k,
     stride_qb, stride_qm, stride_qh,

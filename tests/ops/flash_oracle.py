@@ -151,8 +151,20 @@ def assert_matches_oracle(ours_fn, oracle_fn, inputs, dout, grad_names=("dq", "d
     assert out.shape == ref_out.shape, f"output shape {tuple(out.shape)} != {tuple(ref_out.shape)}"
     assert_close_rel("out", out, ref_out, pt_out, 2)
     for name, grad, ref, pt in zip(grad_names, grads, ref_grads, pt_grads):
-        assert_close_rel(name, grad, ref, pt, 3)
+        assert_close_rel(name, grad, ref, pt, 3, eps=_zero_gradient_floor(ref, pt, dout))
     return out, grads
+
+
+def _zero_gradient_floor(ref, pt, dout):
+    """Where PyTorch's own error is exactly 0 the relative rule has no scale: with one visible key,
+    softmax's gradient cancels algebraically in PyTorch (P = 1, dS = dP - dP), while any FlashAttention
+    computes delta = rowsum(dO * O) from the output rounded to fp16/bf16 and keeps a rounding residue
+    (larger with dropout, whose 1/(1-p) makes O inexact). The floor is then one unit in the last place
+    of the dtype at the scale of the upstream gradient; otherwise the usual 1e-5."""
+    if (pt.float() - ref.float()).abs().max().item() > 0:
+        return 1e-5
+    ulp = torch.finfo(pt.dtype).eps
+    return max(1e-5, ulp * dout.float().abs().max().item())
 
 
 def cu_seqlens(lengths, device):
