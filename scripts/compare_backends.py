@@ -5,6 +5,17 @@
     python scripts/compare_backends.py --model-preset llama-3.2-1b --seq-lens 2048,8192,32768 \\
         --max-steps 8 --gradient-checkpointing
 
+Several GPUs: run this script with plain python and give the launcher; every backend then trains
+under it (DDP or FSDP), and --baseline-dir adds speed-up and scaling efficiency against a 1-GPU run:
+
+    python scripts/compare_backends.py --model-preset llama-3.2-1b --seq-lens 8192 --output-dir runs/1gpu
+    python scripts/compare_backends.py --model-preset llama-3.2-1b --seq-lens 8192 --output-dir runs/ddp2 \\
+        --launcher "accelerate launch --config_file examples/accelerate/ddp.yaml --num_processes 2" \\
+        --baseline-dir runs/1gpu
+
+(`accelerate launch scripts/compare_backends.py` would start one whole comparison per GPU, each
+running single-process fine-tunes on the same GPU; the script refuses to run that way.)
+
 Writes OUTPUT_DIR/results.json, results.md (a Markdown table), loss_curves.png and speed_memory.png.
 An out-of-memory run is a row saying OOM. Options not listed here go unchanged to
 scripts/finetune_lora.py (e.g. --packing, --gradient-checkpointing, --lora-r, --data).
@@ -14,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -58,14 +70,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first steps of each run left out of the medians (default 1)")  # fmt: skip
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per run (default 1800)")
     p.add_argument("--output-dir", default="outputs/compare")
+    p.add_argument("--launcher",
+                   help="command that starts each fine-tune on several processes, e.g.\n"
+                   "\"accelerate launch --config_file examples/accelerate/ddp.yaml --num_processes 2\"\n"
+                   "or \"torchrun --nproc_per_node 2\" (default: one plain python process per run)")  # fmt: skip
+    p.add_argument("--baseline-dir",
+                   help="output folder of an earlier 1-process comparison (same backends and lengths):\n"
+                   "adds speed-up and scaling efficiency to results.md")  # fmt: skip
     p.add_argument("--reuse", action="store_true",
                    help="keep finished runs already in --output-dir that had the same arguments\n"
                    "(split a long comparison over several invocations; the last one writes all)")  # fmt: skip
     return p
 
 
+def finetune_command(launcher: str | None) -> list[str]:
+    """How each run starts: the interpreter, or the launcher followed by the script (launchers such as
+    accelerate and torchrun take the script's path and start their own interpreters)."""
+    script = str(SCRIPTS / "finetune_lora.py")
+    return [*shlex.split(launcher), script] if launcher else [sys.executable, script]
+
+
 def main(argv=None) -> int:
     args, passthrough = build_parser().parse_known_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        print("error: compare_backends.py is running under a launcher, so every rank would run its own comparison; "
+              'run it with plain python and pass --launcher "accelerate launch ..." instead', file=sys.stderr)  # fmt: skip
+        return 2
+    if args.baseline_dir and not (Path(args.baseline_dir) / "results.json").exists():
+        print(f"error: --baseline-dir {args.baseline_dir} has no results.json (run the 1-process comparison first)",
+              file=sys.stderr)  # fmt: skip
+        return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sys.path.insert(0, str(SCRIPTS.parent))
     import torch
@@ -84,10 +118,11 @@ def main(argv=None) -> int:
     if args.model_preset:
         extra += ["--model-preset", args.model_preset]
     model = args.model_preset or args.model or "embedded tiny-llama"
-    title = f"LoRA fine-tune, {model}, batch {args.batch_size}, {max_steps} steps"
-    results = compare([sys.executable, str(SCRIPTS / "finetune_lora.py")], backends, seq_lens,
-                      Path(args.output_dir), extra + passthrough, args.timeout, args.warmup_measure_steps, title,
-                      reuse=args.reuse)  # fmt: skip
+    per = " per process" if args.launcher else ""
+    title = f"LoRA fine-tune, {model}, batch {args.batch_size}{per}, {max_steps} steps"
+    results = compare(finetune_command(args.launcher), backends, seq_lens, Path(args.output_dir),
+                      extra + passthrough, args.timeout, args.warmup_measure_steps, title, reuse=args.reuse,
+                      baseline=Path(args.baseline_dir) if args.baseline_dir else None)  # fmt: skip
     print()
     print(results["table"])
     print(f"wrote {args.output_dir}/results.json, results.md, " + ", ".join(Path(p).name for p in results["plots"]))

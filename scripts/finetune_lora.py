@@ -5,7 +5,8 @@
     python scripts/finetune_lora.py --attn sdpa --max-steps 20
     python scripts/finetune_lora.py --model-preset llama-3.2-1b --seq-len 8192 --gradient-checkpointing
     python scripts/finetune_lora.py --model /models/llama --data train.jsonl --packing
-    accelerate launch scripts/finetune_lora.py ...        # several GPUs (the Trainer does the rest)
+    accelerate launch --config_file examples/accelerate/ddp.yaml scripts/finetune_lora.py ...   # DDP, 2 GPUs
+    accelerate launch --config_file examples/accelerate/fsdp.yaml scripts/finetune_lora.py ...  # FSDP
 
 Ctrl-C saves a checkpoint; rerun with --resume to continue. Per-step numbers go to
 OUTPUT_DIR/steps.jsonl, the adapter to OUTPUT_DIR/adapter. See hf_flash/training/loop.py.
@@ -45,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="padding-free: whole documents flattened into one row, attention kept\n"
                    "within each (DataCollatorWithFlattening); default: fixed-length blocks")  # fmt: skip
     t = p.add_argument_group("training")
-    t.add_argument("--batch-size", type=int, default=1, help="rows (or packed bins) per device per micro-step")
+    t.add_argument("--batch-size", type=int, default=1,
+                   help="rows (or packed bins) per process per micro-step; one optimizer step\n"
+                   "takes batch size x grad accum x number of processes rows")  # fmt: skip
     t.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
     t.add_argument("--lr", type=float, default=2e-4)
     t.add_argument("--warmup-steps", type=int, default=0)
@@ -93,19 +96,23 @@ def main(argv=None) -> int:
     try:
         summary = finetune(FinetuneConfig(**vars(args)))
     except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank finds the same mistake; say it once
+            print(f"error: {exc}", file=sys.stderr)
         return USAGE_EXIT
-    if summary["status"] == "oom":
+    if summary["status"] == "oom":  # any rank that ran out reports it: the launcher stops the others
         print(f"out of memory at --seq-len {args.seq_len} with --attn {args.attn}: {summary['error']}", file=sys.stderr)
         return OOM_EXIT
+    if not summary["main_process"]:  # under a launcher, rank 0 alone reports
+        return 0
     if summary["status"] == "interrupted":
         print(f"stopped after step {summary['steps']}; checkpoint in {args.output_dir}; "
               "rerun the same command with --resume to continue")  # fmt: skip
         return 0
-    speed = summary["median_tokens_per_s"]
-    peak = summary["peak_mem_gib"]
-    print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, median {speed:,.0f} tokens/s"
-          + (f", peak {peak:.2f} GiB" if peak is not None else "") + f"; outputs in {args.output_dir}")  # fmt: skip
+    speed, peak, world = summary["median_tokens_per_s"], summary["peak_mem_gib"], summary["parallelism"]["world_size"]
+    where = f" over {world} processes ({summary['parallelism']['mode']})" if world > 1 else ""
+    per_gpu = " per GPU (the most of any rank)" if world > 1 else ""
+    print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, median {speed:,.0f} tokens/s{where}"
+          + (f", peak {peak:.2f} GiB{per_gpu}" if peak is not None else "") + f"; outputs in {args.output_dir}")  # fmt: skip
     return 0
 
 

@@ -3,12 +3,19 @@
 Each run is ``scripts/finetune_lora.py`` in a fresh process, so one backend's allocator state,
 compiled kernels or caches cannot change another's speed or peak memory. The runs share seed,
 data, model and steps; the rows report medians, ratios to sdpa and the loss gap to eager.
+
+A run may also be a launcher command (``accelerate launch --config_file ... --num_processes 2``)
+followed by the script: then each backend trains with DDP or FSDP, tokens/s is the whole job's, and
+:func:`scaling_table` sets the rows beside a 1-process comparison of the same backends and lengths.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import re
+import signal
 import subprocess
 import textwrap
 import time
@@ -34,7 +41,19 @@ def default_backends(cuda: bool) -> list[str]:
     return backends
 
 
+def _usage_error(text: str) -> str | None:
+    """finetune_lora.py's one-line ``error: ...`` for bad input, also when a launcher prefixed it."""
+    for line in text.splitlines():
+        line = re.sub(r"^\[(default)?\d+\]:", "", line.strip()).strip()  # torchrun's "[rank]:" prefixes
+        if line.startswith("error: "):
+            return line[:300]
+    return None
+
+
 def _last_error_line(text: str) -> str:
+    usage = _usage_error(text)
+    if usage:  # under a launcher, its own traceback comes after the script's message
+        return usage
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     for line in reversed(lines):  # the one-line message of a UsageError or the exception line
         if line.startswith("error:") or "Error" in line.split(":")[0]:
@@ -72,11 +91,7 @@ def run_one(finetune_cmd: list[str], backend: str, seq_len: int, run_dir: Path, 
     row = {"backend": backend, "seq_len": seq_len, "command": " ".join(cmd), "argv": cmd}
     start = time.perf_counter()
     with open(run_dir / "log.txt", "w") as log:
-        try:
-            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, check=False)
-            code = proc.returncode
-        except subprocess.TimeoutExpired:
-            code = None
+        code = _run_in_own_group(cmd, log, timeout)
     row["wall_s"] = round(time.perf_counter() - start, 1)
     summary_path = run_dir / SUMMARY_FILE
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
@@ -86,11 +101,14 @@ def run_one(finetune_cmd: list[str], backend: str, seq_len: int, run_dir: Path, 
         row.update(status="oom", error=(summary or {}).get("error", "out of memory"))
     elif code != 0 or summary is None:
         text = (run_dir / "log.txt").read_text(errors="replace")
-        row.update(status="unavailable" if code == USAGE_EXIT else "error", error=_last_error_line(text))
+        # A launcher turns the script's exit status 2 into its own 1; the message says what it was.
+        unavailable = code == USAGE_EXIT or _usage_error(text) is not None
+        row.update(status="unavailable" if unavailable else "error", error=_last_error_line(text))
     else:
         row["status"] = "ok"
     if summary:
         row["environment"], row["dtype"] = summary.get("environment"), summary.get("dtype")
+        row["parallelism"] = summary.get("parallelism") or {"mode": "single", "world_size": 1}
     fallback = _fallback_note((run_dir / "log.txt").read_text(errors="replace"))
     if fallback:
         row["note"] = fallback
@@ -98,6 +116,21 @@ def run_one(finetune_cmd: list[str], backend: str, seq_len: int, run_dir: Path, 
     row.update({k: v for k, v in summarize(steps, warmup).items() if k != "steps"}, steps=len(steps))
     row_path.write_text(json.dumps(row, indent=2) + "\n")
     return row
+
+
+def _run_in_own_group(cmd: list[str], log, timeout: float | None) -> int | None:
+    """Exit status, or None after a timeout. The run gets its own process group, so a timeout stops a
+    launcher's workers too: killing only ``accelerate launch`` would leave them holding the GPUs."""
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return None
+    except BaseException:  # Ctrl-C in the comparison: do not leave a training run behind
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
 
 
 def add_relative_columns(rows: list[dict]) -> None:
@@ -145,6 +178,46 @@ def markdown_table(rows: list[dict], header: str = "") -> str:
             _fmt(r.get("max_abs_loss_diff_vs_eager"), ".2e"),
         )) + " |")  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def add_scaling_columns(rows: list[dict], baseline_rows: list[dict]) -> None:
+    """Against a 1-process run of the same backend and length: speed-up, and scaling efficiency =
+    job tokens/s / (processes x 1-process tokens/s), where 1.0 means every added GPU added a whole GPU."""
+    base = {(r["backend"], r["seq_len"]): r for r in baseline_rows if r["status"] == "ok"}
+    for row in rows:
+        one = base.get((row["backend"], row["seq_len"]))
+        world = (row.get("parallelism") or {}).get("world_size", 1)
+        ok = row["status"] == "ok" and one is not None and row.get("median_tokens_per_s") and one["median_tokens_per_s"]
+        row["one_process_tokens_per_s"] = one["median_tokens_per_s"] if one else None
+        row["one_process_peak_mem_gib"] = one.get("peak_mem_gib") if one else None
+        row["speedup_vs_one_process"] = row["median_tokens_per_s"] / one["median_tokens_per_s"] if ok else None
+        row["scaling_efficiency"] = row["speedup_vs_one_process"] / world if ok else None
+
+
+def scaling_table(rows: list[dict]) -> str:
+    """Markdown for rows that went through :func:`add_scaling_columns`."""
+    cols = ("backend", "seq len", "processes", "tokens/s (job)", "1-process tokens/s", "speed-up",
+            "scaling efficiency", "peak GiB per GPU", "1-process peak GiB")  # fmt: skip
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        layout = r.get("parallelism") or {}
+        procs = f"{layout.get('world_size', 1)} ({layout.get('mode', '?')})"
+        lines.append("| " + " | ".join((
+            r["backend"], str(r["seq_len"]), procs, _fmt(r.get("median_tokens_per_s"), ",.0f"),
+            _fmt(r.get("one_process_tokens_per_s"), ",.0f"), _fmt(r.get("speedup_vs_one_process"), ".2f", "×"),
+            _fmt(r.get("scaling_efficiency"), ".0%"), _fmt(r.get("peak_mem_gib"), ".2f"),
+            _fmt(r.get("one_process_peak_mem_gib"), ".2f"),
+        )) + " |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def _where(rows: list[dict], env: dict) -> str:
+    """The device, and how many processes shared the work (\"2 x NVIDIA H100 ..., ddp over nccl\")."""
+    device = env.get("gpu") or env.get("device", "?")
+    layout = next((r["parallelism"] for r in rows if r.get("parallelism")), {"world_size": 1})
+    if layout["world_size"] == 1:
+        return device
+    return f"{layout['world_size']} x {device}, {layout['mode']} over {layout.get('backend', '?')}"
 
 
 def _styles(backends: list[str]) -> dict[str, dict]:
@@ -218,8 +291,12 @@ def plot(rows: list[dict], out_dir: Path, title: str) -> list[Path]:
 
 def compare(finetune_cmd: list[str], backends: list[str], seq_lens: list[int], out_dir: Path, extra: list[str],
             timeout: float | None = None, warmup: int = 1, title: str = "", progress=print,
-            reuse: bool = False) -> dict:  # fmt: skip
-    """Run every (length, backend) pair, then write results.json, results.md and the plots."""
+            reuse: bool = False, baseline: Path | None = None) -> dict:  # fmt: skip
+    """Run every (length, backend) pair, then write results.json, results.md and the plots.
+
+    ``baseline``: an earlier comparison's output folder (1 process, same backends and lengths); its
+    rows give the speed-up and scaling efficiency of these (multi-process) rows.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for seq_len in seq_lens:
@@ -233,7 +310,7 @@ def compare(finetune_cmd: list[str], backends: list[str], seq_lens: list[int], o
             rows.append(row)
     add_relative_columns(rows)
     env = next((r["environment"] for r in rows if r.get("environment")), {}) or {}
-    where = env.get("gpu") or env.get("device", "?")
+    where = _where(rows, env)
     dtype = next((r["dtype"] for r in rows if r.get("dtype")), None)
     title += f", {dtype}" if dtype else ""
     header = (f"{title} — {where}, torch {env.get('torch', '?')}, transformers {env.get('transformers', '?')}; "
@@ -241,6 +318,9 @@ def compare(finetune_cmd: list[str], backends: list[str], seq_lens: list[int], o
     if env.get("device") == "cpu" and "hf_flash" in backends:
         header += "; on CPU hf_flash runs in Triton's interpreter: its speed means nothing here, its loss does"
     table = markdown_table(rows, header)
+    if baseline is not None:
+        add_scaling_columns(rows, json.loads((Path(baseline) / "results.json").read_text())["rows"])
+        table += f"\nScaling against the 1-process runs in {baseline}:\n\n" + scaling_table(rows)
     results = {"title": title, "environment": env, "backends": backends, "seq_lens": seq_lens, "rows": rows}
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out_dir / "results.md").write_text(table)

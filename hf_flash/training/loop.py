@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import signal
 import statistics
 import time
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .data import build_train_dataset
+from .distributed import fsdp_ignored_reason, full_state_dict, gather_floats, parallelism
 from .models import (
     BACKENDS,
     UsageError,
@@ -92,17 +94,18 @@ def pick_device(name: str) -> str:
 
 
 class StepMeter:
-    """Times each optimizer step, counts its tokens and reads its peak GPU memory.
+    """Times each optimizer step, counts its tokens and reads its peak GPU memory, for the whole job.
 
     The meter lives beside the Trainer: the callback opens/closes steps, ``MeteredTrainer`` counts
-    tokens and turns the numbers into the step's log record.
+    tokens and turns the numbers into the step's log record. With several processes, closing a step
+    gathers every rank's count and peak (ranks may hold different numbers of tokens: packed bins
+    vary), so the record is the job's, not rank 0's times the world size.
     """
 
-    def __init__(self, device: str, world_size: int):
+    def __init__(self, device: str):
         import torch
 
-        self.cuda = device == "cuda" and torch.cuda.is_available()
-        self.world_size = world_size
+        self.cuda = str(device).startswith("cuda") and torch.cuda.is_available()
         self.tokens = 0
         self.start = 0.0
         self.last: dict = {}
@@ -122,14 +125,23 @@ class StepMeter:
         self.tokens = 0
         self.start = time.perf_counter()
 
-    def end(self):
+    def end(self, stop: bool = False) -> bool:
+        """Close the step on every rank; True when any rank asked to stop (Ctrl-C, --stop-after)."""
         import torch
 
         self._sync()
+        peak = torch.cuda.max_memory_allocated() if self.cuda else 0.0
+        ranks = gather_floats([self.tokens, peak, float(stop)])
+        # The clock is read after the gather, which returns once the slowest rank has finished its
+        # step: the job's step time. The gather also lines the ranks up for the next step's start.
         seconds = time.perf_counter() - self.start
-        tokens = self.tokens * self.world_size  # every rank sees a batch of the same shape
-        peak = torch.cuda.max_memory_allocated() / 2**30 if self.cuda else None
-        self.last = {"tokens": tokens, "step_time_s": seconds, "tokens_per_s": tokens / seconds, "peak_mem_gib": peak}
+        tokens = int(sum(r[0] for r in ranks))
+        peaks = [r[1] / 2**30 for r in ranks] if self.cuda else None
+        self.last = {"tokens": tokens, "step_time_s": seconds, "tokens_per_s": tokens / seconds,
+                     "peak_mem_gib": max(peaks) if peaks else None}  # fmt: skip
+        if peaks and len(peaks) > 1:
+            self.last["peak_mem_gib_per_rank"] = peaks
+        return any(r[2] for r in ranks)
 
 
 def _callback_class():
@@ -147,8 +159,11 @@ def _callback_class():
             self.meter.begin()
 
         def on_step_end(self, args, state, control, **kwargs):
-            self.meter.end()
             if self.stop_after is not None and state.global_step >= self.stop_after:
+                self.interrupted = True
+            # Ctrl-C may reach the ranks during different steps; all must stop after the same one, or
+            # the checkpoint's collectives would wait forever for the ranks still training.
+            if self.meter.end(stop=self.interrupted):
                 self.interrupted = True
             if self.interrupted:  # the Trainer saves a checkpoint right after this hook, then stops
                 control.should_save = True
@@ -207,11 +222,13 @@ def summarize(steps: list[dict], warmup: int) -> dict:
     """Medians over the measured steps (all of them when there are too few to leave any out)."""
     measured = steps[warmup:] if len(steps) > warmup else steps
     peaks = [s["peak_mem_gib"] for s in steps if s.get("peak_mem_gib") is not None]
+    per_rank = [s["peak_mem_gib_per_rank"] for s in steps if s.get("peak_mem_gib_per_rank")]
     return {
         "steps": len(steps),
         "median_tokens_per_s": statistics.median(s["tokens_per_s"] for s in measured) if measured else None,
         "median_step_time_s": statistics.median(s["step_time_s"] for s in measured) if measured else None,
         "peak_mem_gib": max(peaks) if peaks else None,
+        "peak_mem_gib_per_rank": [max(column) for column in zip(*per_rank)] if per_rank else None,
         "final_loss": steps[-1]["loss"] if steps else None,
         "losses": [s["loss"] for s in steps],
     }
@@ -234,6 +251,7 @@ def _environment(device: str) -> dict:
 
 
 def _training_arguments(cfg: FinetuneConfig, out: Path, device: str, dtype):
+    """The Trainer's settings. Creating them also joins the process group when a launcher started us."""
     import torch
     from transformers import TrainingArguments
 
@@ -253,17 +271,84 @@ def _training_arguments(cfg: FinetuneConfig, out: Path, device: str, dtype):
         data_seed=cfg.seed,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
-        use_cpu=device == "cpu",
+        use_cpu=device == "cpu",  # also what makes accelerate pick gloo (MULTI_CPU) under a launcher
         remove_unused_columns=False,  # our collators already emit exactly what the model takes
         dataloader_num_workers=0,
+        # An incomplete last batch would be topped up with examples from the epoch's start when the
+        # batches are spread over several ranks; dropping it means no example is seen twice per epoch,
+        # and every step holds the same number of rows whatever the number of processes.
+        dataloader_drop_last=True,
+        # LoRA uses every trainable parameter in every step; looking for unused ones costs DDP a
+        # walk over the autograd graph per step.
+        ddp_find_unused_parameters=False,
         report_to="none",
         optim="adamw_torch",
     )
 
 
+def _check_enough_rows(cfg: FinetuneConfig, rows: int, world: int) -> None:
+    need = cfg.batch_size * world
+    if rows < need:
+        layout = f"--batch-size {cfg.batch_size}" + (f" x {world} processes" if world > 1 else "")
+        raise UsageError(
+            f"{layout} needs {need} rows per micro-step, but the data makes only {rows} "
+            f"{'packed bins' if cfg.packing else 'rows'} of <= {cfg.seq_len} tokens; "
+            "use a smaller --batch-size or --seq-len, or more data"
+        )
+
+
+def _build_trainer(cfg: FinetuneConfig, args, spec, dtype, say):
+    """Data, model with LoRA, and the Trainer with its meter and stop callback."""
+    tokenizer = load_tokenizer(spec)
+    dataset, collator, n_tokens = build_train_dataset(
+        tokenizer, cfg.data, cfg.seq_len, cfg.packing, cfg.text_field, cfg.prompt_field, cfg.response_field,
+        cfg.max_docs,
+    )  # fmt: skip
+    _check_enough_rows(cfg, len(dataset), args.world_size)
+    # Built straight on this rank's device (cuda:LOCAL_RANK): on "cuda", every rank would first put a
+    # whole copy of the model on GPU 0.
+    base = build_model(spec, cfg.attn, dtype, str(args.device), cfg.seed)
+    if cfg.gradient_checkpointing:
+        # Enabled on the model, not through TrainingArguments, whose flag is renamed in Transformers 5.
+        # Non-reentrant checkpointing needs no input gradients, which a frozen LoRA base does not have.
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = add_lora(base, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules)
+    trainable, total = (sum(p.numel() for p in model.parameters() if p.requires_grad),
+                        sum(p.numel() for p in model.parameters()))  # fmt: skip
+
+    meter = StepMeter(str(args.device))
+    callback = _callback_class()(meter, cfg.stop_after)
+    trainer = _trainer_class()(
+        model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[callback]
+    )
+    trainer.meter = meter
+    layout = parallelism(trainer)
+    world = layout["world_size"]
+    batch = cfg.batch_size * cfg.grad_accum * world
+    say(f"model {spec.name} ({total / 1e6:.1f}M params, {trainable / 1e6:.2f}M trainable LoRA), attn={cfg.attn}, "
+        f"dtype={str(dtype).removeprefix('torch.')}, device={args.device.type}; data: {len(dataset)} "
+        f"{'packed bins' if cfg.packing else 'rows'} of <= {cfg.seq_len} tokens from {n_tokens} tokens")  # fmt: skip
+    if world > 1:
+        say(f"{world} processes, {layout['mode']} over {layout['backend']}: {batch} rows per optimizer step "
+            f"({cfg.batch_size} per process x {cfg.grad_accum} accumulation x {world})")  # fmt: skip
+    ignored = fsdp_ignored_reason(trainer)
+    if ignored:
+        say(f"warning: {ignored}")
+    return trainer, tokenizer, callback, layout
+
+
+def _write_json(path: Path, data: dict) -> None:
+    # Written to a side file, then renamed: two ranks that both hit OOM may write at once.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
 def finetune(cfg: FinetuneConfig) -> dict:
     """Run the fine-tune described by ``cfg``; returns the summary also written to summary.json.
 
+    Under ``accelerate launch`` / ``torchrun`` every rank runs this; rank 0 alone prints, logs steps
+    and writes files, and the other ranks return ``{"status": ..., "main_process": False}``.
     Raises UsageError (one line, says what to fix) for bad input before anything slow starts.
     """
     import torch
@@ -277,46 +362,30 @@ def finetune(cfg: FinetuneConfig) -> dict:
         raise UsageError(f"--attn {cfg.attn} cannot run here: {reason}")
     dtype = resolve_dtype(cfg.dtype, device)
     out = Path(cfg.output_dir)
+    args = _training_arguments(cfg, out, device, dtype)
+    main = args.process_index == 0
+
+    def say(*parts):
+        if main:
+            print(*parts, flush=True)
+
     checkpoint, done_steps = _latest_checkpoint(out) if cfg.resume else (None, 0)
     if cfg.resume and checkpoint is None:
-        print(f"--resume: no checkpoint in {out}; starting from step 0")
-
-    tokenizer = load_tokenizer(spec)
-    dataset, collator, n_tokens = build_train_dataset(
-        tokenizer, cfg.data, cfg.seq_len, cfg.packing, cfg.text_field, cfg.prompt_field, cfg.response_field,
-        cfg.max_docs,
-    )  # fmt: skip
-    base = build_model(spec, cfg.attn, dtype, device, cfg.seed)
-    if cfg.gradient_checkpointing:
-        # Enabled on the model, not through TrainingArguments, whose flag is renamed in Transformers 5.
-        # Non-reentrant checkpointing needs no input gradients, which a frozen LoRA base does not have.
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = add_lora(base, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules)
-    trainable, total = (sum(p.numel() for p in model.parameters() if p.requires_grad),
-                        sum(p.numel() for p in model.parameters()))  # fmt: skip
-    print(f"model {spec.name} ({total / 1e6:.1f}M params, {trainable / 1e6:.2f}M trainable LoRA), attn={cfg.attn}, "
-          f"dtype={str(dtype).removeprefix('torch.')}, device={device}; data: {len(dataset)} "
-          f"{'packed bins' if cfg.packing else 'rows'} of <= {cfg.seq_len} tokens from {n_tokens} tokens")  # fmt: skip
+        say(f"--resume: no checkpoint in {out}; starting from step 0")
+    trainer, tokenizer, callback, layout = _build_trainer(cfg, args, spec, dtype, say)
 
     out.mkdir(parents=True, exist_ok=True)
     steps_path = out / STEPS_FILE
-    # Keep the log in step with the checkpoint: steps after it will be run (and logged) again.
-    kept = [s for s in read_steps(out) if s["step"] <= done_steps] if checkpoint else []
-    steps_path.write_text("".join(json.dumps(s) + "\n" for s in kept))
-
-    args = _training_arguments(cfg, out, device, dtype)
-    meter = StepMeter(device, args.world_size)
-    callback = _callback_class()(meter, cfg.stop_after)
-    trainer = _trainer_class()(
-        model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[callback]
-    )
-    trainer.meter, trainer.steps_path = meter, steps_path
+    if main:  # Keep the log in step with the checkpoint: steps after it will be run (and logged) again.
+        kept = [s for s in read_steps(out) if s["step"] <= done_steps] if checkpoint else []
+        steps_path.write_text("".join(json.dumps(s) + "\n" for s in kept))
+    trainer.steps_path = steps_path
 
     def on_sigint(signum, frame):
         if callback.interrupted:  # a second Ctrl-C means: stop now, without a checkpoint
             raise KeyboardInterrupt
         callback.interrupted = True
-        print("\nCtrl-C: saving a checkpoint at the end of this step (press again to quit at once)", flush=True)
+        say("\nCtrl-C: saving a checkpoint at the end of this step (press again to quit at once)")
 
     status = "ok"
     previous = signal.signal(signal.SIGINT, on_sigint)
@@ -329,20 +398,27 @@ def finetune(cfg: FinetuneConfig) -> dict:
     if status == "ok" and callback.interrupted:
         status = "interrupted"
 
-    if status == "ok" and cfg.save_adapter and trainer.is_world_process_zero():
-        save_adapter(trainer.model, tokenizer, cfg, out / "adapter")
+    if status == "ok" and cfg.save_adapter:
+        save_adapter(trainer, tokenizer, cfg, out / "adapter")  # every rank: FSDP gathers the shards
+    # A rank that ran out of memory writes the summary itself: the launcher stops the others at once.
+    if not main and status != "oom":
+        return {"status": status, "main_process": False}
     summary = {"status": status, "attn": cfg.attn, "seq_len": cfg.seq_len, "model": spec.name,
-               "dtype": str(dtype).removeprefix("torch."), **summarize(read_steps(out), cfg.warmup_measure_steps),
-               "environment": _environment(device)}  # fmt: skip
+               "dtype": str(dtype).removeprefix("torch."), "parallelism": layout,
+               **summarize(read_steps(out), cfg.warmup_measure_steps), "environment": _environment(device)}  # fmt: skip
     if status == "oom":
         summary["error"] = error
-    if trainer.is_world_process_zero():
-        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    _write_json(out / SUMMARY_FILE, summary)
+    return {**summary, "main_process": main}
 
 
-def save_adapter(model, tokenizer, cfg: FinetuneConfig, path: Path) -> None:
-    model.save_pretrained(str(path))
+def save_adapter(trainer, tokenizer, cfg: FinetuneConfig, path: Path) -> None:
+    """The LoRA weights, tokenizer and run config; call on every rank, rank 0 writes."""
+    state = full_state_dict(trainer)  # None unless FSDP: then the gathered (full) weights, on rank 0
+    if not trainer.is_world_process_zero():
+        return
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    model.save_pretrained(str(path), **({"state_dict": state} if state is not None else {}))
     tokenizer.save_pretrained(str(path))
     (path / RUN_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
 
