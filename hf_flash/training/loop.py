@@ -2,12 +2,19 @@
 resume. ``scripts/finetune_lora.py`` parses arguments into :class:`FinetuneConfig` and calls
 :func:`finetune`; ``scripts/compare_backends.py`` runs that script once per backend.
 
+The same code runs as N processes under ``accelerate launch`` or ``torchrun`` (DDP or FSDP, see
+examples/accelerate/): ``--batch-size`` is per process, the numbers below are the whole job's, and
+rank 0 alone prints and writes the logs and the adapter (a checkpoint holds every rank's RNG state,
+and under FSDP every rank's shard). distributed.py has the few multi-process pieces.
+
 Files written to ``output_dir``:
-- ``steps.jsonl``: one JSON object per optimizer step (loss, tokens, step time, tokens/s, peak memory);
+- ``steps.jsonl``: one JSON object per optimizer step (loss averaged over ranks; tokens of all ranks;
+  step time of the slowest rank; tokens/s; peak memory: the largest of any rank, and per rank);
 - ``checkpoint-N/``: the Trainer's checkpoints (adapter, optimizer, scheduler, RNG, data position);
 - ``adapter/``: the final LoRA adapter (``adapter_config.json`` + weights), the tokenizer and
   ``run_config.json`` (enough to rebuild a random-init base, see :func:`load_finetuned`);
-- ``summary.json``: status (ok / interrupted / oom), medians and the environment.
+- ``summary.json``: status (ok / interrupted / oom), medians, the parallelism (single / ddp / fsdp,
+  number of processes) and the environment.
 """
 
 from __future__ import annotations
