@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[2]
 # the kernels' scalar arguments by type; pointers are the capitalised names (Q, Out, dK, ...)
 _FLOAT_ARGS = {"sm_scale", "softcap", "dropout_p"}
 _INT_PREFIXES = ("stride_", "seqlen_", "n_", "window_")
-_FP32_POINTERS = {"Lse", "Delta"}
+_FP32_POINTERS = {"Lse", "Delta", "DQacc"}
 _INT_POINTERS = {"cu_seqlens_q", "cu_seqlens_k"}
 
 
@@ -81,8 +81,11 @@ def compile_case(case: dict) -> dict:
     fn = _kernel(case["kernel"])
     constexprs = case["constexprs"]
     names = list(fn.arg_names)
-    missing = [n for n in constexprs if n not in names]
-    assert not missing, f"{case['kernel']} has no constexpr {missing}: the test's variants are stale"
+    declared = {p.name for p in fn.params if p.is_constexpr}
+    assert declared == set(constexprs), (
+        f"{case['kernel']} declares constexprs {sorted(declared)}, the test sets {sorted(constexprs)}: "
+        "update test_chips._case to what the launcher passes"
+    )
     signature = {n: "constexpr" if n in constexprs else _arg_type(n, case["dtype"]) for n in names}
     # Triton marks 16-byte aligned pointers and strides divisible by 16 at launch (contiguous inputs
     # with D % 8 == 0); give the compiler the same facts so the code matches what runs
@@ -183,8 +186,9 @@ SPILL_BUDGET = {"plain": 4096, "causal": 4096, "window-varlen": 4096, "all": 819
 SPILL_CHECKED = {"sm75", "sm80", "sm89"}
 
 
-def _case(chip: str, kernel: str, head_dim: int, flags: str, dtype: str = "fp16") -> dict:
-    """The specialisation the launchers build for this chip's table (forward.flash_fwd, backward.flash_bwd)."""
+def _case(chip: str, kernel: str, head_dim: int, flags: str, dtype: str = "fp16", atomic_dq: bool = True) -> dict:
+    """The specialisation the launchers build for this chip's table (forward.flash_fwd, backward.flash_bwd).
+    ``atomic_dq``: the dK/dV kernel also adds dQ by atomics (the default, ``deterministic=False``)."""
     from hf_flash.ops import config
 
     table = config.table_for(config.parse_arch(chip))
@@ -198,6 +202,8 @@ def _case(chip: str, kernel: str, head_dim: int, flags: str, dtype: str = "fp16"
     constexprs = {"HEAD_DIM": head_dim, "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_D": c.block_d}
     constexprs.update(dict.fromkeys(("IS_VARLEN", "MASK_LEFT", "MASK_RIGHT", "HAS_SOFTCAP", "HAS_DROPOUT"), False))
     constexprs.update(FLAG_SETS[flags])
+    if kernel == "dkdv":
+        constexprs["ATOMIC_DQ"] = atomic_dq
     return {**case, "constexprs": constexprs, "num_warps": c.num_warps, "num_stages": c.num_stages}
 
 
@@ -212,15 +218,18 @@ def quick_matrix() -> list[dict]:
     for i, chip in enumerate(TARGETS):
         for j, kernel in enumerate(("fwd", "dkdv", "dq")):
             for k, head_dim in enumerate((64, 80 if i % 2 else 128, 256)):
-                cases.append(_case(chip, kernel, head_dim, flag_sets[(i + j + k) % 4]))
+                atomic_dq = (i + k) % 2 == 0  # each dK/dV entry with and without dQ on some chip
+                cases.append(_case(chip, kernel, head_dim, flag_sets[(i + j + k) % 4], atomic_dq=atomic_dq))
         cases.append(_case(chip, "delta", HEAD_DIMS[i], flag_sets[3 * (i % 2)]))  # plain / all: varlen off / on
     return cases
 
 
 def full_matrix() -> list[dict]:
-    """Every chip x kernel x head dim x flag set, plus bf16 on the chips that have it."""
+    """Every chip x kernel x head dim x flag set (dK/dV with and without dQ), plus bf16 where it runs."""
     cases = [_case(chip, kernel, d, flags) for chip in TARGETS for kernel in ("fwd", "dkdv", "dq")
              for d in HEAD_DIMS for flags in FLAG_SETS]
+    cases += [_case(chip, "dkdv", d, flags, atomic_dq=False) for chip in TARGETS for d in HEAD_DIMS
+              for flags in FLAG_SETS]
     cases += [_case(chip, "delta", d, flags) for chip in TARGETS for d in HEAD_DIMS for flags in ("plain", "all")]
     cases += [_case(chip, kernel, 128, "causal", "bf16") for chip in ("sm80", "sm89", "sm90")
               for kernel in ("fwd", "dkdv", "dq")]
@@ -230,7 +239,8 @@ def full_matrix() -> list[dict]:
 def _describe(r: dict) -> str:
     c = r["constexprs"]
     tile = f"{c['BLOCK_M']}x{c.get('BLOCK_N', '-')}"
-    return (f"{r['chip']:<5} {r['kernel']:<5} D{c['HEAD_DIM']:<4} {r['flags']:<13} {r['dtype']} {tile:<8} "
+    kernel = r["kernel"] + ("" if c.get("ATOMIC_DQ", True) else "-det")  # -det: dQ left to the dQ kernel
+    return (f"{r['chip']:<5} {kernel:<9} D{c['HEAD_DIM']:<4} {r['flags']:<13} {r['dtype']} {tile:<8} "
             f"w{r['num_warps']} s{r['num_stages']}: smem {r.get('shared')} regs {r.get('regs')} "
             f"spill {r.get('spill_bytes')} ({r.get('seconds')} s)")
 
