@@ -146,6 +146,12 @@ def _flex_fn(dynamic=False):
         ):
             if hasattr(torch._dynamo.config, knob):
                 setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 1024))
+        # the backward is timed by replaying one saved graph (retain_graph=True); compiled backwards
+        # that donate their buffers refuse that, so donation is turned off for the benchmark
+        import torch._functorch.config as functorch_config
+
+        if hasattr(functorch_config, "donated_buffer"):
+            functorch_config.donated_buffer = False
         _FLEX["fn"] = torch.compile(flex_attention, dynamic=dynamic)
     return _FLEX["fn"]
 

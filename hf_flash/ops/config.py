@@ -8,11 +8,13 @@ Tiles come from one :class:`ChipTable` per chip family, picked from the GPU's co
 shared memory per block (:func:`table_for`): a table is used only where its tiles fit. What differs:
 
 * sm75 (T4, 64 KB): Triton lowers ``tl.dot`` to FMA on CUDA cores below sm80 (no ``mma.sync``), and
-  an FMA dot holds whole operand rows in registers, so the tiles are small enough not to spill. There
-  is no ``cp.async`` either, so nothing to pipeline (one stage). No bfloat16.
+  an FMA dot holds whole operand rows in registers, so the tiles are small (at most 8 outputs per
+  thread); only the backward at head dim 256 still spills (~2 KB per thread). There is no ``cp.async``
+  either, so nothing to pipeline (one stage). No bfloat16.
 * sm80 (A100, 163 KB) and sm86/sm89 (RTX 30/40, A10, L4, 99 KB): tensor cores with ``cp.async``
-  pipelining; the 99 KB chips get fewer stages or narrower key blocks.
-* sm90 (H100/H200, 227 KB): measured on an H100.
+  pipelining; the 99 KB chips get fewer stages or narrower blocks.
+* sm90 (H100/H200, 227 KB): the fastest tiles of a timed sweep on an H100. The other tables were fitted
+  by cross-compiling (shared memory, registers) and checked for correctness on an H100, not timed.
 
 ``HF_FLASH_ARCH=sm75`` (or :func:`force_arch`) makes hf_flash treat the GPU as that chip: its tile table
 and its dtype rules (never enabling what the real GPU lacks). It exists to run each chip's tiles on the
@@ -58,26 +60,30 @@ def parse_arch(arch: str) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
-_forced: str | None = os.environ.get(ARCH_ENV) or None
+def _forced_from(arch: str | None) -> tuple[str, tuple[int, int]] | None:
+    return None if not arch else (arch, parse_arch(arch))
+
+
+# (name, capability), parsed once: the attention path reads it on every call, also inside torch.compile
+_forced = _forced_from(os.environ.get(ARCH_ENV))
 
 
 def force_arch(arch: str | None) -> str | None:
     """Treat every CUDA GPU as ``arch`` (e.g. ``"sm75"``) from now on, or stop with None. Returns the
-    previous setting, so a caller can restore it. Starts from ``$HF_FLASH_ARCH``."""
+    previous setting, so a caller can restore it. Starts from ``$HF_FLASH_ARCH`` (read at import)."""
     global _forced
-    if arch is not None:
-        parse_arch(arch)  # reject a bad name here, not at the next attention call
-    previous, _forced = _forced, arch
+    previous = forced_arch_name()
+    _forced = _forced_from(arch)  # a bad name raises here, not at the next attention call
     return previous
 
 
 def forced_arch() -> tuple[int, int] | None:
     """The capability forced by :func:`force_arch` / ``$HF_FLASH_ARCH``, or None."""
-    return None if _forced is None else parse_arch(_forced)
+    return None if _forced is None else _forced[1]
 
 
 def forced_arch_name() -> str | None:
-    return _forced
+    return None if _forced is None else _forced[0]
 
 
 # opt-in shared memory per block, the most one program may use (CUDA's occupancy tables);
@@ -124,7 +130,7 @@ def kernels_unavailable_reason(device: torch.device | str, dtype: torch.dtype) -
         forced = forced_arch()
         if forced is not None and forced < (major, minor):
             major, minor = forced  # a forced older chip brings its limits; a newer one brings none
-        where = f"this GPU is {major}.{minor}" + (f" ({ARCH_ENV}={_forced})" if forced is not None else "")
+        where = f"this GPU is {major}.{minor}" + (f" ({ARCH_ENV}={forced_arch_name()})" if forced else "")
         if (major, minor) < (7, 5):
             return f"GPU compute capability {major}.{minor} is below 7.5 (T4), the oldest the kernels target; {where}"
         if dtype == torch.bfloat16 and major < 8:
@@ -191,7 +197,7 @@ SM90 = ChipTable(
     # measured on an H100 (bf16, L = 4k, 16k tokens, torch 2.11 + Triton 3.6), best of a sweep per
     # head-dim class; see README's benchmark section
     fwd={64: (128, 64, 8, 3), 128: (128, 128, 8, 3), 256: (64, 64, 4, 3)},
-    dkdv={64: (32, 64, 4, 3), 128: (64, 128, 8, 3), 256: (32, 64, 4, 3)},
+    dkdv={64: (32, 64, 4, 3), 128: (64, 128, 8, 3), 256: (32, 32, 4, 2)},
     dq={64: (64, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 4, 3)},
     source="swept on an H100",
 )

@@ -406,8 +406,16 @@ def test_forced_arch_replaces_the_table_and_restores(fake_gpu):
     assert config.chip_table(device).name == "sm75"
     assert config.forward_config(64, device) == config.SM75.config("fwd", 64)
     assert config.device_facts(device)[:2] == ((7, 5), 64 * 1024)
-    assert config.force_arch(None) == "sm75"
+    assert config.force_arch(None) == "sm75" and config.forced_arch() is None
     assert config.chip_table(device).name == "sm90"
+
+
+def test_hf_flash_arch_is_read_at_import():
+    code = "from hf_flash.ops import config; print(config.forced_arch(), config.forced_arch_name())"
+    env = dict(os.environ, HF_FLASH_ARCH="sm_89")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO,
+                         timeout=300, check=False)
+    assert out.stdout.split("\n")[-2:] == ["(8, 9) sm_89", ""], out.stdout + out.stderr[-2000:]
 
 
 def test_t4_runs_fp16_and_refuses_bf16_with_a_reason(fake_gpu):
@@ -510,12 +518,30 @@ def _shape_id(shape):
     return f"B{b}-Lq{lq}-Lk{lk}-H{h}/{hk}-D{d}" + ("-causal" if causal else "")
 
 
+def _assert_matches_reference(label, attn, ref, q, k, v):
+    """``attn(q, k, v, deterministic)`` against ``ref(q, k, v, upcast)``: the output within 2x and the
+    gradients within 3x of PyTorch's own fp16 error, with dQ both from the dK/dV kernel's atomic adds
+    (``deterministic=False``) and from the dQ kernel (True), so every table's three kernels run."""
+    import torch
+    from conftest import assert_close_rel
+
+    dout = torch.randn_like(q)
+    expected, baseline = ref(q, k, v, True), ref(q, k, v, False)
+    expected_grads = torch.autograd.grad(expected, (q, k, v), dout)
+    baseline_grads = torch.autograd.grad(baseline, (q, k, v), dout)
+    for deterministic in (False, True):
+        out = attn(q, k, v, deterministic)
+        assert_close_rel(f"{label} out", out, expected, baseline, 2)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+        for name, ours, r, b in zip(("dq", "dk", "dv"), grads, expected_grads, baseline_grads):
+            assert_close_rel(f"{label} {name} deterministic={deterministic}", ours, r, b, 3)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=_shape_id)
 @pytest.mark.parametrize("forced", list(TARGETS), indirect=True)
 def test_chip_tiles_match_reference_on_this_gpu(forced, shape):
     import torch
-    from conftest import assert_close_rel
 
     from hf_flash import flash_attn_func
     from hf_flash.ops import config
@@ -525,46 +551,41 @@ def test_chip_tiles_match_reference_on_this_gpu(forced, shape):
     device = torch.device("cuda")
     table = config.table_for(config.parse_arch(forced))
     assert config.forward_config(d, device) == table.config("fwd", d)
+    assert config.backward_config(d, device) == (table.config("dkdv", d), table.config("dq", d))
     torch.manual_seed(0)
     q = torch.randn(b, lq, h, d, device=device, dtype=torch.float16, requires_grad=True)
     k, v = (torch.randn(b, lk, hk, d, device=device, dtype=torch.float16, requires_grad=True) for _ in range(2))
-    dout = torch.randn(b, lq, h, d, device=device, dtype=torch.float16)
-    out = flash_attn_func(q, k, v, causal=causal)
-    grads = torch.autograd.grad(out, (q, k, v), dout)
-    ref = attention_ref(q, k, v, causal=causal)
-    ref_grads = torch.autograd.grad(ref, (q, k, v), dout)
-    base = attention_ref(q, k, v, causal=causal, upcast=False)
-    base_grads = torch.autograd.grad(base, (q, k, v), dout)
-    assert_close_rel(f"{forced} out", out, ref, base, 2)
-    for name, ours, r, bl in zip(("dq", "dk", "dv"), grads, ref_grads, base_grads):
-        assert_close_rel(f"{forced} {name}", ours, r, bl, 3)
+    _assert_matches_reference(
+        f"{forced} {_shape_id(shape)}",
+        lambda q, k, v, det: flash_attn_func(q, k, v, causal=causal, deterministic=det),
+        lambda q, k, v, upcast: attention_ref(q, k, v, causal=causal, upcast=upcast),
+        q, k, v,
+    )
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("forced", list(TARGETS), indirect=True)
 def test_chip_tiles_varlen_window_softcap_on_this_gpu(forced):
     import torch
-    from conftest import assert_close_rel
 
     from hf_flash import flash_attn_varlen_func
     from hf_flash.ops.reference import attention_ref_varlen
 
     device = torch.device("cuda")
     lens_q, lens_k = [37, 0, 130, 64], [70, 5, 130, 97]
-    cu_q = torch.tensor([0] + lens_q, device=device).cumsum(0).to(torch.int32)
-    cu_k = torch.tensor([0] + lens_k, device=device).cumsum(0).to(torch.int32)
+    cu_q = torch.tensor([0, *lens_q], device=device).cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0, *lens_k], device=device).cumsum(0).to(torch.int32)
     torch.manual_seed(1)
     q = torch.randn(sum(lens_q), 4, 128, device=device, dtype=torch.float16, requires_grad=True)
     k, v = (torch.randn(sum(lens_k), 2, 128, device=device, dtype=torch.float16, requires_grad=True) for _ in range(2))
-    dout = torch.randn_like(q)
     options = {"causal": True, "window_size": (40, 0), "softcap": 20.0}
-    out = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), **options)
-    ref = attention_ref_varlen(q, k, v, cu_q, cu_k, **options)
-    base = attention_ref_varlen(q, k, v, cu_q, cu_k, upcast=False, **options)
-    assert_close_rel(f"{forced} varlen out", out, ref, base, 2)
-    for name, ours, r, bl in zip(("dq", "dk", "dv"), torch.autograd.grad(out, (q, k, v), dout),
-                                 torch.autograd.grad(ref, (q, k, v), dout), torch.autograd.grad(base, (q, k, v), dout)):
-        assert_close_rel(f"{forced} varlen {name}", ours, r, bl, 3)
+    _assert_matches_reference(
+        f"{forced} varlen",
+        lambda q, k, v, det: flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k),
+                                                    deterministic=det, **options),
+        lambda q, k, v, upcast: attention_ref_varlen(q, k, v, cu_q, cu_k, upcast=upcast, **options),
+        q, k, v,
+    )
 
 
 @pytest.mark.gpu

@@ -14,6 +14,8 @@ import subprocess
 import sys
 
 import pytest
+
+import hf_flash.ops.function
 import torch
 from flash_oracle import (
     Case,
@@ -64,10 +66,18 @@ DENSE_CASES = [
 ]
 
 
+def force_dq_path(monkeypatch, deterministic):
+    """deterministic=False uses atomic dQ only above a head-dim threshold; lower it to 1 so the small CPU
+    shapes run that path too."""
+    if not deterministic:
+        monkeypatch.setattr(hf_flash.ops.function, "ATOMIC_DQ_MIN_HEAD_DIM", 1)
+
+
 # deterministic=True takes another dQ path (no atomics), so every case runs both ways
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "det"])
 @pytest.mark.parametrize("case", DENSE_CASES, ids=lambda c: c.id)
-def test_output_and_grads(case, deterministic, device):
+def test_output_and_grads(case, deterministic, device, monkeypatch):
+    force_dq_path(monkeypatch, deterministic)
     case = dataclasses.replace(case, deterministic=deterministic)
     q, k, v, dout = make_inputs(case, device)
     ours = functools.partial(flash_attn_func, **case.kwargs)
@@ -143,7 +153,8 @@ def oracle_kwargs(kwargs):
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "det"])
 @pytest.mark.parametrize("params", VARLEN_CASES, ids=varlen_id)
-def test_varlen(params, deterministic, device):
+def test_varlen(params, deterministic, device, monkeypatch):
+    force_dq_path(monkeypatch, deterministic)
     lengths_q, lengths_k, nheads, nheads_k, headdim, kwargs = params
     kwargs = dict(kwargs, deterministic=deterministic)
     q, k, v, dout, cu_q, cu_k = varlen_inputs(lengths_q, lengths_k, nheads, nheads_k, headdim, device)
