@@ -77,7 +77,7 @@ def _gpu(index: int) -> dict:
         "table_chips": table.chips,
         "table_source": table.source,
         "matmuls": dot_on,
-        "paths": _paths(device, dot_on),
+        "paths": _paths(device, "tensor cores" if table.tensor_cores else "CUDA cores (FMA), see tl.dot above"),
         "tiles": _tiles(table),
     }
 
@@ -121,7 +121,7 @@ def format_report(r: dict) -> str:
                 f"GPU {gpu['index']}: {gpu['name']}, compute capability {gpu['capability']}{treated}, "
                 f"{gpu['smem_per_block_kb']} KB shared memory per block"
             ),
-            f"  tile table {gpu['table']} ({gpu['table_chips']}; {gpu['table_source']})",
+            f"  tile table {gpu['table']}, for {gpu['table_chips']}: {gpu['table_source']}",
             f"  tl.dot on {gpu['matmuls']}",
         ]
         lines += _format_paths(gpu["paths"])
