@@ -188,7 +188,8 @@ SPILL_CHECKED = {"sm75", "sm80", "sm89"}
 
 def _case(chip: str, kernel: str, head_dim: int, flags: str, dtype: str = "fp16", atomic_dq: bool = True) -> dict:
     """The specialisation the launchers build for this chip's table (forward.flash_fwd, backward.flash_bwd).
-    ``atomic_dq``: the dK/dV kernel also adds dQ by atomics (the default, ``deterministic=False``)."""
+    ``atomic_dq``: the dK/dV kernel also adds dQ by atomics (what ``deterministic=False`` runs for head
+    dims above ``function.ATOMIC_DQ_MIN_HEAD_DIM``); else the dQ kernel computes it."""
     from hf_flash.ops import config
 
     table = config.table_for(config.parse_arch(chip))
@@ -518,17 +519,21 @@ def _shape_id(shape):
     return f"B{b}-Lq{lq}-Lk{lk}-H{h}/{hk}-D{d}" + ("-causal" if causal else "")
 
 
-def _assert_matches_reference(label, attn, ref, q, k, v):
+def _assert_matches_reference(label, attn, ref, q, k, v, monkeypatch):
     """``attn(q, k, v, deterministic)`` against ``ref(q, k, v, upcast)``: the output within 2x and the
-    gradients within 3x of PyTorch's own fp16 error, with dQ both from the dK/dV kernel's atomic adds
-    (``deterministic=False``) and from the dQ kernel (True), so every table's three kernels run."""
+    gradients within 3x of PyTorch's own fp16 error, once with dQ added by atomics inside the dK/dV kernel
+    (at every head dim, not only above 128 where the launcher picks it) and once from the dQ kernel, so
+    all three of the chip's backward tiles run."""
     import torch
     from conftest import assert_close_rel
+
+    from hf_flash.ops import function
 
     dout = torch.randn_like(q)
     expected, baseline = ref(q, k, v, True), ref(q, k, v, False)
     expected_grads = torch.autograd.grad(expected, (q, k, v), dout)
     baseline_grads = torch.autograd.grad(baseline, (q, k, v), dout)
+    monkeypatch.setattr(function, "ATOMIC_DQ_MIN_HEAD_DIM", 0)
     for deterministic in (False, True):
         out = attn(q, k, v, deterministic)
         assert_close_rel(f"{label} out", out, expected, baseline, 2)
@@ -540,7 +545,7 @@ def _assert_matches_reference(label, attn, ref, q, k, v):
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=_shape_id)
 @pytest.mark.parametrize("forced", list(TARGETS), indirect=True)
-def test_chip_tiles_match_reference_on_this_gpu(forced, shape):
+def test_chip_tiles_match_reference_on_this_gpu(forced, shape, monkeypatch):
     import torch
 
     from hf_flash import flash_attn_func
@@ -559,13 +564,13 @@ def test_chip_tiles_match_reference_on_this_gpu(forced, shape):
         f"{forced} {_shape_id(shape)}",
         lambda q, k, v, det: flash_attn_func(q, k, v, causal=causal, deterministic=det),
         lambda q, k, v, upcast: attention_ref(q, k, v, causal=causal, upcast=upcast),
-        q, k, v,
+        q, k, v, monkeypatch,
     )
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("forced", list(TARGETS), indirect=True)
-def test_chip_tiles_varlen_window_softcap_on_this_gpu(forced):
+def test_chip_tiles_varlen_window_softcap_on_this_gpu(forced, monkeypatch):
     import torch
 
     from hf_flash import flash_attn_varlen_func
@@ -584,7 +589,7 @@ def test_chip_tiles_varlen_window_softcap_on_this_gpu(forced):
         lambda q, k, v, det: flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k),
                                                     deterministic=det, **options),
         lambda q, k, v, upcast: attention_ref_varlen(q, k, v, cu_q, cu_k, upcast=upcast, **options),
-        q, k, v,
+        q, k, v, monkeypatch,
     )
 
 
