@@ -17,6 +17,8 @@ from hf_flash.ops import (
     kernels_unavailable_reason,
 )
 
+from hf_flash.info import info
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -26,6 +28,7 @@ __all__ = [
     "flash_attn_varlen_func",
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
+    "info",
     "kernels_unavailable_reason",
     "register",
 ]
