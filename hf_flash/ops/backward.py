@@ -31,6 +31,7 @@ from hf_flash.ops.common import (
     dropout_keep,
     head_ptr,
     kv_segments,
+    load_rows,
     q_segments,
     seq_bounds,
     tanh,
@@ -56,12 +57,10 @@ def _bwd_delta(
     off_b64 = off_b.to(tl.int64)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    rows = offs_m.to(tl.int64)[:, None]
-    ok = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(head_ptr(Out, off_b64, stride_ob, off_h, stride_oh, q_start, stride_om) + rows * stride_om
-                + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
-    do = tl.load(head_ptr(dO, off_b64, stride_dob, off_h, stride_doh, q_start, stride_dom) + rows * stride_dom
-                 + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
+    o = load_rows(head_ptr(Out, off_b64, stride_ob, off_h, stride_oh, q_start, stride_om), offs_m, stride_om,
+                  offs_d, seqlen_q, HEAD_DIM, True).to(tl.float32)
+    do = load_rows(head_ptr(dO, off_b64, stride_dob, off_h, stride_doh, q_start, stride_dom), offs_m, stride_dom,
+                   offs_d, seqlen_q, HEAD_DIM, True).to(tl.float32)
     delta = tl.sum(o * do, 1)  # [BM]
     tl.store(Delta + off_b64 * stride_lb + off_h.to(tl.int64) * stride_lh + q_start + offs_m, delta,
              mask=offs_m < seqlen_q)
@@ -98,8 +97,8 @@ def _bwd_dkdv_inner(
         else:
             q_ok = d_ok
             row_ok = offs_m >= 0
-        q = tl.load(q_head + rows * stride_qm + offs_d[None, :], mask=q_ok, other=0.0)  # [BM, BD]
-        do = tl.load(do_head + rows * stride_dom + offs_d[None, :], mask=q_ok, other=0.0)  # [BM, BD]
+        q = load_rows(q_head, offs_m, stride_qm, offs_d, seqlen_q, HEAD_DIM, MASK)  # [BM, BD]
+        do = load_rows(do_head, offs_m, stride_dom, offs_d, seqlen_q, HEAD_DIM, MASK)  # [BM, BD]
         # rows past the sequence end get lse = +inf, so their recomputed p is 0
         lse2 = tl.load(lse_head + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634  # [BM]
         delta = tl.load(delta_head + offs_m, mask=row_ok, other=0.0)  # [BM]
@@ -160,8 +159,8 @@ def _bwd_dkdv(
     kv_ok = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
     k_head = head_ptr(K, off_b64, stride_kb, off_hk, stride_kh, k_start, stride_kn)
     v_head = head_ptr(V, off_b64, stride_vb, off_hk, stride_vh, k_start, stride_vn)
-    k = tl.load(k_head + kv_rows * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)  # [BN, BD]
-    v = tl.load(v_head + kv_rows * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)  # [BN, BD]
+    k = load_rows(k_head, offs_n, stride_kn, offs_d, seqlen_k, HEAD_DIM, True)  # [BN, BD]
+    v = load_rows(v_head, offs_n, stride_vn, offs_d, seqlen_k, HEAD_DIM, True)  # [BN, BD]
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     lo, mid_lo, mid_hi, hi = q_segments(
@@ -209,16 +208,10 @@ def _bwd_dq_inner(
     MASK_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
 ):
     """Add the contribution of key blocks ``[start, end)`` to dq ``[BLOCK_M, BLOCK_D]`` (fp32)."""
-    d_ok = offs_d[None, :] < HEAD_DIM
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_rows = offs_n.to(tl.int64)[:, None]
-        if MASK:
-            kv_ok = (offs_n[:, None] < seqlen_k) & d_ok
-        else:
-            kv_ok = d_ok
-        k = tl.load(k_head + kv_rows * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)  # [BN, BD]
-        v = tl.load(v_head + kv_rows * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)  # [BN, BD]
+        k = load_rows(k_head, offs_n, stride_kn, offs_d, seqlen_k, HEAD_DIM, MASK)  # [BN, BD]
+        v = load_rows(v_head, offs_n, stride_vn, offs_d, seqlen_k, HEAD_DIM, MASK)  # [BN, BD]
         s, dcap = _scores_and_grad_factor(tl.dot(q, tl.trans(k)), sm_scale, softcap, HAS_SOFTCAP)  # [BM, BN]
         p = tl.math.exp2(s - lse2[:, None])
         if MASK:
@@ -265,10 +258,10 @@ def _bwd_dq(
     rows = offs_m.to(tl.int64)[:, None]
     q_ok = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
     row_ok = offs_m < seqlen_q
-    q = tl.load(head_ptr(Q, off_b64, stride_qb, off_h, stride_qh, q_start, stride_qm) + rows * stride_qm
-                + offs_d[None, :], mask=q_ok, other=0.0)
-    do = tl.load(head_ptr(dO, off_b64, stride_dob, off_h, stride_doh, q_start, stride_dom) + rows * stride_dom
-                 + offs_d[None, :], mask=q_ok, other=0.0)
+    q = load_rows(head_ptr(Q, off_b64, stride_qb, off_h, stride_qh, q_start, stride_qm), offs_m, stride_qm,
+                  offs_d, seqlen_q, HEAD_DIM, True)  # [BM, BD]
+    do = load_rows(head_ptr(dO, off_b64, stride_dob, off_h, stride_doh, q_start, stride_dom), offs_m, stride_dom,
+                   offs_d, seqlen_q, HEAD_DIM, True)  # [BM, BD]
     lse_off = off_b64 * stride_lb + off_h.to(tl.int64) * stride_lh + q_start
     lse2 = tl.load(Lse + lse_off + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
     delta = tl.load(Delta + lse_off + offs_m, mask=row_ok, other=0.0)

@@ -125,6 +125,17 @@ def seq_bounds(cu_seqlens_q, cu_seqlens_k, off_b, seqlen_q_arg, seqlen_k_arg, IS
 
 
 @triton.jit
+def load_rows(head, offs, stride_row, offs_d, seqlen, HEAD_DIM: tl.constexpr, CHECK_ROWS: tl.constexpr):
+    """``[len(offs), BLOCK_D]`` tile of rows ``offs`` of one (batch, head) sequence starting at ``head``.
+    Padding columns past HEAD_DIM read as 0, and so do rows past ``seqlen`` when ``CHECK_ROWS`` (blocks
+    known to lie inside the sequence skip that compare)."""
+    ok = offs_d[None, :] < HEAD_DIM
+    if CHECK_ROWS:
+        ok = ok & (offs[:, None] < seqlen)
+    return tl.load(head + offs.to(tl.int64)[:, None] * stride_row + offs_d[None, :], mask=ok, other=0.0)
+
+
+@triton.jit
 def head_ptr(base, off_b64, stride_b, off_h, stride_h, start, stride_row):
     """Pointer to row 0 of one (batch, head) sequence; all terms in 64 bits since batch x sequence x
     heads x head_dim can pass 2**31 elements."""

@@ -12,7 +12,7 @@ Scores are kept in base 2: ``softmax_scale * log2(e)`` is folded into one multip
 import triton
 import triton.language as tl
 
-from hf_flash.ops.common import dropout_keep, head_ptr, kv_segments, seq_bounds, strides_blh, tanh, visible
+from hf_flash.ops.common import dropout_keep, head_ptr, kv_segments, load_rows, seq_bounds, strides_blh, tanh, visible
 
 
 @triton.jit
@@ -26,15 +26,9 @@ def _fwd_inner(
 ):
     """Fold key blocks ``[start, end)`` into (acc [BLOCK_M, BLOCK_D], l_i [BLOCK_M], m_i [BLOCK_M]).
     ``MASK`` is off for blocks that every row sees whole, so those skip all mask arithmetic."""
-    d_ok = offs_d[None, :] < HEAD_DIM
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_rows = offs_n.to(tl.int64)[:, None]
-        if MASK:
-            kv_ok = (offs_n[:, None] < seqlen_k) & d_ok
-        else:
-            kv_ok = d_ok
-        k = tl.load(k_head + kv_rows * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)  # [BN, BD]
+        k = load_rows(k_head, offs_n, stride_kn, offs_d, seqlen_k, HEAD_DIM, MASK)  # [BN, BD]
         # -- scores of this tile, in base-2 units
         s = tl.dot(q, tl.trans(k))  # [BM, BN] fp32
         if HAS_SOFTCAP:
@@ -60,7 +54,7 @@ def _fwd_inner(
             # the normaliser l_i uses the undropped p; only the product with V is dropped
             keep = dropout_keep(seed, offs_m, offs_n, seqlen_k, dropout_p)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-        v = tl.load(v_head + kv_rows * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)  # [BN, BD]
+        v = load_rows(v_head, offs_n, stride_vn, offs_d, seqlen_k, HEAD_DIM, MASK)  # [BN, BD]
         acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_new
     return acc, l_i, m_i
@@ -109,7 +103,7 @@ def _fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     rows = offs_m.to(tl.int64)[:, None]
     q_ok = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(q_head + rows * stride_qm + offs_d[None, :], mask=q_ok, other=0.0)  # [BM, BD]
+    q = load_rows(q_head, offs_m, stride_qm, offs_d, seqlen_q, HEAD_DIM, True)  # [BM, BD]
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
