@@ -8,6 +8,8 @@ set (``MASK_LEFT`` / ``MASK_RIGHT``), so the non-causal, windowless kernel carri
 
 Each kernel walks over blocks in three segments: a masked head, an unmasked middle and a masked tail.
 Only blocks that straddle a mask edge or the end of a sequence pay for building the mask.
+Integer divisions only ever see non-negative operands: GPU division truncates toward zero while the
+interpreter floors, and the two differ below zero.
 """
 
 import triton

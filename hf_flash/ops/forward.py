@@ -12,7 +12,16 @@ Scores are kept in base 2: ``softmax_scale * log2(e)`` is folded into one multip
 import triton
 import triton.language as tl
 
-from hf_flash.ops.common import dropout_keep, head_ptr, kv_segments, load_rows, seq_bounds, strides_blh, tanh, visible
+from hf_flash.ops.common import (
+    dropout_keep,
+    head_ptr,
+    kv_segments,
+    load_rows,
+    seq_bounds,
+    strides_blh,
+    tanh,
+    visible,
+)
 
 
 @triton.jit
