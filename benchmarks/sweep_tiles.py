@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 
 import torch
 import triton
@@ -35,8 +36,21 @@ CANDIDATES = {
 CANDIDATES["dkdv_atomic"] = CANDIDATES["dkdv"]
 
 
-def sweep(kernel: str, head_dim: int, causal: bool, seqlen: int, dtype: torch.dtype):
-    """Returns [(TFLOP/s, tile)] best first; 0 TFLOP/s where the tile failed to compile or run."""
+def parse_tiles(text: str) -> list[tuple[int, int, int, int]]:
+    """``"128x64w8s3,64x64w4s3"`` -> [(128, 64, 8, 3), (64, 64, 4, 3)]."""
+    tiles = []
+    for item in filter(None, text.split(",")):
+        m = re.fullmatch(r"(\d+)x(\d+)w(\d+)s(\d+)", item.strip())
+        if not m:
+            raise SystemExit(f"--tiles entries look like 128x64w8s3 (block_m x block_n, warps, stages), got {item!r}")
+        tiles.append(tuple(int(g) for g in m.groups()))
+    return tiles
+
+
+def sweep(kernel: str, head_dim: int, causal: bool, seqlen: int, dtype: torch.dtype, tiles, tma_modes,
+          compile_only=False):
+    """Returns [(TFLOP/s, tile, tma)] best first; 0 TFLOP/s where the tile failed to compile or run.
+    ``compile_only``: run each candidate once (fills Triton's cache for a later timed run)."""
     batch, heads = max(1, 16384 // seqlen), 2048 // head_dim
     q = torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=dtype)
     k, v, do = torch.randn_like(q), torch.randn_like(q), torch.randn_like(q)
@@ -57,15 +71,19 @@ def sweep(kernel: str, head_dim: int, causal: bool, seqlen: int, dtype: torch.dt
         return lambda: flash_bwd(do, q, k, v, out, lse, dq, dk, dv, *args, cfg, dq_cfg, deterministic)
 
     rows = []
-    for tile in CANDIDATES[kernel]:
+    for tile in tiles:
         if block_d >= 256 and tile[0] * tile[1] > (128 * 64 if kernel == "fwd" else 64 * 64):
             continue  # cannot fit shared memory at D=256 (seen on the H100); compiling it only wastes time
-        cfg = KernelConfig(tile[0], tile[1], block_d, tile[2], tile[3])
-        try:
-            ms = triton.testing.do_bench(run(cfg), warmup=25, rep=100, return_mode="median")
-            rows.append(((1.0 if kernel == "fwd" else 2.5) * flops / ms * 1e-9, tile))
-        except Exception as err:  # out of shared memory, out of resources: a row, not a crash
-            rows.append((0.0, tile, type(err).__name__))
+        for tma in tma_modes:
+            cfg = KernelConfig(tile[0], tile[1], block_d, tile[2], tile[3], tma)
+            try:
+                if compile_only:
+                    run(cfg)()
+                    continue
+                ms = triton.testing.do_bench(run(cfg), warmup=25, rep=100, return_mode="median")
+                rows.append(((1.0 if kernel == "fwd" else 2.5) * flops / ms * 1e-9, tile, tma))
+            except Exception as err:  # out of shared memory, out of resources: a row, not a crash
+                rows.append((0.0, tile, tma, type(err).__name__))
     return sorted(rows, key=lambda r: -r[0])
 
 
@@ -75,17 +93,29 @@ def main():
     parser.add_argument("--seqlen", type=int, default=4096)
     parser.add_argument("--causal", choices=("both", "yes", "no"), default="both")
     parser.add_argument("--kernels", default="fwd,dkdv,dq,dkdv_atomic")
+    parser.add_argument("--tiles", default="", help="candidates for every kernel, e.g. 128x64w8s3,64x64w4s3 "
+                        "(default: each kernel's own list)")
+    parser.add_argument("--tma", choices=("off", "on", "both"), default="off",
+                        help="read streamed tiles through TMA descriptors (sm90+, power-of-two head dims)")
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     parser.add_argument("--top", type=int, default=4)
+    parser.add_argument("--shard", default="0/1", help="i/n: run only every n-th candidate from the i-th")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="compile (run once) without timing, e.g. in parallel shards before a timed run")
     a = parser.parse_args()
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float16
     causals = {"both": (True, False), "yes": (True,), "no": (False,)}[a.causal]
-    print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
+    tma_modes = {"off": (False,), "on": (True,), "both": (False, True)}[a.tma]
+    shard, shards = (int(x) for x in a.shard.split("/"))
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, flush=True)
     for head_dim in (int(d) for d in a.head_dims.split(",")):
         for causal in causals:
             for kernel in a.kernels.split(","):
-                rows = sweep(kernel, head_dim, causal, a.seqlen, dtype)
-                best = ", ".join(f"{r[1]}: {r[0]:.0f}" for r in rows[: a.top])
+                tiles = (parse_tiles(a.tiles) or CANDIDATES[kernel])[shard::shards]
+                rows = sweep(kernel, head_dim, causal, a.seqlen, dtype, tiles, tma_modes, a.compile_only)
+                if a.compile_only:
+                    continue
+                best = ", ".join(f"{r[1]}{'+tma' if r[2] else ''}: {r[0]:.0f}" for r in rows[: a.top])
                 print(f"{kernel:12s} D{head_dim} causal={causal} L={a.seqlen}: {best}", flush=True)
 
 

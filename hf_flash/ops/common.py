@@ -12,6 +12,7 @@ Integer divisions only ever see non-negative operands: GPU division truncates to
 interpreter floors, and the two differ below zero.
 """
 
+import torch
 import triton
 import triton.language as tl
 
@@ -127,14 +128,29 @@ def seq_bounds(cu_seqlens_q, cu_seqlens_k, off_b, seqlen_q_arg, seqlen_k_arg, IS
 
 
 @triton.jit
-def load_rows(head, offs, stride_row, offs_d, seqlen, HEAD_DIM: tl.constexpr, CHECK_ROWS: tl.constexpr):
+def load_rows(
+    head, desc, desc_row, desc_col, offs, stride_row, offs_d, seqlen,
+    HEAD_DIM: tl.constexpr, CHECK_ROWS: tl.constexpr, USE_TMA: tl.constexpr,
+):
     """``[len(offs), BLOCK_D]`` tile of rows ``offs`` of one (batch, head) sequence starting at ``head``.
     Padding columns past HEAD_DIM read as 0, and so do rows past ``seqlen`` when ``CHECK_ROWS`` (blocks
-    known to lie inside the sequence skip that compare)."""
-    ok = offs_d[None, :] < HEAD_DIM
-    if CHECK_ROWS:
-        ok = ok & (offs[:, None] < seqlen)
-    return tl.load(head + offs.to(tl.int64)[:, None] * stride_row + offs_d[None, :], mask=ok, other=0.0)
+    known to lie inside the sequence skip that compare).
+
+    With ``USE_TMA`` the tile comes through the tensor descriptor ``desc`` instead (Hopper's TMA copies
+    it to shared memory asynchronously, with no per-element address arithmetic), at row ``desc_row`` and
+    column ``desc_col`` of its 2D ``[rows, heads * HEAD_DIM]`` view (see :func:`tma_descriptor`). The
+    hardware zero-fills only past the whole tensor, so rows that belong to the next sequence are zeroed
+    here when ``CHECK_ROWS``."""
+    if USE_TMA:
+        tile = desc.load([desc_row, desc_col])
+        if CHECK_ROWS:
+            tile = tl.where(offs[:, None] < seqlen, tile, 0.0)
+        return tile
+    else:
+        ok = offs_d[None, :] < HEAD_DIM
+        if CHECK_ROWS:
+            ok = ok & (offs[:, None] < seqlen)
+        return tl.load(head + offs.to(tl.int64)[:, None] * stride_row + offs_d[None, :], mask=ok, other=0.0)
 
 
 @triton.jit
@@ -148,3 +164,48 @@ def strides_blh(t, varlen: bool):
     """(batch, row, head) strides of ``[B, L, H, D]``, or ``(0, row, head)`` of varlen ``[total, H, D]``
     (a zero batch stride: varlen sequences are placed by their cu_seqlens start instead)."""
     return (0, *t.stride()[:2]) if varlen else tuple(t.stride()[:3])
+
+
+def tma_descriptor(t, varlen: bool, block_rows: int, use_tma: bool):
+    """A tensor descriptor over ``t`` (``[B, L, H, D]``, or varlen ``[total, H, D]``) seen as the 2D
+    ``[rows, H * D]`` matrix whose row ``r`` is token ``r`` of the flattened batch, for tiles of
+    ``[block_rows, D]``; or ``t`` itself when ``use_tma`` is off (the kernel then reads through pointers).
+    Callers check :func:`tma_usable` first."""
+    if not use_tma:
+        return t
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    head_dim = t.shape[-1]
+    rows = t.shape[0] if varlen else t.shape[0] * t.shape[1]
+    row_stride = t.stride(0) if varlen else t.stride(1)
+    return TensorDescriptor(t, [rows, t.shape[-2] * head_dim], [row_stride, 1], [block_rows, head_dim])
+
+
+def tma_device_ok(t) -> bool:
+    """A GPU with TMA (Hopper or newer) and a Triton with host-side tensor descriptors (>= 3.4)."""
+    if t.device.type != "cuda" or torch.cuda.get_device_capability(t.device)[0] < 9:
+        return False
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def tma_layout_ok(t, varlen: bool) -> bool:
+    """Whether ``t`` (``[B, L, H, D]`` or varlen ``[total, H, D]``) can be read as the 2D view of
+    :func:`tma_descriptor`: a power-of-two head dim (the tile is exactly one head wide; a wider one would
+    read the next head), heads side by side in a row, batches evenly spaced, and the 16-byte alignment
+    TMA needs for the base address and the row stride."""
+    head_dim = t.shape[-1]
+    row_stride = t.stride(0) if varlen else t.stride(1)
+    if head_dim < 16 or head_dim & (head_dim - 1) or t.stride(-2) != head_dim or t.stride(-1) != 1:
+        return False
+    if not varlen and t.shape[0] > 1 and t.stride(0) != t.shape[1] * row_stride:
+        return False
+    return t.data_ptr() % 16 == 0 and (row_stride * t.element_size()) % 16 == 0
+
+
+def tma_usable(*tensors, varlen: bool) -> bool:
+    """Whether the streamed tiles of ``tensors`` can come through TMA descriptors on their device."""
+    return tma_device_ok(tensors[0]) and all(tma_layout_ok(t, varlen) for t in tensors)

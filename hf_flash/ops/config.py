@@ -155,6 +155,7 @@ class KernelConfig:
     block_d: int
     num_warps: int = 4
     num_stages: int = 2
+    tma: bool = False  # read the streamed tiles through TMA descriptors where the tensors allow (sm90+)
 
 
 def block_d_for(head_dim: int) -> int:

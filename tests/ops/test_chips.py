@@ -87,6 +87,11 @@ def compile_case(case: dict) -> dict:
         "update test_chips._case to what the launcher passes"
     )
     signature = {n: "constexpr" if n in constexprs else _arg_type(n, case["dtype"]) for n in names}
+    if constexprs.get("USE_TMA"):
+        # host-side descriptors of one tile each: key blocks (fwd, dq) or query blocks (dkdv) x head dim
+        rows = constexprs["BLOCK_M"] if case["kernel"] == "dkdv" else constexprs["BLOCK_N"]
+        signature.update({n: f"tensordesc<{case['dtype']}[{rows}, {constexprs['HEAD_DIM']}]>"
+                          for n in names if n.endswith("_desc")})
     # Triton marks 16-byte aligned pointers and strides divisible by 16 at launch (contiguous inputs
     # with D % 8 == 0); give the compiler the same facts so the code matches what runs
     aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
@@ -205,6 +210,8 @@ def _case(chip: str, kernel: str, head_dim: int, flags: str, dtype: str = "fp16"
     constexprs.update(FLAG_SETS[flags])
     if kernel == "dkdv":
         constexprs["ATOMIC_DQ"] = atomic_dq
+    # the launchers read tiles through TMA where the table asks and the chip and head dim allow
+    constexprs["USE_TMA"] = c.tma and TARGETS[chip] >= 90 and head_dim == block_d
     return {**case, "constexprs": constexprs, "num_warps": c.num_warps, "num_stages": c.num_stages}
 
 
@@ -318,30 +325,7 @@ def test_compile_matrix_full():
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def fake_gpu(monkeypatch):
-    """``fake_gpu(capability, smem)`` makes config.py and info.py see one CUDA GPU of that kind."""
-    from types import SimpleNamespace
-
-    import torch
-
-    from hf_flash.ops import config
-
-    monkeypatch.setattr(config, "_forced", None)
-
-    def install(capability, smem=None, name="Fake GPU"):
-        smem = smem if smem is not None else config.default_smem_per_block(capability)
-        props = SimpleNamespace(name=name, major=capability[0], minor=capability[1],
-                                shared_memory_per_block_optin=smem)
-        monkeypatch.setattr(config, "_device_facts", lambda index: (tuple(capability), smem, name))
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index=None: props)
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: tuple(capability))
-        return torch.device("cuda", 0)
-
-    return install
+# ``fake_gpu`` (tests/conftest.py) makes config.py and info.py see a CUDA GPU of a given capability
 
 
 @pytest.mark.parametrize("text, expected", [("sm75", (7, 5)), ("sm_80", (8, 0)), ("86", (8, 6)), ("8.9", (8, 9)),

@@ -1,0 +1,124 @@
+"""The tensor-descriptor (TMA) path of the tile loads, against the fp32 oracle and against the pointer path.
+
+On a Hopper GPU the sm90 table turns TMA on wherever the tensors allow it (``common.tma_layout_ok``). On
+the CPU, Triton's interpreter runs host-side descriptors too, so these tests force the path there
+(``force_tma``) and check the part that is ours: the coordinates (flattened batch row, head column)
+and the zeroing of rows that belong to the next sequence, which TMA itself never masks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import hf_flash.ops.common
+import hf_flash.ops.config
+import pytest
+import torch
+from flash_oracle import (
+    Case,
+    assert_matches_oracle,
+    make_inputs,
+    oracle_for,
+    varlen_inputs,
+    varlen_oracle,
+)
+
+from hf_flash import flash_attn_func, flash_attn_varlen_func
+from hf_flash.ops.common import tma_layout_ok
+
+
+@pytest.fixture
+def force_tma(monkeypatch):
+    """Every kernel config asks for TMA and the device counts as TMA-capable (the interpreter on CPU); the
+    layout rules still apply. Returns a function that turns it back off, for pointer-path baselines."""
+    pick = hf_flash.ops.config._pick
+
+    def with_tma(kernel, head_dim, device):
+        return dataclasses.replace(pick(kernel, head_dim, device), tma=True)
+
+    monkeypatch.setattr(hf_flash.ops.config, "_pick", with_tma)
+    monkeypatch.setattr(hf_flash.ops.common, "tma_device_ok", lambda t: True)
+
+    def off():
+        monkeypatch.setattr(hf_flash.ops.config, "_pick", pick)
+
+    return off
+
+
+TMA_CASES = [
+    Case(2, 37, 37, 2, 2, 32, causal=True),  # a second batch element right after a partial block
+    Case(3, 23, 41, 4, 2, 16),  # Lq < Lk, GQA: the kv head's column
+    Case(2, 41, 23, 2, 1, 32, causal=True, deterministic=True),  # Lq > Lk, MQA, separate dQ kernel
+    Case(2, 40, 40, 2, 2, 16, window=(6, 3), softcap=5.0),
+]
+
+
+@pytest.mark.parametrize("case", TMA_CASES, ids=lambda c: c.id)
+def test_tma_dense(case, device, force_tma):
+    q, k, v, dout = make_inputs(case, device, seed=3)
+    ours = functools.partial(flash_attn_func, **case.kwargs)
+    assert_matches_oracle(ours, oracle_for(case), (q, k, v), dout)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "det"])
+def test_tma_varlen_neighbours(deterministic, device, force_tma, monkeypatch):
+    """Packed sequences: a tile that runs past its sequence reads the next one's rows through TMA; they
+    must count as absent, even where they hold NaN (0 * NaN is NaN: a masked score alone does not stop it).
+    The NaN rows are the keys of a sequence without queries, so no result depends on them."""
+    if not deterministic:  # the atomic dQ path, at a head dim the small CPU shapes reach
+        monkeypatch.setattr(hf_flash.ops.function, "ATOMIC_DQ_MIN_HEAD_DIM", 1)
+    lengths_q, lengths_k = [19, 0, 26, 5], [21, 3, 26, 9]
+    q, k, v, dout, cu_q, cu_k = varlen_inputs(lengths_q, lengths_k, 4, 2, 32, device, seed=4)
+    k[21:24], v[21:24] = float("nan"), float("nan")  # the empty-query sequence's keys, after the first's
+
+    def ours(q, k, v):
+        return flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lengths_q), max(lengths_k), causal=True,
+                                      deterministic=deterministic)
+
+    def oracle(q, k, v):
+        return varlen_oracle(q, k, v, cu_q, cu_k, causal=True)[0]
+
+    assert_matches_oracle(ours, oracle, (q, k, v), dout)
+
+
+def test_tma_matches_pointer_path(device, force_tma):
+    """The two ways of loading a tile compute the same products in the same order."""
+    case = Case(2, 45, 45, 2, 1, 32, causal=True, deterministic=True)
+    q, k, v, dout = make_inputs(case, device, seed=6)
+    results = []
+    for use in (True, False):
+        if not use:
+            force_tma()
+        x = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = flash_attn_func(*x, causal=True, deterministic=True)
+        out.backward(dout)
+        results.append([out.detach()] + [t.grad for t in x])
+    for name, a, b in zip(("out", "dq", "dk", "dv"), *results):
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=0, msg=f"{name}: TMA and pointer paths differ")
+
+
+@pytest.mark.parametrize(
+    "shape, view, varlen, expected",
+    [
+        ((2, 8, 4, 64), None, False, True),
+        ((2, 8, 4, 80), None, False, False),  # a 128-wide tile would read the next head's columns
+        ((2, 8, 4, 8), None, False, False),  # below 16 bytes of bf16... and below tl.dot's minimum
+        ((2, 8, 12, 64), "qkv", False, True),  # q of a fused [B, L, 3 * H, D] projection: rows 3HD apart
+        ((2, 8, 4, 64), "bhld", False, False),  # [B, H, L, D] transposed to [B, L, H, D]: heads not side by side
+        ((2, 8, 4, 64), "batch_gap", False, False),  # batches not evenly spaced
+        ((17, 4, 64), None, True, True),
+        ((2, 8, 4, 64), "misaligned", False, False),
+    ],
+)
+def test_tma_layout_rules(shape, view, varlen, expected):
+    t = torch.zeros(shape, dtype=torch.float16)
+    if view == "qkv":
+        t = t[:, :, : shape[2] // 3]
+    elif view == "bhld":
+        t = torch.zeros(shape[0], shape[2], shape[1], shape[3], dtype=torch.float16).transpose(1, 2)
+    elif view == "batch_gap":
+        t = torch.zeros(shape[0], shape[1] + 1, *shape[2:], dtype=torch.float16)[:, : shape[1]]
+    elif view == "misaligned":
+        t = torch.zeros(t.numel() + 1, dtype=torch.float16)[1:].view(shape)
+    assert tma_layout_ok(t, varlen) is expected
