@@ -8,7 +8,8 @@ layouts and masking rules, see :mod:`hf_flash.ops.reference`) through PyTorch's
 
 Every fallback is announced by :func:`report_fallback`: one :class:`FallbackWarning` per distinct
 reason per process, or a :class:`FallbackError` when ``HF_FLASH_STRICT=1`` is set in the environment
-(for users who want to be sure the kernels run).
+(for users who want to be sure the kernels run). :func:`warn_once` is the once-per-process machinery;
+:mod:`hf_flash.dispatch` announces its per-chip choices through it too (never raising: they are choices).
 
 Nothing here imports Transformers.
 """
@@ -34,6 +35,7 @@ __all__ = [
     "sdpa_flash_attn_varlen_func",
     "strict_mode",
     "visibility",
+    "warn_once",
 ]
 
 
@@ -53,15 +55,20 @@ def strict_mode() -> bool:
     return os.environ.get("HF_FLASH_STRICT", "0") not in ("", "0")
 
 
+def warn_once(key: str, message: str, category: type[Warning], stacklevel: int = 4) -> None:
+    """Warn ``message`` the first time ``key`` is seen in this process (:func:`reset_warnings` forgets)."""
+    if key in _warned:
+        return
+    _warned.add(key)
+    warnings.warn(message, category, stacklevel=stacklevel)
+
+
 def report_fallback(reason: str, instead: str = "PyTorch SDPA") -> None:
     """Warn once per distinct ``reason`` that a call runs through ``instead``; raise in strict mode."""
     message = f"hf_flash: this attention call runs through {instead} instead of the hf_flash kernels: {reason}"
     if strict_mode():
         raise FallbackError(message + " (raised because HF_FLASH_STRICT=1)")
-    if reason in _warned:
-        return
-    _warned.add(reason)
-    warnings.warn(message + ". Set HF_FLASH_STRICT=1 to make this an error.", FallbackWarning, stacklevel=3)
+    warn_once(reason, message + ". Set HF_FLASH_STRICT=1 to make this an error.", FallbackWarning)
 
 
 def reset_warnings() -> None:
@@ -159,23 +166,27 @@ def _sdpa_backends(device: torch.device) -> list:
     return backends
 
 
-def _sdpa(q, k, v, visible, is_causal: bool, scale: float, dropout_p: float) -> torch.Tensor:
-    """``F.scaled_dot_product_attention`` on ``[B, H, L, D]`` inside a backend choice that cannot fail."""
+def _sdpa(q, k, v, visible, is_causal: bool, scale: float, dropout_p: float, backends=None) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` on ``[B, H, L, D]`` inside a backend choice that cannot fail,
+    or inside ``backends`` when the caller has checked that they take the call."""
     if torch.compiler.is_compiling():
         # the backend context manager is a graph break; under compile SDPA's own choice stands
         return F.scaled_dot_product_attention(q, k, v, visible, dropout_p, is_causal, scale=scale)
     from torch.nn.attention import sdpa_kernel
 
-    with sdpa_kernel(_sdpa_backends(q.device)):
+    with sdpa_kernel(backends or _sdpa_backends(q.device)):
         return F.scaled_dot_product_attention(q, k, v, visible, dropout_p, is_causal, scale=scale)
 
 
-def attention_with_mask(q, k, v, visible, softmax_scale=None, dropout_p=0.0, softcap=0.0, is_causal=False):
+def attention_with_mask(
+    q, k, v, visible, softmax_scale=None, dropout_p=0.0, softcap=0.0, is_causal=False, backends=None
+):
     """Attention on the flash-attn layout with an explicit visibility mask.
 
     Args:
         q: ``[B, Lq, H, D]``; k, v: ``[B, Lk, Hk, D]`` (GQA: ``H % Hk == 0``).
         visible: bool ``[B, 1, Lq, Lk]`` or None (everything visible, or top-left causal when ``is_causal``).
+        backends: SDPA backends to restrict the call to (default: every one this chip has, MATH last).
     Returns:
         ``[B, Lq, H, D]`` in q's dtype; rows that see no key are 0, as in the kernels.
     """
@@ -200,26 +211,28 @@ def attention_with_mask(q, k, v, visible, softmax_scale=None, dropout_p=0.0, sof
         probs = F.dropout(torch.softmax(scores, dim=-1), p=dropout_p, training=dropout_p > 0)
         out = torch.matmul(probs.to(v.dtype), v)
     else:
-        out = _sdpa(q, k, v, visible, is_causal and visible is None, scale, dropout_p)
+        out = _sdpa(q, k, v, visible, is_causal and visible is None, scale, dropout_p, backends)
     if has_key is not None:
         out = out * has_key
     return out.transpose(1, 2)
 
 
 def sdpa_flash_attn_func(
-    q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, **unused
-):
+    q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, backends=None,
+    **unused,
+):  # fmt: skip
     """``hf_flash.flash_attn_func`` through PyTorch: q ``[B, Lq, H, D]``, k/v ``[B, Lk, Hk, D]`` -> ``[B, Lq, H, D]``.
 
     Causal is bottom-right aligned when ``Lq != Lk`` (query i sees keys ``j <= i + Lk - Lq``).
-    Extra flash-attn arguments (``deterministic``, ...) are accepted and have no effect here.
+    ``backends``: as in :func:`attention_with_mask`. Extra flash-attn arguments (``deterministic``, ...)
+    are accepted and have no effect here.
     """
     batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
     if causal and seqlen_q == seqlen_k and tuple(window_size) == (-1, -1):
         visible = None  # SDPA's is_causal is top-left aligned, which is the same when Lq == Lk
     else:
         visible = dense_visibility(batch, seqlen_q, seqlen_k, causal, tuple(window_size), q.device)
-    return attention_with_mask(q, k, v, visible, softmax_scale, dropout_p, softcap, is_causal=causal)
+    return attention_with_mask(q, k, v, visible, softmax_scale, dropout_p, softcap, causal, backends)
 
 
 def sdpa_flash_attn_varlen_func(

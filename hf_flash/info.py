@@ -2,7 +2,9 @@
 
 Prints the versions that matter (torch, Triton, Transformers), whether Triton's interpreter is on, and
 for each GPU its chip, the tile table picked for it and, per dtype, whether attention runs on the
-hf_flash kernels or falls back to PyTorch SDPA, and why. :func:`report` returns the same as a dict.
+hf_flash kernels or falls back to PyTorch SDPA, and why; then which path ``attn_implementation="hf_flash"``
+takes (on a T4, PyTorch SDPA's memory-efficient kernel for dense batches: :mod:`hf_flash.dispatch`).
+:func:`report` returns the same as a dict.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 
 import torch
 
+from hf_flash import dispatch
 from hf_flash.ops import config
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -32,16 +35,31 @@ def _env_flag(name: str) -> str:
     return "off" if value in ("", "0") else f"on ({name}={value})"
 
 
-def _paths(device: torch.device, dot_on: str) -> dict[str, dict[str, str]]:
-    """dtype name -> {"path": "kernels" | "fallback", "why": ...}."""
+def _paths(device: torch.device, dot_on: str, chip: tuple[config.ChipTable, str] | None = None) -> dict:
+    """dtype name -> {"path": "kernels" | "fallback", "why": ..., "transformers": {"path", "summary", "why"}}.
+
+    "path" is where the kernels' API runs the dtype; "transformers" what the Transformers integration runs,
+    which differs on a chip (``chip``: its table and name) without tensor-core ``tl.dot``.
+    """
+    try:
+        mode, mode_error = dispatch.sm75_path(), None
+    except ValueError as err:
+        mode, mode_error = None, str(err)
     paths = {}
     for dtype in DTYPES:
         reason = config.kernels_unavailable_reason(device, dtype)
         name = str(dtype).removeprefix("torch.")
-        if reason is None:
-            paths[name] = {"path": "kernels", "why": dot_on}
+        if reason is not None:
+            integration = {"path": "fallback", "summary": f"{FALLBACK} (fallback)", "why": reason}
+            paths[name] = {"path": "fallback", "why": f"fallback to {FALLBACK}: {reason}", "transformers": integration}
+            continue
+        if chip is None:
+            integration = {"path": "kernels", "summary": "hf_flash kernels", "why": dot_on}
+        elif mode_error is not None:
+            integration = {"path": "error", "summary": f"unknown {dispatch.SM75_PATH_ENV}", "why": mode_error}
         else:
-            paths[name] = {"path": "fallback", "why": f"fallback to {FALLBACK}: {reason}"}
+            integration = dispatch.describe(chip[0], dtype, mode, chip[1])
+        paths[name] = {"path": "kernels", "why": dot_on, "transformers": integration}
     return paths
 
 
@@ -77,7 +95,8 @@ def _gpu(index: int) -> dict:
         "table_chips": table.chips,
         "table_source": table.source,
         "matmuls": dot_on,
-        "paths": _paths(device, "tensor cores" if table.tensor_cores else "CUDA cores (FMA), see tl.dot above"),
+        "paths": _paths(device, "tensor cores" if table.tensor_cores else "CUDA cores (FMA), see tl.dot above",
+                        (table, props.name)),
         "tiles": _tiles(table),
     }
 
@@ -98,6 +117,7 @@ def report() -> dict:
         "interpreter": _env_flag("TRITON_INTERPRET"),
         "forced_arch": config.forced_arch_name(),
         "strict": _env_flag("HF_FLASH_STRICT"),
+        "sm75_path": os.environ.get(dispatch.SM75_PATH_ENV) or "auto",
         "gpus": gpus,
         "cpu_paths": _paths(torch.device("cpu"), cpu_note),
         "max_head_dim": config.MAX_HEAD_DIM,
@@ -111,7 +131,8 @@ def format_report(r: dict) -> str:
         f"  python {r['python']} | torch {r['torch']}{cuda} | triton {r['triton']} | transformers {r['transformers']}",
         (
             f"  TRITON_INTERPRET {r['interpreter']} | {config.ARCH_ENV} {r['forced_arch'] or 'not set'} | "
-            f"HF_FLASH_STRICT {r['strict']} (fallbacks {'raise' if r['strict'] != 'off' else 'warn once'})"
+            f"HF_FLASH_STRICT {r['strict']} (fallbacks {'raise' if r['strict'] != 'off' else 'warn once'}) | "
+            f"{dispatch.SM75_PATH_ENV} {r['sm75_path']}"
         ),
     ]
     for gpu in r["gpus"]:
@@ -141,6 +162,11 @@ def _format_paths(paths: dict) -> list[str]:
     for dtype, p in paths.items():
         why = f": {p['why']}" if p["path"] == "kernels" and p["why"] else ""
         lines.append(f"  {dtype:<9} -> {'hf_flash kernels' + why if p['path'] == 'kernels' else p['why']}")
+        integration = p["transformers"]
+        if integration["path"] != "fallback" and integration["summary"] != "hf_flash kernels":
+            # only where attn_implementation="hf_flash" does something other than the line above
+            lines.append(f"  {'':<9}    attn_implementation=\"hf_flash\": {integration['summary']}")
+            lines.append(f"  {'':<9}    why: {integration['why']}")
     return lines
 
 

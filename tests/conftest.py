@@ -42,3 +42,28 @@ def assert_close_rel(name, ours, ref_fp32, torch_same_dtype, factor, eps=1e-5):
     base = max_err(torch_same_dtype, ref_fp32)
     assert torch.isfinite(ours.float()).all(), f"{name}: non-finite values"
     assert err <= factor * base + eps, f"{name}: max err {err:.3e} > {factor} x torch err {base:.3e} + {eps}"
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """``fake_gpu(capability, smem, name)`` makes config.py, dispatch.py and info.py see one CUDA GPU of
+    that kind; returns its device."""
+    from types import SimpleNamespace
+
+    from hf_flash.ops import config
+
+    monkeypatch.setattr(config, "_forced", None)
+
+    def install(capability, smem=None, name="Fake GPU"):
+        smem = smem if smem is not None else config.default_smem_per_block(capability)
+        props = SimpleNamespace(name=name, major=capability[0], minor=capability[1],
+                                shared_memory_per_block_optin=smem)
+        monkeypatch.setattr(config, "_device_facts", lambda index: (tuple(capability), smem, name))
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index=None: props)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: tuple(capability))
+        return torch.device("cuda", 0)
+
+    return install

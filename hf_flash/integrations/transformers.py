@@ -22,6 +22,9 @@ How a call is routed (mirroring Transformers' own flash path, so results match i
 * otherwise plain causal attention; without a mask, keys beyond ``position_ids.max() + 1`` (unfilled
   static-cache slots) are dropped.
 
+On a chip without tensor-core ``tl.dot`` (sm75, T4) calls that need no mask run through PyTorch SDPA's
+memory-efficient kernel instead of the kernels, because it is faster there (:mod:`hf_flash.dispatch`).
+
 What the kernels cannot do falls back, announced once per reason by :mod:`hf_flash.fallback`:
 no usable GPU / dtype -> PyTorch SDPA with the same routing; options the kernels cannot honour
 (``s_aux`` attention sinks, ``output_attentions=True``, a 4D or custom mask pattern, unknown kwargs)
@@ -39,7 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from hf_flash import fallback
+from hf_flash import dispatch, fallback
 from hf_flash.integrations.padding import mask_to_varlen, pad, varlen_from_position_ids
 from hf_flash.ops import flash_attn_func, flash_attn_varlen_func
 
@@ -160,7 +163,7 @@ def _flatten(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
     return x if index is None else x[index]
 
 
-def _visibility_for_eager(plan, batch, len_q, len_k, causal, window, device):
+def _padded_visibility(plan, batch, len_q, len_k, causal, window, device):
     """The routed pattern as a bool ``[B, 1, Lq, Lk]`` mask in the padded layout (None = all visible)."""
     if plan is None:
         return fallback.dense_visibility(batch, len_q, len_k, causal, window, device)
@@ -234,7 +237,7 @@ def _eager_fallback(module, query, key, value, attention_mask, reason, plan_args
         mask, used_k = attention_mask, key.shape[2]
     else:
         used_k, plan, causal, window = plan_args()
-        mask = _visibility_for_eager(plan, query.shape[0], query.shape[2], used_k, causal, window, query.device)
+        mask = _padded_visibility(plan, query.shape[0], query.shape[2], used_k, causal, window, query.device)
     if mask is not None and mask.dtype == torch.bool:
         mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
             ~mask, torch.finfo(query.dtype).min
@@ -302,27 +305,54 @@ def hf_flash_attention_forward(
         q, k, v = (F.pad(t, (0, width - t.shape[-1])) for t in (q, k, v))
 
     unavailable = fallback.kernel_unavailable_reason(q)
-    if unavailable is None:
-        attn_func, varlen_func = flash_attn_func, flash_attn_varlen_func
-    else:
+    if unavailable is not None:
         fallback.report_fallback(unavailable)
-        attn_func, varlen_func = fallback.sdpa_flash_attn_func, fallback.sdpa_flash_attn_varlen_func
 
     options = {"dropout_p": dropout, "softmax_scale": scale, "causal": causal, "window_size": window,
                "softcap": float(softcap or 0.0)}  # fmt: skip
     if kwargs.get("deterministic") is not None:
         options["deterministic"] = bool(kwargs["deterministic"])
     used_k, plan = _route_cached(batch, len_q, len_k, attention_mask, kwargs, getattr(module, "layer_idx", None))
-    k, v = k[:, :used_k], v[:, :used_k]
-    if plan is None:
-        out = attn_func(q, k, v, **options)
-    else:
-        out = varlen_func(
-            _flatten(q, plan.index_q), _flatten(k, plan.index_k), _flatten(v, plan.index_k),
-            plan.cu_q, plan.cu_k, plan.max_q, plan.max_k, **options,
-        )  # fmt: skip
-        out = out.view(batch, len_q, *out.shape[1:]) if plan.index_q is None else pad(out, plan.index_q, batch, len_q)
+    out = _attention(q, k[:, :used_k], v[:, :used_k], plan, options, kernels=unavailable is None)
     return out[..., :value_dim], None
+
+
+def _attention(q, k, v, plan: _Varlen | None, options: dict, kernels: bool) -> torch.Tensor:
+    """One routed call, on the path this chip prefers: q ``[B, Lq, H, D]``, k/v ``[B, Lk, Hk, D]`` ->
+    ``[B, Lq, H, D]``. ``kernels``: whether the kernels can run it (else the SDPA fallback does)."""
+    batch, len_q = q.shape[:2]
+    if not kernels:
+        attn_func, varlen_func = fallback.sdpa_flash_attn_func, fallback.sdpa_flash_attn_varlen_func
+    elif dispatch.integration_path(q, k, v, plan is not None, options) == dispatch.SDPA:
+        return _chosen_sdpa(q, k, v, plan, options)
+    else:
+        attn_func, varlen_func = flash_attn_func, flash_attn_varlen_func
+    if plan is None:
+        return attn_func(q, k, v, **options)
+    out = varlen_func(
+        _flatten(q, plan.index_q), _flatten(k, plan.index_k), _flatten(v, plan.index_k),
+        plan.cu_q, plan.cu_k, plan.max_q, plan.max_k, **options,
+    )  # fmt: skip
+    return out.view(batch, len_q, *out.shape[1:]) if plan.index_q is None else pad(out, plan.index_q, batch, len_q)
+
+
+def _chosen_sdpa(q, k, v, plan: _Varlen | None, options: dict) -> torch.Tensor:
+    """:func:`_attention` through SDPA's memory-efficient kernel, where :mod:`hf_flash.dispatch` prefers it.
+
+    A dense call needs no mask once the parts of causal/window that hide nothing are dropped (that is
+    what dispatch checked). A padded or packed one (``HF_FLASH_SM75_PATH=sdpa``) gets a ``[B, 1, Lq, Lk]``
+    mask in the padded layout: ``B * Lq * Lk`` entries, where the fallback's one mask over all packed
+    tokens would hold ``(B * L) ** 2`` and compute as much.
+    """
+    batch, len_q, len_k = q.shape[0], q.shape[1], k.shape[1]
+    causal, window = dispatch.simplify_mask(options["causal"], options["window_size"], len_q, len_k)
+    backends = dispatch.sdpa_backends()
+    if plan is None:
+        return fallback.sdpa_flash_attn_func(q, k, v, **dict(options, causal=causal, window_size=window),
+                                             backends=backends)  # fmt: skip
+    visible = _padded_visibility(plan, batch, len_q, len_k, causal, window, q.device)
+    return fallback.attention_with_mask(q, k, v, visible, options["softmax_scale"], options["dropout_p"],
+                                        backends=backends)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
