@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -36,6 +36,7 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
 ARCH_ENV = "HF_FLASH_ARCH"
 KB = 1024
+SHORT_SEQLEN = 1024  # up to this many queries the forward may use ChipTable.fwd_short's tiles
 
 
 def interpreter_enabled() -> bool:
@@ -183,23 +184,34 @@ class ChipTable:
     dkdv: Tiles
     dq: Tiles
     source: str  # how the tiles were chosen
+    # forward tiles for short queries (max_seqlen_q <= SHORT_SEQLEN), where smaller query blocks give the
+    # grid more programs than big ones; a class missing here uses ``fwd``
+    fwd_short: Tiles = field(default_factory=dict)
 
-    def config(self, kernel: str, head_dim: int) -> KernelConfig:
-        """``kernel``: "fwd", "dkdv" or "dq"."""
+    def config(self, kernel: str, head_dim: int, max_seqlen_q: int | None = None) -> KernelConfig:
+        """``kernel``: "fwd", "dkdv" or "dq". A tile is (block_m, block_n, num_warps, num_stages) with an
+        optional fifth entry: read the streamed tiles through TMA (default False)."""
         tiles = getattr(self, kernel)
         block_d = block_d_for(head_dim)
         head_class = min(c for c in tiles if c >= block_d)
-        block_m, block_n, num_warps, num_stages = tiles[head_class]
-        return KernelConfig(block_m, block_n, block_d, num_warps, num_stages)
+        tile = tiles[head_class]
+        if kernel == "fwd" and max_seqlen_q is not None and max_seqlen_q <= SHORT_SEQLEN:
+            tile = self.fwd_short.get(head_class, tile)
+        block_m, block_n, num_warps, num_stages, *tma = tile
+        return KernelConfig(block_m, block_n, block_d, num_warps, num_stages, bool(tma and tma[0]))
 
+
+TMA = True  # the fifth entry of a tile: stream K/V (forward, dQ) or Q/dO (dK/dV) through TMA descriptors
 
 SM90 = ChipTable(
     "sm90", "H100, H200 (and newer GPUs with >= 227 KB shared memory per block)", (9, 0), 227 * KB, True,
     # measured on an H100 (bf16, L = 4k, 16k tokens, torch 2.11 + Triton 3.6), best of a sweep per
-    # head-dim class; see README's benchmark section
-    fwd={64: (128, 64, 8, 3), 128: (128, 128, 8, 3), 256: (64, 64, 4, 3)},
-    dkdv={64: (32, 64, 4, 3), 128: (64, 128, 8, 3), 256: (32, 32, 4, 2)},
-    dq={64: (64, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 4, 3)},
+    # head-dim class (benchmarks/sweep_tiles.py, benchmarks/NOTES.md). TMA only applies to power-of-two
+    # head dims; others read through pointers with the same tiles.
+    fwd={64: (128, 64, 8, 3, TMA), 128: (128, 128, 8, 3, TMA), 256: (64, 64, 4, 3)},
+    fwd_short={64: (64, 64, 4, 3, TMA), 128: (64, 64, 4, 3, TMA)},
+    dkdv={64: (32, 64, 4, 3, TMA), 128: (64, 128, 8, 3, TMA), 256: (32, 32, 4, 2)},
+    dq={64: (64, 64, 4, 3, TMA), 128: (128, 64, 8, 3, TMA), 256: (64, 32, 4, 3)},
     source="swept on an H100",
 )
 
@@ -255,15 +267,15 @@ def chip_table(device: torch.device | str | None = None) -> ChipTable:
 _INTERPRETER = (16, 16, 4, 1)
 
 
-def _pick(kernel: str, head_dim: int, device: torch.device) -> KernelConfig:
+def _pick(kernel: str, head_dim: int, device: torch.device, max_seqlen_q: int | None = None) -> KernelConfig:
     if device.type != "cuda":
         block_m, block_n, num_warps, num_stages = _INTERPRETER
         return KernelConfig(block_m, block_n, block_d_for(head_dim), num_warps, num_stages)
-    return chip_table(device).config(kernel, head_dim)
+    return chip_table(device).config(kernel, head_dim, max_seqlen_q)
 
 
-def forward_config(head_dim: int, device: torch.device) -> KernelConfig:
-    return _pick("fwd", head_dim, device)
+def forward_config(head_dim: int, device: torch.device, max_seqlen_q: int | None = None) -> KernelConfig:
+    return _pick("fwd", head_dim, device, max_seqlen_q)
 
 
 def backward_config(head_dim: int, device: torch.device) -> tuple[KernelConfig, KernelConfig]:

@@ -54,7 +54,7 @@ def _fwd_op(
     # the seed comes from torch's default generator, so torch.manual_seed makes dropout reproducible
     seed = int(torch.randint(0, 2**30, (1,)).item()) if dropout_p > 0 else 0
     if out.numel() > 0:
-        config = forward_config(q.shape[-1], q.device)
+        config = forward_config(q.shape[-1], q.device, max_seqlen_q)
         flash_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                   (window_left, window_right), softcap, dropout_p, seed, config)
     return out, lse, torch.tensor([seed], dtype=torch.int64)

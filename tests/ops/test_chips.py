@@ -56,7 +56,7 @@ def _arg_type(name: str, dtype: str) -> str:
 def _kernel(name: str):
     from hf_flash.ops import backward, forward
 
-    return {"fwd": forward._fwd_kernel, "dkdv": backward._bwd_dkdv, "dq": backward._bwd_dq,
+    return {"fwd": forward._fwd_kernel, "fwd_short": forward._fwd_kernel, "dkdv": backward._bwd_dkdv, "dq": backward._bwd_dq,
             "delta": backward._bwd_delta}[name]
 
 
@@ -204,7 +204,8 @@ def _case(chip: str, kernel: str, head_dim: int, flags: str, dtype: str = "fp16"
         # flash_bwd launches it with BLOCK_M=64 and Triton's default warps and stages
         constexprs = {"HEAD_DIM": head_dim, "BLOCK_M": 64, "BLOCK_D": block_d, "IS_VARLEN": flags != "plain"}
         return {**case, "constexprs": constexprs, "num_warps": 4, "num_stages": 3}
-    c = table.config(kernel, head_dim)
+    # "fwd_short": the forward's tiles for short sequences (ChipTable.fwd_short), same kernel
+    c = table.config(kernel.removesuffix("_short"), head_dim, config.SHORT_SEQLEN if kernel.endswith("_short") else None)
     constexprs = {"HEAD_DIM": head_dim, "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_D": c.block_d}
     constexprs.update(dict.fromkeys(("IS_VARLEN", "MASK_LEFT", "MASK_RIGHT", "HAS_SOFTCAP", "HAS_DROPOUT"), False))
     constexprs.update(FLAG_SETS[flags])
@@ -229,6 +230,7 @@ def quick_matrix() -> list[dict]:
                 atomic_dq = (i + k) % 2 == 0  # each dK/dV entry with and without dQ on some chip
                 cases.append(_case(chip, kernel, head_dim, flag_sets[(i + j + k) % 4], atomic_dq=atomic_dq))
         cases.append(_case(chip, "delta", HEAD_DIMS[i], flag_sets[3 * (i % 2)]))  # plain / all: varlen off / on
+    cases += [_case("sm90", "fwd_short", d, "causal") for d in (64, 128)]
     return cases
 
 
@@ -241,6 +243,7 @@ def full_matrix() -> list[dict]:
     cases += [_case(chip, "delta", d, flags) for chip in TARGETS for d in HEAD_DIMS for flags in ("plain", "all")]
     cases += [_case(chip, kernel, 128, "causal", "bf16") for chip in ("sm80", "sm89", "sm90")
               for kernel in ("fwd", "dkdv", "dq")]
+    cases += [_case("sm90", "fwd_short", d, flags) for d in (64, 128) for flags in FLAG_SETS]
     return cases
 
 

@@ -34,8 +34,8 @@ def force_tma(monkeypatch):
     layout rules still apply. Returns a function that turns it back off, for pointer-path baselines."""
     pick = hf_flash.ops.config._pick
 
-    def with_tma(kernel, head_dim, device):
-        return dataclasses.replace(pick(kernel, head_dim, device), tma=True)
+    def with_tma(kernel, head_dim, device, max_seqlen_q=None):
+        return dataclasses.replace(pick(kernel, head_dim, device, max_seqlen_q), tma=True)
 
     monkeypatch.setattr(hf_flash.ops.config, "_pick", with_tma)
     monkeypatch.setattr(hf_flash.ops.common, "tma_device_ok", lambda t: True)
