@@ -343,3 +343,22 @@ def test_memory_linear_in_seqlen():
         assert extra <= 8 * q_bytes, f"extra memory above 8 x q at L={seqlen}: {summary}"
     ratio = measured[16384][0] / measured[4096][0]
     assert ratio <= 4.4, f"extra memory grew {ratio:.2f}x from L=4k to 16k (linear: 4x): {summary}"
+
+
+# The grid's sequences stop at 2048, where the sm90 forward uses its short-sequence tiles
+# (config.SHORT_SEQLEN); these run the long-sequence tiles, with and without TMA (D = 80 reads by pointer).
+LONG_TILE_CASES = [
+    Case(1, 2113, 2113, 4, 1, 64, causal=True, dtype=torch.bfloat16),
+    Case(1, 2067, 2300, 4, 2, 128, dtype=torch.bfloat16),
+    Case(1, 2300, 2067, 2, 2, 80, causal=True, window=(300, 0), dtype=torch.float16),
+    Case(2, 2071, 2071, 2, 2, 128, causal=True, softcap=20.0, dtype=torch.float16),
+]
+
+
+@pytest.mark.parametrize("case", LONG_TILE_CASES, ids=lambda c: c.id)
+def test_long_sequence_tiles(case):
+    from hf_flash.ops import config
+
+    assert case.seqlen_q > config.SHORT_SEQLEN
+    q, k, v, dout = make_inputs(case, "cuda", seed=9)
+    assert_matches_oracle(lambda q, k, v: flash_attn_func(q, k, v, **case.kwargs), oracle_for(case), (q, k, v), dout)
