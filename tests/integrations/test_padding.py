@@ -110,9 +110,11 @@ def test_strict_mode_raises(monkeypatch):
 
 
 def test_kernel_unavailable_reason(monkeypatch):
-    q16 = torch.zeros(1, 2, 2, 16, dtype=torch.float16)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # on the CPU, the interpreter stands in for a GPU
+    q16 = torch.zeros(1, 2, 2, 16, dtype=torch.float16, device=device)
     assert "float32" in fallback.kernel_unavailable_reason(q16.float())
-    assert "head dim" in (fallback.kernel_unavailable_reason(torch.zeros(1, 1, 1, 512, dtype=torch.float16)) or "")
+    wide = torch.zeros(1, 1, 1, 512, dtype=torch.float16, device=device)
+    assert "head dim" in (fallback.kernel_unavailable_reason(wide) or "")
     if not torch.cuda.is_available():
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         assert "TRITON_INTERPRET" in fallback.kernel_unavailable_reason(q16)

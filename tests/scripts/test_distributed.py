@@ -28,12 +28,14 @@ RUN = ["--attn", "sdpa", "--seq-len", "64", "--max-docs", "60", "--device", "cpu
        "--lr", "1e-2", "--lora-dropout", "0", "--save-steps", "2"]  # fmt: skip
 
 
-def _launch(*argv, config="ddp", timeout=120):
+def _launch(*argv, config="ddp", timeout=120, cpu=True):
     """`accelerate launch` of two processes with a shipped config; returns what they printed."""
     # Port 0: accelerate picks a free port, so parallel CI jobs on one machine cannot collide.
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / f"{config}.yaml"),
               "--num_processes", "2", "--main_process_port", "0"]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    if cpu:  # hide the GPUs: the CPU/gloo runs stay on the CPU on a one-GPU machine too (two ranks would collide)
+        env["CUDA_VISIBLE_DEVICES"] = ""
     proc = subprocess.run([*launch, *map(str, argv)], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout, check=False)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -153,8 +155,8 @@ def test_two_gpus_with_hf_flash(config, run_finetune, tmp_path, monkeypatch):
     assert code == 0, err
     two = tmp_path / config
     common = [SCRIPTS / "finetune_lora.py", *gpu_run, "--batch-size", "2", "--output-dir", two]
-    _launch(*common, "--stop-after", 2, config=config, timeout=600)
-    output = _launch(*common, "--resume", config=config, timeout=600)
+    _launch(*common, "--stop-after", 2, config=config, timeout=600, cpu=False)
+    output = _launch(*common, "--resume", config=config, timeout=600, cpu=False)
     assert "asks for FSDP" not in output and _count(output, "done: 4 steps") == 1
     summary = json.loads((two / "summary.json").read_text())
     assert summary["parallelism"]["mode"] == config and len(summary["peak_mem_gib_per_rank"]) == 2
