@@ -64,13 +64,17 @@ def _paths(device: torch.device, dot_on: str, chip: tuple[config.ChipTable, str]
 
 
 def _tiles(table: config.ChipTable) -> dict[str, dict[str, str]]:
-    """head-dim class -> kernel -> "block_m x block_n, warps, stages"."""
+    """head-dim class -> kernel -> "block_m x block_n, warps, stages" (+ " tma" where tiles stream through TMA
+    descriptors); "fwd_short" is the forward up to ``config.SHORT_SEQLEN`` queries, where it differs."""
+    def describe(c: config.KernelConfig) -> str:
+        return f"{c.block_m}x{c.block_n} w{c.num_warps} s{c.num_stages}" + (" tma" if c.tma else "")
+
     out = {}
     for head_class in sorted(table.fwd):
-        row = {}
-        for kernel in ("fwd", "dkdv", "dq"):
-            c = table.config(kernel, head_class)
-            row[kernel] = f"{c.block_m}x{c.block_n} w{c.num_warps} s{c.num_stages}"
+        row = {kernel: describe(table.config(kernel, head_class)) for kernel in ("fwd", "dkdv", "dq")}
+        short = describe(table.config("fwd", head_class, config.SHORT_SEQLEN))
+        if short != row["fwd"]:
+            row["fwd_short"] = short
         out[f"D<={head_class}"] = row
     return out
 
@@ -146,9 +150,10 @@ def format_report(r: dict) -> str:
             f"  tl.dot on {gpu['matmuls']}",
         ]
         lines += _format_paths(gpu["paths"])
-        lines.append("  tiles (block_m x block_n, warps, stages):")
+        lines.append("  tiles (block_m x block_n, warps, stages; tma: loads through TMA descriptors):")
         for head_class, row in gpu["tiles"].items():
-            lines.append(f"    {head_class:<7} forward {row['fwd']:<14} dK/dV {row['dkdv']:<14} dQ {row['dq']}")
+            short = f"; forward up to {config.SHORT_SEQLEN} queries {row['fwd_short']}" if "fwd_short" in row else ""
+            lines.append(f"    {head_class:<7} forward {row['fwd']:<18} dK/dV {row['dkdv']:<18} dQ {row['dq']}{short}")
     if not r["gpus"]:
         lines.append("no CUDA GPU")
     lines.append("CPU tensors:")

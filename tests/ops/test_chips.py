@@ -56,8 +56,8 @@ def _arg_type(name: str, dtype: str) -> str:
 def _kernel(name: str):
     from hf_flash.ops import backward, forward
 
-    return {"fwd": forward._fwd_kernel, "fwd_short": forward._fwd_kernel, "dkdv": backward._bwd_dkdv, "dq": backward._bwd_dq,
-            "delta": backward._bwd_delta}[name]
+    return {"fwd": forward._fwd_kernel, "fwd_short": forward._fwd_kernel, "dkdv": backward._bwd_dkdv,
+            "dq": backward._bwd_dq, "delta": backward._bwd_delta}[name]
 
 
 def _resources(ptxas_log: str) -> dict:
@@ -205,7 +205,8 @@ def _case(chip: str, kernel: str, head_dim: int, flags: str, dtype: str = "fp16"
         constexprs = {"HEAD_DIM": head_dim, "BLOCK_M": 64, "BLOCK_D": block_d, "IS_VARLEN": flags != "plain"}
         return {**case, "constexprs": constexprs, "num_warps": 4, "num_stages": 3}
     # "fwd_short": the forward's tiles for short sequences (ChipTable.fwd_short), same kernel
-    c = table.config(kernel.removesuffix("_short"), head_dim, config.SHORT_SEQLEN if kernel.endswith("_short") else None)
+    short = config.SHORT_SEQLEN if kernel.endswith("_short") else None
+    c = table.config(kernel.removesuffix("_short"), head_dim, short)
     constexprs = {"HEAD_DIM": head_dim, "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_D": c.block_d}
     constexprs.update(dict.fromkeys(("IS_VARLEN", "MASK_LEFT", "MASK_RIGHT", "HAS_SOFTCAP", "HAS_DROPOUT"), False))
     constexprs.update(FLAG_SETS[flags])
