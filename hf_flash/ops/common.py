@@ -12,8 +12,6 @@ Integer divisions only ever see non-negative operands: GPU division truncates to
 interpreter floors, and the two differ below zero.
 """
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -183,17 +181,9 @@ def tma_descriptor(t, varlen: bool, block_rows: int, use_tma: bool):
     return TensorDescriptor(t, [rows, t.shape[-2] * head_dim], [row_stride, 1], [block_rows, head_dim])
 
 
-@functools.cache
-def _capability(index: int) -> tuple[int, int]:
-    # the real chip (not a forced arch: TMA is a property of the hardware); cached, as it is asked per call
-    return torch.cuda.get_device_capability(index)
-
-
 def tma_device_ok(t) -> bool:
     """A GPU with TMA (Hopper or newer) and a Triton with host-side tensor descriptors (>= 3.4)."""
-    if t.device.type != "cuda":
-        return False
-    if _capability(t.device.index if t.device.index is not None else torch.cuda.current_device())[0] < 9:
+    if t.device.type != "cuda" or torch.cuda.get_device_capability(t.device)[0] < 9:
         return False
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
