@@ -8,7 +8,9 @@ checkpoints. This module holds the few things it leaves to us:
 - one small collective per optimizer step, so the job's token count, its slowest rank's step time,
   every rank's peak memory and "someone asked to stop" are known on every rank;
 - which parallelism really runs (accelerate silently ignores an FSDP config on CPU);
-- the adapter's full state dict under FSDP, where each rank holds only a shard.
+- the adapter's full state dict under FSDP, where each rank holds only a shard;
+- resuming a multi-process CPU run on Transformers releases that load the optimizer state with
+  ``map_location=args.device``, which is ``cpu:<rank>`` there (:func:`allow_indexed_cpu_locations`).
 """
 
 from __future__ import annotations
@@ -95,3 +97,26 @@ def full_state_dict(trainer) -> dict | None:
     if not getattr(trainer, "is_fsdp_enabled", False):
         return None
     return trainer.accelerator.get_state_dict(trainer.model_wrapped)
+
+
+_INDEXED_CPU_REGISTERED = False
+
+
+def allow_indexed_cpu_locations() -> None:
+    """Let ``torch.load`` restore storages mapped to ``cpu:<n>``. Transformers 5.17 resumes a multi-process
+    run with ``map_location=args.device``, and under accelerate's multi-CPU setup that device is
+    ``cpu:<rank>``, a location torch has no handler for ("don't know how to restore data location ...
+    (tagged with cpu:0)"); later releases map to the CPU themselves. A CPU storage is already where it
+    belongs, so the handler returns it as it is. Idempotent; touches no other location."""
+    global _INDEXED_CPU_REGISTERED
+    if _INDEXED_CPU_REGISTERED:
+        return
+    import torch
+
+    def restore(storage, location: str):
+        return storage if location.startswith("cpu:") else None
+
+    # a priority of its own: registry entries of equal priority are compared by their functions, which fails
+    torch.serialization.register_package(97, lambda obj: None, restore)
+    _INDEXED_CPU_REGISTERED = True
+

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .data import build_train_dataset
-from .distributed import fsdp_ignored_reason, full_state_dict, gather_floats, parallelism
+from .distributed import allow_indexed_cpu_locations, fsdp_ignored_reason, full_state_dict, gather_floats, parallelism
 from .models import (
     BACKENDS,
     UsageError,
@@ -377,6 +377,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
             print(*parts, flush=True)
 
     checkpoint, done_steps = _latest_checkpoint(out) if cfg.resume else (None, 0)
+    if checkpoint is not None and args.world_size > 1 and args.device.type == "cpu":
+        allow_indexed_cpu_locations()  # the optimizer state of a multi-CPU run may be mapped to "cpu:<rank>"
     if cfg.resume and checkpoint is None:
         say(f"--resume: no checkpoint in {out}; starting from step 0")
     trainer, tokenizer, callback, layout = _build_trainer(cfg, args, spec, dtype, say)
