@@ -29,6 +29,7 @@ import triton.language as tl
 from hf_flash.ops.common import (
     strides_blh as _strides,
     dropout_keep,
+    flat_row0,
     head_ptr,
     kv_segments,
     load_rows,
@@ -168,10 +169,7 @@ def _bwd_dkdv(
     v_head = head_ptr(V, off_b64, stride_vb, off_hk, stride_vh, k_start, stride_vn)
     k = load_rows(k_head, K, 0, 0, offs_n, stride_kn, offs_d, seqlen_k, HEAD_DIM, True, False)  # [BN, BD]
     v = load_rows(v_head, V, 0, 0, offs_n, stride_vn, offs_d, seqlen_k, HEAD_DIM, True, False)  # [BN, BD]
-    if IS_VARLEN:  # the descriptors' row of query 0 in the flattened batch
-        q_row0 = q_start
-    else:
-        q_row0 = off_b * seqlen_q_arg
+    q_row0 = flat_row0(q_start, off_b, seqlen_q_arg, IS_VARLEN)  # the descriptors' row of query 0
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     lo, mid_lo, mid_hi, hi = q_segments(
@@ -281,10 +279,7 @@ def _bwd_dq(
     delta = tl.load(Delta + lse_off + offs_m, mask=row_ok, other=0.0)
     k_head = head_ptr(K, off_b64, stride_kb, off_hk, stride_kh, k_start, stride_kn)
     v_head = head_ptr(V, off_b64, stride_vb, off_hk, stride_vh, k_start, stride_vn)
-    if IS_VARLEN:  # the descriptors' row of key 0 in the flattened batch
-        kv_row0 = k_start
-    else:
-        kv_row0 = off_b * seqlen_k_arg
+    kv_row0 = flat_row0(k_start, off_b, seqlen_k_arg, IS_VARLEN)  # the descriptors' row of key 0
     kv_col = off_hk * HEAD_DIM
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     seed = seed + pid_bh

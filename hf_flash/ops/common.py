@@ -12,6 +12,8 @@ Integer divisions only ever see non-negative operands: GPU division truncates to
 interpreter floors, and the two differ below zero.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -128,6 +130,16 @@ def seq_bounds(cu_seqlens_q, cu_seqlens_k, off_b, seqlen_q_arg, seqlen_k_arg, IS
 
 
 @triton.jit
+def flat_row0(start, off_b, seqlen_arg, IS_VARLEN: tl.constexpr):
+    """Row of this sequence's token 0 in the 2D view of :func:`tma_descriptor`: its packed start for varlen,
+    else ``off_b`` whole sequences of ``seqlen_arg`` rows in."""
+    if IS_VARLEN:
+        return start
+    else:
+        return off_b * seqlen_arg
+
+
+@triton.jit
 def load_rows(
     head, desc, desc_row, desc_col, offs, stride_row, offs_d, seqlen,
     HEAD_DIM: tl.constexpr, CHECK_ROWS: tl.constexpr, USE_TMA: tl.constexpr,
@@ -183,7 +195,15 @@ def tma_descriptor(t, varlen: bool, block_rows: int, use_tma: bool):
 
 def tma_device_ok(t) -> bool:
     """A GPU with TMA (Hopper or newer) and a Triton with host-side tensor descriptors (>= 3.4)."""
-    if t.device.type != "cuda" or torch.cuda.get_device_capability(t.device)[0] < 9:
+    if t.device.type != "cuda":
+        return False
+    return _tma_on_gpu(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _tma_on_gpu(index: int) -> bool:
+    # asked on every launch: the device query and the import are done once per GPU
+    if torch.cuda.get_device_capability(index)[0] < 9:
         return False
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401

@@ -14,6 +14,7 @@ import triton.language as tl
 
 from hf_flash.ops.common import (
     dropout_keep,
+    flat_row0,
     head_ptr,
     kv_segments,
     load_rows,
@@ -120,10 +121,7 @@ def _fwd_kernel(
     k_head = head_ptr(K, off_b64, stride_kb, off_hk, stride_kh, k_start, stride_kn)
     v_head = head_ptr(V, off_b64, stride_vb, off_hk, stride_vh, k_start, stride_vn)
     # the descriptors' coordinates: row of key 0 in the flattened batch, column of this kv head
-    if IS_VARLEN:
-        kv_row0 = k_start
-    else:
-        kv_row0 = off_b * seqlen_k_arg
+    kv_row0 = flat_row0(k_start, off_b, seqlen_k_arg, IS_VARLEN)
     kv_col = off_hk * HEAD_DIM
     o_head = head_ptr(Out, off_b64, stride_ob, off_h, stride_oh, q_start, stride_om)
 
