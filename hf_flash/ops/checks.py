@@ -8,7 +8,7 @@ import torch
 from hf_flash.ops.config import MAX_HEAD_DIM, SUPPORTED_DTYPES, kernels_unavailable_reason
 
 
-def _is_compiling() -> bool:
+def is_compiling() -> bool:
     return hasattr(torch, "compiler") and torch.compiler.is_compiling()
 
 
@@ -85,7 +85,7 @@ def check_cu_seqlens(name: str, cu_seqlens, total: int, max_seqlen, max_name: st
         raise ValueError(f"{name} is on {cu_seqlens.device} but q is on {device}")
     if not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise TypeError(f"{max_name} must be a non-negative Python int, got {max_seqlen!r}")
-    if _is_compiling():
+    if is_compiling():
         return  # reading the values would sync and break the graph; checked in eager runs
     values = cu_seqlens.tolist()
     lengths = [b - a for a, b in zip(values, values[1:])]

@@ -127,16 +127,18 @@ def kernels_unavailable_reason(device: torch.device | str, dtype: torch.dtype) -
     if dtype not in SUPPORTED_DTYPES:
         return f"dtype {dtype} is not supported by the hf_flash kernels: torch.float16 and torch.bfloat16 are"
     if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
+        # per-call path: the capability comes from the cached device facts (no device query each call)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        major, minor = _device_facts(index)[0]
         forced = forced_arch()
         if forced is not None and forced < (major, minor):
             major, minor = forced  # a forced older chip brings its limits; a newer one brings none
+        if (major, minor) >= (8, 0) or ((major, minor) >= (7, 5) and dtype == torch.float16):
+            return None
         where = f"this GPU is {major}.{minor}" + (f" ({ARCH_ENV}={forced_arch_name()})" if forced else "")
         if (major, minor) < (7, 5):
             return f"GPU compute capability {major}.{minor} is below 7.5 (T4), the oldest the kernels target; {where}"
-        if dtype == torch.bfloat16 and major < 8:
-            return f"bfloat16 needs compute capability 8.0 or newer (float16 runs on the kernels); {where}"
-        return None
+        return f"bfloat16 needs compute capability 8.0 or newer (float16 runs on the kernels); {where}"
     if device.type == "cpu":
         if interpreter_enabled():
             return None

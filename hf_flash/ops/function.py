@@ -37,13 +37,8 @@ def _lse_shape(q: torch.Tensor, varlen: bool, batch: int) -> tuple[int, ...]:
     return (q.shape[1], q.shape[0]) if varlen else (batch, q.shape[2], q.shape[1])
 
 
-@torch.library.custom_op("hf_flash::fwd", mutates_args=(), device_types=None)
-def _fwd_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
-    max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
-    window_left: int, window_right: int, softcap: float, dropout_p: float, deterministic: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+              window_left, window_right, softcap, dropout_p, deterministic):
     """Returns (out like q, lse fp32, rng_state: int64 [1] on the CPU, the dropout seed or 0).
     ``deterministic`` is only recorded for the backward."""
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
@@ -60,6 +55,18 @@ def _fwd_op(
     return out, lse, torch.tensor([seed], dtype=torch.int64)
 
 
+@torch.library.custom_op("hf_flash::fwd", mutates_args=(), device_types=None)
+def _fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
+    max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+    window_left: int, window_right: int, softcap: float, dropout_p: float, deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_fwd_impl` as a custom op, the form ``torch.compile`` traces."""
+    return _fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                     window_left, window_right, softcap, dropout_p, deterministic)
+
+
 @_fwd_op.register_fake
 def _fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
               window_left, window_right, softcap, dropout_p, deterministic):
@@ -69,14 +76,8 @@ def _fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s
     return torch.empty_like(q), lse, torch.empty(1, dtype=torch.int64, device="cpu")
 
 
-@torch.library.custom_op("hf_flash::bwd", mutates_args=(), device_types=None)
-def _bwd_op(
-    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
-    max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
-    window_left: int, window_right: int, softcap: float, dropout_p: float, rng_state: torch.Tensor,
-    deterministic: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _bwd_impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+              window_left, window_right, softcap, dropout_p, rng_state, deterministic):
     """Returns (dq, dk, dv) shaped like q, k, v."""
     dout, q, k, v, out = (_last_dim_contiguous(t) for t in (dout, q, k, v, out))
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -92,6 +93,19 @@ def _bwd_op(
     else:
         dq.zero_()
     return dq, dk, dv
+
+
+@torch.library.custom_op("hf_flash::bwd", mutates_args=(), device_types=None)
+def _bwd_op(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
+    max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+    window_left: int, window_right: int, softcap: float, dropout_p: float, rng_state: torch.Tensor,
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_bwd_impl` as a custom op."""
+    return _bwd_impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                     softmax_scale, window_left, window_right, softcap, dropout_p, rng_state, deterministic)
 
 
 @_bwd_op.register_fake
@@ -111,10 +125,10 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse, rng_state)
 
 
-def _backward(ctx, dout, dlse, drng):
+def _backward(ctx, dout, dlse, drng, bwd=_bwd_op):
     q, k, v, out, lse, rng_state, cu_q, cu_k = ctx.saved_tensors
     a = ctx.args
-    dq, dk, dv = _bwd_op(
+    dq, dk, dv = bwd(
         dout, q, k, v, out, lse, cu_q, cu_k, a["max_seqlen_q"], a["max_seqlen_k"], a["softmax_scale"],
         a["window_left"], a["window_right"], a["softcap"], a["dropout_p"], rng_state, a["deterministic"],
     )
@@ -122,6 +136,23 @@ def _backward(ctx, dout, dlse, drng):
 
 
 torch.library.register_autograd("hf_flash::fwd", _backward, setup_context=_setup_context)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """The same forward and backward outside ``torch.compile``, without the custom-op dispatcher. That
+    dispatch costs hundreds of microseconds of host time per call (argument normalisation, autograd
+    wrapping; measured with ``benchmarks/launch_overhead.py``), more than the kernel itself takes on
+    short sequences, so eager calls come here and only traced calls use the custom ops."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, *args):
+        output = _fwd_impl(q, k, v, *args)
+        _setup_context(ctx, (q, k, v, *args), output)
+        return output
+
+    @staticmethod
+    def backward(ctx, dout, dlse, drng):
+        return _backward(ctx, dout, dlse, drng, bwd=_bwd_impl)
 
 
 def _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
@@ -132,7 +163,8 @@ def _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
         right = 0
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
-    out, lse, _ = _fwd_op(
+    forward = _fwd_op if checks.is_compiling() else _EagerAttention.apply
+    out, lse, _ = forward(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, float(softmax_scale),
         left, right, float(softcap), float(dropout_p), bool(deterministic),
     )
