@@ -13,6 +13,7 @@ interpreter floors, and the two differ below zero.
 """
 
 import functools
+import os
 
 import torch
 import triton
@@ -84,15 +85,24 @@ def q_segments(
 @triton.jit
 def visible(
     offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right,
-    MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
+    MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, KEYS_FIRST: tl.constexpr,
 ):
-    """``[BLOCK_M, BLOCK_N]`` bool: query ``offs_m[i]`` may see key ``offs_n[j]`` (and both exist)."""
+    """``[BLOCK_M, BLOCK_N]`` bool: query ``offs_m[i]`` may see key ``offs_n[j]`` (and both exist); with
+    ``KEYS_FIRST`` the same mask built as ``[BLOCK_N, BLOCK_M]``. The dK/dV kernel works on transposed
+    tiles: building its mask in that orientation costs nothing, while ``tl.trans`` of a finished mask is
+    a layout conversion through shared memory on every masked block."""
+    if KEYS_FIRST:
+        rows = offs_m[None, :]
+        cols = offs_n[:, None]
+    else:
+        rows = offs_m[:, None]
+        cols = offs_n[None, :]
     shift = seqlen_k - seqlen_q
-    ok = (offs_n[None, :] < seqlen_k) & (offs_m[:, None] < seqlen_q)
+    ok = (cols < seqlen_k) & (rows < seqlen_q)
     if MASK_RIGHT:
-        ok = ok & (offs_n[None, :] <= offs_m[:, None] + shift + window_right)
+        ok = ok & (cols <= rows + shift + window_right)
     if MASK_LEFT:
-        ok = ok & (offs_n[None, :] >= offs_m[:, None] + shift - window_left)
+        ok = ok & (cols >= rows + shift - window_left)
     return ok
 
 
@@ -104,11 +114,15 @@ def tanh(x):
 
 
 @triton.jit
-def dropout_keep(seed, offs_m, offs_n, seqlen_k, dropout_p):
-    """``[BLOCK_M, BLOCK_N]`` bool keep-mask, a pure function of (seed, row, column), so the backward
-    pass regenerates exactly the forward's mask instead of storing it. The seed already differs per
-    (batch, head). The counter wraps past 2**32 elements per head; streams stay valid, only repeat."""
-    rng_offs = offs_m[:, None] * seqlen_k + offs_n[None, :]
+def dropout_keep(seed, offs_m, offs_n, seqlen_k, dropout_p, KEYS_FIRST: tl.constexpr):
+    """``[BLOCK_M, BLOCK_N]`` bool keep-mask (``[BLOCK_N, BLOCK_M]`` with ``KEYS_FIRST``, as in
+    :func:`visible`), a pure function of (seed, row, column), so the backward pass regenerates exactly the
+    forward's mask instead of storing it. The seed already differs per (batch, head). The counter wraps
+    past 2**32 elements per head; streams stay valid, only repeat."""
+    if KEYS_FIRST:
+        rng_offs = offs_m[None, :] * seqlen_k + offs_n[:, None]
+    else:
+        rng_offs = offs_m[:, None] * seqlen_k + offs_n[None, :]
     return tl.rand(seed, rng_offs) >= dropout_p
 
 
@@ -166,10 +180,49 @@ def load_rows(
 
 
 @triton.jit
+def program_ids(LONGEST_LAST: tl.constexpr, BLOCKS_MAJOR: tl.constexpr):
+    """``(block, batch * head)`` indices of this program. The block index is reversed with
+    ``LONGEST_LAST`` so that the programs with the most work are launched first.
+
+    ``BLOCKS_MAJOR`` (see :func:`launch_grid`) puts the block index on the grid's slow axis: programs are
+    then issued block by block across all heads, i.e. in order of decreasing work for causal attention,
+    the longest-job-first order that leaves only short programs for the end. With the block index on
+    the fast axis, the work of successive programs rises and falls once per head, and a long program of
+    the last heads can start while the rest of the GPU is already running dry."""
+    if BLOCKS_MAJOR:
+        pid_blk = tl.program_id(1)
+        n_blk = tl.num_programs(1)
+        pid_bh = tl.program_id(0)
+    else:
+        pid_blk = tl.program_id(0)
+        n_blk = tl.num_programs(0)
+        pid_bh = tl.program_id(1)
+    if LONGEST_LAST:
+        pid_blk = n_blk - 1 - pid_blk
+    return pid_blk, pid_bh
+
+
+@triton.jit
 def head_ptr(base, off_b64, stride_b, off_h, stride_h, start, stride_row):
     """Pointer to row 0 of one (batch, head) sequence; all terms in 64 bits since batch x sequence x
     heads x head_dim can pass 2**31 elements."""
     return base + off_b64 * stride_b + off_h.to(tl.int64) * stride_h + start.to(tl.int64) * stride_row
+
+
+# CUDA caps the grid's y and z axes at 65535 programs (x at 2**31 - 1)
+_MAX_GRID_Y = 65535
+# Temporary switch for the grid-order measurement on the device ("0": block index on the fast axis).
+BLOCKS_MAJOR = os.environ.get("HF_FLASH_BLOCKS_MAJOR", "1") != "0"
+
+
+def launch_grid(n_blocks: int, n_bh: int) -> tuple[tuple[int, int], bool]:
+    """(grid, BLOCKS_MAJOR flag) for ``n_blocks`` blocks of each of ``n_bh`` (batch, head) pairs; see
+    :func:`program_ids`."""
+    if BLOCKS_MAJOR and n_blocks <= _MAX_GRID_Y:
+        return (n_bh, n_blocks), True
+    if n_bh > _MAX_GRID_Y:
+        raise ValueError(f"batch * heads = {n_bh} is over the launch grid's limit of {_MAX_GRID_Y}")
+    return (n_blocks, n_bh), False
 
 
 def strides_blh(t, varlen: bool):

@@ -17,7 +17,9 @@ from hf_flash.ops.common import (
     flat_row0,
     head_ptr,
     kv_segments,
+    launch_grid,
     load_rows,
+    program_ids,
     seq_bounds,
     strides_blh,
     tanh,
@@ -51,7 +53,8 @@ def _fwd_inner(
             else:
                 s = s * qk_scale
             if MASK:
-                ok = visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right, MASK_LEFT, MASK_RIGHT)
+                ok = visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right,
+                             MASK_LEFT, MASK_RIGHT, False)
                 s = tl.where(ok, s, float("-inf"))
             # -- new running max. A row that has seen no visible key yet keeps m = -inf; subtracting
             #    -inf from -inf would give NaN, so such rows subtract 0 (their p is exp2(-inf) = 0 anyway).
@@ -73,7 +76,7 @@ def _fwd_inner(
         acc = acc * alpha[:, None]
         if HAS_DROPOUT:
             # the normaliser l_i uses the undropped p; only the product with V is dropped
-            keep = dropout_keep(seed, offs_m, offs_n, seqlen_k, dropout_p)
+            keep = dropout_keep(seed, offs_m, offs_n, seqlen_k, dropout_p, False)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         v = load_rows(v_head, v_desc, kv_row0 + start_n, kv_col, offs_n, stride_vn, offs_d, seqlen_k,
                       HEAD_DIM, MASK, USE_TMA)  # [BN, BD]
@@ -95,17 +98,14 @@ def _fwd_kernel(
     sm_scale, softcap, window_left, window_right, dropout_p, seed,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_VARLEN: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr, BLOCKS_MAJOR: tl.constexpr,
 ):
     """Q ``[.., Lq, H, D]``, K/V ``[.., Lk, Hk, D]``, Out like Q, Lse fp32 indexed
     ``b * stride_lb + h * stride_lh + row`` (``[B, H, Lq]``, or ``[H, total_q]`` for varlen).
     K_desc/V_desc: tensor descriptors of K/V with ``USE_TMA`` (``common.tma_descriptor``), else unused."""
-    pid_m = tl.program_id(0)
-    if MASK_RIGHT:
-        # with a causal/right bound, later query blocks see more keys: launch them first so the
-        # grid's tail is made of short programs (better balance across the SMs)
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    pid_bh = tl.program_id(1)
+    # with a causal/right bound, later query blocks see more keys: launch them first so the grid's
+    # tail is made of short programs (better balance across the SMs)
+    pid_m, pid_bh = program_ids(MASK_RIGHT, BLOCKS_MAJOR)
     off_b = pid_bh // n_heads
     off_h = pid_bh % n_heads
     off_hk = off_h // n_groups  # GQA: the kv head of this query head's group, read in place
@@ -192,7 +192,7 @@ def flash_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
         cu_seqlens_q = cu_seqlens_k = q  # unused placeholders (never read when IS_VARLEN is off)
     block_m, block_n = config.block_m, config.block_n
     use_tma = config.tma and tma_usable(k, v, varlen=varlen)
-    grid = (triton.cdiv(max_seqlen_q, block_m), batch * n_heads)
+    grid, blocks_major = launch_grid(triton.cdiv(max_seqlen_q, block_m), batch * n_heads)
     _fwd_kernel[grid](
         q, k, v, tma_descriptor(k, varlen, block_n, use_tma), tma_descriptor(v, varlen, block_n, use_tma),
         out, lse, cu_seqlens_q, cu_seqlens_k,
@@ -201,7 +201,7 @@ def flash_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
         softmax_scale, softcap, window[0], window[1], dropout_p, seed,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=config.block_d,
         IS_VARLEN=varlen, MASK_LEFT=window[0] >= 0, MASK_RIGHT=window[1] >= 0,
-        HAS_SOFTCAP=softcap > 0, HAS_DROPOUT=dropout_p > 0, USE_TMA=use_tma,
+        HAS_SOFTCAP=softcap > 0, HAS_DROPOUT=dropout_p > 0, USE_TMA=use_tma, BLOCKS_MAJOR=blocks_major,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
 
