@@ -32,7 +32,6 @@ from hf_flash.ops.common import (
     flat_row0,
     head_ptr,
     kv_segments,
-    launch_grid,
     load_rows,
     program_ids,
     q_segments,
@@ -50,9 +49,8 @@ def _bwd_delta(
     stride_ob, stride_om, stride_oh, stride_dob, stride_dom, stride_doh, stride_lb, stride_lh,
     seqlen_q_arg, n_heads,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr,
-    BLOCKS_MAJOR: tl.constexpr,
 ):
-    pid_m, pid_bh = program_ids(False, BLOCKS_MAJOR)
+    pid_m, pid_bh = program_ids(False)
     off_b = pid_bh // n_heads
     off_h = pid_bh % n_heads
     q_start, _, seqlen_q, _ = seq_bounds(cu_seqlens_q, cu_seqlens_q, off_b, seqlen_q_arg, seqlen_q_arg, IS_VARLEN)
@@ -148,13 +146,12 @@ def _bwd_dkdv(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_VARLEN: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr, USE_TMA: tl.constexpr,
-    BLOCKS_MAJOR: tl.constexpr,
 ):
-    """Grid from ``launch_grid(cdiv(max_seqlen_k, BLOCK_N), B * Hk)``. dK/dV like K/V; Lse/Delta as in the
+    """Grid ``(cdiv(max_seqlen_k, BLOCK_N), B * Hk)``. dK/dV like K/V; Lse/Delta as in the
     forward; DQacc fp32 like Q, zeroed, only with ``ATOMIC_DQ``. Q_desc/dO_desc: tensor descriptors of
     Q/dO with ``USE_TMA``, else unused."""
     # with a causal/right bound the first key blocks are seen by the most queries: already first
-    pid_n, pid_bh = program_ids(False, BLOCKS_MAJOR)
+    pid_n, pid_bh = program_ids(False)
     off_b = pid_bh // n_heads_k
     off_hk = pid_bh % n_heads_k
     q_start, k_start, seqlen_q, seqlen_k = seq_bounds(
@@ -251,10 +248,10 @@ def _bwd_dq(
     sm_scale, softcap, window_left, window_right, dropout_p, seed,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_VARLEN: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr, BLOCKS_MAJOR: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    """Grid from ``launch_grid(cdiv(max_seqlen_q, BLOCK_M), B * H)``. dQ like Q; K_desc/V_desc as in the forward."""
-    pid_m, pid_bh = program_ids(MASK_RIGHT, BLOCKS_MAJOR)  # longest programs first, as in the forward
+    """Grid ``(cdiv(max_seqlen_q, BLOCK_M), B * H)``. dQ like Q; K_desc/V_desc as in the forward."""
+    pid_m, pid_bh = program_ids(MASK_RIGHT)  # longest programs first, as in the forward
     off_b = pid_bh // n_heads
     off_h = pid_bh % n_heads
     off_hk = off_h // n_groups
@@ -327,17 +324,17 @@ def flash_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max
     flags = dict(HEAD_DIM=head_dim, BLOCK_D=config_dq.block_d, IS_VARLEN=varlen)
     masks = dict(MASK_LEFT=window[0] >= 0, MASK_RIGHT=window[1] >= 0, HAS_SOFTCAP=softcap > 0,
                  HAS_DROPOUT=dropout_p > 0)
-    grid, blocks_major = launch_grid(triton.cdiv(max_seqlen_q, 64), batch * n_heads)
+    grid = (triton.cdiv(max_seqlen_q, 64), batch * n_heads)
     _bwd_delta[grid](
         out, do, delta, cu_seqlens_q, *_strides(out, varlen), *_strides(do, varlen), *ls,
-        max_seqlen_q, n_heads, BLOCK_M=64, **flags, BLOCKS_MAJOR=blocks_major,
+        max_seqlen_q, n_heads, BLOCK_M=64, **flags,
     )
     common = (softmax_scale, softcap, window[0], window[1], dropout_p, seed)
     atomic = not deterministic
     dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if atomic else dq
     c = config_dkdv
     tma = c.tma and tma_usable(q, do, varlen=varlen)
-    grid, blocks_major = launch_grid(triton.cdiv(max_seqlen_k, c.block_n), batch * n_heads_k)
+    grid = (triton.cdiv(max_seqlen_k, c.block_n), batch * n_heads_k)
     _bwd_dkdv[grid](
         q, k, v, do, tma_descriptor(q, varlen, c.block_m, tma), tma_descriptor(do, varlen, c.block_m, tma),
         lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_seqlens_k,
@@ -345,7 +342,6 @@ def flash_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max
         *_strides(dk, varlen), *_strides(dv, varlen), *_strides(dq_acc, varlen), *ls,
         max_seqlen_q, max_seqlen_k, n_heads_k, n_heads // n_heads_k, *common,
         BLOCK_M=c.block_m, BLOCK_N=c.block_n, **flags, **masks, ATOMIC_DQ=atomic, USE_TMA=tma,
-        BLOCKS_MAJOR=blocks_major,
         num_warps=c.num_warps, num_stages=c.num_stages,
     )
     if atomic:
@@ -353,13 +349,13 @@ def flash_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max
         return
     c = config_dq
     tma = c.tma and tma_usable(k, v, varlen=varlen)
-    grid, blocks_major = launch_grid(triton.cdiv(max_seqlen_q, c.block_m), batch * n_heads)
+    grid = (triton.cdiv(max_seqlen_q, c.block_m), batch * n_heads)
     _bwd_dq[grid](
         q, k, v, do, tma_descriptor(k, varlen, c.block_n, tma), tma_descriptor(v, varlen, c.block_n, tma),
         lse, delta, dq, cu_seqlens_q, cu_seqlens_k,
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
         *_strides(dq, varlen), *ls,
         max_seqlen_q, max_seqlen_k, n_heads, n_heads // n_heads_k, *common,
-        BLOCK_M=c.block_m, BLOCK_N=c.block_n, **flags, **masks, USE_TMA=tma, BLOCKS_MAJOR=blocks_major,
+        BLOCK_M=c.block_m, BLOCK_N=c.block_n, **flags, **masks, USE_TMA=tma,
         num_warps=c.num_warps, num_stages=c.num_stages,
     )

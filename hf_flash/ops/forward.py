@@ -17,7 +17,6 @@ from hf_flash.ops.common import (
     flat_row0,
     head_ptr,
     kv_segments,
-    launch_grid,
     load_rows,
     program_ids,
     seq_bounds,
@@ -98,14 +97,14 @@ def _fwd_kernel(
     sm_scale, softcap, window_left, window_right, dropout_p, seed,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_VARLEN: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr, BLOCKS_MAJOR: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """Q ``[.., Lq, H, D]``, K/V ``[.., Lk, Hk, D]``, Out like Q, Lse fp32 indexed
     ``b * stride_lb + h * stride_lh + row`` (``[B, H, Lq]``, or ``[H, total_q]`` for varlen).
     K_desc/V_desc: tensor descriptors of K/V with ``USE_TMA`` (``common.tma_descriptor``), else unused."""
     # with a causal/right bound, later query blocks see more keys: launch them first so the grid's
     # tail is made of short programs (better balance across the SMs)
-    pid_m, pid_bh = program_ids(MASK_RIGHT, BLOCKS_MAJOR)
+    pid_m, pid_bh = program_ids(MASK_RIGHT)
     off_b = pid_bh // n_heads
     off_h = pid_bh % n_heads
     off_hk = off_h // n_groups  # GQA: the kv head of this query head's group, read in place
@@ -192,7 +191,7 @@ def flash_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
         cu_seqlens_q = cu_seqlens_k = q  # unused placeholders (never read when IS_VARLEN is off)
     block_m, block_n = config.block_m, config.block_n
     use_tma = config.tma and tma_usable(k, v, varlen=varlen)
-    grid, blocks_major = launch_grid(triton.cdiv(max_seqlen_q, block_m), batch * n_heads)
+    grid = (triton.cdiv(max_seqlen_q, block_m), batch * n_heads)
     _fwd_kernel[grid](
         q, k, v, tma_descriptor(k, varlen, block_n, use_tma), tma_descriptor(v, varlen, block_n, use_tma),
         out, lse, cu_seqlens_q, cu_seqlens_k,
@@ -201,7 +200,7 @@ def flash_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
         softmax_scale, softcap, window[0], window[1], dropout_p, seed,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=config.block_d,
         IS_VARLEN=varlen, MASK_LEFT=window[0] >= 0, MASK_RIGHT=window[1] >= 0,
-        HAS_SOFTCAP=softcap > 0, HAS_DROPOUT=dropout_p > 0, USE_TMA=use_tma, BLOCKS_MAJOR=blocks_major,
+        HAS_SOFTCAP=softcap > 0, HAS_DROPOUT=dropout_p > 0, USE_TMA=use_tma,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
 
