@@ -29,15 +29,14 @@ import triton.language as tl
 from hf_flash.ops.common import (
     strides_blh as _strides,
     dropout_keep,
-    ensure_tma_allocator,
+    flat_row0,
     head_ptr,
     kv_segments,
     load_rows,
-    program_ids,
-    rows_descriptor,
     q_segments,
     seq_bounds,
     tanh,
+    tma_descriptor,
     tma_usable,
     visible,
 )
@@ -50,7 +49,8 @@ def _bwd_delta(
     seqlen_q_arg, n_heads,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    pid_m, pid_bh = program_ids(False)
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
     off_b = pid_bh // n_heads
     off_h = pid_bh % n_heads
     q_start, _, seqlen_q, _ = seq_bounds(cu_seqlens_q, cu_seqlens_q, off_b, seqlen_q_arg, seqlen_q_arg, IS_VARLEN)
@@ -60,9 +60,9 @@ def _bwd_delta(
     off_b64 = off_b.to(tl.int64)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    o = load_rows(head_ptr(Out, off_b64, stride_ob, off_h, stride_oh, q_start, stride_om), Out, m0, offs_m,
+    o = load_rows(head_ptr(Out, off_b64, stride_ob, off_h, stride_oh, q_start, stride_om), Out, 0, 0, offs_m,
                   stride_om, offs_d, seqlen_q, HEAD_DIM, True, False).to(tl.float32)
-    do = load_rows(head_ptr(dO, off_b64, stride_dob, off_h, stride_doh, q_start, stride_dom), dO, m0, offs_m,
+    do = load_rows(head_ptr(dO, off_b64, stride_dob, off_h, stride_doh, q_start, stride_dom), dO, 0, 0, offs_m,
                    stride_dom, offs_d, seqlen_q, HEAD_DIM, True, False).to(tl.float32)
     delta = tl.sum(o * do, 1)  # [BM]
     tl.store(Delta + off_b64 * stride_lb + off_h.to(tl.int64) * stride_lh + q_start + offs_m, delta,
@@ -81,7 +81,7 @@ def _scores_and_grad_factor(s, sm_scale, softcap, HAS_SOFTCAP: tl.constexpr):
 
 @triton.jit
 def _bwd_dkdv_inner(
-    dk, dv, k, v, q_head, do_head, q_desc, do_desc, lse_head, delta_head, dq_head,
+    dk, dv, k, v, q_head, do_head, q_desc, do_desc, q_row0, q_col, lse_head, delta_head, dq_head,
     stride_qm, stride_dom, stride_dqm,
     offs_n, offs_d, start, end, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right,
     dropout_p, seed,
@@ -102,8 +102,10 @@ def _bwd_dkdv_inner(
         else:
             q_ok = d_ok
             row_ok = offs_m >= 0
-        q = load_rows(q_head, q_desc, start_m, offs_m, stride_qm, offs_d, seqlen_q, HEAD_DIM, MASK, USE_TMA)
-        do = load_rows(do_head, do_desc, start_m, offs_m, stride_dom, offs_d, seqlen_q, HEAD_DIM, MASK, USE_TMA)
+        q = load_rows(q_head, q_desc, q_row0 + start_m, q_col, offs_m, stride_qm, offs_d, seqlen_q,
+                      HEAD_DIM, MASK, USE_TMA)  # [BM, BD]
+        do = load_rows(do_head, do_desc, q_row0 + start_m, q_col, offs_m, stride_dom, offs_d, seqlen_q,
+                       HEAD_DIM, MASK, USE_TMA)  # [BM, BD]
         # rows past the sequence end get lse = +inf, so their recomputed p is 0
         lse2 = tl.load(lse_head + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634  # [BM]
         delta = tl.load(delta_head + offs_m, mask=row_ok, other=0.0)  # [BM]
@@ -111,18 +113,17 @@ def _bwd_dkdv_inner(
         sT, dcap = _scores_and_grad_factor(tl.dot(k, tl.trans(q)), sm_scale, softcap, HAS_SOFTCAP)  # [BN, BM]
         pT = tl.math.exp2(sT - lse2[None, :])
         if MASK:
-            ok = visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right,
-                         MASK_LEFT, MASK_RIGHT, True)  # [BN, BM]
+            ok = tl.trans(visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right,
+                                  MASK_LEFT, MASK_RIGHT))
             pT = tl.where(ok, pT, 0.0)
-        # -- dV += P_dropped^T dO, then dP^T = V dO^T: in this order the 16-bit copy of P^T is dead
-        #    before dP^T is live (fewer registers at the peak: the D=128 tile spilled 916 -> 548 bytes)
+        # -- dV += P_dropped^T dO ;  dP^T = V dO^T
+        dpT = tl.dot(v, tl.trans(do))  # [BN, BM]
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, offs_m, offs_n, seqlen_k, dropout_p, True)  # [BN, BM]
+            keep = tl.trans(dropout_keep(seed, offs_m, offs_n, seqlen_k, dropout_p))
             dv = tl.dot(tl.where(keep, pT / (1.0 - dropout_p), 0.0).to(do.dtype), do, dv)
-            dpT = tl.where(keep, tl.dot(v, tl.trans(do)) / (1.0 - dropout_p), 0.0)  # [BN, BM]
+            dpT = tl.where(keep, dpT / (1.0 - dropout_p), 0.0)
         else:
             dv = tl.dot(pT.to(do.dtype), do, dv)
-            dpT = tl.dot(v, tl.trans(do))  # [BN, BM]
         # -- dS^T = P^T * (dP^T - delta), through the softcap's derivative ; dK += dS^T Q
         dsT = (pT * (dpT - delta[None, :]) * dcap).to(q.dtype)
         dk = tl.dot(dsT, q, dk)
@@ -136,7 +137,7 @@ def _bwd_dkdv_inner(
 # a fresh dropout seed every call must not trigger a recompile (ints are specialized on % 16)
 @triton.jit(do_not_specialize=["seed"])
 def _bwd_dkdv(
-    Q, K, V, dO, Lse, Delta, dK, dV, DQacc, cu_seqlens_q, cu_seqlens_k,
+    Q, K, V, dO, Q_desc, dO_desc, Lse, Delta, dK, dV, DQacc, cu_seqlens_q, cu_seqlens_k,
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     stride_dob, stride_dom, stride_doh, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
     stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh,
@@ -146,11 +147,11 @@ def _bwd_dkdv(
     IS_VARLEN: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    """Grid ``(cdiv(max_seqlen_k, BLOCK_N), B * Hk)``. dK/dV like K/V; Lse/Delta as in the
-    forward; DQacc fp32 like Q, zeroed, only with ``ATOMIC_DQ``. With ``USE_TMA`` the query and output-
-    gradient tiles come through per-sequence TMA descriptors (``common.rows_descriptor``)."""
-    # with a causal/right bound the first key blocks are seen by the most queries: already first
-    pid_n, pid_bh = program_ids(False)
+    """Grid ``(cdiv(max_seqlen_k, BLOCK_N), B * Hk)``. dK/dV like K/V; Lse/Delta as in the forward;
+    DQacc fp32 like Q, zeroed, only with ``ATOMIC_DQ``. Q_desc/dO_desc: tensor descriptors of Q/dO with
+    ``USE_TMA``, else unused."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
     off_b = pid_bh // n_heads_k
     off_hk = pid_bh % n_heads_k
     q_start, k_start, seqlen_q, seqlen_k = seq_bounds(
@@ -166,8 +167,9 @@ def _bwd_dkdv(
     kv_ok = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
     k_head = head_ptr(K, off_b64, stride_kb, off_hk, stride_kh, k_start, stride_kn)
     v_head = head_ptr(V, off_b64, stride_vb, off_hk, stride_vh, k_start, stride_vn)
-    k = load_rows(k_head, K, n0, offs_n, stride_kn, offs_d, seqlen_k, HEAD_DIM, True, False)  # [BN, BD]
-    v = load_rows(v_head, V, n0, offs_n, stride_vn, offs_d, seqlen_k, HEAD_DIM, True, False)  # [BN, BD]
+    k = load_rows(k_head, K, 0, 0, offs_n, stride_kn, offs_d, seqlen_k, HEAD_DIM, True, False)  # [BN, BD]
+    v = load_rows(v_head, V, 0, 0, offs_n, stride_vn, offs_d, seqlen_k, HEAD_DIM, True, False)  # [BN, BD]
+    q_row0 = flat_row0(q_start, off_b, seqlen_q_arg, IS_VARLEN)  # the descriptors' row of query 0
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     lo, mid_lo, mid_hi, hi = q_segments(
@@ -181,22 +183,21 @@ def _bwd_dkdv(
         lse_off = off_b64 * stride_lb + off_h.to(tl.int64) * stride_lh + q_start
         dq_head = head_ptr(DQacc, off_b64, stride_dqb, off_h, stride_dqh, q_start, stride_dqm)
         seed_h = seed + off_b * (n_heads_k * n_groups) + off_h  # the forward's per-(batch, head) seed
-        q_desc = rows_descriptor(q_head, seqlen_q, stride_qm, HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
-        do_desc = rows_descriptor(do_head, seqlen_q, stride_dom, HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
+        q_col = off_h * HEAD_DIM
         dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, q_head, do_head, q_desc, do_desc, Lse + lse_off, Delta + lse_off, dq_head,
+            dk, dv, k, v, q_head, do_head, Q_desc, dO_desc, q_row0, q_col, Lse + lse_off, Delta + lse_off, dq_head,
             stride_qm, stride_dom, stride_dqm, offs_n, offs_d, lo, mid_lo, seqlen_q, seqlen_k, sm_scale, softcap,
             window_left, window_right, dropout_p, seed_h,
             HEAD_DIM, BLOCK_M, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, ATOMIC_DQ, USE_TMA,
         )
         dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, q_head, do_head, q_desc, do_desc, Lse + lse_off, Delta + lse_off, dq_head,
+            dk, dv, k, v, q_head, do_head, Q_desc, dO_desc, q_row0, q_col, Lse + lse_off, Delta + lse_off, dq_head,
             stride_qm, stride_dom, stride_dqm, offs_n, offs_d, mid_lo, mid_hi, seqlen_q, seqlen_k, sm_scale, softcap,
             window_left, window_right, dropout_p, seed_h,
             HEAD_DIM, BLOCK_M, False, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, ATOMIC_DQ, USE_TMA,
         )
         dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, q_head, do_head, q_desc, do_desc, Lse + lse_off, Delta + lse_off, dq_head,
+            dk, dv, k, v, q_head, do_head, Q_desc, dO_desc, q_row0, q_col, Lse + lse_off, Delta + lse_off, dq_head,
             stride_qm, stride_dom, stride_dqm, offs_n, offs_d, mid_hi, hi, seqlen_q, seqlen_k, sm_scale, softcap,
             window_left, window_right, dropout_p, seed_h,
             HEAD_DIM, BLOCK_M, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, ATOMIC_DQ, USE_TMA,
@@ -210,7 +211,7 @@ def _bwd_dkdv(
 
 @triton.jit
 def _bwd_dq_inner(
-    dq, q, do, lse2, delta, k_head, v_head, k_desc, v_desc, stride_kn, stride_vn,
+    dq, q, do, lse2, delta, k_head, v_head, k_desc, v_desc, kv_row0, kv_col, stride_kn, stride_vn,
     offs_m, offs_d, start, end, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right,
     dropout_p, seed,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, MASK_LEFT: tl.constexpr,
@@ -219,16 +220,18 @@ def _bwd_dq_inner(
     """Add the contribution of key blocks ``[start, end)`` to dq ``[BLOCK_M, BLOCK_D]`` (fp32)."""
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = load_rows(k_head, k_desc, start_n, offs_n, stride_kn, offs_d, seqlen_k, HEAD_DIM, MASK, USE_TMA)
-        v = load_rows(v_head, v_desc, start_n, offs_n, stride_vn, offs_d, seqlen_k, HEAD_DIM, MASK, USE_TMA)
+        k = load_rows(k_head, k_desc, kv_row0 + start_n, kv_col, offs_n, stride_kn, offs_d, seqlen_k,
+                      HEAD_DIM, MASK, USE_TMA)  # [BN, BD]
+        v = load_rows(v_head, v_desc, kv_row0 + start_n, kv_col, offs_n, stride_vn, offs_d, seqlen_k,
+                      HEAD_DIM, MASK, USE_TMA)  # [BN, BD]
         s, dcap = _scores_and_grad_factor(tl.dot(q, tl.trans(k)), sm_scale, softcap, HAS_SOFTCAP)  # [BM, BN]
         p = tl.math.exp2(s - lse2[:, None])
         if MASK:
-            ok = visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right, MASK_LEFT, MASK_RIGHT, False)
+            ok = visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right, MASK_LEFT, MASK_RIGHT)
             p = tl.where(ok, p, 0.0)
         dp = tl.dot(do, tl.trans(v))  # [BM, BN]
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, offs_m, offs_n, seqlen_k, dropout_p, False)
+            keep = dropout_keep(seed, offs_m, offs_n, seqlen_k, dropout_p)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None]) * dcap
         dq = tl.dot(ds.to(k.dtype), k, dq)
@@ -238,7 +241,7 @@ def _bwd_dq_inner(
 # a fresh dropout seed every call must not trigger a recompile (ints are specialized on % 16)
 @triton.jit(do_not_specialize=["seed"])
 def _bwd_dq(
-    Q, K, V, dO, Lse, Delta, dQ, cu_seqlens_q, cu_seqlens_k,
+    Q, K, V, dO, K_desc, V_desc, Lse, Delta, dQ, cu_seqlens_q, cu_seqlens_k,
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh,
     seqlen_q_arg, seqlen_k_arg, n_heads, n_groups,
@@ -247,8 +250,11 @@ def _bwd_dq(
     IS_VARLEN: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    """Grid ``(cdiv(max_seqlen_q, BLOCK_M), B * H)``. dQ like Q; key/value tiles as in the forward."""
-    pid_m, pid_bh = program_ids(MASK_RIGHT)  # longest programs first, as in the forward
+    """Grid ``(cdiv(max_seqlen_q, BLOCK_M), B * H)``. dQ like Q; K_desc/V_desc as in the forward."""
+    pid_m = tl.program_id(0)
+    if MASK_RIGHT:
+        pid_m = tl.num_programs(0) - 1 - pid_m  # longest programs first, as in the forward
+    pid_bh = tl.program_id(1)
     off_b = pid_bh // n_heads
     off_h = pid_bh % n_heads
     off_hk = off_h // n_groups
@@ -264,34 +270,34 @@ def _bwd_dq(
     rows = offs_m.to(tl.int64)[:, None]
     q_ok = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
     row_ok = offs_m < seqlen_q
-    q = load_rows(head_ptr(Q, off_b64, stride_qb, off_h, stride_qh, q_start, stride_qm), Q, m0, offs_m,
+    q = load_rows(head_ptr(Q, off_b64, stride_qb, off_h, stride_qh, q_start, stride_qm), Q, 0, 0, offs_m,
                   stride_qm, offs_d, seqlen_q, HEAD_DIM, True, False)  # [BM, BD]
-    do = load_rows(head_ptr(dO, off_b64, stride_dob, off_h, stride_doh, q_start, stride_dom), dO, m0, offs_m,
+    do = load_rows(head_ptr(dO, off_b64, stride_dob, off_h, stride_doh, q_start, stride_dom), dO, 0, 0, offs_m,
                    stride_dom, offs_d, seqlen_q, HEAD_DIM, True, False)  # [BM, BD]
     lse_off = off_b64 * stride_lb + off_h.to(tl.int64) * stride_lh + q_start
     lse2 = tl.load(Lse + lse_off + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
     delta = tl.load(Delta + lse_off + offs_m, mask=row_ok, other=0.0)
     k_head = head_ptr(K, off_b64, stride_kb, off_hk, stride_kh, k_start, stride_kn)
     v_head = head_ptr(V, off_b64, stride_vb, off_hk, stride_vh, k_start, stride_vn)
-    k_desc = rows_descriptor(k_head, seqlen_k, stride_kn, HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
-    v_desc = rows_descriptor(v_head, seqlen_k, stride_vn, HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
+    kv_row0 = flat_row0(k_start, off_b, seqlen_k_arg, IS_VARLEN)  # the descriptors' row of key 0
+    kv_col = off_hk * HEAD_DIM
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     seed = seed + pid_bh
     lo, mid_lo, mid_hi, hi = kv_segments(
         m0, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N, MASK_LEFT, MASK_RIGHT
     )
     dq = _bwd_dq_inner(
-        dq, q, do, lse2, delta, k_head, v_head, k_desc, v_desc, stride_kn, stride_vn, offs_m, offs_d,
+        dq, q, do, lse2, delta, k_head, v_head, K_desc, V_desc, kv_row0, kv_col, stride_kn, stride_vn, offs_m, offs_d,
         lo, mid_lo, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p, seed,
         HEAD_DIM, BLOCK_N, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, USE_TMA,
     )
     dq = _bwd_dq_inner(
-        dq, q, do, lse2, delta, k_head, v_head, k_desc, v_desc, stride_kn, stride_vn, offs_m, offs_d,
+        dq, q, do, lse2, delta, k_head, v_head, K_desc, V_desc, kv_row0, kv_col, stride_kn, stride_vn, offs_m, offs_d,
         mid_lo, mid_hi, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p, seed,
         HEAD_DIM, BLOCK_N, False, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, USE_TMA,
     )
     dq = _bwd_dq_inner(
-        dq, q, do, lse2, delta, k_head, v_head, k_desc, v_desc, stride_kn, stride_vn, offs_m, offs_d,
+        dq, q, do, lse2, delta, k_head, v_head, K_desc, V_desc, kv_row0, kv_col, stride_kn, stride_vn, offs_m, offs_d,
         mid_hi, hi, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p, seed,
         HEAD_DIM, BLOCK_N, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, USE_TMA,
     )
@@ -321,8 +327,7 @@ def flash_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max
     flags = dict(HEAD_DIM=head_dim, BLOCK_D=config_dq.block_d, IS_VARLEN=varlen)
     masks = dict(MASK_LEFT=window[0] >= 0, MASK_RIGHT=window[1] >= 0, HAS_SOFTCAP=softcap > 0,
                  HAS_DROPOUT=dropout_p > 0)
-    grid = (triton.cdiv(max_seqlen_q, 64), batch * n_heads)
-    _bwd_delta[grid](
+    _bwd_delta[(triton.cdiv(max_seqlen_q, 64), batch * n_heads)](
         out, do, delta, cu_seqlens_q, *_strides(out, varlen), *_strides(do, varlen), *ls,
         max_seqlen_q, n_heads, BLOCK_M=64, **flags,
     )
@@ -330,12 +335,10 @@ def flash_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max
     atomic = not deterministic
     dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if atomic else dq
     c = config_dkdv
-    tma = c.tma and tma_usable(q, do)
-    if tma:
-        ensure_tma_allocator()
-    grid = (triton.cdiv(max_seqlen_k, c.block_n), batch * n_heads_k)
-    _bwd_dkdv[grid](
-        q, k, v, do, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_seqlens_k,
+    tma = c.tma and tma_usable(q, do, varlen=varlen)
+    _bwd_dkdv[(triton.cdiv(max_seqlen_k, c.block_n), batch * n_heads_k)](
+        q, k, v, do, tma_descriptor(q, varlen, c.block_m, tma), tma_descriptor(do, varlen, c.block_m, tma),
+        lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_seqlens_k,
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
         *_strides(dk, varlen), *_strides(dv, varlen), *_strides(dq_acc, varlen), *ls,
         max_seqlen_q, max_seqlen_k, n_heads_k, n_heads // n_heads_k, *common,
@@ -346,12 +349,10 @@ def flash_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max
         dq.copy_(dq_acc)
         return
     c = config_dq
-    tma = c.tma and tma_usable(k, v)
-    if tma:
-        ensure_tma_allocator()
-    grid = (triton.cdiv(max_seqlen_q, c.block_m), batch * n_heads)
-    _bwd_dq[grid](
-        q, k, v, do, lse, delta, dq, cu_seqlens_q, cu_seqlens_k,
+    tma = c.tma and tma_usable(k, v, varlen=varlen)
+    _bwd_dq[(triton.cdiv(max_seqlen_q, c.block_m), batch * n_heads)](
+        q, k, v, do, tma_descriptor(k, varlen, c.block_n, tma), tma_descriptor(v, varlen, c.block_n, tma),
+        lse, delta, dq, cu_seqlens_q, cu_seqlens_k,
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
         *_strides(dq, varlen), *ls,
         max_seqlen_q, max_seqlen_k, n_heads, n_heads // n_heads_k, *common,

@@ -84,24 +84,15 @@ def q_segments(
 @triton.jit
 def visible(
     offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right,
-    MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, KEYS_FIRST: tl.constexpr,
+    MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
 ):
-    """``[BLOCK_M, BLOCK_N]`` bool: query ``offs_m[i]`` may see key ``offs_n[j]`` (and both exist); with
-    ``KEYS_FIRST`` the same mask built as ``[BLOCK_N, BLOCK_M]``. The dK/dV kernel works on transposed
-    tiles: building its mask in that orientation costs nothing, while ``tl.trans`` of a finished mask is
-    a layout conversion through shared memory on every masked block."""
-    if KEYS_FIRST:
-        rows = offs_m[None, :]
-        cols = offs_n[:, None]
-    else:
-        rows = offs_m[:, None]
-        cols = offs_n[None, :]
+    """``[BLOCK_M, BLOCK_N]`` bool: query ``offs_m[i]`` may see key ``offs_n[j]`` (and both exist)."""
     shift = seqlen_k - seqlen_q
-    ok = (cols < seqlen_k) & (rows < seqlen_q)
+    ok = (offs_n[None, :] < seqlen_k) & (offs_m[:, None] < seqlen_q)
     if MASK_RIGHT:
-        ok = ok & (cols <= rows + shift + window_right)
+        ok = ok & (offs_n[None, :] <= offs_m[:, None] + shift + window_right)
     if MASK_LEFT:
-        ok = ok & (cols >= rows + shift - window_left)
+        ok = ok & (offs_n[None, :] >= offs_m[:, None] + shift - window_left)
     return ok
 
 
@@ -113,15 +104,11 @@ def tanh(x):
 
 
 @triton.jit
-def dropout_keep(seed, offs_m, offs_n, seqlen_k, dropout_p, KEYS_FIRST: tl.constexpr):
-    """``[BLOCK_M, BLOCK_N]`` bool keep-mask (``[BLOCK_N, BLOCK_M]`` with ``KEYS_FIRST``, as in
-    :func:`visible`), a pure function of (seed, row, column), so the backward pass regenerates exactly the
-    forward's mask instead of storing it. The seed already differs per (batch, head). The counter wraps
-    past 2**32 elements per head; streams stay valid, only repeat."""
-    if KEYS_FIRST:
-        rng_offs = offs_m[None, :] * seqlen_k + offs_n[:, None]
-    else:
-        rng_offs = offs_m[:, None] * seqlen_k + offs_n[None, :]
+def dropout_keep(seed, offs_m, offs_n, seqlen_k, dropout_p):
+    """``[BLOCK_M, BLOCK_N]`` bool keep-mask, a pure function of (seed, row, column), so the backward
+    pass regenerates exactly the forward's mask instead of storing it. The seed already differs per
+    (batch, head). The counter wraps past 2**32 elements per head; streams stay valid, only repeat."""
+    rng_offs = offs_m[:, None] * seqlen_k + offs_n[None, :]
     return tl.rand(seed, rng_offs) >= dropout_p
 
 
@@ -143,57 +130,39 @@ def seq_bounds(cu_seqlens_q, cu_seqlens_k, off_b, seqlen_q_arg, seqlen_k_arg, IS
 
 
 @triton.jit
+def flat_row0(start, off_b, seqlen_arg, IS_VARLEN: tl.constexpr):
+    """Row of this sequence's token 0 in the 2D view of :func:`tma_descriptor`: its packed start for varlen,
+    else ``off_b`` whole sequences of ``seqlen_arg`` rows in."""
+    if IS_VARLEN:
+        return start
+    else:
+        return off_b * seqlen_arg
+
+
+@triton.jit
 def load_rows(
-    head, desc, start, offs, stride_row, offs_d, seqlen,
+    head, desc, desc_row, desc_col, offs, stride_row, offs_d, seqlen,
     HEAD_DIM: tl.constexpr, CHECK_ROWS: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    """``[len(offs), BLOCK_D]`` tile of rows ``offs = start + arange`` of one (batch, head) sequence starting
-    at ``head``. Padding columns past HEAD_DIM read as 0, and so do rows past ``seqlen`` when
-    ``CHECK_ROWS`` (blocks known to lie inside the sequence skip that compare).
+    """``[len(offs), BLOCK_D]`` tile of rows ``offs`` of one (batch, head) sequence starting at ``head``.
+    Padding columns past HEAD_DIM read as 0, and so do rows past ``seqlen`` when ``CHECK_ROWS`` (blocks
+    known to lie inside the sequence skip that compare).
 
-    With ``USE_TMA`` the tile comes through ``desc``, the sequence's descriptor from
-    :func:`rows_descriptor`: Hopper's TMA copies it to shared memory asynchronously with no per-element
-    address arithmetic, and the descriptor's bounds make the hardware zero-fill the rows past the
-    sequence, so no row check is needed (nor a pass of the tile through registers to apply one)."""
+    With ``USE_TMA`` the tile comes through the tensor descriptor ``desc`` instead (Hopper's TMA copies
+    it to shared memory asynchronously, with no per-element address arithmetic), at row ``desc_row`` and
+    column ``desc_col`` of its 2D ``[rows, heads * HEAD_DIM]`` view (see :func:`tma_descriptor`). The
+    hardware zero-fills only past the whole tensor, so rows that belong to the next sequence are zeroed
+    here when ``CHECK_ROWS``."""
     if USE_TMA:
-        return desc.load([start, 0])
+        tile = desc.load([desc_row, desc_col])
+        if CHECK_ROWS:
+            tile = tl.where(offs[:, None] < seqlen, tile, 0.0)
+        return tile
     else:
         ok = offs_d[None, :] < HEAD_DIM
         if CHECK_ROWS:
             ok = ok & (offs[:, None] < seqlen)
         return tl.load(head + offs.to(tl.int64)[:, None] * stride_row + offs_d[None, :], mask=ok, other=0.0)
-
-
-@triton.jit
-def rows_descriptor(
-    head, seqlen, stride_row, HEAD_DIM: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
-    USE_TMA: tl.constexpr,
-):
-    """With ``USE_TMA``, a tensor descriptor of one (batch, head) sequence: ``[seqlen, HEAD_DIM]`` from
-    ``head`` (:func:`head_ptr`), row stride ``stride_row``, read in ``[BLOCK_ROWS, BLOCK_D]`` tiles. It is
-    built on the device, per program (host-side descriptors are encoded by the launcher at every call,
-    about 30 us of host time each). Without TMA, ``head`` itself (unused by :func:`load_rows`)."""
-    if USE_TMA:
-        return tl.make_tensor_descriptor(head, shape=[seqlen, HEAD_DIM], strides=[stride_row, 1],
-                                         block_shape=[BLOCK_ROWS, BLOCK_D])
-    else:
-        return head
-
-
-@triton.jit
-def program_ids(LONGEST_LAST: tl.constexpr):
-    """``(block, batch * head)`` indices of this program, from the grid ``(blocks, batch * heads)``. With
-    ``LONGEST_LAST`` the block index is reversed, so that the programs with the most work are launched
-    first and the grid's tail is made of short ones.
-
-    The block index stays on the grid's fast axis, so the programs running at one time mostly belong to
-    a few heads and share their K/V (or Q/dO) in L2. Issuing block by block across all heads instead
-    (longest first over the whole grid) was measured on an H200 at L = 4k: +2% on the causal D128
-    backward, but -8 to -18% on the non-causal kernels, from the lost L2 reuse."""
-    pid_blk = tl.program_id(0)
-    if LONGEST_LAST:
-        pid_blk = tl.num_programs(0) - 1 - pid_blk
-    return pid_blk, tl.program_id(1)
 
 
 @triton.jit
@@ -209,8 +178,23 @@ def strides_blh(t, varlen: bool):
     return (0, *t.stride()[:2]) if varlen else tuple(t.stride()[:3])
 
 
+def tma_descriptor(t, varlen: bool, block_rows: int, use_tma: bool):
+    """A tensor descriptor over ``t`` (``[B, L, H, D]``, or varlen ``[total, H, D]``) seen as the 2D
+    ``[rows, H * D]`` matrix whose row ``r`` is token ``r`` of the flattened batch, for tiles of
+    ``[block_rows, D]``; or ``t`` itself when ``use_tma`` is off (the kernel then reads through pointers).
+    Callers check :func:`tma_usable` first."""
+    if not use_tma:
+        return t
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    head_dim = t.shape[-1]
+    rows = t.shape[0] if varlen else t.shape[0] * t.shape[1]
+    row_stride = t.stride(0) if varlen else t.stride(1)
+    return TensorDescriptor(t, [rows, t.shape[-2] * head_dim], [row_stride, 1], [block_rows, head_dim])
+
+
 def tma_device_ok(t) -> bool:
-    """A GPU with TMA (Hopper or newer) and a Triton with device-side tensor descriptors (>= 3.3)."""
+    """A GPU with TMA (Hopper or newer) and a Triton with host-side tensor descriptors (>= 3.4)."""
     if t.device.type != "cuda":
         return False
     return _tma_on_gpu(t.device.index if t.device.index is not None else torch.cuda.current_device())
@@ -218,43 +202,30 @@ def tma_device_ok(t) -> bool:
 
 @functools.cache
 def _tma_on_gpu(index: int) -> bool:
-    # asked on every launch: the device query and the feature checks are done once per GPU
+    # asked on every launch: the device query and the import are done once per GPU
     if torch.cuda.get_device_capability(index)[0] < 9:
         return False
     try:
-        from triton.runtime import _allocation
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
     except ImportError:
         return False
-    return hasattr(tl, "make_tensor_descriptor") and hasattr(_allocation, "_allocator")
+    return True
 
 
-def tma_layout_ok(t) -> bool:
-    """Whether each (batch, head) sequence of ``t`` (``[B, L, H, D]`` or varlen ``[total, H, D]``) can be
-    described to TMA: a power-of-two head dim (tiles are exactly one head wide), unit stride along D, and
-    the 16-byte alignment TMA needs for every sequence's base address (so for the tensor's address and
-    its batch, head and row strides) and for the row stride."""
+def tma_layout_ok(t, varlen: bool) -> bool:
+    """Whether ``t`` (``[B, L, H, D]`` or varlen ``[total, H, D]``) can be read as the 2D view of
+    :func:`tma_descriptor`: a power-of-two head dim (the tile is exactly one head wide; a wider one would
+    read the next head), heads side by side in a row, batches evenly spaced, and the 16-byte alignment
+    TMA needs for the base address and the row stride."""
     head_dim = t.shape[-1]
-    if head_dim < 16 or head_dim & (head_dim - 1) or t.stride(-1) != 1:
+    row_stride = t.stride(0) if varlen else t.stride(1)
+    if head_dim < 16 or head_dim & (head_dim - 1) or t.stride(-2) != head_dim or t.stride(-1) != 1:
         return False
-    # [B, L, H] or varlen [total, H] strides: a sequence starts at any combination of them
-    return t.data_ptr() % 16 == 0 and all((s * t.element_size()) % 16 == 0 for s in t.stride()[:-1])
+    if not varlen and t.shape[0] > 1 and t.stride(0) != t.shape[1] * row_stride:
+        return False
+    return t.data_ptr() % 16 == 0 and (row_stride * t.element_size()) % 16 == 0
 
 
-def tma_usable(*tensors) -> bool:
+def tma_usable(*tensors, varlen: bool) -> bool:
     """Whether the streamed tiles of ``tensors`` can come through TMA descriptors on their device."""
-    return tma_device_ok(tensors[0]) and all(tma_layout_ok(t) for t in tensors)
-
-
-def _scratch(size: int, alignment: int, stream):
-    # the global memory Triton asks for at launch: 128 bytes per descriptor per program
-    return torch.empty(size, dtype=torch.int8, device=torch.device("cuda", torch.cuda.current_device()))
-
-
-def ensure_tma_allocator() -> None:
-    """Give Triton an allocator for the descriptors' scratch memory, unless the caller has set one.
-    Triton keeps it in a context variable: each thread that launches (the autograd engine runs the
-    backward in its own) needs it set, so launchers call this before every TMA launch."""
-    from triton.runtime import _allocation
-
-    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-        triton.set_allocator(_scratch)
+    return tma_device_ok(tensors[0]) and all(tma_layout_ok(t, varlen) for t in tensors)

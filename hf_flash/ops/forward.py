@@ -14,15 +14,14 @@ import triton.language as tl
 
 from hf_flash.ops.common import (
     dropout_keep,
-    ensure_tma_allocator,
+    flat_row0,
     head_ptr,
     kv_segments,
     load_rows,
-    program_ids,
-    rows_descriptor,
     seq_bounds,
     strides_blh,
     tanh,
+    tma_descriptor,
     tma_usable,
     visible,
 )
@@ -30,7 +29,7 @@ from hf_flash.ops.common import (
 
 @triton.jit
 def _fwd_inner(
-    acc, l_i, m_i, q, k_head, v_head, k_desc, v_desc, stride_kn, stride_vn,
+    acc, l_i, m_i, q, k_head, v_head, k_desc, v_desc, kv_row0, kv_col, stride_kn, stride_vn,
     offs_m, offs_d, start, end, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right,
     dropout_p, seed,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -42,7 +41,8 @@ def _fwd_inner(
     qk_scale = sm_scale * 1.4426950408889634
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = load_rows(k_head, k_desc, start_n, offs_n, stride_kn, offs_d, seqlen_k, HEAD_DIM, MASK, USE_TMA)  # [BN, BD]
+        k = load_rows(k_head, k_desc, kv_row0 + start_n, kv_col, offs_n, stride_kn, offs_d, seqlen_k,
+                      HEAD_DIM, MASK, USE_TMA)  # [BN, BD]
         s = tl.dot(q, tl.trans(k))  # [BM, BN] fp32, unscaled
         if MASK or HAS_SOFTCAP:
             # -- scores in base-2 units, then the mask
@@ -51,8 +51,7 @@ def _fwd_inner(
             else:
                 s = s * qk_scale
             if MASK:
-                ok = visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right,
-                             MASK_LEFT, MASK_RIGHT, False)
+                ok = visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right, MASK_LEFT, MASK_RIGHT)
                 s = tl.where(ok, s, float("-inf"))
             # -- new running max. A row that has seen no visible key yet keeps m = -inf; subtracting
             #    -inf from -inf would give NaN, so such rows subtract 0 (their p is exp2(-inf) = 0 anyway).
@@ -74,9 +73,10 @@ def _fwd_inner(
         acc = acc * alpha[:, None]
         if HAS_DROPOUT:
             # the normaliser l_i uses the undropped p; only the product with V is dropped
-            keep = dropout_keep(seed, offs_m, offs_n, seqlen_k, dropout_p, False)
+            keep = dropout_keep(seed, offs_m, offs_n, seqlen_k, dropout_p)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-        v = load_rows(v_head, v_desc, start_n, offs_n, stride_vn, offs_d, seqlen_k, HEAD_DIM, MASK, USE_TMA)  # [BN, BD]
+        v = load_rows(v_head, v_desc, kv_row0 + start_n, kv_col, offs_n, stride_vn, offs_d, seqlen_k,
+                      HEAD_DIM, MASK, USE_TMA)  # [BN, BD]
         acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_new
     return acc, l_i, m_i
@@ -85,7 +85,7 @@ def _fwd_inner(
 # a fresh dropout seed every call must not trigger a recompile (ints are specialized on % 16)
 @triton.jit(do_not_specialize=["seed"])
 def _fwd_kernel(
-    Q, K, V, Out, Lse, cu_seqlens_q, cu_seqlens_k,
+    Q, K, V, K_desc, V_desc, Out, Lse, cu_seqlens_q, cu_seqlens_k,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -98,11 +98,14 @@ def _fwd_kernel(
     HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """Q ``[.., Lq, H, D]``, K/V ``[.., Lk, Hk, D]``, Out like Q, Lse fp32 indexed
-    ``b * stride_lb + h * stride_lh + row`` (``[B, H, Lq]``, or ``[H, total_q]`` for varlen). With
-    ``USE_TMA`` the key/value tiles come through per-sequence TMA descriptors (``common.rows_descriptor``)."""
-    # with a causal/right bound, later query blocks see more keys: launch them first so the grid's
-    # tail is made of short programs (better balance across the SMs)
-    pid_m, pid_bh = program_ids(MASK_RIGHT)
+    ``b * stride_lb + h * stride_lh + row`` (``[B, H, Lq]``, or ``[H, total_q]`` for varlen).
+    K_desc/V_desc: tensor descriptors of K/V with ``USE_TMA`` (``common.tma_descriptor``), else unused."""
+    pid_m = tl.program_id(0)
+    if MASK_RIGHT:
+        # with a causal/right bound, later query blocks see more keys: launch them first so the
+        # grid's tail is made of short programs (better balance across the SMs)
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_bh = tl.program_id(1)
     off_b = pid_bh // n_heads
     off_h = pid_bh % n_heads
     off_hk = off_h // n_groups  # GQA: the kv head of this query head's group, read in place
@@ -117,15 +120,16 @@ def _fwd_kernel(
     q_head = head_ptr(Q, off_b64, stride_qb, off_h, stride_qh, q_start, stride_qm)
     k_head = head_ptr(K, off_b64, stride_kb, off_hk, stride_kh, k_start, stride_kn)
     v_head = head_ptr(V, off_b64, stride_vb, off_hk, stride_vh, k_start, stride_vn)
-    k_desc = rows_descriptor(k_head, seqlen_k, stride_kn, HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
-    v_desc = rows_descriptor(v_head, seqlen_k, stride_vn, HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
+    # the descriptors' coordinates: row of key 0 in the flattened batch, column of this kv head
+    kv_row0 = flat_row0(k_start, off_b, seqlen_k_arg, IS_VARLEN)
+    kv_col = off_hk * HEAD_DIM
     o_head = head_ptr(Out, off_b64, stride_ob, off_h, stride_oh, q_start, stride_om)
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     rows = offs_m.to(tl.int64)[:, None]
     q_ok = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
-    q = load_rows(q_head, q_head, m0, offs_m, stride_qm, offs_d, seqlen_q, HEAD_DIM, True, False)  # [BM, BD]
+    q = load_rows(q_head, Q, 0, 0, offs_m, stride_qm, offs_d, seqlen_q, HEAD_DIM, True, False)  # [BM, BD]
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -137,17 +141,17 @@ def _fwd_kernel(
     )
     # masked head (left window edge), unmasked middle, masked tail (diagonal / window / sequence end)
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_head, v_head, k_desc, v_desc, stride_kn, stride_vn, offs_m, offs_d,
+        acc, l_i, m_i, q, k_head, v_head, K_desc, V_desc, kv_row0, kv_col, stride_kn, stride_vn, offs_m, offs_d,
         lo, mid_lo, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p, seed,
         HEAD_DIM, BLOCK_N, BLOCK_D, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, USE_TMA,
     )
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_head, v_head, k_desc, v_desc, stride_kn, stride_vn, offs_m, offs_d,
+        acc, l_i, m_i, q, k_head, v_head, K_desc, V_desc, kv_row0, kv_col, stride_kn, stride_vn, offs_m, offs_d,
         mid_lo, mid_hi, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p, seed,
         HEAD_DIM, BLOCK_N, BLOCK_D, False, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, USE_TMA,
     )
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_head, v_head, k_desc, v_desc, stride_kn, stride_vn, offs_m, offs_d,
+        acc, l_i, m_i, q, k_head, v_head, K_desc, V_desc, kv_row0, kv_col, stride_kn, stride_vn, offs_m, offs_d,
         mid_hi, hi, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p, seed,
         HEAD_DIM, BLOCK_N, BLOCK_D, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, USE_TMA,
     )
@@ -187,12 +191,11 @@ def flash_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
         ls = lse.stride()[:2]
         cu_seqlens_q = cu_seqlens_k = q  # unused placeholders (never read when IS_VARLEN is off)
     block_m, block_n = config.block_m, config.block_n
-    use_tma = config.tma and tma_usable(k, v)
-    if use_tma:
-        ensure_tma_allocator()
+    use_tma = config.tma and tma_usable(k, v, varlen=varlen)
     grid = (triton.cdiv(max_seqlen_q, block_m), batch * n_heads)
     _fwd_kernel[grid](
-        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+        q, k, v, tma_descriptor(k, varlen, block_n, use_tma), tma_descriptor(v, varlen, block_n, use_tma),
+        out, lse, cu_seqlens_q, cu_seqlens_k,
         *strides_blh(q, varlen), *strides_blh(k, varlen), *strides_blh(v, varlen), *strides_blh(out, varlen), *ls,
         max_seqlen_q, max_seqlen_k, n_heads, n_heads // n_heads_k,
         softmax_scale, softcap, window[0], window[1], dropout_p, seed,

@@ -87,6 +87,11 @@ def compile_case(case: dict) -> dict:
         "update test_chips._case to what the launcher passes"
     )
     signature = {n: "constexpr" if n in constexprs else _arg_type(n, case["dtype"]) for n in names}
+    if constexprs.get("USE_TMA"):
+        # host-side descriptors of one tile each: key blocks (fwd, dq) or query blocks (dkdv) x head dim
+        rows = constexprs["BLOCK_M"] if case["kernel"] == "dkdv" else constexprs["BLOCK_N"]
+        signature.update({n: f"tensordesc<{case['dtype']}[{rows}, {constexprs['HEAD_DIM']}]>"
+                          for n in names if n.endswith("_desc")})
     # Triton marks 16-byte aligned pointers and strides divisible by 16 at launch (contiguous inputs
     # with D % 8 == 0); give the compiler the same facts so the code matches what runs
     aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)

@@ -1,10 +1,9 @@
 """The tensor-descriptor (TMA) path of the tile loads, against the fp32 oracle and against the pointer path.
 
 On a Hopper GPU the sm90 table turns TMA on wherever the tensors allow it (``common.tma_layout_ok``). On
-the CPU, Triton's interpreter runs device-side descriptors too, so these tests force the path there
-(``force_tma``) and check the part that is ours: each (batch, head) sequence gets its own descriptor
-(base, length, row stride), whose bounds must zero every row past the sequence, the next sequence's
-rows of a packed batch included.
+the CPU, Triton's interpreter runs host-side descriptors too, so these tests force the path there
+(``force_tma``) and check the part that is ours: the coordinates (flattened batch row, head column)
+and the zeroing of rows that belong to the next sequence, which TMA itself never masks.
 """
 
 from __future__ import annotations
@@ -64,9 +63,8 @@ def test_tma_dense(case, device, force_tma):
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "det"])
 def test_tma_varlen_neighbours(deterministic, device, force_tma, monkeypatch):
-    """Packed sequences: a tile that runs past its sequence would reach the next one's rows; the
-    descriptor's bounds must zero them, even where they hold NaN (0 * NaN is NaN: a masked score alone
-    does not stop it).
+    """Packed sequences: a tile that runs past its sequence reads the next one's rows through TMA; they
+    must count as absent, even where they hold NaN (0 * NaN is NaN: a masked score alone does not stop it).
     The NaN rows are the keys of a sequence without queries, so no result depends on them."""
     if not deterministic:  # the atomic dQ path, at a head dim the small CPU shapes reach
         monkeypatch.setattr(hf_flash.ops.function, "ATOMIC_DQ_MIN_HEAD_DIM", 1)
@@ -101,20 +99,19 @@ def test_tma_matches_pointer_path(device, force_tma):
 
 
 @pytest.mark.parametrize(
-    "shape, view, expected",
+    "shape, view, varlen, expected",
     [
-        ((2, 8, 4, 64), None, True),
-        ((2, 8, 4, 80), None, False),  # the tiles are a power of two wide: 128 here, kept for pointer loads
-        ((2, 8, 4, 8), None, False),  # below 16 bytes of bf16... and below tl.dot's minimum
-        ((2, 8, 12, 64), "qkv", True),  # q of a fused [B, L, 3 * H, D] projection: rows 3HD apart
-        ((2, 8, 4, 64), "bhld", True),  # [B, H, L, D] transposed to [B, L, H, D]: one descriptor per head
-        ((2, 8, 4, 64), "batch_gap", True),  # batches not evenly spaced: each has its own base
-        ((2, 8, 4, 64), "head_gap", False),  # heads 68 elements apart: a head's base is off 16 bytes
-        ((17, 4, 64), None, True),  # varlen [total, H, D]
-        ((2, 8, 4, 64), "misaligned", False),
+        ((2, 8, 4, 64), None, False, True),
+        ((2, 8, 4, 80), None, False, False),  # a 128-wide tile would read the next head's columns
+        ((2, 8, 4, 8), None, False, False),  # below 16 bytes of bf16... and below tl.dot's minimum
+        ((2, 8, 12, 64), "qkv", False, True),  # q of a fused [B, L, 3 * H, D] projection: rows 3HD apart
+        ((2, 8, 4, 64), "bhld", False, False),  # [B, H, L, D] transposed to [B, L, H, D]: heads not side by side
+        ((2, 8, 4, 64), "batch_gap", False, False),  # batches not evenly spaced
+        ((17, 4, 64), None, True, True),
+        ((2, 8, 4, 64), "misaligned", False, False),
     ],
 )
-def test_tma_layout_rules(shape, view, expected):
+def test_tma_layout_rules(shape, view, varlen, expected):
     t = torch.zeros(shape, dtype=torch.float16)
     if view == "qkv":
         t = t[:, :, : shape[2] // 3]
@@ -122,8 +119,6 @@ def test_tma_layout_rules(shape, view, expected):
         t = torch.zeros(shape[0], shape[2], shape[1], shape[3], dtype=torch.float16).transpose(1, 2)
     elif view == "batch_gap":
         t = torch.zeros(shape[0], shape[1] + 1, *shape[2:], dtype=torch.float16)[:, : shape[1]]
-    elif view == "head_gap":
-        t = torch.zeros(*shape[:3], shape[3] + 4, dtype=torch.float16)[..., : shape[3]]
     elif view == "misaligned":
         t = torch.zeros(t.numel() + 1, dtype=torch.float16)[1:].view(shape)
-    assert tma_layout_ok(t) is expected
+    assert tma_layout_ok(t, varlen) is expected
