@@ -5,6 +5,7 @@
 #
 #   bash tests/run_gpu_all.sh            # logs in $OUT/gpu_all (or /tmp/gpu_all), a summary at the end
 #   LIMIT=500 bash tests/run_gpu_all.sh  # per-process time limit in seconds (default 540)
+#   ONLY=ops,chips bash tests/run_gpu_all.sh   # only the processes whose names start with these
 set -uo pipefail
 cd "$(dirname "$0")/.."
 log_dir=${LOG_DIR:-${OUT:-/tmp}/gpu_all}
@@ -17,6 +18,9 @@ names=()
 launch() {  # launch NAME SHARD PYTEST-ARGS...
     local name=$1 shard=$2
     shift 2
+    if [ -n "${ONLY:-}" ] && ! [[ ",$ONLY," =~ ,${name%%_*}, ]]; then
+        return
+    fi
     HF_FLASH_TEST_SHARD=$shard timeout "$limit" python -m pytest -q -rfE -p gpu_shards -p no:cacheprovider \
         --durations=5 "$@" >"$log_dir/$name.log" 2>&1 &
     pids+=($!)
