@@ -61,9 +61,9 @@ def _bwd_delta(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     o = load_rows(head_ptr(Out, off_b64, stride_ob, off_h, stride_oh, q_start, stride_om), Out, 0, 0, offs_m,
-                  stride_om, offs_d, seqlen_q, HEAD_DIM, True, False, False).to(tl.float32)
+                  stride_om, offs_d, seqlen_q, HEAD_DIM, True, False).to(tl.float32)
     do = load_rows(head_ptr(dO, off_b64, stride_dob, off_h, stride_doh, q_start, stride_dom), dO, 0, 0, offs_m,
-                   stride_dom, offs_d, seqlen_q, HEAD_DIM, True, False, False).to(tl.float32)
+                   stride_dom, offs_d, seqlen_q, HEAD_DIM, True, False).to(tl.float32)
     delta = tl.sum(o * do, 1)  # [BM]
     tl.store(Delta + off_b64 * stride_lb + off_h.to(tl.int64) * stride_lh + q_start + offs_m, delta,
              mask=offs_m < seqlen_q)
@@ -87,7 +87,7 @@ def _bwd_dkdv_inner(
     dropout_p, seed,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr, MASK_LEFT: tl.constexpr,
     MASK_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-    USE_TMA: tl.constexpr, IS_VARLEN: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     """Add the contribution of query blocks ``[start, end)`` to dk, dv ``[BLOCK_N, BLOCK_D]`` (fp32), and
     with ``ATOMIC_DQ`` add ``dS K`` into the fp32 dQ accumulator at ``dq_head``.
@@ -103,9 +103,9 @@ def _bwd_dkdv_inner(
             q_ok = d_ok
             row_ok = offs_m >= 0
         q = load_rows(q_head, q_desc, q_row0 + start_m, q_col, offs_m, stride_qm, offs_d, seqlen_q,
-                      HEAD_DIM, MASK, USE_TMA, IS_VARLEN)  # [BM, BD]
+                      HEAD_DIM, MASK, USE_TMA)  # [BM, BD]
         do = load_rows(do_head, do_desc, q_row0 + start_m, q_col, offs_m, stride_dom, offs_d, seqlen_q,
-                       HEAD_DIM, MASK, USE_TMA, IS_VARLEN)  # [BM, BD]
+                       HEAD_DIM, MASK, USE_TMA)  # [BM, BD]
         # rows past the sequence end get lse = +inf, so their recomputed p is 0
         lse2 = tl.load(lse_head + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634  # [BM]
         delta = tl.load(delta_head + offs_m, mask=row_ok, other=0.0)  # [BM]
@@ -116,15 +116,14 @@ def _bwd_dkdv_inner(
             ok = tl.trans(visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right,
                                   MASK_LEFT, MASK_RIGHT))
             pT = tl.where(ok, pT, 0.0)
-        # -- dV += P_dropped^T dO, then dP^T = V dO^T: in this order the 16-bit copy of P^T is dead
-        #    before dP^T is live, fewer registers at the peak (D=128 dK/dV tile: less spilling)
+        # -- dV += P_dropped^T dO ;  dP^T = V dO^T
+        dpT = tl.dot(v, tl.trans(do))  # [BN, BM]
         if HAS_DROPOUT:
             keep = tl.trans(dropout_keep(seed, offs_m, offs_n, seqlen_k, dropout_p))
             dv = tl.dot(tl.where(keep, pT / (1.0 - dropout_p), 0.0).to(do.dtype), do, dv)
-            dpT = tl.where(keep, tl.dot(v, tl.trans(do)) / (1.0 - dropout_p), 0.0)  # [BN, BM]
+            dpT = tl.where(keep, dpT / (1.0 - dropout_p), 0.0)
         else:
             dv = tl.dot(pT.to(do.dtype), do, dv)
-            dpT = tl.dot(v, tl.trans(do))  # [BN, BM]
         # -- dS^T = P^T * (dP^T - delta), through the softcap's derivative ; dK += dS^T Q
         dsT = (pT * (dpT - delta[None, :]) * dcap).to(q.dtype)
         dk = tl.dot(dsT, q, dk)
@@ -168,8 +167,8 @@ def _bwd_dkdv(
     kv_ok = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
     k_head = head_ptr(K, off_b64, stride_kb, off_hk, stride_kh, k_start, stride_kn)
     v_head = head_ptr(V, off_b64, stride_vb, off_hk, stride_vh, k_start, stride_vn)
-    k = load_rows(k_head, K, 0, 0, offs_n, stride_kn, offs_d, seqlen_k, HEAD_DIM, True, False, False)  # [BN, BD]
-    v = load_rows(v_head, V, 0, 0, offs_n, stride_vn, offs_d, seqlen_k, HEAD_DIM, True, False, False)  # [BN, BD]
+    k = load_rows(k_head, K, 0, 0, offs_n, stride_kn, offs_d, seqlen_k, HEAD_DIM, True, False)  # [BN, BD]
+    v = load_rows(v_head, V, 0, 0, offs_n, stride_vn, offs_d, seqlen_k, HEAD_DIM, True, False)  # [BN, BD]
     q_row0 = flat_row0(q_start, off_b, seqlen_q_arg, IS_VARLEN)  # the descriptors' row of query 0
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -189,19 +188,19 @@ def _bwd_dkdv(
             dk, dv, k, v, q_head, do_head, Q_desc, dO_desc, q_row0, q_col, Lse + lse_off, Delta + lse_off, dq_head,
             stride_qm, stride_dom, stride_dqm, offs_n, offs_d, lo, mid_lo, seqlen_q, seqlen_k, sm_scale, softcap,
             window_left, window_right, dropout_p, seed_h,
-            HEAD_DIM, BLOCK_M, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, ATOMIC_DQ, USE_TMA, IS_VARLEN,
+            HEAD_DIM, BLOCK_M, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, ATOMIC_DQ, USE_TMA,
         )
         dk, dv = _bwd_dkdv_inner(
             dk, dv, k, v, q_head, do_head, Q_desc, dO_desc, q_row0, q_col, Lse + lse_off, Delta + lse_off, dq_head,
             stride_qm, stride_dom, stride_dqm, offs_n, offs_d, mid_lo, mid_hi, seqlen_q, seqlen_k, sm_scale, softcap,
             window_left, window_right, dropout_p, seed_h,
-            HEAD_DIM, BLOCK_M, False, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, ATOMIC_DQ, USE_TMA, IS_VARLEN,
+            HEAD_DIM, BLOCK_M, False, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, ATOMIC_DQ, USE_TMA,
         )
         dk, dv = _bwd_dkdv_inner(
             dk, dv, k, v, q_head, do_head, Q_desc, dO_desc, q_row0, q_col, Lse + lse_off, Delta + lse_off, dq_head,
             stride_qm, stride_dom, stride_dqm, offs_n, offs_d, mid_hi, hi, seqlen_q, seqlen_k, sm_scale, softcap,
             window_left, window_right, dropout_p, seed_h,
-            HEAD_DIM, BLOCK_M, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, ATOMIC_DQ, USE_TMA, IS_VARLEN,
+            HEAD_DIM, BLOCK_M, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, ATOMIC_DQ, USE_TMA,
         )
     dk = dk * sm_scale
     dk_head = head_ptr(dK, off_b64, stride_dkb, off_hk, stride_dkh, k_start, stride_dkn)
@@ -217,15 +216,14 @@ def _bwd_dq_inner(
     dropout_p, seed,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, MASK_LEFT: tl.constexpr,
     MASK_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
 ):
     """Add the contribution of key blocks ``[start, end)`` to dq ``[BLOCK_M, BLOCK_D]`` (fp32)."""
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = load_rows(k_head, k_desc, kv_row0 + start_n, kv_col, offs_n, stride_kn, offs_d, seqlen_k,
-                      HEAD_DIM, MASK, USE_TMA, IS_VARLEN)  # [BN, BD]
+                      HEAD_DIM, MASK, USE_TMA)  # [BN, BD]
         v = load_rows(v_head, v_desc, kv_row0 + start_n, kv_col, offs_n, stride_vn, offs_d, seqlen_k,
-                      HEAD_DIM, MASK, USE_TMA, IS_VARLEN)  # [BN, BD]
+                      HEAD_DIM, MASK, USE_TMA)  # [BN, BD]
         s, dcap = _scores_and_grad_factor(tl.dot(q, tl.trans(k)), sm_scale, softcap, HAS_SOFTCAP)  # [BM, BN]
         p = tl.math.exp2(s - lse2[:, None])
         if MASK:
@@ -273,9 +271,9 @@ def _bwd_dq(
     q_ok = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
     row_ok = offs_m < seqlen_q
     q = load_rows(head_ptr(Q, off_b64, stride_qb, off_h, stride_qh, q_start, stride_qm), Q, 0, 0, offs_m,
-                  stride_qm, offs_d, seqlen_q, HEAD_DIM, True, False, False)  # [BM, BD]
+                  stride_qm, offs_d, seqlen_q, HEAD_DIM, True, False)  # [BM, BD]
     do = load_rows(head_ptr(dO, off_b64, stride_dob, off_h, stride_doh, q_start, stride_dom), dO, 0, 0, offs_m,
-                   stride_dom, offs_d, seqlen_q, HEAD_DIM, True, False, False)  # [BM, BD]
+                   stride_dom, offs_d, seqlen_q, HEAD_DIM, True, False)  # [BM, BD]
     lse_off = off_b64 * stride_lb + off_h.to(tl.int64) * stride_lh + q_start
     lse2 = tl.load(Lse + lse_off + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
     delta = tl.load(Delta + lse_off + offs_m, mask=row_ok, other=0.0)
@@ -291,17 +289,17 @@ def _bwd_dq(
     dq = _bwd_dq_inner(
         dq, q, do, lse2, delta, k_head, v_head, K_desc, V_desc, kv_row0, kv_col, stride_kn, stride_vn, offs_m, offs_d,
         lo, mid_lo, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p, seed,
-        HEAD_DIM, BLOCK_N, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, USE_TMA, IS_VARLEN,
+        HEAD_DIM, BLOCK_N, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, USE_TMA,
     )
     dq = _bwd_dq_inner(
         dq, q, do, lse2, delta, k_head, v_head, K_desc, V_desc, kv_row0, kv_col, stride_kn, stride_vn, offs_m, offs_d,
         mid_lo, mid_hi, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p, seed,
-        HEAD_DIM, BLOCK_N, False, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, USE_TMA, IS_VARLEN,
+        HEAD_DIM, BLOCK_N, False, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, USE_TMA,
     )
     dq = _bwd_dq_inner(
         dq, q, do, lse2, delta, k_head, v_head, K_desc, V_desc, kv_row0, kv_col, stride_kn, stride_vn, offs_m, offs_d,
         mid_hi, hi, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p, seed,
-        HEAD_DIM, BLOCK_N, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, USE_TMA, IS_VARLEN,
+        HEAD_DIM, BLOCK_N, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, USE_TMA,
     )
     dq = dq * sm_scale
     dq_head = head_ptr(dQ, off_b64, stride_dqb, off_h, stride_dqh, q_start, stride_dqm)

@@ -142,7 +142,7 @@ def flat_row0(start, off_b, seqlen_arg, IS_VARLEN: tl.constexpr):
 @triton.jit
 def load_rows(
     head, desc, desc_row, desc_col, offs, stride_row, offs_d, seqlen,
-    HEAD_DIM: tl.constexpr, CHECK_ROWS: tl.constexpr, USE_TMA: tl.constexpr, IS_VARLEN: tl.constexpr,
+    HEAD_DIM: tl.constexpr, CHECK_ROWS: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """``[len(offs), BLOCK_D]`` tile of rows ``offs`` of one (batch, head) sequence starting at ``head``.
     Padding columns past HEAD_DIM read as 0, and so do rows past ``seqlen`` when ``CHECK_ROWS`` (blocks
@@ -151,15 +151,11 @@ def load_rows(
     With ``USE_TMA`` the tile comes through the tensor descriptor ``desc`` instead (Hopper's TMA copies
     it to shared memory asynchronously, with no per-element address arithmetic), at row ``desc_row`` and
     column ``desc_col`` of its 2D ``[rows, heads * HEAD_DIM]`` view (see :func:`tma_descriptor`). The
-    hardware zero-fills only past the whole tensor, so a tile that runs past its sequence holds the next
-    sequence's rows. Every use multiplies those rows by an exact zero (their scores are masked), which
-    keeps them out of the result as long as they are finite. In a dense batch they are the next batch
-    element's real inputs; in a packed (varlen) one they can be anything (garbage or NaN between
-    sequences), so there they are zeroed when ``CHECK_ROWS``. Zeroing costs a pass of the tile through
-    registers and back to shared memory on every masked block, which dense batches skip."""
+    hardware zero-fills only past the whole tensor, so rows that belong to the next sequence are zeroed
+    here when ``CHECK_ROWS``."""
     if USE_TMA:
         tile = desc.load([desc_row, desc_col])
-        if CHECK_ROWS and IS_VARLEN:
+        if CHECK_ROWS:
             tile = tl.where(offs[:, None] < seqlen, tile, 0.0)
         return tile
     else:

@@ -34,7 +34,7 @@ def _fwd_inner(
     dropout_p, seed,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     MASK: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr, IS_VARLEN: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """Fold key blocks ``[start, end)`` into (acc [BLOCK_M, BLOCK_D], l_i [BLOCK_M], m_i [BLOCK_M]).
     ``MASK`` is off for blocks that every row sees whole, so those skip all mask arithmetic."""
@@ -42,7 +42,7 @@ def _fwd_inner(
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = load_rows(k_head, k_desc, kv_row0 + start_n, kv_col, offs_n, stride_kn, offs_d, seqlen_k,
-                      HEAD_DIM, MASK, USE_TMA, IS_VARLEN)  # [BN, BD]
+                      HEAD_DIM, MASK, USE_TMA)  # [BN, BD]
         s = tl.dot(q, tl.trans(k))  # [BM, BN] fp32, unscaled
         if MASK or HAS_SOFTCAP:
             # -- scores in base-2 units, then the mask
@@ -76,7 +76,7 @@ def _fwd_inner(
             keep = dropout_keep(seed, offs_m, offs_n, seqlen_k, dropout_p)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         v = load_rows(v_head, v_desc, kv_row0 + start_n, kv_col, offs_n, stride_vn, offs_d, seqlen_k,
-                      HEAD_DIM, MASK, USE_TMA, IS_VARLEN)  # [BN, BD]
+                      HEAD_DIM, MASK, USE_TMA)  # [BN, BD]
         acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_new
     return acc, l_i, m_i
@@ -129,7 +129,7 @@ def _fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     rows = offs_m.to(tl.int64)[:, None]
     q_ok = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
-    q = load_rows(q_head, Q, 0, 0, offs_m, stride_qm, offs_d, seqlen_q, HEAD_DIM, True, False, False)  # [BM, BD]
+    q = load_rows(q_head, Q, 0, 0, offs_m, stride_qm, offs_d, seqlen_q, HEAD_DIM, True, False)  # [BM, BD]
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -143,17 +143,17 @@ def _fwd_kernel(
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, k_head, v_head, K_desc, V_desc, kv_row0, kv_col, stride_kn, stride_vn, offs_m, offs_d,
         lo, mid_lo, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p, seed,
-        HEAD_DIM, BLOCK_N, BLOCK_D, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, USE_TMA, IS_VARLEN,
+        HEAD_DIM, BLOCK_N, BLOCK_D, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, USE_TMA,
     )
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, k_head, v_head, K_desc, V_desc, kv_row0, kv_col, stride_kn, stride_vn, offs_m, offs_d,
         mid_lo, mid_hi, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p, seed,
-        HEAD_DIM, BLOCK_N, BLOCK_D, False, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, USE_TMA, IS_VARLEN,
+        HEAD_DIM, BLOCK_N, BLOCK_D, False, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, USE_TMA,
     )
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, k_head, v_head, K_desc, V_desc, kv_row0, kv_col, stride_kn, stride_vn, offs_m, offs_d,
         mid_hi, hi, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p, seed,
-        HEAD_DIM, BLOCK_N, BLOCK_D, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, USE_TMA, IS_VARLEN,
+        HEAD_DIM, BLOCK_N, BLOCK_D, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, USE_TMA,
     )
 
     # -- final division. Rows that saw no key output 0 and store lse = +inf, which makes the
