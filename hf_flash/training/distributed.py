@@ -99,6 +99,19 @@ def full_state_dict(trainer) -> dict | None:
     return trainer.accelerator.get_state_dict(trainer.model_wrapped)
 
 
+def end_processes(trainer) -> None:
+    """Wait for every rank, then take the process group down before the interpreter exits.
+
+    Left to interpreter shutdown, the group's transport threads (gloo's, on CPU runs) can be torn down
+    while still joinable, and a rank then dies with "terminate called without an active exception"
+    (SIGABRT) after a finished run, which the launcher reports as a failure. A no-op in one process.
+    """
+    if not _initialized():
+        return
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()  # destroys the default process group
+
+
 _INDEXED_CPU_REGISTERED = False
 
 
