@@ -13,8 +13,10 @@ TFLOP/s measured at that size are a measure of Python, not of the kernel.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import dataclasses
 import math
+import pstats
 import time
 
 import torch
@@ -23,6 +25,7 @@ import triton
 from hf_flash import flash_attn_func
 from hf_flash.ops.config import forward_config
 from hf_flash.ops.forward import flash_fwd
+from hf_flash.ops.function import _bwd_impl
 
 
 def host_us(fn, calls: int = 50) -> float:
@@ -44,6 +47,8 @@ def main():
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--no-causal", action="store_true")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="also print the N host functions with the most own time (cProfile) of each way")
     a = parser.parse_args()
     causal = not a.no_causal
     shape = (a.batch, a.seqlen, a.heads, a.head_dim)
@@ -56,6 +61,12 @@ def main():
     def fwd_bwd():
         flash_attn_func(*leaves, causal=causal).backward(dout)
 
+    # the backward launches alone, in this thread (autograd runs a CUDA backward on its own thread, out
+    # of cProfile's sight)
+    saved = flash_attn_func(q, k, v, causal=causal, return_attn_probs=True)
+    bwd_args = (dout, q, k, v, saved[0], saved[1], None, None, a.seqlen, a.seqlen, 1 / math.sqrt(a.head_dim),
+                -1, 0 if causal else -1, 0.0, 0.0, torch.zeros(1, dtype=torch.int64), True)
+
     ways = {
         f"flash_fwd, {config}": lambda: flash_fwd(q, k, v, out, lse, *args, config),
         "flash_fwd, same tiles without TMA": lambda: flash_fwd(
@@ -63,12 +74,20 @@ def main():
         "flash_attn_func (no grad)": lambda: flash_attn_func(q, k, v, causal=causal),
         "flash_attn_func (inputs require grad)": lambda: flash_attn_func(*leaves, causal=causal),
         "forward + backward": fwd_bwd,
+        "backward launches alone (_bwd_impl)": lambda: _bwd_impl(*bwd_args),
     }
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, "shape", shape,
           "causal" if causal else "full")
     for name, fn in ways.items():
         gpu = triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median") * 1e3
         print(f"{name:60s} GPU {gpu:8.1f} us/call   host {host_us(fn):8.1f} us/call")
+    if a.profile:
+        for name, fn in ways.items():
+            print(f"\n== {name}: top {a.profile} by own host time over 50 calls")
+            profile = cProfile.Profile()
+            profile.runcall(lambda: [fn() for _ in range(50)])
+            torch.cuda.synchronize()
+            pstats.Stats(profile).sort_stats("tottime").print_stats(a.profile)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# A/B of the kernel experiments kept as patches in this folder against main's kernels, in one device call
+# (the timings of different calls drift by about +-3%, so every variant is measured next to main).
+#
+#   bash benchmarks/experiments/ab.sh                  # writes to $OUT (device tool) or ./ab-out
+#   SEQLENS="4096" HEAD_DIMS="128" bash benchmarks/experiments/ab.sh
+#
+# Each variant is main's hf_flash/ with one patch applied, in a scratch copy (the checkout is not
+# touched), optionally with environment switches that the patch reads. For every variant and length it
+# prints kernel_stats.py's table-tile TFLOP/s (forward; whole backward) and the compiled kernels'
+# registers and spills; main is measured first and again at the end, to show the drift within the call.
+# Before the timings: launch_overhead.py with a host profile of each way of calling (L = 1k).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$PWD
+out=${OUT:-$ROOT/ab-out}
+mkdir -p "$out"
+scratch=$(mktemp -d)
+SEQLENS=${SEQLENS:-"4096 16384"}
+HEAD_DIMS=${HEAD_DIMS:-"64,128"}
+
+# name | patch file (empty: main) | environment for the run
+VARIANTS=(
+  "main||"
+  "skip-dense-row-zeroing|skip-dense-row-zeroing.patch|"
+  "split-dk-dv 64x128w8s2, dV maxnreg 128|split-dk-dv.patch|HF_FLASH_SPLIT_DKDV=64x128w8s2 HF_FLASH_SPLIT_DV_MAXNREG=128"
+  "split-dk-dv same tiles|split-dk-dv.patch|HF_FLASH_SPLIT_DKDV=same"
+)
+
+package_root() {  # the folder to put on PYTHONPATH for a variant's hf_flash
+  local patch=$1
+  if [ -z "$patch" ]; then echo "$ROOT"; return; fi
+  local dir=$scratch/${patch%.patch}
+  if [ ! -d "$dir" ]; then
+    mkdir -p "$dir" && cp -r "$ROOT/hf_flash" "$dir/" &&
+      (cd "$dir" && git apply --include='hf_flash/*' "$ROOT/benchmarks/experiments/$patch") ||
+      { echo "!! $patch does not apply to this checkout" >&2; return 1; }
+  fi
+  echo "$dir"
+}
+
+stats() {  # variant line, seqlen, head dims
+  local name patch envs root
+  IFS='|' read -r name patch envs <<<"$1"
+  root=$(package_root "$patch") || return
+  echo "=== $name, L=$2 (hf_flash from $root)"
+  # shellcheck disable=SC2086  # envs is a list of NAME=value words
+  env PYTHONPATH="$root" $envs python "$ROOT/benchmarks/kernel_stats.py" --head-dims "$3" --seqlen "$2" 2>&1 |
+    grep -v "^  _bwd_delta"
+}
+
+nvidia-smi -L 2>/dev/null
+python -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__)"
+PYTHONPATH=$ROOT timeout 180 python benchmarks/launch_overhead.py --profile 14 >"$out/overhead.log" 2>&1
+grep "us/call" "$out/overhead.log"
+for seqlen in $SEQLENS; do
+  dims=$HEAD_DIMS
+  [ "$seqlen" -gt 8192 ] && dims=128  # long sequences: the D128 rows are the ones below the targets
+  for variant in "${VARIANTS[@]}"; do
+    stats "$variant" "$seqlen" "$dims"
+  done
+done | tee "$out/ab.log"
+first=${SEQLENS%% *}
+stats "${VARIANTS[0]}" "$first" "$HEAD_DIMS" | grep -E "^(===|D)" | sed 's/^===/=== again:/' | tee -a "$out/ab.log"
+rm -rf "$scratch"
