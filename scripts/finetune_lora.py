@@ -90,6 +90,7 @@ def _prepare_environment(args) -> None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     _prepare_environment(args)
+    from hf_flash.training.distributed import end_processes
     from hf_flash.training.loop import FinetuneConfig, finetune
     from hf_flash.training.models import UsageError
 
@@ -99,6 +100,8 @@ def main(argv=None) -> int:
         if os.environ.get("RANK", "0") == "0":  # every rank finds the same mistake; say it once
             print(f"error: {exc}", file=sys.stderr)
         return USAGE_EXIT
+    if summary["status"] != "oom":  # a rank out of memory is stopped by the launcher: none can wait for it
+        end_processes()
     if summary["status"] == "oom":  # any rank that ran out reports it: the launcher stops the others
         print(f"out of memory at --seq-len {args.seq_len} with --attn {args.attn}: {summary['error']}", file=sys.stderr)
         return OOM_EXIT

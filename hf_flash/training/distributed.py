@@ -99,17 +99,31 @@ def full_state_dict(trainer) -> dict | None:
     return trainer.accelerator.get_state_dict(trainer.model_wrapped)
 
 
-def end_processes(trainer) -> None:
-    """Wait for every rank, then take the process group down before the interpreter exits.
+def end_processes() -> None:
+    """Take the process group down in an order that cannot hang or abort; call on every rank after the
+    run's objects are out of reach (``finetune`` has returned). A no-op in one process.
 
-    Left to interpreter shutdown, the group's transport threads (gloo's, on CPU runs) can be torn down
-    while still joinable, and a rank then dies with "terminate called without an active exception"
-    (SIGABRT) after a finished run, which the launcher reports as a failure. A no-op in one process.
+    A gloo group's worker thread may still hold tensors of the last collectives, whose Python objects it
+    must release under the GIL, and ``ProcessGroupGloo``'s destructor joins that thread:
+
+    - left to interpreter shutdown, the thread cannot take the GIL any more and the rank dies with
+      "terminate called without an active exception" (SIGABRT) after a finished run;
+    - destroyed from the last C++ reference, DDP's ``Reducer`` (freed by the garbage collector, which
+      holds the GIL), the join waits for a thread that waits for the GIL: a hang.
+
+    So the Reducer and everything else of the run is collected first, while the group is still
+    registered (that reference keeps it alive), the ranks meet, and the group is destroyed last through
+    ``destroy_process_group``, whose binding releases the GIL while the group is torn down.
     """
+    import gc
+
+    import torch.distributed as dist
+
     if not _initialized():
         return
-    trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()  # destroys the default process group
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 _INDEXED_CPU_REGISTERED = False

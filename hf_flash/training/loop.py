@@ -29,8 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .data import build_train_dataset
-from .distributed import (allow_indexed_cpu_locations, end_processes, fsdp_ignored_reason, full_state_dict,
-                          gather_floats, parallelism)
+from .distributed import allow_indexed_cpu_locations, fsdp_ignored_reason, full_state_dict, gather_floats, parallelism
 from .models import (
     BACKENDS,
     UsageError,
@@ -410,8 +409,6 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
     if status == "ok" and cfg.save_adapter:
         save_adapter(trainer, tokenizer, cfg, out / "adapter")  # every rank: FSDP gathers the shards
-    if status != "oom":  # a rank out of memory is stopped by the launcher: the others cannot wait for it
-        end_processes(trainer)
     # A rank that ran out of memory writes the summary itself: the launcher stops the others at once.
     if not main and status != "oom":
         return {"status": status, "main_process": False}
