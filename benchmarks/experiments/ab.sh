@@ -4,6 +4,7 @@
 #
 #   bash benchmarks/experiments/ab.sh                  # writes to $OUT (device tool) or ./ab-out
 #   SEQLENS="4096" HEAD_DIMS="128" bash benchmarks/experiments/ab.sh
+#   SWEEP_SHORT=1 bash benchmarks/experiments/ab.sh    # also sweep the backward tiles at L = 1k (D128 causal)
 #
 # Each variant is main's hf_flash/ with one patch applied, in a scratch copy (the checkout is not
 # touched), optionally with environment switches that the patch reads. For every variant and length it
@@ -62,4 +63,12 @@ for seqlen in $SEQLENS; do
 done | tee "$out/ab.log"
 first=${SEQLENS%% *}
 stats "${VARIANTS[0]}" "$first" "$HEAD_DIMS" | grep -E "^(===|D)" | sed 's/^===/=== again:/' | tee -a "$out/ab.log"
+if [ "${SWEEP_SHORT:-0}" = 1 ]; then
+  # the D128 causal L = 1k backward runs at half the efficiency of the non-causal one (short programs, one
+  # 8-warp program per SM): time every dK/dV and dQ candidate there, compiling in parallel first
+  sweep=(python benchmarks/sweep_tiles.py --head-dims 128 --seqlen 1024 --causal yes --kernels dkdv,dq --tma on)
+  for i in 0 1 2 3; do PYTHONPATH=$ROOT "${sweep[@]}" --shard "$i/4" --compile-only >/dev/null 2>&1 & done
+  wait
+  PYTHONPATH=$ROOT "${sweep[@]}" --top 6 2>&1 | tee "$out/sweep_short.log"
+fi
 rm -rf "$scratch"
