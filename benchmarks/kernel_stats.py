@@ -9,12 +9,30 @@ for them: a kernel at the 255-register cap that spills is the first suspect of a
 """
 
 import argparse
+import importlib
 
 import torch
+import triton
 from sweep_tiles import sweep
 
-from hf_flash.ops import backward, forward
 from hf_flash.ops.config import backward_config, forward_config
+
+# the modules whose kernels are listed; an experiment's module (benchmarks/experiments/*.patch) when present
+KERNEL_MODULES = ("forward", "backward", "warp_specialized")
+
+
+def jit_functions():
+    """Every ``@triton.jit`` function of the kernel modules (helpers have no compiled entries of their own)."""
+    seen = set()
+    for name in KERNEL_MODULES:
+        try:
+            module = importlib.import_module(f"hf_flash.ops.{name}")
+        except ImportError:
+            continue
+        for obj in vars(module).values():
+            if isinstance(obj, triton.runtime.JITFunction) and id(obj) not in seen:  # helpers are imported twice
+                seen.add(id(obj))
+                yield obj
 
 
 def compiled_kernels(jit_fn):
@@ -43,7 +61,7 @@ def main():
             fwd = table_speed("fwd", forward_config(head_dim, device, a.seqlen), head_dim, causal, a.seqlen)
             bwd = table_speed("dkdv", backward_config(head_dim, device)[0], head_dim, causal, a.seqlen)
             print(f"D{head_dim} causal={causal} L{a.seqlen}: fwd {fwd}, bwd {bwd}")
-    for jit_fn in (forward._fwd_kernel, backward._bwd_delta, backward._bwd_dkdv, backward._bwd_dq):
+    for jit_fn in jit_functions():
         for kernel in compiled_kernels(jit_fn):
             getattr(kernel, "_init_handles", lambda: None)()
             print(f"  {kernel.name}: regs {kernel.n_regs}, spills {kernel.n_spills}, "

@@ -5,6 +5,7 @@
 #   bash benchmarks/experiments/ab.sh                  # writes to $OUT (device tool) or ./ab-out
 #   SEQLENS="4096" HEAD_DIMS="128" bash benchmarks/experiments/ab.sh
 #   SWEEP_SHORT=1 bash benchmarks/experiments/ab.sh    # also sweep the backward tiles at L = 1k (D128 causal)
+#   MATCH="warp" bash benchmarks/experiments/ab.sh     # only the variants whose name matches (and main)
 #
 # Each variant is main's hf_flash/ with one patch applied, in a scratch copy (the checkout is not
 # touched), optionally with environment switches that the patch reads. For every variant and length it
@@ -26,6 +27,8 @@ VARIANTS=(
   "skip-dense-row-zeroing|skip-dense-row-zeroing.patch|"
   "split-dk-dv 64x128w8s2, dV maxnreg 128|split-dk-dv.patch|HF_FLASH_SPLIT_DKDV=64x128w8s2 HF_FLASH_SPLIT_DV_MAXNREG=128"
   "split-dk-dv same tiles|split-dk-dv.patch|HF_FLASH_SPLIT_DKDV=same"
+  "warp-specialized|warp-specialized.patch|HF_FLASH_WARP_SPECIALIZE=1"
+  "warp-specialized, dQ 64x128s2|warp-specialized.patch|HF_FLASH_WARP_SPECIALIZE=1 HF_FLASH_WS_TILES=dq=64x128s2"
 )
 
 package_root() {  # the folder to put on PYTHONPATH for a variant's hf_flash
@@ -46,6 +49,10 @@ stats() {  # variant line, seqlen, head dims
   root=$(package_root "$patch") || return
   echo "=== $name, L=$2 (hf_flash from $root)"
   # shellcheck disable=SC2086  # envs is a list of NAME=value words
+  if [ -n "${4:-}" ]; then  # first length: is the variant still right? (flash-attn's rule, a few shapes)
+    env PYTHONPATH="$root" $envs python "$ROOT/benchmarks/experiments/agree.py" 2>&1 | tail -5
+  fi
+  # shellcheck disable=SC2086
   env PYTHONPATH="$root" $envs python "$ROOT/benchmarks/kernel_stats.py" --head-dims "$3" --seqlen "$2" 2>&1 |
     grep -v "^  _bwd_delta"
 }
@@ -54,14 +61,32 @@ nvidia-smi -L 2>/dev/null
 python -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__)"
 PYTHONPATH=$ROOT timeout 180 python benchmarks/launch_overhead.py --profile 14 >"$out/overhead.log" 2>&1
 grep "us/call" "$out/overhead.log"
+MATCH=${MATCH:-.}
+selected=()
+for variant in "${VARIANTS[@]}"; do
+  [[ $variant == main* || ${variant%%|*} =~ $MATCH ]] && selected+=("$variant")
+done
+for variant in "${selected[@]}"; do  # the scratch copies, before anything runs in parallel
+  IFS='|' read -r _ patch _ <<<"$variant"
+  package_root "$patch" >/dev/null || exit 1
+done
+dims_for() {  # long sequences: the D128 rows are the ones below the targets
+  if [ "$1" -gt 8192 ]; then echo 128; else echo "$HEAD_DIMS"; fi
+}
+first=${SEQLENS%% *}
+# compile everything first, all variants at once (16 CPU cores; Triton's disk cache keeps the results), so
+# that the timed runs below, one at a time, only time
 for seqlen in $SEQLENS; do
-  dims=$HEAD_DIMS
-  [ "$seqlen" -gt 8192 ] && dims=128  # long sequences: the D128 rows are the ones below the targets
-  for variant in "${VARIANTS[@]}"; do
-    stats "$variant" "$seqlen" "$dims"
+  for variant in "${selected[@]}"; do
+    stats "$variant" "$seqlen" "$(dims_for "$seqlen")" "$([ "$seqlen" = "$first" ] && echo check)" >/dev/null 2>&1 &
+  done
+done
+wait
+for seqlen in $SEQLENS; do
+  for variant in "${selected[@]}"; do
+    stats "$variant" "$seqlen" "$(dims_for "$seqlen")" "$([ "$seqlen" = "$first" ] && echo check)"
   done
 done | tee "$out/ab.log"
-first=${SEQLENS%% *}
 stats "${VARIANTS[0]}" "$first" "$HEAD_DIMS" | grep -E "^(===|D)" | sed 's/^===/=== again:/' | tee -a "$out/ab.log"
 if [ "${SWEEP_SHORT:-0}" = 1 ]; then
   # the D128 causal L = 1k backward runs at half the efficiency of the non-causal one (short programs, one
