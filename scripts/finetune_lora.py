@@ -100,11 +100,10 @@ def main(argv=None) -> int:
         if os.environ.get("RANK", "0") == "0":  # every rank finds the same mistake; say it once
             print(f"error: {exc}", file=sys.stderr)
         return USAGE_EXIT
-    if summary["status"] != "oom":  # a rank out of memory is stopped by the launcher: none can wait for it
-        end_processes()
     if summary["status"] == "oom":  # any rank that ran out reports it: the launcher stops the others
         print(f"out of memory at --seq-len {args.seq_len} with --attn {args.attn}: {summary['error']}", file=sys.stderr)
         return OOM_EXIT
+    end_processes()  # after an OOM there is none: the launcher stops the other ranks, none could wait
     if not summary["main_process"]:  # under a launcher, rank 0 alone reports
         return 0
     if summary["status"] == "interrupted":

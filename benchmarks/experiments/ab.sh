@@ -43,14 +43,14 @@ package_root() {  # the folder to put on PYTHONPATH for a variant's hf_flash
   echo "$dir"
 }
 
-stats() {  # variant line, seqlen, head dims
+stats() {  # variant line, seqlen, head dims[, "check": first run agree.py (is the variant still right?)]
   local name patch envs root
   IFS='|' read -r name patch envs <<<"$1"
   root=$(package_root "$patch") || return
   echo "=== $name, L=$2 (hf_flash from $root)"
-  # shellcheck disable=SC2086  # envs is a list of NAME=value words
-  if [ -n "${4:-}" ]; then  # first length: is the variant still right? (flash-attn's rule, a few shapes)
-    env PYTHONPATH="$root" $envs python "$ROOT/benchmarks/experiments/agree.py" 2>&1 | tail -5
+  if [ -n "${4:-}" ]; then
+    # shellcheck disable=SC2086  # envs is a list of NAME=value words
+    env PYTHONPATH="$root" $envs python "$ROOT/benchmarks/experiments/agree.py" 2>&1 | tail -6
   fi
   # shellcheck disable=SC2086
   env PYTHONPATH="$root" $envs python "$ROOT/benchmarks/kernel_stats.py" --head-dims "$3" --seqlen "$2" 2>&1 |
@@ -78,7 +78,7 @@ first=${SEQLENS%% *}
 # that the timed runs below, one at a time, only time
 for seqlen in $SEQLENS; do
   for variant in "${selected[@]}"; do
-    stats "$variant" "$seqlen" "$(dims_for "$seqlen")" "$([ "$seqlen" = "$first" ] && echo check)" >/dev/null 2>&1 &
+    stats "$variant" "$seqlen" "$(dims_for "$seqlen")" >/dev/null 2>&1 &
   done
 done
 wait
