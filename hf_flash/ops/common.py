@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hf_flash.ops.config import cuda_index
+
 # log2(e) and ln(2) are written as literals inside the kernels: a module-level float is not allowed
 # in compiled kernels, and a tl.constexpr global mis-evaluates under the interpreter (Triton 3.9).
 
@@ -197,7 +199,7 @@ def tma_device_ok(t) -> bool:
     """A GPU with TMA (Hopper or newer) and a Triton with host-side tensor descriptors (>= 3.4)."""
     if t.device.type != "cuda":
         return False
-    return _tma_on_gpu(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    return _tma_on_gpu(cuda_index(t.device))
 
 
 @functools.cache

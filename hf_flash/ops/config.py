@@ -109,12 +109,16 @@ def _device_facts(index: int) -> tuple[tuple[int, int], int, str]:
     return capability, int(smem), props.name
 
 
+def cuda_index(device: torch.device) -> int:
+    """The index of a CUDA ``device``; the current device for a bare ``cuda``."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def device_facts(device: torch.device | str | int | None = None) -> tuple[tuple[int, int], int, str]:
     """(compute capability, shared memory per block in bytes, name) of a CUDA device, as the kernels see
     it: a forced arch replaces the capability and takes that chip's shared memory."""
     device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    capability, smem, name = _device_facts(index)
+    capability, smem, name = _device_facts(cuda_index(device))
     forced = forced_arch()
     if forced is not None:
         return forced, default_smem_per_block(forced), name
@@ -128,8 +132,7 @@ def kernels_unavailable_reason(device: torch.device | str, dtype: torch.dtype) -
         return f"dtype {dtype} is not supported by the hf_flash kernels: torch.float16 and torch.bfloat16 are"
     if device.type == "cuda":
         # per-call path: the capability comes from the cached device facts (no device query each call)
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        major, minor = _device_facts(index)[0]
+        major, minor = _device_facts(cuda_index(device))[0]
         forced = forced_arch()
         if forced is not None and forced < (major, minor):
             major, minor = forced  # a forced older chip brings its limits; a newer one brings none
