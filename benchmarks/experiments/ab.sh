@@ -6,6 +6,7 @@
 #   SEQLENS="4096" HEAD_DIMS="128" bash benchmarks/experiments/ab.sh
 #   SWEEP_SHORT=1 bash benchmarks/experiments/ab.sh    # also sweep the backward tiles at L = 1k (D128 causal)
 #   MATCH="warp" bash benchmarks/experiments/ab.sh     # only the variants whose name matches (and main)
+#   OVERHEAD=0 bash benchmarks/experiments/ab.sh       # without the launch-overhead profile
 #
 # Each variant is main's hf_flash/ with one patch applied, in a scratch copy (the checkout is not
 # touched), optionally with environment switches that the patch reads. For every variant and length it
@@ -59,8 +60,10 @@ stats() {  # variant line, seqlen, head dims[, "check": first run agree.py (is t
 
 nvidia-smi -L 2>/dev/null
 python -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__)"
-PYTHONPATH=$ROOT timeout 180 python benchmarks/launch_overhead.py --profile 14 >"$out/overhead.log" 2>&1
-grep "us/call" "$out/overhead.log"
+if [ "${OVERHEAD:-1}" = 1 ]; then  # OVERHEAD=0 skips it (up to 3 minutes of a 10-minute call)
+  PYTHONPATH=$ROOT timeout 180 python benchmarks/launch_overhead.py --profile 14 >"$out/overhead.log" 2>&1
+  grep "us/call" "$out/overhead.log"
+fi
 MATCH=${MATCH:-.}
 selected=()
 for variant in "${VARIANTS[@]}"; do
