@@ -48,8 +48,11 @@ def kv_segments(
         # every row sees the whole block only if its first key >= (m0 + BLOCK_M - 1) + shift - left
         mid_lo = tl.cdiv(tl.maximum(m0 + BLOCK_M - 1 + shift - window_left, 0), BLOCK_N) * BLOCK_N
     hi = tl.maximum(hi, lo)
-    mid_lo = tl.minimum(tl.maximum(mid_lo, lo), hi)
-    mid_hi = tl.minimum(tl.maximum(mid_hi, mid_lo), hi)
+    # clamp to hi rounded up, not to hi: the loops then visit the same blocks, but every segment start
+    # stays a multiple of the block, which the compiler can prove (varlen's hi is a loaded length)
+    hi_up = tl.cdiv(hi, BLOCK_N) * BLOCK_N
+    mid_lo = tl.minimum(tl.maximum(mid_lo, lo), hi_up)
+    mid_hi = tl.minimum(tl.maximum(mid_hi, mid_lo), hi_up)
     return lo, mid_lo, mid_hi, hi
 
 
@@ -78,8 +81,10 @@ def q_segments(
         hi = tl.minimum(hi, n0 + BLOCK_N - shift + window_left)
         mid_hi = tl.minimum(mid_hi, (tl.maximum(n0 - shift + window_left + 1, 0) // BLOCK_M) * BLOCK_M)
     hi = tl.maximum(hi, lo)
-    mid_lo = tl.minimum(tl.maximum(mid_lo, lo), hi)
-    mid_hi = tl.minimum(tl.maximum(mid_hi, mid_lo), hi)
+    # as in kv_segments
+    hi_up = tl.cdiv(hi, BLOCK_M) * BLOCK_M
+    mid_lo = tl.minimum(tl.maximum(mid_lo, lo), hi_up)
+    mid_hi = tl.minimum(tl.maximum(mid_hi, mid_lo), hi_up)
     return lo, mid_lo, mid_hi, hi
 
 
