@@ -68,11 +68,14 @@ def _resources(ptxas_log: str) -> dict:
     return {"regs": int(regs.group(1)) if regs else None, "spill_bytes": int(spills.group(1)) if spills else None}
 
 
-def compile_case(case: dict) -> dict:
-    """Compile one kernel specialisation for one target; returns its shared memory and registers.
+def compile_case(case: dict, with_cubin: bool = False) -> dict:
+    """Compile one kernel specialisation for one target; returns its shared memory and registers
+    (and the compiled binary as ``cubin`` with ``with_cubin``).
 
     ``case``: kernel ("fwd" / "dkdv" / "dq" / "delta"), cc (e.g. 75), dtype ("fp16" / "bf16"),
-    constexprs (name -> value, as the launcher passes them), num_warps, num_stages.
+    constexprs (name -> value, as the launcher passes them), num_warps, num_stages; optionally
+    ``divisible``: integer arguments that a launch would pass as multiples of 16 (e.g. the lengths of a
+    dense batch with L % 16 == 0, which Triton then specializes on).
     """
     import triton
     from triton.backends.compiler import GPUTarget
@@ -95,7 +98,7 @@ def compile_case(case: dict) -> dict:
     # Triton marks 16-byte aligned pointers and strides divisible by 16 at launch (contiguous inputs
     # with D % 8 == 0); give the compiler the same facts so the code matches what runs
     aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-               if signature[n].startswith("*") or n.startswith("stride_")}
+               if signature[n].startswith("*") or n.startswith("stride_") or n in case.get("divisible", ())}
     source = ASTSource(fn=fn, signature=signature, constexprs=dict(constexprs), attrs=aligned)
     log = io.StringIO()
     start = time.perf_counter()
@@ -103,8 +106,10 @@ def compile_case(case: dict) -> dict:
         compiled = triton.compile(source, target=GPUTarget("cuda", case["cc"], 32),
                                   options={"num_warps": case["num_warps"], "num_stages": case["num_stages"]})
     seconds = time.perf_counter() - start
-    return dict(case, shared=compiled.metadata.shared, seconds=round(seconds, 2),
-                **_resources(log.getvalue()))
+    result = dict(case, shared=compiled.metadata.shared, seconds=round(seconds, 2), **_resources(log.getvalue()))
+    if with_cubin:
+        result["cubin"] = compiled.asm["cubin"]
+    return result
 
 
 def _worker(cases_path: str, results_path: str) -> None:

@@ -1,0 +1,110 @@
+#!/usr/bin/env python
+"""Spill instructions in each loop of the sm90 kernels, cross-compiled here (no GPU needed).
+
+    python benchmarks/loop_spills.py                          # dK/dV, dQ, forward at D128, bf16
+    python benchmarks/loop_spills.py --kernels dkdv --head-dims 64,128 --layouts varlen
+
+ptxas' total ("1352 bytes spill stores") does not say where the spills are: in a loop that runs once per
+program they cost nothing, in the unmasked loop that does nearly all the work they cost a lot. This
+compiles each specialisation the launchers build (the chip table's tiles, as ``tests/ops/test_chips.py``
+does), disassembles it with the ``nvdisasm`` that Triton's wheel carries, and counts, for every loop (a
+backward branch), its instructions, tensor-core instructions (HGMMA), local loads and stores (LDL/STL:
+the spills) and special-function instructions (MUFU: the exponentials). Loops are listed smallest first;
+the unmasked loop is the smallest one with HGMMA.
+
+Layouts: ``dense`` (lengths multiples of 16, which Triton specializes on), ``ragged`` (dense, lengths
+not known to be multiples of 16) and ``varlen`` (lengths read from cu_seqlens).
+
+Register allocation differs between Triton versions (the varlen dK/dV cliff fixed in a721ecf shows with
+3.6, not with 3.9), so run it with the device's version, e.g. in a scratch venv:
+``python3.11 -m venv /tmp/t36 && /tmp/t36/bin/pip install triton==3.6.0 torch pytest`` and
+``PYTHONPATH=. /tmp/t36/bin/python benchmarks/loop_spills.py``.
+"""
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "ops"))
+import test_chips  # noqa: E402  (the launchers' specialisations and the offline compile)
+
+LAYOUTS = ("dense", "ragged", "varlen")
+INSTRUCTION = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);")
+
+
+def nvdisasm() -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+
+
+def loops(cubin: bytes) -> list[dict]:
+    """The innermost loops of the kernel's SASS (a loop: the span from a backward branch's target to the
+    branch)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([nvdisasm(), "-c", f.name], capture_output=True, text=True, check=True).stdout
+    instructions, labels, pending = [], {}, []
+    for line in sass.splitlines():
+        label = re.match(r"\s*(\.L_x_\d+):", line)
+        if label:
+            pending.append(label.group(1))
+            continue
+        ins = INSTRUCTION.match(line)
+        if ins:
+            address = int(ins.group(1), 16)
+            labels.update(dict.fromkeys(pending, address))
+            pending = []
+            instructions.append((address, ins.group(2)))
+    found = []
+    for address, text in instructions:
+        branch = re.search(r"BRA\s+`\((\.L_x_\d+)\)", text)
+        if branch and labels.get(branch.group(1), address + 1) <= address:
+            body = [t for a, t in instructions if labels[branch.group(1)] <= a <= address]
+            count = lambda pattern: sum(1 for t in body if re.search(pattern, t))  # noqa: E731
+            found.append(dict(span=(labels[branch.group(1)], address), size=len(body), hgmma=count(r"\bHGMMA"),
+                              ldl=count(r"\bLDL"), stl=count(r"\bSTL"), mufu=count(r"\bMUFU")))
+    # innermost loops only: an outer loop (the GQA heads around the three segments) repeats their counts
+    inner = [lp for lp in found if not any(o is not lp and lp["span"][0] <= o["span"][0] and o["span"][1] <= lp["span"][1]
+                                           for o in found)]
+    return sorted(inner, key=lambda loop: loop["size"])
+
+
+def case_for(kernel: str, head_dim: int, causal: bool, layout: str) -> dict:
+    case = test_chips._case("sm90", kernel, head_dim, "causal" if causal else "plain", dtype="bf16",
+                            atomic_dq=False)
+    if layout == "varlen":
+        case["constexprs"]["IS_VARLEN"] = True
+    elif layout == "dense":
+        case["divisible"] = ("seqlen_q_arg", "seqlen_k_arg")
+    return case
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kernels", default="dkdv,dq,fwd")
+    p.add_argument("--head-dims", default="128")
+    p.add_argument("--layouts", default=",".join(LAYOUTS))
+    a = p.parse_args()
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # ptxas' totals (registers, spilled bytes)
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp()  # a cached kernel skips ptxas and its log
+    print("triton", triton.__version__, "| sm90, bf16, the chip table's tiles")
+    for kernel in a.kernels.split(","):
+        for head_dim in (int(d) for d in a.head_dims.split(",")):
+            for causal in (False, True):
+                for layout in a.layouts.split(","):
+                    r = test_chips.compile_case(case_for(kernel, head_dim, causal, layout), with_cubin=True)
+                    cx = r["constexprs"]
+                    print(f"{kernel} D{head_dim} causal={causal} {layout} ({cx['BLOCK_M']}x{cx['BLOCK_N']}, "
+                          f"{r['num_warps']} warps): {r['regs']} registers, {r['spill_bytes']} B spilled")
+                    for loop in (loop for loop in loops(r["cubin"]) if loop["hgmma"]):
+                        print(f"    loop of {loop['size']:5d} instructions: HGMMA {loop['hgmma']:3d}, "
+                              f"LDL {loop['ldl']:4d}, STL {loop['stl']:4d}, MUFU {loop['mufu']:3d}")
+
+
+if __name__ == "__main__":
+    main()
