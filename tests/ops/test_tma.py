@@ -20,6 +20,7 @@ from flash_oracle import (
     assert_matches_oracle,
     make_inputs,
     oracle_for,
+    out_and_grads,
     varlen_inputs,
     varlen_oracle,
 )
@@ -80,6 +81,34 @@ def test_tma_varlen_neighbours(deterministic, device, force_tma, monkeypatch):
         return varlen_oracle(q, k, v, cu_q, cu_k, causal=True)[0]
 
     assert_matches_oracle(ours, oracle, (q, k, v), dout)
+
+
+@pytest.mark.parametrize("use_tma", [True, False], ids=["tma", "pointers"])
+def test_varlen_query_neighbours(use_tma, device, force_tma):
+    """The dK/dV kernel's query tiles: a tile that runs past its sequence reads the next one's query and
+    dO rows, which must count as absent even where they hold NaN (they would reach dK and dV through
+    ``0 * NaN``). The NaN rows are the queries of a sequence without keys, so no result depends on them;
+    they follow a sequence whose last query block is partial and on the causal diagonal."""
+    if not use_tma:
+        force_tma()
+    lengths_q, lengths_k = [19, 26, 3, 5], [21, 26, 0, 9]
+    q, k, v, dout, cu_q, cu_k = varlen_inputs(lengths_q, lengths_k, 2, 1, 32, device, seed=5)
+    q[45:48], dout[45:48] = float("nan"), float("nan")  # the key-less sequence, after the 26-token one
+
+    def ours(q, k, v):
+        return flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lengths_q), max(lengths_k), causal=True)
+
+    def oracle(q, k, v):
+        return varlen_oracle(q, k, v, cu_q, cu_k, causal=True)[0]
+
+    keep = torch.ones(q.shape[0], dtype=torch.bool, device=device)
+    keep[45:48] = False
+    out, grads = out_and_grads(ours, (q, k, v), dout)
+    ref_out, ref_grads = out_and_grads(oracle, (q, k, v), dout, upcast=True)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref_out, *ref_grads)):
+        a, b = (a[keep], b[keep]) if name in ("out", "dq") else (a, b)
+        assert torch.isfinite(a).all(), f"{name}: the NaN rows of the next sequence leaked in"
+        torch.testing.assert_close(a.float(), b, atol=5e-3, rtol=0, msg=f"{name} differs from the oracle")
 
 
 def test_tma_matches_pointer_path(device, force_tma):
