@@ -2,6 +2,7 @@
 
     python benchmarks/kernel_stats.py                      # D 64/128, causal and not, L = 4k, bf16
     python benchmarks/kernel_stats.py --head-dims 128 --seqlen 16384
+    python benchmarks/kernel_stats.py --head-dims 64 --kv-heads 8    # GQA 32/8 (Llama-3.2-1B's attention)
 
 Times the forward launcher and the whole backward (delta + dK/dV + dQ) on the chip's table tiles, with
 ``sweep_tiles.sweep`` (the same setup: 16k tokens per batch, hidden 2048), then lists what Triton compiled
@@ -42,10 +43,10 @@ def compiled_kernels(jit_fn):
         yield from cache.values()
 
 
-def table_speed(kernel: str, config, head_dim: int, causal: bool, seqlen: int) -> str:
+def table_speed(kernel: str, config, head_dim: int, causal: bool, seqlen: int, kv_heads: int = 0) -> str:
     """TFLOP/s of ``sweep``'s ``kernel`` timing ("fwd", or "dkdv": the whole backward) on ``config``'s tile."""
     tile = (config.block_m, config.block_n, config.num_warps, config.num_stages)
-    row = sweep(kernel, head_dim, causal, seqlen, torch.bfloat16, [tile], (config.tma,))[0]
+    row = sweep(kernel, head_dim, causal, seqlen, torch.bfloat16, [tile], (config.tma,), kv_heads=kv_heads)[0]
     error = f" ({row[3]})" if len(row) > 3 else ""  # sweep's row for a tile that failed: 0 and the error
     return f"{row[0]:.0f} TFLOP/s{error}"
 
@@ -54,13 +55,16 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--head-dims", default="64,128")
     p.add_argument("--seqlen", type=int, default=4096)
+    p.add_argument("--kv-heads", type=int, default=0, help="GQA: K/V heads (0: as many as query heads)")
     a = p.parse_args()
     device = torch.device("cuda")
     for head_dim in (int(d) for d in a.head_dims.split(",")):
         for causal in (True, False):
-            fwd = table_speed("fwd", forward_config(head_dim, device, a.seqlen), head_dim, causal, a.seqlen)
-            bwd = table_speed("dkdv", backward_config(head_dim, device)[0], head_dim, causal, a.seqlen)
-            print(f"D{head_dim} causal={causal} L{a.seqlen}: fwd {fwd}, bwd {bwd}")
+            shape = (head_dim, causal, a.seqlen, a.kv_heads)
+            fwd = table_speed("fwd", forward_config(head_dim, device, a.seqlen), *shape)
+            bwd = table_speed("dkdv", backward_config(head_dim, device)[0], *shape)
+            gqa = f" {2048 // head_dim}/{a.kv_heads} heads" if a.kv_heads else ""
+            print(f"D{head_dim}{gqa} causal={causal} L{a.seqlen}: fwd {fwd}, bwd {bwd}")
     for jit_fn in jit_functions():
         for kernel in compiled_kernels(jit_fn):
             getattr(kernel, "_init_handles", lambda: None)()

@@ -48,12 +48,14 @@ def parse_tiles(text: str) -> list[tuple[int, int, int, int]]:
 
 
 def sweep(kernel: str, head_dim: int, causal: bool, seqlen: int, dtype: torch.dtype, tiles, tma_modes,
-          compile_only=False):
+          compile_only=False, kv_heads=0):
     """Returns [(TFLOP/s, tile, tma)] best first; 0 TFLOP/s where the tile failed to compile or run.
-    ``compile_only``: run each candidate once (fills Triton's cache for a later timed run)."""
+    ``compile_only``: run each candidate once (fills Triton's cache for a later timed run); ``kv_heads``:
+    GQA with that many K/V heads (0: as many as query heads)."""
     batch, heads = max(1, 16384 // seqlen), 2048 // head_dim
     q = torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=dtype)
-    k, v, do = torch.randn_like(q), torch.randn_like(q), torch.randn_like(q)
+    do = torch.randn_like(q)
+    k, v = (torch.randn(batch, seqlen, kv_heads or heads, head_dim, device="cuda", dtype=dtype) for _ in range(2))
     out, lse = torch.empty_like(q), torch.empty(batch, heads, seqlen, device="cuda")
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     flops = 4 * batch * heads * seqlen**2 * head_dim / (2 if causal else 1)
@@ -98,6 +100,7 @@ def main():
     parser.add_argument("--tma", choices=("off", "on", "both"), default="off",
                         help="read streamed tiles through TMA descriptors (sm90+, power-of-two head dims)")
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
+    parser.add_argument("--kv-heads", type=int, default=0, help="GQA: K/V heads (0: as many as query heads)")
     parser.add_argument("--top", type=int, default=4)
     parser.add_argument("--shard", default="0/1", help="i/n: run only every n-th candidate from the i-th")
     parser.add_argument("--compile-only", action="store_true",
@@ -112,7 +115,7 @@ def main():
         for causal in causals:
             for kernel in a.kernels.split(","):
                 tiles = (parse_tiles(a.tiles) or CANDIDATES[kernel])[shard::shards]
-                rows = sweep(kernel, head_dim, causal, a.seqlen, dtype, tiles, tma_modes, a.compile_only)
+                rows = sweep(kernel, head_dim, causal, a.seqlen, dtype, tiles, tma_modes, a.compile_only, a.kv_heads)
                 if a.compile_only:
                     continue
                 best = ", ".join(f"{r[1]}{'+tma' if r[2] else ''}: {r[0]:.0f}" for r in rows[: a.top])

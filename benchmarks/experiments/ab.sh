@@ -22,6 +22,7 @@ scratch=$(mktemp -d)
 SEQLENS=${SEQLENS:-"4096 16384"}
 HEAD_DIMS=${HEAD_DIMS:-"64,128"}
 RUN_LIMIT=${RUN_LIMIT:-150}  # seconds per python run (compile included)
+KV_HEADS=${KV_HEADS:-0}  # GQA: K/V heads of the timed shapes (0: MHA); KV_HEADS=8 HEAD_DIMS=64 is Llama-3.2-1B's
 
 # name | patch file (empty: main) | environment for the run
 VARIANTS=(
@@ -56,7 +57,7 @@ stats() {  # variant line, seqlen, head dims[, "check": first run agree.py (is t
   fi
   # shellcheck disable=SC2086
   env PYTHONPATH="$root" $envs timeout "$RUN_LIMIT" python "$ROOT/benchmarks/kernel_stats.py" --head-dims "$3" \
-    --seqlen "$2" 2>&1 | grep -v "^  _bwd_delta"
+    --seqlen "$2" --kv-heads "$KV_HEADS" 2>&1 | grep -v "^  _bwd_delta"
   [ "${PIPESTATUS[0]}" = 124 ] && echo "!! $name: no result within ${RUN_LIMIT}s (a hung kernel?)"
 }
 
