@@ -74,9 +74,20 @@ def loops(cubin: bytes) -> list[dict]:
     return sorted(inner, key=lambda loop: loop["size"])
 
 
-def case_for(kernel: str, head_dim: int, causal: bool, layout: str) -> dict:
+def programs_per_sm(result: dict) -> int:
+    """Programs that fit one sm90 SM at once: 64K registers (allocated per warp in units of 256), 228 KB of
+    shared memory (1 KB of it reserved per program), 64 warps."""
+    warps = result["num_warps"]
+    regs_per_warp = -(-(result["regs"] or 255) * 32 // 256) * 256
+    by_regs = 65536 // (regs_per_warp * warps)
+    by_smem = 228 * 1024 // (result["shared"] + 1024)
+    return min(by_regs, by_smem, 64 // warps)
+
+
+def case_for(kernel: str, head_dim: int, causal: bool, layout: str, overrides: dict) -> dict:
     case = test_chips._case("sm90", kernel, head_dim, "causal" if causal else "plain", dtype="bf16",
                             atomic_dq=False)
+    case["constexprs"].update(overrides)
     if layout == "varlen":
         case["constexprs"]["IS_VARLEN"] = True
     elif layout == "dense":
@@ -89,7 +100,9 @@ def main():
     p.add_argument("--kernels", default="dkdv,dq,fwd")
     p.add_argument("--head-dims", default="128")
     p.add_argument("--layouts", default=",".join(LAYOUTS))
+    p.add_argument("--set", default="", help="constexpr overrides, e.g. IS_GQA=1 (an experiment's flag)")
     a = p.parse_args()
+    overrides = {k: int(v) for k, v in (item.split("=") for item in filter(None, a.set.split(",")))}
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # ptxas' totals (registers, spilled bytes)
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp()  # a cached kernel skips ptxas and its log
     print("triton", triton.__version__, "| sm90, bf16, the chip table's tiles")
@@ -97,10 +110,12 @@ def main():
         for head_dim in (int(d) for d in a.head_dims.split(",")):
             for causal in (False, True):
                 for layout in a.layouts.split(","):
-                    r = test_chips.compile_case(case_for(kernel, head_dim, causal, layout), with_cubin=True)
+                    case = case_for(kernel, head_dim, causal, layout, overrides)
+                    r = test_chips.compile_case(case, with_cubin=True)
                     cx = r["constexprs"]
                     print(f"{kernel} D{head_dim} causal={causal} {layout} ({cx['BLOCK_M']}x{cx['BLOCK_N']}, "
-                          f"{r['num_warps']} warps): {r['regs']} registers, {r['spill_bytes']} B spilled")
+                          f"{r['num_warps']} warps): {r['regs']} registers, {r['spill_bytes']} B spilled, "
+                          f"{r['shared'] // 1024} KB shared, {programs_per_sm(r)} programs per SM")
                     for loop in (loop for loop in loops(r["cubin"]) if loop["hgmma"]):
                         print(f"    loop of {loop['size']:5d} instructions: HGMMA {loop['hgmma']:3d}, "
                               f"LDL {loop['ldl']:4d}, STL {loop['stl']:4d}, MUFU {loop['mufu']:3d}")
