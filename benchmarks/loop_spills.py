@@ -41,13 +41,16 @@ def nvdisasm() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
 
 
-def loops(cubin: bytes) -> list[dict]:
-    """The innermost loops of the kernel's SASS (a loop: the span from a backward branch's target to the
-    branch)."""
+def disassemble(cubin: bytes) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        sass = subprocess.run([nvdisasm(), "-c", f.name], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([nvdisasm(), "-c", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def loops(sass: str) -> list[dict]:
+    """The innermost loops of a kernel's SASS (``nvdisasm -c`` text; a loop: the span from a backward
+    branch's target to the branch), smallest first."""
     instructions, labels, pending = [], {}, []
     for line in sass.splitlines():
         label = re.match(r"\s*(\.L_x_\d+):", line)
@@ -116,7 +119,7 @@ def main():
                     print(f"{kernel} D{head_dim} causal={causal} {layout} ({cx['BLOCK_M']}x{cx['BLOCK_N']}, "
                           f"{r['num_warps']} warps): {r['regs']} registers, {r['spill_bytes']} B spilled, "
                           f"{r['shared'] // 1024} KB shared, {programs_per_sm(r)} programs per SM")
-                    for loop in (loop for loop in loops(r["cubin"]) if loop["hgmma"]):
+                    for loop in (loop for loop in loops(disassemble(r["cubin"])) if loop["hgmma"]):
                         print(f"    loop of {loop['size']:5d} instructions: HGMMA {loop['hgmma']:3d}, "
                               f"LDL {loop['ldl']:4d}, STL {loop['stl']:4d}, MUFU {loop['mufu']:3d}")
 
