@@ -3,6 +3,7 @@
 
     python benchmarks/loop_spills.py                          # dK/dV, dQ, forward at D128, bf16
     python benchmarks/loop_spills.py --kernels dkdv --head-dims 64,128 --layouts varlen
+    python benchmarks/loop_spills.py --kernels dkdv --set IS_GQA=1     # an experiment's constexpr
 
 ptxas' total ("1352 bytes spill stores") does not say where the spills are: in a loop that runs once per
 program they cost nothing, in the unmasked loop that does nearly all the work they cost a lot. This
@@ -10,7 +11,9 @@ compiles each specialisation the launchers build (the chip table's tiles, as ``t
 does), disassembles it with the ``nvdisasm`` that Triton's wheel carries, and counts, for every loop (a
 backward branch), its instructions, tensor-core instructions (HGMMA), local loads and stores (LDL/STL:
 the spills) and special-function instructions (MUFU: the exponentials). Loops are listed smallest first;
-the unmasked loop is the smallest one with HGMMA.
+the unmasked loop is the smallest one with HGMMA. Each kernel's line also gives its registers, shared
+memory and how many of its programs fit one SM at once (a register count just above a threshold costs a
+program per SM).
 
 Layouts: ``dense`` (lengths multiples of 16, which Triton specializes on), ``ragged`` (dense, lengths
 not known to be multiples of 16) and ``varlen`` (lengths read from cu_seqlens).
