@@ -25,6 +25,19 @@ from hf_flash.ops.config import cuda_index
 
 
 @triton.jit
+def _ordered_segments(lo, mid_lo, mid_hi, hi, BLOCK: tl.constexpr):
+    """Clamp raw segment bounds into ``lo <= mid_lo <= mid_hi`` with ``hi >= lo``. The middle bounds are
+    clamped to ``hi`` rounded up to a block, not to ``hi``: the loops visit the same blocks, but every
+    segment start stays a multiple of the block, which the compiler can prove (varlen's ``hi`` is a loaded
+    length; without the proof the dK/dV kernel's unmasked loop spilled on sm90, Triton 3.6)."""
+    hi = tl.maximum(hi, lo)
+    hi_up = tl.cdiv(hi, BLOCK) * BLOCK
+    mid_lo = tl.minimum(tl.maximum(mid_lo, lo), hi_up)
+    mid_hi = tl.minimum(tl.maximum(mid_hi, mid_lo), hi_up)
+    return lo, mid_lo, mid_hi, hi
+
+
+@triton.jit
 def kv_segments(
     m0, seqlen_q, seqlen_k, window_left, window_right,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
@@ -47,13 +60,7 @@ def kv_segments(
         lo = (lo // BLOCK_N) * BLOCK_N
         # every row sees the whole block only if its first key >= (m0 + BLOCK_M - 1) + shift - left
         mid_lo = tl.cdiv(tl.maximum(m0 + BLOCK_M - 1 + shift - window_left, 0), BLOCK_N) * BLOCK_N
-    hi = tl.maximum(hi, lo)
-    # clamp to hi rounded up, not to hi: the loops then visit the same blocks, but every segment start
-    # stays a multiple of the block, which the compiler can prove (varlen's hi is a loaded length)
-    hi_up = tl.cdiv(hi, BLOCK_N) * BLOCK_N
-    mid_lo = tl.minimum(tl.maximum(mid_lo, lo), hi_up)
-    mid_hi = tl.minimum(tl.maximum(mid_hi, mid_lo), hi_up)
-    return lo, mid_lo, mid_hi, hi
+    return _ordered_segments(lo, mid_lo, mid_hi, hi, BLOCK_N)
 
 
 @triton.jit
@@ -80,12 +87,7 @@ def q_segments(
         # key j is seen by rows i <= j - shift + left
         hi = tl.minimum(hi, n0 + BLOCK_N - shift + window_left)
         mid_hi = tl.minimum(mid_hi, (tl.maximum(n0 - shift + window_left + 1, 0) // BLOCK_M) * BLOCK_M)
-    hi = tl.maximum(hi, lo)
-    # as in kv_segments
-    hi_up = tl.cdiv(hi, BLOCK_M) * BLOCK_M
-    mid_lo = tl.minimum(tl.maximum(mid_lo, lo), hi_up)
-    mid_hi = tl.minimum(tl.maximum(mid_hi, mid_lo), hi_up)
-    return lo, mid_lo, mid_hi, hi
+    return _ordered_segments(lo, mid_lo, mid_hi, hi, BLOCK_M)
 
 
 @triton.jit
