@@ -29,7 +29,6 @@ VARIANTS=(
   "main||"
   "diagonal-no-row-check|diagonal-no-row-check.patch|"
   "fwd-keys-unzeroed|fwd-keys-unzeroed.patch|"
-  "gqa-flat-dkdv|gqa-flat-dkdv.patch|"
   "dkdv-d64-maxnreg|dkdv-d64-maxnreg.patch|"
   # hangs on Triton 3.6 (two consumer warp groups deadlock on sm90; NOTES, 2026-11-29 third session):
   # for a newer Triton, first `python benchmarks/experiments/ws_gemm_probe.py 128 128 64 3 ws`

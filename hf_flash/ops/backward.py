@@ -81,19 +81,32 @@ def _scores_and_grad_factor(s, sm_scale, softcap, HAS_SOFTCAP: tl.constexpr):
 
 @triton.jit
 def _bwd_dkdv_inner(
-    dk, dv, k, v, q_head, do_head, q_desc, do_desc, q_row0, q_col, lse_head, delta_head, dq_head,
-    stride_qm, stride_dom, stride_dqm,
-    offs_n, offs_d, start, end, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right,
-    dropout_p, seed,
+    dk, dv, k, v, Q, dO, q_desc, do_desc, q_row0, Lse, Delta, DQacc, lse_off0, off_b64, q_start, off_hk, n_groups,
+    stride_qb, stride_qm, stride_qh, stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh,
+    stride_lh, seed_b,
+    offs_n, offs_d, start, end, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr, MASK_LEFT: tl.constexpr,
     MASK_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, IS_GQA: tl.constexpr,
 ):
-    """Add the contribution of query blocks ``[start, end)`` to dk, dv ``[BLOCK_N, BLOCK_D]`` (fp32), and
-    with ``ATOMIC_DQ`` add ``dS K`` into the fp32 dQ accumulator at ``dq_head``.
-    Tiles are kept transposed (keys x queries) so the products land in dK/dV's orientation."""
+    """Add the contribution of query blocks ``[start, end)`` of every query head of the GQA group to dk, dv
+    ``[BLOCK_N, BLOCK_D]`` (fp32), and with ``ATOMIC_DQ`` add ``dS K`` into the fp32 dQ accumulator.
+    With ``IS_GQA`` (``n_groups > 1``) the heads and their blocks are one loop (head-major), so the software
+    pipeline fills once per segment instead of once per head; without, the head is fixed and no per-block
+    head arithmetic is paid. Tiles are kept transposed (keys x queries) so the products land in dK/dV's
+    orientation."""
     d_ok = offs_d[None, :] < HEAD_DIM
-    for start_m in range(start, end, BLOCK_M):
+    n_steps = tl.cdiv(end - start, BLOCK_M)
+    if IS_GQA:
+        n_steps *= n_groups
+    start_m = start
+    g = 0
+    for i in range(0, n_steps):
+        if IS_GQA:
+            off_h = off_hk * n_groups + g
+        else:
+            off_h = off_hk
+            start_m = start + i * BLOCK_M
         offs_m = start_m + tl.arange(0, BLOCK_M)
         rows = offs_m.to(tl.int64)[:, None]
         if MASK:
@@ -102,13 +115,15 @@ def _bwd_dkdv_inner(
         else:
             q_ok = d_ok
             row_ok = offs_m >= 0
-        q = load_rows(q_head, q_desc, q_row0 + start_m, q_col, offs_m, stride_qm, offs_d, seqlen_q,
-                      HEAD_DIM, MASK, USE_TMA)  # [BM, BD]
-        do = load_rows(do_head, do_desc, q_row0 + start_m, q_col, offs_m, stride_dom, offs_d, seqlen_q,
-                       HEAD_DIM, MASK, USE_TMA)  # [BM, BD]
+        q_col = off_h * HEAD_DIM
+        q = load_rows(head_ptr(Q, off_b64, stride_qb, off_h, stride_qh, q_start, stride_qm), q_desc, q_row0 + start_m,
+                      q_col, offs_m, stride_qm, offs_d, seqlen_q, HEAD_DIM, MASK, USE_TMA)  # [BM, BD]
+        do = load_rows(head_ptr(dO, off_b64, stride_dob, off_h, stride_doh, q_start, stride_dom), do_desc,
+                       q_row0 + start_m, q_col, offs_m, stride_dom, offs_d, seqlen_q, HEAD_DIM, MASK, USE_TMA)
         # rows past the sequence end get lse = +inf, so their recomputed p is 0
-        lse2 = tl.load(lse_head + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634  # [BM]
-        delta = tl.load(delta_head + offs_m, mask=row_ok, other=0.0)  # [BM]
+        lse_off = lse_off0 + off_h.to(tl.int64) * stride_lh
+        lse2 = tl.load(Lse + lse_off + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634  # [BM]
+        delta = tl.load(Delta + lse_off + offs_m, mask=row_ok, other=0.0)  # [BM]
         # -- recompute P^T for this tile
         sT, dcap = _scores_and_grad_factor(tl.dot(k, tl.trans(q)), sm_scale, softcap, HAS_SOFTCAP)  # [BN, BM]
         pT = tl.math.exp2(sT - lse2[None, :])
@@ -119,7 +134,7 @@ def _bwd_dkdv_inner(
         # -- dV += P_dropped^T dO ;  dP^T = V dO^T
         dpT = tl.dot(v, tl.trans(do))  # [BN, BM]
         if HAS_DROPOUT:
-            keep = tl.trans(dropout_keep(seed, offs_m, offs_n, seqlen_k, dropout_p))
+            keep = tl.trans(dropout_keep(seed_b + off_h, offs_m, offs_n, seqlen_k, dropout_p))
             dv = tl.dot(tl.where(keep, pT / (1.0 - dropout_p), 0.0).to(do.dtype), do, dv)
             dpT = tl.where(keep, dpT / (1.0 - dropout_p), 0.0)
         else:
@@ -130,7 +145,14 @@ def _bwd_dkdv_inner(
         if ATOMIC_DQ:
             # the order of these fp32 additions varies run to run: not bitwise reproducible
             dq_part = tl.dot(tl.trans(dsT), k) * sm_scale  # [BM, BD]
+            dq_head = head_ptr(DQacc, off_b64, stride_dqb, off_h, stride_dqh, q_start, stride_dqm)
             tl.atomic_add(dq_head + rows * stride_dqm + offs_d[None, :], dq_part, mask=q_ok, sem="relaxed")
+        if IS_GQA:
+            # -- the next block; past the segment's end, the next head's first block
+            start_m += BLOCK_M
+            wrap = start_m >= end
+            start_m = tl.where(wrap, start, start_m)
+            g += wrap.to(tl.int32)
     return dk, dv
 
 
@@ -146,6 +168,7 @@ def _bwd_dkdv(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_VARLEN: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr, USE_TMA: tl.constexpr,
+    IS_GQA: tl.constexpr,
 ):
     """Grid ``(cdiv(max_seqlen_k, BLOCK_N), B * Hk)``. dK/dV like K/V; Lse/Delta as in the forward;
     DQacc fp32 like Q, zeroed, only with ``ATOMIC_DQ``. Q_desc/dO_desc: tensor descriptors of Q/dO with
@@ -175,33 +198,30 @@ def _bwd_dkdv(
     lo, mid_lo, mid_hi, hi = q_segments(
         n0, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N, MASK_LEFT, MASK_RIGHT
     )
-    # every query head of the GQA group adds into the same dK/dV registers
-    for g in range(0, n_groups):
-        off_h = off_hk * n_groups + g
-        q_head = head_ptr(Q, off_b64, stride_qb, off_h, stride_qh, q_start, stride_qm)
-        do_head = head_ptr(dO, off_b64, stride_dob, off_h, stride_doh, q_start, stride_dom)
-        lse_off = off_b64 * stride_lb + off_h.to(tl.int64) * stride_lh + q_start
-        dq_head = head_ptr(DQacc, off_b64, stride_dqb, off_h, stride_dqh, q_start, stride_dqm)
-        seed_h = seed + off_b * (n_heads_k * n_groups) + off_h  # the forward's per-(batch, head) seed
-        q_col = off_h * HEAD_DIM
-        dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, q_head, do_head, Q_desc, dO_desc, q_row0, q_col, Lse + lse_off, Delta + lse_off, dq_head,
-            stride_qm, stride_dom, stride_dqm, offs_n, offs_d, lo, mid_lo, seqlen_q, seqlen_k, sm_scale, softcap,
-            window_left, window_right, dropout_p, seed_h,
-            HEAD_DIM, BLOCK_M, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, ATOMIC_DQ, USE_TMA,
-        )
-        dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, q_head, do_head, Q_desc, dO_desc, q_row0, q_col, Lse + lse_off, Delta + lse_off, dq_head,
-            stride_qm, stride_dom, stride_dqm, offs_n, offs_d, mid_lo, mid_hi, seqlen_q, seqlen_k, sm_scale, softcap,
-            window_left, window_right, dropout_p, seed_h,
-            HEAD_DIM, BLOCK_M, False, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, ATOMIC_DQ, USE_TMA,
-        )
-        dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, q_head, do_head, Q_desc, dO_desc, q_row0, q_col, Lse + lse_off, Delta + lse_off, dq_head,
-            stride_qm, stride_dom, stride_dqm, offs_n, offs_d, mid_hi, hi, seqlen_q, seqlen_k, sm_scale, softcap,
-            window_left, window_right, dropout_p, seed_h,
-            HEAD_DIM, BLOCK_M, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, ATOMIC_DQ, USE_TMA,
-        )
+    # every query head of the GQA group adds into the same dK/dV registers (the heads are inside each loop)
+    lse_off0 = off_b64 * stride_lb + q_start
+    seed_b = seed + off_b * (n_heads_k * n_groups)  # plus the head: the forward's per-(batch, head) seed
+    dk, dv = _bwd_dkdv_inner(
+        dk, dv, k, v, Q, dO, Q_desc, dO_desc, q_row0, Lse, Delta, DQacc, lse_off0, off_b64, q_start, off_hk, n_groups,
+        stride_qb, stride_qm, stride_qh, stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh,
+        stride_lh, seed_b, offs_n, offs_d, lo, mid_lo,
+        seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p,
+        HEAD_DIM, BLOCK_M, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, ATOMIC_DQ, USE_TMA, IS_GQA,
+    )
+    dk, dv = _bwd_dkdv_inner(
+        dk, dv, k, v, Q, dO, Q_desc, dO_desc, q_row0, Lse, Delta, DQacc, lse_off0, off_b64, q_start, off_hk, n_groups,
+        stride_qb, stride_qm, stride_qh, stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh,
+        stride_lh, seed_b, offs_n, offs_d, mid_lo, mid_hi,
+        seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p,
+        HEAD_DIM, BLOCK_M, False, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, ATOMIC_DQ, USE_TMA, IS_GQA,
+    )
+    dk, dv = _bwd_dkdv_inner(
+        dk, dv, k, v, Q, dO, Q_desc, dO_desc, q_row0, Lse, Delta, DQacc, lse_off0, off_b64, q_start, off_hk, n_groups,
+        stride_qb, stride_qm, stride_qh, stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh,
+        stride_lh, seed_b, offs_n, offs_d, mid_hi, hi,
+        seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p,
+        HEAD_DIM, BLOCK_M, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, ATOMIC_DQ, USE_TMA, IS_GQA,
+    )
     dk = dk * sm_scale
     dk_head = head_ptr(dK, off_b64, stride_dkb, off_hk, stride_dkh, k_start, stride_dkn)
     dv_head = head_ptr(dV, off_b64, stride_dvb, off_hk, stride_dvh, k_start, stride_dvn)
@@ -343,7 +363,7 @@ def flash_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max
         *_strides(dk, varlen), *_strides(dv, varlen), *_strides(dq_acc, varlen), *ls,
         max_seqlen_q, max_seqlen_k, n_heads_k, n_heads // n_heads_k, *common,
         BLOCK_M=c.block_m, BLOCK_N=c.block_n, **flags, **masks, ATOMIC_DQ=atomic, USE_TMA=tma,
-        num_warps=c.num_warps, num_stages=c.num_stages,
+        IS_GQA=n_heads != n_heads_k, num_warps=c.num_warps, num_stages=c.num_stages,
     )
     if atomic:
         dq.copy_(dq_acc)

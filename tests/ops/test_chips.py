@@ -217,6 +217,7 @@ def _case(chip: str, kernel: str, head_dim: int, flags: str, dtype: str = "fp16"
     constexprs.update(FLAG_SETS[flags])
     if kernel == "dkdv":
         constexprs["ATOMIC_DQ"] = atomic_dq
+        constexprs["IS_GQA"] = False  # the flattened head loop of GQA groups: a register budget like MHA's
     # the launchers read tiles through TMA where the table asks and the chip and head dim allow
     constexprs["USE_TMA"] = c.tma and TARGETS[chip] >= 90 and head_dim == block_d
     return {**case, "constexprs": constexprs, "num_warps": c.num_warps, "num_stages": c.num_stages}
