@@ -1,6 +1,7 @@
 """Where does the varlen backward lose against the dense one? GPU time of each kernel, per layout.
 
     python benchmarks/varlen_split.py                # D128, H16, bf16, causal and not
+    python benchmarks/varlen_split.py --head-dim 64 --heads 32 --kv-heads 8   # Llama-3.2-1B's attention
 
 For the same 16k tokens it times one forward + backward in three layouts: a dense batch (B = 4, L = 4k),
 the same four 4k sequences packed as varlen, and the benchmark's mixed-length varlen batches
@@ -43,6 +44,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=0, help="GQA: K/V heads (0: as many as query heads)")
     p.add_argument("--passes", type=int, default=10)
     a = p.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -52,17 +54,20 @@ def main():
 
     layouts = [("dense B4 L4096", None), ("varlen 4 x 4096", [4096] * 4)]
     layouts += [(f"varlen mix <= {longest}", mixed_lengths(TOKENS_PER_BATCH, longest)) for longest in (2048, 8192)]
-    print(torch.cuda.get_device_name(), "torch", torch.__version__)
+    print(torch.cuda.get_device_name(), "torch", torch.__version__,
+          f"| heads {a.heads}/{a.kv_heads or a.heads}, D{a.head_dim}, bf16")
     for causal in (False, True):
         for name, lengths in layouts:
-            H, D = a.heads, a.head_dim
+            H, D, Hk = a.heads, a.head_dim, a.kv_heads or a.heads
             if lengths is None:
-                q, k, v, do = (make(4, 4096, H, D) for _ in range(4))
+                q, do = make(4, 4096, H, D), make(4, 4096, H, D)
+                k, v = make(4, 4096, Hk, D), make(4, 4096, Hk, D)
                 squares = 4 * 4096**2
                 call = lambda q, k, v: flash_attn_func(q, k, v, causal=causal)  # noqa: E731
             else:
                 total = sum(lengths)
-                q, k, v, do = (make(total, H, D) for _ in range(4))
+                q, do = make(total, H, D), make(total, H, D)
+                k, v = make(total, Hk, D), make(total, Hk, D)
                 cu = torch.tensor([0] + lengths, device="cuda").cumsum(0).to(torch.int32)
                 squares = sum(n * n for n in lengths)
                 call = lambda q, k, v: flash_attn_varlen_func(  # noqa: E731
