@@ -7,6 +7,7 @@
 #   SWEEP_SHORT=1 bash benchmarks/experiments/ab.sh    # also sweep the backward tiles at L = 1k (D128 causal)
 #   MATCH="warp" bash benchmarks/experiments/ab.sh     # only the variants whose name matches (and main)
 #   OVERHEAD=0 bash benchmarks/experiments/ab.sh       # without the launch-overhead profile
+#   VARLEN="--head-dim 64 --heads 32 --kv-heads 8" bash benchmarks/experiments/ab.sh   # also varlen_split.py
 #
 # Each variant is main's hf_flash/ with one patch applied, in a scratch copy (the checkout is not
 # touched), optionally with environment switches that the patch reads. For every variant and length it
@@ -28,6 +29,7 @@ KV_HEADS=${KV_HEADS:-0}  # GQA: K/V heads of the timed shapes (0: MHA); KV_HEADS
 VARIANTS=(
   "main||"
   "dkdv-mha-range-loop|dkdv-mha-range-loop.patch|"
+  "dkdv-d64-maxnreg|dkdv-d64-maxnreg.patch|"
   # hangs on Triton 3.6 (two consumer warp groups deadlock on sm90; NOTES, 2026-11-29 third session):
   # for a newer Triton, first `python benchmarks/experiments/ws_gemm_probe.py 128 128 64 3 ws`
   "warp-specialized|warp-specialized.patch|HF_FLASH_WARP_SPECIALIZE=1"
@@ -93,6 +95,18 @@ for seqlen in $SEQLENS; do
   done
 done | tee "$out/ab.log"
 stats "${VARIANTS[0]}" "$first" "$HEAD_DIMS" | grep -E "^(===|D)" | sed 's/^===/=== again:/' | tee -a "$out/ab.log"
+if [ -n "${VARLEN:-}" ]; then
+  # VARLEN="--head-dim 64 --heads 32 --kv-heads 8": varlen_split.py per variant (the packed and mixed-length
+  # layouts: kernel_stats' dense lengths are multiples of 16, which Triton specializes on, varlen's are not)
+  for variant in "${selected[@]}" "${VARIANTS[0]}"; do
+    IFS='|' read -r name patch envs <<<"$variant"
+    root=$(package_root "$patch") || continue
+    echo "=== varlen_split: $name"
+    # shellcheck disable=SC2086  # VARLEN and envs are lists of words
+    env PYTHONPATH="$root" $envs timeout "$RUN_LIMIT" python "$ROOT/benchmarks/varlen_split.py" $VARLEN 2>&1 |
+      grep -v "^NVIDIA\|^$"
+  done | tee "$out/ab_varlen.log"
+fi
 if [ "${SWEEP_SHORT:-0}" = 1 ]; then
   # the D128 causal L = 1k backward runs at half the efficiency of the non-causal one (short programs, one
   # 8-warp program per SM): time every dK/dV and dQ candidate there, compiling in parallel first
