@@ -34,7 +34,6 @@ from hf_flash.ops.common import (
     kv_segments,
     load_rows,
     q_segments,
-    segment,
     seq_bounds,
     tanh,
     tma_descriptor,
@@ -202,15 +201,27 @@ def _bwd_dkdv(
     # every query head of the GQA group adds into the same dK/dV registers (the heads are inside each loop)
     lse_off0 = off_b64 * stride_lb + q_start
     seed_b = seed + off_b * (n_heads_k * n_groups)  # plus the head: the forward's per-(batch, head) seed
-    for SEG in tl.static_range(3):
-        start, end = segment(lo, mid_lo, mid_hi, hi, SEG)
-        dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, Q, dO, Q_desc, dO_desc, q_row0, Lse, Delta, DQacc, lse_off0, off_b64, q_start, off_hk,
-            n_groups, stride_qb, stride_qm, stride_qh, stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm,
-            stride_dqh, stride_lh, seed_b, offs_n, offs_d, start, end,
-            seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p,
-            HEAD_DIM, BLOCK_M, SEG != 1, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, ATOMIC_DQ, USE_TMA, IS_GQA,
-        )
+    dk, dv = _bwd_dkdv_inner(
+        dk, dv, k, v, Q, dO, Q_desc, dO_desc, q_row0, Lse, Delta, DQacc, lse_off0, off_b64, q_start, off_hk, n_groups,
+        stride_qb, stride_qm, stride_qh, stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh,
+        stride_lh, seed_b, offs_n, offs_d, lo, mid_lo,
+        seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p,
+        HEAD_DIM, BLOCK_M, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, ATOMIC_DQ, USE_TMA, IS_GQA,
+    )
+    dk, dv = _bwd_dkdv_inner(
+        dk, dv, k, v, Q, dO, Q_desc, dO_desc, q_row0, Lse, Delta, DQacc, lse_off0, off_b64, q_start, off_hk, n_groups,
+        stride_qb, stride_qm, stride_qh, stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh,
+        stride_lh, seed_b, offs_n, offs_d, mid_lo, mid_hi,
+        seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p,
+        HEAD_DIM, BLOCK_M, False, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, ATOMIC_DQ, USE_TMA, IS_GQA,
+    )
+    dk, dv = _bwd_dkdv_inner(
+        dk, dv, k, v, Q, dO, Q_desc, dO_desc, q_row0, Lse, Delta, DQacc, lse_off0, off_b64, q_start, off_hk, n_groups,
+        stride_qb, stride_qm, stride_qh, stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh,
+        stride_lh, seed_b, offs_n, offs_d, mid_hi, hi,
+        seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p,
+        HEAD_DIM, BLOCK_M, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, ATOMIC_DQ, USE_TMA, IS_GQA,
+    )
     dk = dk * sm_scale
     dk_head = head_ptr(dK, off_b64, stride_dkb, off_hk, stride_dkh, k_start, stride_dkn)
     dv_head = head_ptr(dV, off_b64, stride_dvb, off_hk, stride_dvh, k_start, stride_dvn)
@@ -295,13 +306,21 @@ def _bwd_dq(
     lo, mid_lo, mid_hi, hi = kv_segments(
         m0, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N, MASK_LEFT, MASK_RIGHT
     )
-    for SEG in tl.static_range(3):
-        start, end = segment(lo, mid_lo, mid_hi, hi, SEG)
-        dq = _bwd_dq_inner(
-            dq, q, do, lse2, delta, k_head, v_head, K_desc, V_desc, kv_row0, kv_col, stride_kn, stride_vn, offs_m,
-            offs_d, start, end, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p, seed,
-            HEAD_DIM, BLOCK_N, SEG != 1, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, USE_TMA,
-        )
+    dq = _bwd_dq_inner(
+        dq, q, do, lse2, delta, k_head, v_head, K_desc, V_desc, kv_row0, kv_col, stride_kn, stride_vn, offs_m, offs_d,
+        lo, mid_lo, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p, seed,
+        HEAD_DIM, BLOCK_N, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, USE_TMA,
+    )
+    dq = _bwd_dq_inner(
+        dq, q, do, lse2, delta, k_head, v_head, K_desc, V_desc, kv_row0, kv_col, stride_kn, stride_vn, offs_m, offs_d,
+        mid_lo, mid_hi, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p, seed,
+        HEAD_DIM, BLOCK_N, False, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, USE_TMA,
+    )
+    dq = _bwd_dq_inner(
+        dq, q, do, lse2, delta, k_head, v_head, K_desc, V_desc, kv_row0, kv_col, stride_kn, stride_vn, offs_m, offs_d,
+        mid_hi, hi, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p, seed,
+        HEAD_DIM, BLOCK_N, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, USE_TMA,
+    )
     dq = dq * sm_scale
     dq_head = head_ptr(dQ, off_b64, stride_dqb, off_h, stride_dqh, q_start, stride_dqm)
     tl.store(dq_head + rows * stride_dqm + offs_d[None, :], dq.to(dQ.dtype.element_ty), mask=q_ok)

@@ -38,20 +38,6 @@ def _ordered_segments(lo, mid_lo, mid_hi, hi, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def segment(lo, mid_lo, mid_hi, hi, SEG: tl.constexpr):
-    """``(start, end)`` of segment ``SEG`` of the bounds that :func:`kv_segments` / :func:`q_segments`
-    return: 0 the masked head, 1 the unmasked middle, 2 the masked tail. The kernels walk
-    ``tl.static_range(3)`` over it, so each segment's loop compiles with its own ``MASK = SEG != 1``."""
-    if SEG == 0:
-        start, end = lo, mid_lo
-    elif SEG == 1:
-        start, end = mid_lo, mid_hi
-    else:
-        start, end = mid_hi, hi
-    return start, end
-
-
-@triton.jit
 def kv_segments(
     m0, seqlen_q, seqlen_k, window_left, window_right,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,

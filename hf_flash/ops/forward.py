@@ -18,7 +18,6 @@ from hf_flash.ops.common import (
     head_ptr,
     kv_segments,
     load_rows,
-    segment,
     seq_bounds,
     strides_blh,
     tanh,
@@ -141,13 +140,21 @@ def _fwd_kernel(
         m0, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N, MASK_LEFT, MASK_RIGHT
     )
     # masked head (left window edge), unmasked middle, masked tail (diagonal / window / sequence end)
-    for SEG in tl.static_range(3):
-        start, end = segment(lo, mid_lo, mid_hi, hi, SEG)
-        acc, l_i, m_i = _fwd_inner(
-            acc, l_i, m_i, q, k_head, v_head, K_desc, V_desc, kv_row0, kv_col, stride_kn, stride_vn, offs_m, offs_d,
-            start, end, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p, seed,
-            HEAD_DIM, BLOCK_N, BLOCK_D, SEG != 1, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, USE_TMA,
-        )
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_head, v_head, K_desc, V_desc, kv_row0, kv_col, stride_kn, stride_vn, offs_m, offs_d,
+        lo, mid_lo, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p, seed,
+        HEAD_DIM, BLOCK_N, BLOCK_D, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, USE_TMA,
+    )
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_head, v_head, K_desc, V_desc, kv_row0, kv_col, stride_kn, stride_vn, offs_m, offs_d,
+        mid_lo, mid_hi, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p, seed,
+        HEAD_DIM, BLOCK_N, BLOCK_D, False, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, USE_TMA,
+    )
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_head, v_head, K_desc, V_desc, kv_row0, kv_col, stride_kn, stride_vn, offs_m, offs_d,
+        mid_hi, hi, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p, seed,
+        HEAD_DIM, BLOCK_N, BLOCK_D, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, USE_TMA,
+    )
 
     # -- final division. Rows that saw no key output 0 and store lse = +inf, which makes the
     #    backward's recomputed p = exp(s - lse) exactly 0 for them.
