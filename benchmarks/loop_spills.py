@@ -74,7 +74,7 @@ def loops(sass: str) -> list[dict]:
             count = lambda pattern: sum(1 for t in body if re.search(pattern, t))  # noqa: E731
             found.append(dict(span=(labels[branch.group(1)], address), size=len(body), hgmma=count(r"\bHGMMA"),
                               ldl=count(r"\bLDL"), stl=count(r"\bSTL"), mufu=count(r"\bMUFU")))
-    # innermost loops only: an outer loop (the GQA heads around the three segments) repeats their counts
+    # innermost loops only: a loop around others (e.g. around a kernel's segment loops) repeats their counts
     inner = [lp for lp in found if not any(o is not lp and lp["span"][0] <= o["span"][0] and o["span"][1] <= lp["span"][1]
                                            for o in found)]
     return sorted(inner, key=lambda loop: loop["size"])

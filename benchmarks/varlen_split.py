@@ -59,15 +59,13 @@ def main():
     for causal in (False, True):
         for name, lengths in layouts:
             H, D, Hk = a.heads, a.head_dim, a.kv_heads or a.heads
+            rows = (4, 4096) if lengths is None else (sum(lengths),)  # [B, L] dense, [total] packed
+            q, do = make(*rows, H, D), make(*rows, H, D)
+            k, v = make(*rows, Hk, D), make(*rows, Hk, D)
             if lengths is None:
-                q, do = make(4, 4096, H, D), make(4, 4096, H, D)
-                k, v = make(4, 4096, Hk, D), make(4, 4096, Hk, D)
                 squares = 4 * 4096**2
                 call = lambda q, k, v: flash_attn_func(q, k, v, causal=causal)  # noqa: E731
             else:
-                total = sum(lengths)
-                q, do = make(total, H, D), make(total, H, D)
-                k, v = make(total, Hk, D), make(total, Hk, D)
                 cu = torch.tensor([0] + lengths, device="cuda").cumsum(0).to(torch.int32)
                 squares = sum(n * n for n in lengths)
                 call = lambda q, k, v: flash_attn_varlen_func(  # noqa: E731

@@ -48,18 +48,24 @@ package_root() {  # the folder to put on PYTHONPATH for a variant's hf_flash
   echo "$dir"
 }
 
-stats() {  # variant line, seqlen, head dims[, "check": first run agree.py (is the variant still right?)]
+in_variant() {  # variant line, script (from the checkout's root), its arguments: run it on the variant's hf_flash
   local name patch envs root
   IFS='|' read -r name patch envs <<<"$1"
   root=$(package_root "$patch") || return
+  # shellcheck disable=SC2086  # envs is a list of NAME=value words
+  env PYTHONPATH="$root" $envs timeout "$RUN_LIMIT" python "$ROOT/$2" "${@:3}" 2>&1
+}
+
+stats() {  # variant line, seqlen, head dims[, "check": first run agree.py (is the variant still right?)]
+  local name root
+  name=${1%%|*}
+  root=$(package_root "$(cut -d'|' -f2 <<<"$1")") || return
   echo "=== $name, L=$2 (hf_flash from $root)"
   if [ -n "${4:-}" ]; then
-    # shellcheck disable=SC2086  # envs is a list of NAME=value words
-    env PYTHONPATH="$root" $envs timeout "$RUN_LIMIT" python "$ROOT/benchmarks/experiments/agree.py" 2>&1 | tail -6
+    in_variant "$1" benchmarks/experiments/agree.py | tail -6
   fi
-  # shellcheck disable=SC2086
-  env PYTHONPATH="$root" $envs timeout "$RUN_LIMIT" python "$ROOT/benchmarks/kernel_stats.py" --head-dims "$3" \
-    --seqlen "$2" --kv-heads "$KV_HEADS" 2>&1 | grep -v "^  _bwd_delta"
+  in_variant "$1" benchmarks/kernel_stats.py --head-dims "$3" --seqlen "$2" --kv-heads "$KV_HEADS" |
+    grep -v "^  _bwd_delta"
   [ "${PIPESTATUS[0]}" = 124 ] && echo "!! $name: no result within ${RUN_LIMIT}s (a hung kernel?)"
 }
 
@@ -100,12 +106,9 @@ if [ -n "${VARLEN:-}" ]; then
   # VARLEN="--head-dim 64 --heads 32 --kv-heads 8": varlen_split.py per variant (the packed and mixed-length
   # layouts: kernel_stats' dense lengths are multiples of 16, which Triton specializes on, varlen's are not)
   for variant in "${selected[@]}" "${VARIANTS[0]}"; do
-    IFS='|' read -r name patch envs <<<"$variant"
-    root=$(package_root "$patch") || continue
-    echo "=== varlen_split: $name"
-    # shellcheck disable=SC2086  # VARLEN and envs are lists of words
-    env PYTHONPATH="$root" $envs timeout "$RUN_LIMIT" python "$ROOT/benchmarks/varlen_split.py" $VARLEN 2>&1 |
-      grep -v "^NVIDIA\|^$"
+    echo "=== varlen_split: ${variant%%|*}"
+    # shellcheck disable=SC2086  # VARLEN is a list of words
+    in_variant "$variant" benchmarks/varlen_split.py $VARLEN | grep -v "^NVIDIA\|^$"
   done | tee "$out/ab_varlen.log"
 fi
 if [ "${SWEEP_SHORT:-0}" = 1 ]; then
