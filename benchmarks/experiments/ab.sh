@@ -31,6 +31,7 @@ VARIANTS=(
   "dkdv-mha-range-loop|dkdv-mha-range-loop.patch|"
   "dkdv-d64-maxnreg|dkdv-d64-maxnreg.patch|"
   "segment-loop|segment-loop.patch|"
+  "dkdv-range-maxnreg|dkdv-range-maxnreg.patch|"  # the two above together
   # hangs on Triton 3.6 (two consumer warp groups deadlock on sm90; NOTES, 2026-11-29 third session):
   # for a newer Triton, first `python benchmarks/experiments/ws_gemm_probe.py 128 128 64 3 ws`
   "warp-specialized|warp-specialized.patch|HF_FLASH_WARP_SPECIALIZE=1"
