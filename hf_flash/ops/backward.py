@@ -363,7 +363,7 @@ def flash_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max
         *_strides(dk, varlen), *_strides(dv, varlen), *_strides(dq_acc, varlen), *ls,
         max_seqlen_q, max_seqlen_k, n_heads_k, n_heads // n_heads_k, *common,
         BLOCK_M=c.block_m, BLOCK_N=c.block_n, **flags, **masks, ATOMIC_DQ=atomic, USE_TMA=tma,
-        IS_GQA=n_heads != n_heads_k, num_warps=c.num_warps, num_stages=c.num_stages,
+        IS_GQA=n_heads != n_heads_k, **c.launch_options(),
     )
     if atomic:
         dq.copy_(dq_acc)

@@ -162,6 +162,14 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 2
     tma: bool = False  # read the streamed tiles through TMA descriptors where the tensors allow (sm90+)
+    maxnreg: int | None = None  # registers per thread the compiler may use (None: its own choice, <= 255)
+
+    def launch_options(self) -> dict:
+        """The launch keywords of this config: warps, stages, and the register cap where one is set."""
+        options = {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        if self.maxnreg:
+            options["maxnreg"] = self.maxnreg
+        return options
 
 
 def block_d_for(head_dim: int) -> int:
@@ -192,6 +200,9 @@ class ChipTable:
     # forward tiles for short queries (max_seqlen_q <= SHORT_SEQLEN), where smaller query blocks give the
     # grid more programs than big ones; a class missing here uses ``fwd``
     fwd_short: Tiles = field(default_factory=dict)
+    # register caps of the dK/dV kernel per head-dim class: one more program per SM where the compiler's
+    # own choice sits just above a threshold
+    dkdv_maxnreg: dict = field(default_factory=dict)
 
     def config(self, kernel: str, head_dim: int, max_seqlen_q: int | None = None) -> KernelConfig:
         """``kernel``: "fwd", "dkdv" or "dq". A tile is (block_m, block_n, num_warps, num_stages) with an
@@ -203,7 +214,8 @@ class ChipTable:
         if kernel == "fwd" and max_seqlen_q is not None and max_seqlen_q <= SHORT_SEQLEN:
             tile = self.fwd_short.get(head_class, tile)
         block_m, block_n, num_warps, num_stages, *tma = tile
-        return KernelConfig(block_m, block_n, block_d, num_warps, num_stages, bool(tma and tma[0]))
+        maxnreg = self.dkdv_maxnreg.get(head_class) if kernel == "dkdv" else None
+        return KernelConfig(block_m, block_n, block_d, num_warps, num_stages, bool(tma and tma[0]), maxnreg)
 
 
 TMA = True  # the fifth entry of a tile: stream K/V (forward, dQ) or Q/dO (dK/dV) through TMA descriptors
@@ -218,6 +230,9 @@ SM90 = ChipTable(
     dkdv={64: (32, 64, 4, 3, TMA), 128: (64, 128, 8, 3, TMA), 256: (32, 32, 4, 2)},
     dq={64: (128, 64, 8, 3, TMA), 128: (128, 64, 8, 3, TMA), 256: (64, 32, 4, 3)},
     source="swept on an H100",
+    # D64 dK/dV: the ragged and varlen specialisations take 176-198 registers at 4 warps (2 programs per
+    # SM); capped at 168, 3 fit and the loops stay spill-free (cross-compiled with Triton 3.6, MHA and GQA)
+    dkdv_maxnreg={64: 168},
 )
 
 SM80 = ChipTable(

@@ -103,8 +103,8 @@ def compile_case(case: dict, with_cubin: bool = False) -> dict:
     log = io.StringIO()
     start = time.perf_counter()
     with contextlib.redirect_stdout(log):
-        compiled = triton.compile(source, target=GPUTarget("cuda", case["cc"], 32),
-                                  options={"num_warps": case["num_warps"], "num_stages": case["num_stages"]})
+        options = {k: case[k] for k in ("num_warps", "num_stages", "maxnreg") if k in case}
+        compiled = triton.compile(source, target=GPUTarget("cuda", case["cc"], 32), options=options)
     seconds = time.perf_counter() - start
     result = dict(case, shared=compiled.metadata.shared, seconds=round(seconds, 2), **_resources(log.getvalue()))
     if with_cubin:
@@ -220,7 +220,7 @@ def _case(chip: str, kernel: str, head_dim: int, flags: str, dtype: str = "fp16"
         constexprs["IS_GQA"] = False  # the flattened head loop of GQA groups: a register budget like MHA's
     # the launchers read tiles through TMA where the table asks and the chip and head dim allow
     constexprs["USE_TMA"] = c.tma and TARGETS[chip] >= 90 and head_dim == block_d
-    return {**case, "constexprs": constexprs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+    return {**case, "constexprs": constexprs, **c.launch_options()}
 
 
 def quick_matrix() -> list[dict]:
