@@ -28,16 +28,16 @@ import triton.language as tl
 
 from hf_flash.ops.common import (
     strides_blh as _strides,
+    desc_head,
+    desc_row0,
     dropout_keep,
-    flat_row0,
     head_ptr,
     kv_segments,
     load_rows,
     q_segments,
     seq_bounds,
     tanh,
-    tma_descriptor,
-    tma_usable,
+    tma_pair,
     visible,
 )
 
@@ -83,11 +83,11 @@ def _scores_and_grad_factor(s, sm_scale, softcap, HAS_SOFTCAP: tl.constexpr):
 def _bwd_dkdv_inner(
     dk, dv, k, v, Q, dO, q_desc, do_desc, q_row0, Lse, Delta, DQacc, lse_off0, off_b64, q_start, off_hk, n_groups,
     stride_qb, stride_qm, stride_qh, stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh,
-    stride_lh, seed_b,
+    stride_lh, seed_b, desc_rows_h,
     offs_n, offs_d, start, end, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr, MASK_LEFT: tl.constexpr,
     MASK_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-    USE_TMA: tl.constexpr, IS_GQA: tl.constexpr,
+    USE_TMA: tl.constexpr, IS_GQA: tl.constexpr, TMA_HEAD_MAJOR: tl.constexpr,
 ):
     """Add the contribution of query blocks ``[start, end)`` of every query head of the GQA group to dk, dv
     ``[BLOCK_N, BLOCK_D]`` (fp32), and with ``ATOMIC_DQ`` add ``dS K`` into the fp32 dQ accumulator.
@@ -115,11 +115,11 @@ def _bwd_dkdv_inner(
         else:
             q_ok = d_ok
             row_ok = offs_m >= 0
-        q_col = off_h * HEAD_DIM
-        q = load_rows(head_ptr(Q, off_b64, stride_qb, off_h, stride_qh, q_start, stride_qm), q_desc, q_row0 + start_m,
+        q_row, q_col = desc_head(q_row0 + start_m, off_h, desc_rows_h, HEAD_DIM, TMA_HEAD_MAJOR)
+        q = load_rows(head_ptr(Q, off_b64, stride_qb, off_h, stride_qh, q_start, stride_qm), q_desc, q_row,
                       q_col, offs_m, stride_qm, offs_d, seqlen_q, HEAD_DIM, MASK, USE_TMA)  # [BM, BD]
         do = load_rows(head_ptr(dO, off_b64, stride_dob, off_h, stride_doh, q_start, stride_dom), do_desc,
-                       q_row0 + start_m, q_col, offs_m, stride_dom, offs_d, seqlen_q, HEAD_DIM, MASK, USE_TMA)
+                       q_row, q_col, offs_m, stride_dom, offs_d, seqlen_q, HEAD_DIM, MASK, USE_TMA)
         # rows past the sequence end get lse = +inf, so their recomputed p is 0
         lse_off = lse_off0 + off_h.to(tl.int64) * stride_lh
         lse2 = tl.load(Lse + lse_off + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634  # [BM]
@@ -163,16 +163,16 @@ def _bwd_dkdv(
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     stride_dob, stride_dom, stride_doh, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
     stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh,
-    seqlen_q_arg, seqlen_k_arg, n_heads_k, n_groups,
+    seqlen_q_arg, seqlen_k_arg, n_heads_k, n_groups, desc_rows_b, desc_rows_h,
     sm_scale, softcap, window_left, window_right, dropout_p, seed,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_VARLEN: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr, USE_TMA: tl.constexpr,
-    IS_GQA: tl.constexpr,
+    IS_GQA: tl.constexpr, TMA_HEAD_MAJOR: tl.constexpr,
 ):
     """Grid ``(cdiv(max_seqlen_k, BLOCK_N), B * Hk)``. dK/dV like K/V; Lse/Delta as in the forward;
     DQacc fp32 like Q, zeroed, only with ``ATOMIC_DQ``. Q_desc/dO_desc: tensor descriptors of Q/dO with
-    ``USE_TMA``, else unused."""
+    ``USE_TMA``, else unused; their layout as the forward's K/V descriptors."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = pid_bh // n_heads_k
@@ -192,7 +192,8 @@ def _bwd_dkdv(
     v_head = head_ptr(V, off_b64, stride_vb, off_hk, stride_vh, k_start, stride_vn)
     k = load_rows(k_head, K, 0, 0, offs_n, stride_kn, offs_d, seqlen_k, HEAD_DIM, True, False)  # [BN, BD]
     v = load_rows(v_head, V, 0, 0, offs_n, stride_vn, offs_d, seqlen_k, HEAD_DIM, True, False)  # [BN, BD]
-    q_row0 = flat_row0(q_start, off_b, seqlen_q_arg, IS_VARLEN)  # the descriptors' row of query 0
+    # the descriptors' row of query 0 in head 0
+    q_row0 = desc_row0(q_start, off_b, seqlen_q_arg, desc_rows_b, IS_VARLEN, TMA_HEAD_MAJOR)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     lo, mid_lo, mid_hi, hi = q_segments(
@@ -204,23 +205,26 @@ def _bwd_dkdv(
     dk, dv = _bwd_dkdv_inner(
         dk, dv, k, v, Q, dO, Q_desc, dO_desc, q_row0, Lse, Delta, DQacc, lse_off0, off_b64, q_start, off_hk, n_groups,
         stride_qb, stride_qm, stride_qh, stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh,
-        stride_lh, seed_b, offs_n, offs_d, lo, mid_lo,
+        stride_lh, seed_b, desc_rows_h, offs_n, offs_d, lo, mid_lo,
         seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p,
         HEAD_DIM, BLOCK_M, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, ATOMIC_DQ, USE_TMA, IS_GQA,
+        TMA_HEAD_MAJOR,
     )
     dk, dv = _bwd_dkdv_inner(
         dk, dv, k, v, Q, dO, Q_desc, dO_desc, q_row0, Lse, Delta, DQacc, lse_off0, off_b64, q_start, off_hk, n_groups,
         stride_qb, stride_qm, stride_qh, stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh,
-        stride_lh, seed_b, offs_n, offs_d, mid_lo, mid_hi,
+        stride_lh, seed_b, desc_rows_h, offs_n, offs_d, mid_lo, mid_hi,
         seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p,
         HEAD_DIM, BLOCK_M, False, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, ATOMIC_DQ, USE_TMA, IS_GQA,
+        TMA_HEAD_MAJOR,
     )
     dk, dv = _bwd_dkdv_inner(
         dk, dv, k, v, Q, dO, Q_desc, dO_desc, q_row0, Lse, Delta, DQacc, lse_off0, off_b64, q_start, off_hk, n_groups,
         stride_qb, stride_qm, stride_qh, stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh,
-        stride_lh, seed_b, offs_n, offs_d, mid_hi, hi,
+        stride_lh, seed_b, desc_rows_h, offs_n, offs_d, mid_hi, hi,
         seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p,
         HEAD_DIM, BLOCK_M, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, ATOMIC_DQ, USE_TMA, IS_GQA,
+        TMA_HEAD_MAJOR,
     )
     dk = dk * sm_scale
     dk_head = head_ptr(dK, off_b64, stride_dkb, off_hk, stride_dkh, k_start, stride_dkn)
@@ -264,11 +268,11 @@ def _bwd_dq(
     Q, K, V, dO, K_desc, V_desc, Lse, Delta, dQ, cu_seqlens_q, cu_seqlens_k,
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh,
-    seqlen_q_arg, seqlen_k_arg, n_heads, n_groups,
+    seqlen_q_arg, seqlen_k_arg, n_heads, n_groups, desc_rows_b, desc_rows_h,
     sm_scale, softcap, window_left, window_right, dropout_p, seed,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_VARLEN: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr, TMA_HEAD_MAJOR: tl.constexpr,
 ):
     """Grid ``(cdiv(max_seqlen_q, BLOCK_M), B * H)``. dQ like Q; K_desc/V_desc as in the forward."""
     pid_m = tl.program_id(0)
@@ -299,8 +303,9 @@ def _bwd_dq(
     delta = tl.load(Delta + lse_off + offs_m, mask=row_ok, other=0.0)
     k_head = head_ptr(K, off_b64, stride_kb, off_hk, stride_kh, k_start, stride_kn)
     v_head = head_ptr(V, off_b64, stride_vb, off_hk, stride_vh, k_start, stride_vn)
-    kv_row0 = flat_row0(k_start, off_b, seqlen_k_arg, IS_VARLEN)  # the descriptors' row of key 0
-    kv_col = off_hk * HEAD_DIM
+    # the descriptors' coordinates of key 0 of this kv head
+    kv_row0, kv_col = desc_head(desc_row0(k_start, off_b, seqlen_k_arg, desc_rows_b, IS_VARLEN, TMA_HEAD_MAJOR),
+                                off_hk, desc_rows_h, HEAD_DIM, TMA_HEAD_MAJOR)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     seed = seed + pid_bh
     lo, mid_lo, mid_hi, hi = kv_segments(
@@ -355,27 +360,26 @@ def flash_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max
     atomic = not deterministic
     dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if atomic else dq
     c = config_dkdv
-    tma = c.tma and tma_usable(q, do, varlen=varlen)
+    qdo = tma_pair(q, do, varlen, c.block_m, c.tma)
     _bwd_dkdv[(triton.cdiv(max_seqlen_k, c.block_n), batch * n_heads_k)](
-        q, k, v, do, tma_descriptor(q, varlen, c.block_m, tma), tma_descriptor(do, varlen, c.block_m, tma),
-        lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_seqlens_k,
+        q, k, v, do, qdo.a, qdo.b, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_seqlens_k,
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
         *_strides(dk, varlen), *_strides(dv, varlen), *_strides(dq_acc, varlen), *ls,
-        max_seqlen_q, max_seqlen_k, n_heads_k, n_heads // n_heads_k, *common,
-        BLOCK_M=c.block_m, BLOCK_N=c.block_n, **flags, **masks, ATOMIC_DQ=atomic, USE_TMA=tma,
-        IS_GQA=n_heads != n_heads_k, **c.launch_options(),
+        max_seqlen_q, max_seqlen_k, n_heads_k, n_heads // n_heads_k, qdo.layout.rows_b, qdo.layout.rows_h,
+        *common, BLOCK_M=c.block_m, BLOCK_N=c.block_n, **flags, **masks, ATOMIC_DQ=atomic, USE_TMA=qdo.use,
+        IS_GQA=n_heads != n_heads_k, TMA_HEAD_MAJOR=qdo.head_major, 
+        **c.launch_options(),
     )
     if atomic:
         dq.copy_(dq_acc)
         return
     c = config_dq
-    tma = c.tma and tma_usable(k, v, varlen=varlen)
+    kv = tma_pair(k, v, varlen, c.block_n, c.tma)
     _bwd_dq[(triton.cdiv(max_seqlen_q, c.block_m), batch * n_heads)](
-        q, k, v, do, tma_descriptor(k, varlen, c.block_n, tma), tma_descriptor(v, varlen, c.block_n, tma),
-        lse, delta, dq, cu_seqlens_q, cu_seqlens_k,
+        q, k, v, do, kv.a, kv.b, lse, delta, dq, cu_seqlens_q, cu_seqlens_k,
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
         *_strides(dq, varlen), *ls,
-        max_seqlen_q, max_seqlen_k, n_heads, n_heads // n_heads_k, *common,
-        BLOCK_M=c.block_m, BLOCK_N=c.block_n, **flags, **masks, USE_TMA=tma,
+        max_seqlen_q, max_seqlen_k, n_heads, n_heads // n_heads_k, kv.layout.rows_b, kv.layout.rows_h, *common,
+        BLOCK_M=c.block_m, BLOCK_N=c.block_n, **flags, **masks, USE_TMA=kv.use, TMA_HEAD_MAJOR=kv.head_major,
         num_warps=c.num_warps, num_stages=c.num_stages,
     )

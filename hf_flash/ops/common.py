@@ -13,6 +13,7 @@ interpreter floors, and the two differ below zero.
 """
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -149,6 +150,28 @@ def flat_row0(start, off_b, seqlen_arg, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
+def desc_row0(start, off_b, seqlen_arg, rows_b, IS_VARLEN: tl.constexpr, HEAD_MAJOR: tl.constexpr):
+    """Descriptor row of this sequence's token 0 in head 0 (:func:`flat_row0` for heads side by side);
+    head-major (dense only): ``off_b`` batches of ``rows_b`` rows in."""
+    row0 = flat_row0(start, off_b, seqlen_arg, IS_VARLEN)
+    if HEAD_MAJOR:
+        row0 = off_b * rows_b
+    return row0
+
+
+@triton.jit
+def desc_head(row, off_h, rows_h, HEAD_DIM: tl.constexpr, HEAD_MAJOR: tl.constexpr):
+    """``(row, column)`` of head ``off_h`` given the row in head 0: heads side by side share rows and
+    sit ``HEAD_DIM`` columns apart; head-major heads have their own rows, ``rows_h`` apart, at column 0."""
+    if HEAD_MAJOR:
+        row = row + off_h * rows_h
+        col = 0
+    else:
+        col = off_h * HEAD_DIM
+    return row, col
+
+
+@triton.jit
 def load_rows(
     head, desc, desc_row, desc_col, offs, stride_row, offs_d, seqlen,
     HEAD_DIM: tl.constexpr, CHECK_ROWS: tl.constexpr, USE_TMA: tl.constexpr,
@@ -187,16 +210,21 @@ def strides_blh(t, varlen: bool):
     return (0, *t.stride()[:2]) if varlen else tuple(t.stride()[:3])
 
 
-def tma_descriptor(t, varlen: bool, block_rows: int, use_tma: bool):
-    """A tensor descriptor over ``t`` (``[B, L, H, D]``, or varlen ``[total, H, D]``) seen as the 2D
-    ``[rows, H * D]`` matrix whose row ``r`` is token ``r`` of the flattened batch, for tiles of
-    ``[block_rows, D]``; or ``t`` itself when ``use_tma`` is off (the kernel then reads through pointers).
-    Callers check :func:`tma_usable` first."""
+def tma_descriptor(t, varlen: bool, block_rows: int, use_tma: bool, layout: "TmaLayout | None" = None):
+    """A tensor descriptor over ``t`` (``[B, L, H, D]``, or varlen ``[total, H, D]``) for tiles of
+    ``[block_rows, D]``, or ``t`` itself when ``use_tma`` is off (the kernel then reads through pointers).
+    Heads side by side (the default ``layout``): the 2D ``[rows, H * D]`` matrix whose row ``r`` is token
+    ``r`` of the flattened batch. Head-major: the storage as rows of ``D`` elements, each (batch, head)
+    sequence on its own rows (:class:`TmaLayout`). Callers check :func:`tma_layout` first."""
     if not use_tma:
         return t
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     head_dim = t.shape[-1]
+    if layout is not None and layout.head_major:
+        # rows up to the last token of the last (batch, head); the hardware zero-fills past them
+        rows = (t.shape[0] - 1) * layout.rows_b + (t.shape[2] - 1) * layout.rows_h + t.shape[1]
+        return TensorDescriptor(t, [rows, head_dim], [head_dim, 1], [block_rows, head_dim])
     rows = t.shape[0] if varlen else t.shape[0] * t.shape[1]
     row_stride = t.stride(0) if varlen else t.stride(1)
     return TensorDescriptor(t, [rows, t.shape[-2] * head_dim], [row_stride, 1], [block_rows, head_dim])
@@ -238,3 +266,54 @@ def tma_layout_ok(t, varlen: bool) -> bool:
 def tma_usable(*tensors, varlen: bool) -> bool:
     """Whether the streamed tiles of ``tensors`` can come through TMA descriptors on their device."""
     return tma_device_ok(tensors[0]) and all(tma_layout_ok(t, varlen) for t in tensors)
+
+
+@dataclass(frozen=True)
+class TmaLayout:
+    """How the kernels address a tensor through its descriptor. ``head_major``: each (batch, head)
+    sequence on its own rows of ``D`` elements, ``rows_b`` rows per batch and ``rows_h`` per head apart
+    (``[B, H, L, D]`` storage, as the KV cache keeps K/V); else heads side by side in a row."""
+
+    head_major: bool = False
+    rows_b: int = 0
+    rows_h: int = 0
+
+
+def tma_layout(t, varlen: bool) -> TmaLayout | None:
+    """The :class:`TmaLayout` that reads ``t`` (``[B, L, H, D]`` or varlen ``[total, H, D]``), or None when
+    neither does: heads side by side (:func:`tma_layout_ok`), or, dense only, head-major with tokens ``D``
+    elements apart, head and batch strides whole rows, a power-of-two head dim and a 16-byte aligned base."""
+    if tma_layout_ok(t, varlen):
+        return TmaLayout()
+    head_dim = t.shape[-1]
+    if varlen or head_dim < 16 or head_dim & (head_dim - 1) or t.stride(-1) != 1 or t.stride(1) != head_dim:
+        return None
+    stride_b, stride_h = t.stride(0), t.stride(2)
+    if stride_b % head_dim or stride_h % head_dim or stride_b < 0 or stride_h < 0 or t.data_ptr() % 16:
+        return None
+    return TmaLayout(True, stride_b // head_dim, stride_h // head_dim)
+
+
+@dataclass(frozen=True)
+class TmaPair:
+    """The two streamed operands of a kernel (K and V, or Q and dO) as the launcher passes them:
+    descriptors (or the tensors themselves when ``use`` is off) and their shared :class:`TmaLayout`."""
+
+    a: object
+    b: object
+    use: bool
+    layout: TmaLayout
+
+    @property
+    def head_major(self) -> bool:
+        return self.use and self.layout.head_major
+
+
+def tma_pair(a, b, varlen: bool, block_rows: int, enabled: bool) -> TmaPair:
+    """Descriptors for ``a`` and ``b`` when ``enabled`` (the tile table asks for TMA), the device has it and
+    both tensors are readable in one layout; else the tensors, for pointer loads."""
+    layout = tma_layout(a, varlen) if enabled and tma_device_ok(a) else None
+    if layout is None or tma_layout(b, varlen) != layout:
+        return TmaPair(a, b, False, TmaLayout())
+    return TmaPair(tma_descriptor(a, varlen, block_rows, True, layout),
+                   tma_descriptor(b, varlen, block_rows, True, layout), True, layout)

@@ -13,16 +13,16 @@ import triton
 import triton.language as tl
 
 from hf_flash.ops.common import (
+    desc_head,
+    desc_row0,
     dropout_keep,
-    flat_row0,
     head_ptr,
     kv_segments,
     load_rows,
     seq_bounds,
     strides_blh,
     tanh,
-    tma_descriptor,
-    tma_usable,
+    tma_pair,
     visible,
 )
 
@@ -91,15 +91,16 @@ def _fwd_kernel(
     stride_vb, stride_vn, stride_vh,
     stride_ob, stride_om, stride_oh,
     stride_lb, stride_lh,
-    seqlen_q_arg, seqlen_k_arg, n_heads, n_groups,
+    seqlen_q_arg, seqlen_k_arg, n_heads, n_groups, desc_rows_b, desc_rows_h,
     sm_scale, softcap, window_left, window_right, dropout_p, seed,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_VARLEN: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr, TMA_HEAD_MAJOR: tl.constexpr,
 ):
     """Q ``[.., Lq, H, D]``, K/V ``[.., Lk, Hk, D]``, Out like Q, Lse fp32 indexed
     ``b * stride_lb + h * stride_lh + row`` (``[B, H, Lq]``, or ``[H, total_q]`` for varlen).
-    K_desc/V_desc: tensor descriptors of K/V with ``USE_TMA`` (``common.tma_descriptor``), else unused."""
+    K_desc/V_desc: tensor descriptors of K/V with ``USE_TMA`` (``common.tma_pair``), else unused;
+    ``TMA_HEAD_MAJOR`` with ``desc_rows_b``/``desc_rows_h``: their layout (``common.TmaLayout``)."""
     pid_m = tl.program_id(0)
     if MASK_RIGHT:
         # with a causal/right bound, later query blocks see more keys: launch them first so the
@@ -120,9 +121,9 @@ def _fwd_kernel(
     q_head = head_ptr(Q, off_b64, stride_qb, off_h, stride_qh, q_start, stride_qm)
     k_head = head_ptr(K, off_b64, stride_kb, off_hk, stride_kh, k_start, stride_kn)
     v_head = head_ptr(V, off_b64, stride_vb, off_hk, stride_vh, k_start, stride_vn)
-    # the descriptors' coordinates: row of key 0 in the flattened batch, column of this kv head
-    kv_row0 = flat_row0(k_start, off_b, seqlen_k_arg, IS_VARLEN)
-    kv_col = off_hk * HEAD_DIM
+    # the descriptors' coordinates of key 0 of this kv head
+    kv_row0, kv_col = desc_head(desc_row0(k_start, off_b, seqlen_k_arg, desc_rows_b, IS_VARLEN, TMA_HEAD_MAJOR),
+                                off_hk, desc_rows_h, HEAD_DIM, TMA_HEAD_MAJOR)
     o_head = head_ptr(Out, off_b64, stride_ob, off_h, stride_oh, q_start, stride_om)
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -191,17 +192,16 @@ def flash_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
         ls = lse.stride()[:2]
         cu_seqlens_q = cu_seqlens_k = q  # unused placeholders (never read when IS_VARLEN is off)
     block_m, block_n = config.block_m, config.block_n
-    use_tma = config.tma and tma_usable(k, v, varlen=varlen)
+    kv = tma_pair(k, v, varlen, block_n, config.tma)
     grid = (triton.cdiv(max_seqlen_q, block_m), batch * n_heads)
     _fwd_kernel[grid](
-        q, k, v, tma_descriptor(k, varlen, block_n, use_tma), tma_descriptor(v, varlen, block_n, use_tma),
-        out, lse, cu_seqlens_q, cu_seqlens_k,
+        q, k, v, kv.a, kv.b, out, lse, cu_seqlens_q, cu_seqlens_k,
         *strides_blh(q, varlen), *strides_blh(k, varlen), *strides_blh(v, varlen), *strides_blh(out, varlen), *ls,
-        max_seqlen_q, max_seqlen_k, n_heads, n_heads // n_heads_k,
+        max_seqlen_q, max_seqlen_k, n_heads, n_heads // n_heads_k, kv.layout.rows_b, kv.layout.rows_h,
         softmax_scale, softcap, window[0], window[1], dropout_p, seed,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=config.block_d,
         IS_VARLEN=varlen, MASK_LEFT=window[0] >= 0, MASK_RIGHT=window[1] >= 0,
-        HAS_SOFTCAP=softcap > 0, HAS_DROPOUT=dropout_p > 0, USE_TMA=use_tma,
+        HAS_SOFTCAP=softcap > 0, HAS_DROPOUT=dropout_p > 0, USE_TMA=kv.use, TMA_HEAD_MAJOR=kv.head_major,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
 

@@ -1,6 +1,6 @@
 """The tensor-descriptor (TMA) path of the tile loads, against the fp32 oracle and against the pointer path.
 
-On a Hopper GPU the sm90 table turns TMA on wherever the tensors allow it (``common.tma_layout_ok``). On
+On a Hopper GPU the sm90 table turns TMA on wherever the tensors allow it (``common.tma_layout``). On
 the CPU, Triton's interpreter runs host-side descriptors too, so these tests force the path there
 (``force_tma``) and check the part that is ours: the coordinates (flattened batch row, head column)
 and the zeroing of rows that belong to the next sequence, which TMA itself never masks.
@@ -11,10 +11,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import hf_flash.ops.backward
 import hf_flash.ops.common
 import hf_flash.ops.config
+import hf_flash.ops.forward
 import pytest
 import torch
+from conftest import assert_close_rel
 from flash_oracle import (
     Case,
     assert_matches_oracle,
@@ -26,7 +29,7 @@ from flash_oracle import (
 )
 
 from hf_flash import flash_attn_func, flash_attn_varlen_func
-from hf_flash.ops.common import tma_layout_ok
+from hf_flash.ops.common import TmaLayout, tma_layout, tma_layout_ok
 
 
 @pytest.fixture
@@ -127,27 +130,87 @@ def test_tma_matches_pointer_path(device, force_tma):
         torch.testing.assert_close(a, b, atol=2e-3, rtol=0, msg=f"{name}: TMA and pointer paths differ")
 
 
+def _head_major(t, spare=0):
+    """``t`` ``[B, L, H, D]`` stored as ``[B, H, L + spare, D]`` (the KV cache's layout; the spare capacity
+    holds NaN) and viewed back as ``[B, L, H, D]``. Returns (the view, the storage tensor)."""
+    b, length, h, d = t.shape
+    store = torch.full((b, h, length + spare, d), float("nan"), dtype=t.dtype, device=t.device)
+    store[:, :, :length] = t.transpose(1, 2)
+    return store[:, :, :length].transpose(1, 2), store
+
+
+@pytest.mark.parametrize("which", ["kv", "q_do"])
+def test_tma_head_major(which, device, force_tma, monkeypatch):
+    """K/V as the KV cache keeps them (``[B, H, L, D]`` storage with spare capacity past L), or Q and dO in
+    that layout: read through head-major descriptors (``common.TmaLayout``), each (batch, head) on its own
+    rows. A tile past L reads the spare rows (NaN here) or the next head's, which must count as absent."""
+    case = Case(2, 37, 45, 4, 2, 32, causal=True)  # GQA, Lq < Lk, partial blocks
+    q, k, v, dout = make_inputs(case, device, seed=7)
+    chosen = []  # (kernel's operands, TMA on, head-major) of every launch
+
+    def spy(module, name):
+        real = getattr(module, "tma_pair")
+
+        def record(a, b, *args):
+            pair = real(a, b, *args)
+            chosen.append((name, pair.use, pair.head_major))
+            return pair
+
+        monkeypatch.setattr(module, "tma_pair", record)
+
+    spy(hf_flash.ops.forward, "kv")
+    spy(hf_flash.ops.backward, "bwd")
+    inputs = [q, k, v, dout]
+    moved = (1, 2) if which == "kv" else (0, 3)
+    views, stores = list(inputs), {}
+    for i in moved:
+        views[i], stores[i] = _head_major(inputs[i], spare=5)
+    leaves = [stores[i] if i in stores else views[i] for i in range(3)]
+    leaves = [t.detach().requires_grad_() for t in leaves]
+    qkv = [leaves[i][:, :, : inputs[i].shape[1]].transpose(1, 2) if i in stores else leaves[i] for i in range(3)]
+    out = flash_attn_func(*qkv, causal=True, deterministic=True)
+    out.backward(views[3])
+    grads = [leaves[i].grad[:, :, : inputs[i].shape[1]].transpose(1, 2) if i in stores else leaves[i].grad
+             for i in range(3)]
+    expected = [("kv", True, which == "kv"), ("bwd", True, which == "q_do"), ("bwd", True, which == "kv")]
+    assert chosen == expected, f"descriptor layouts {chosen}, expected {expected}"
+    oracle = oracle_for(case)
+    ref_out, ref_grads = out_and_grads(oracle, (q, k, v), dout, upcast=True)
+    pt_out, pt_grads = out_and_grads(oracle, (q, k, v), dout)
+    assert_close_rel("out", out, ref_out, pt_out, 2)
+    for name, grad, ref, pt in zip(("dq", "dk", "dv"), grads, ref_grads, pt_grads):
+        assert_close_rel(name, grad, ref, pt, 3)
+
+
 @pytest.mark.parametrize(
     "shape, view, varlen, expected",
     [
-        ((2, 8, 4, 64), None, False, True),
-        ((2, 8, 4, 80), None, False, False),  # a 128-wide tile would read the next head's columns
-        ((2, 8, 4, 8), None, False, False),  # below 16 bytes of bf16... and below tl.dot's minimum
-        ((2, 8, 12, 64), "qkv", False, True),  # q of a fused [B, L, 3 * H, D] projection: rows 3HD apart
-        ((2, 8, 4, 64), "bhld", False, False),  # [B, H, L, D] transposed to [B, L, H, D]: heads not side by side
-        ((2, 8, 4, 64), "batch_gap", False, False),  # batches not evenly spaced
-        ((17, 4, 64), None, True, True),
-        ((2, 8, 4, 64), "misaligned", False, False),
+        ((2, 8, 4, 64), None, False, TmaLayout()),
+        ((2, 8, 4, 80), None, False, None),  # a 128-wide tile would read the next head's columns
+        ((2, 8, 4, 8), None, False, None),  # below 16 bytes of bf16... and below tl.dot's minimum
+        ((2, 8, 12, 64), "qkv", False, TmaLayout()),  # q of a fused [B, L, 3 * H, D] projection: rows 3HD apart
+        ((2, 8, 4, 64), "bhld", False, TmaLayout(True, 4 * 8, 8)),  # [B, H, L, D] transposed: head-major rows
+        ((2, 8, 4, 64), "bhld_spare", False, TmaLayout(True, 4 * 11, 11)),  # a cache with capacity 11
+        ((2, 8, 4, 80), "bhld", False, None),
+        ((2, 8, 4, 64), "batch_gap", False, None),  # batches not evenly spaced, tokens not D apart
+        ((17, 4, 64), None, True, TmaLayout()),
+        ((17, 4, 64), "bhld", True, None),  # head-major varlen ([H, total, D] transposed): not supported
+        ((2, 8, 4, 64), "misaligned", False, None),
     ],
 )
 def test_tma_layout_rules(shape, view, varlen, expected):
     t = torch.zeros(shape, dtype=torch.float16)
     if view == "qkv":
         t = t[:, :, : shape[2] // 3]
-    elif view == "bhld":
-        t = torch.zeros(shape[0], shape[2], shape[1], shape[3], dtype=torch.float16).transpose(1, 2)
+    elif view == "bhld" and varlen:
+        t = torch.zeros(shape[1], shape[0], shape[2], dtype=torch.float16).transpose(0, 1)
+    elif view in ("bhld", "bhld_spare"):
+        spare = 3 if view == "bhld_spare" else 0
+        t = torch.zeros(shape[0], shape[2], shape[1] + spare, shape[3], dtype=torch.float16)
+        t = t[:, :, : shape[1]].transpose(1, 2)
     elif view == "batch_gap":
         t = torch.zeros(shape[0], shape[1] + 1, *shape[2:], dtype=torch.float16)[:, : shape[1]]
     elif view == "misaligned":
         t = torch.zeros(t.numel() + 1, dtype=torch.float16)[1:].view(shape)
-    assert tma_layout_ok(t, varlen) is expected
+    assert tma_layout(t, varlen) == expected
+    assert tma_layout_ok(t, varlen) is (expected == TmaLayout())  # the heads-side-by-side rule alone
