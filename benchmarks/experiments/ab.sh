@@ -28,10 +28,9 @@ KV_HEADS=${KV_HEADS:-0}  # GQA: K/V heads of the timed shapes (0: MHA); KV_HEADS
 # name | patch file (empty: main) | environment for the run
 VARIANTS=(
   "main||"
-  "dkdv-mha-range-loop|dkdv-mha-range-loop.patch|"
-  "dkdv-d64-maxnreg|dkdv-d64-maxnreg.patch|"
+  # the three segment calls of each kernel as one static_range loop (removes the copies that `duplicates`
+  # lists; same spill counts offline, SASS not byte-identical: time it before landing)
   "segment-loop|segment-loop.patch|"
-  "dkdv-range-maxnreg|dkdv-range-maxnreg.patch|"  # the two above together
   # hangs on Triton 3.6 (two consumer warp groups deadlock on sm90; NOTES, 2026-11-29 third session):
   # for a newer Triton, first `python benchmarks/experiments/ws_gemm_probe.py 128 128 64 3 ws`
   "warp-specialized|warp-specialized.patch|HF_FLASH_WARP_SPECIALIZE=1"

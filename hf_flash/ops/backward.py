@@ -367,7 +367,7 @@ def flash_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max
         *_strides(dk, varlen), *_strides(dv, varlen), *_strides(dq_acc, varlen), *ls,
         max_seqlen_q, max_seqlen_k, n_heads_k, n_heads // n_heads_k, qdo.layout.rows_b, qdo.layout.rows_h,
         *common, BLOCK_M=c.block_m, BLOCK_N=c.block_n, **flags, **masks, ATOMIC_DQ=atomic, USE_TMA=qdo.use,
-        IS_GQA=n_heads != n_heads_k, TMA_HEAD_MAJOR=qdo.head_major, 
+        IS_GQA=n_heads != n_heads_k, TMA_HEAD_MAJOR=qdo.head_major,
         **c.launch_options(),
     )
     if atomic:
