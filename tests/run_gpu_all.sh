@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The whole GPU suite in one device call: every test folder, as parallel pytest processes on one GPU, so that
 # Triton's compiles (the bulk of a cold run) overlap across CPU cores. The slow singletons get their own
-# process: the 2**31-offset case (L = 32k) and the chip tests (which cross-compile in worker processes).
+# process: the 2**31-offset case (L = 32k) and the rest of tests/ops (the chip tests cross-compile in worker
+# processes).
 #
 #   bash tests/run_gpu_all.sh            # logs in $OUT/gpu_all (or /tmp/gpu_all), a summary at the end
 #   LIMIT=500 bash tests/run_gpu_all.sh  # per-process time limit in seconds (default 540)
-#   ONLY=ops,chips bash tests/run_gpu_all.sh   # only the processes whose names start with these
+#   ONLY=ops-other,integrations bash tests/run_gpu_all.sh   # only these processes (ops: the six kernel-grid shards and ops_long)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 log_dir=${LOG_DIR:-${OUT:-/tmp}/gpu_all}
@@ -32,7 +33,8 @@ for i in 0 1 2 3 4 5; do
     launch "ops_$i" "$i/6" tests/ops/test_flash_attn.py tests/ops/test_flash_attn_gpu.py -k "$ops_rest"
 done
 launch ops_long "" tests/ops/test_flash_attn_gpu.py -k offsets_past_2_31
-launch chips "" tests/ops/test_chips.py
+# every other file of tests/ops (the chip tables, TMA, loop spills), so that a new test file is not left out
+launch ops-other "" tests/ops --ignore=tests/ops/test_flash_attn.py --ignore=tests/ops/test_flash_attn_gpu.py
 launch integrations_0 0/3 tests/integrations
 launch integrations_1 1/3 tests/integrations
 launch integrations_2 2/3 tests/integrations
