@@ -27,10 +27,7 @@ def read_path(t) -> str:
     """How the kernels read ``t`` on this GPU: a TMA layout, or pointer loads."""
     if not common.tma_device_ok(t):
         return "pointers (no TMA on this GPU)"
-    layout = getattr(common, "tma_layout", None)
-    if layout is None:  # a checkout without head-major descriptors
-        return "TMA" if common.tma_layout_ok(t, False) else "pointers"
-    found = layout(t, False)
+    found = common.tma_layout(t, False)
     if found is None:
         return "pointers"
     return "TMA, head-major rows" if found.head_major else "TMA, heads side by side"

@@ -367,8 +367,7 @@ def flash_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max
         *_strides(dk, varlen), *_strides(dv, varlen), *_strides(dq_acc, varlen), *ls,
         max_seqlen_q, max_seqlen_k, n_heads_k, n_heads // n_heads_k, qdo.layout.rows_b, qdo.layout.rows_h,
         *common, BLOCK_M=c.block_m, BLOCK_N=c.block_n, **flags, **masks, ATOMIC_DQ=atomic, USE_TMA=qdo.use,
-        IS_GQA=n_heads != n_heads_k, TMA_HEAD_MAJOR=qdo.head_major,
-        **c.launch_options(),
+        IS_GQA=n_heads != n_heads_k, TMA_HEAD_MAJOR=qdo.head_major, **c.launch_options(),
     )
     if atomic:
         dq.copy_(dq_acc)
@@ -381,5 +380,5 @@ def flash_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max
         *_strides(dq, varlen), *ls,
         max_seqlen_q, max_seqlen_k, n_heads, n_heads // n_heads_k, kv.layout.rows_b, kv.layout.rows_h, *common,
         BLOCK_M=c.block_m, BLOCK_N=c.block_n, **flags, **masks, USE_TMA=kv.use, TMA_HEAD_MAJOR=kv.head_major,
-        num_warps=c.num_warps, num_stages=c.num_stages,
+        **c.launch_options(),
     )

@@ -210,14 +210,11 @@ def strides_blh(t, varlen: bool):
     return (0, *t.stride()[:2]) if varlen else tuple(t.stride()[:3])
 
 
-def tma_descriptor(t, varlen: bool, block_rows: int, use_tma: bool, layout: "TmaLayout | None" = None):
+def tma_descriptor(t, varlen: bool, block_rows: int, layout: "TmaLayout | None" = None):
     """A tensor descriptor over ``t`` (``[B, L, H, D]``, or varlen ``[total, H, D]``) for tiles of
-    ``[block_rows, D]``, or ``t`` itself when ``use_tma`` is off (the kernel then reads through pointers).
-    Heads side by side (the default ``layout``): the 2D ``[rows, H * D]`` matrix whose row ``r`` is token
-    ``r`` of the flattened batch. Head-major: the storage as rows of ``D`` elements, each (batch, head)
-    sequence on its own rows (:class:`TmaLayout`). Callers check :func:`tma_layout` first."""
-    if not use_tma:
-        return t
+    ``[block_rows, D]``. Heads side by side (the default ``layout``): the 2D ``[rows, H * D]`` matrix whose
+    row ``r`` is token ``r`` of the flattened batch. Head-major: the storage as rows of ``D`` elements, each
+    (batch, head) sequence on its own rows (:class:`TmaLayout`). Callers check :func:`tma_layout` first."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     head_dim = t.shape[-1]
@@ -261,11 +258,6 @@ def tma_layout_ok(t, varlen: bool) -> bool:
     if not varlen and t.shape[0] > 1 and t.stride(0) != t.shape[1] * row_stride:
         return False
     return t.data_ptr() % 16 == 0 and (row_stride * t.element_size()) % 16 == 0
-
-
-def tma_usable(*tensors, varlen: bool) -> bool:
-    """Whether the streamed tiles of ``tensors`` can come through TMA descriptors on their device."""
-    return tma_device_ok(tensors[0]) and all(tma_layout_ok(t, varlen) for t in tensors)
 
 
 @dataclass(frozen=True)
@@ -315,5 +307,5 @@ def tma_pair(a, b, varlen: bool, block_rows: int, enabled: bool) -> TmaPair:
     layout = tma_layout(a, varlen) if enabled and tma_device_ok(a) else None
     if layout is None or tma_layout(b, varlen) != layout:
         return TmaPair(a, b, False, TmaLayout())
-    return TmaPair(tma_descriptor(a, varlen, block_rows, True, layout),
-                   tma_descriptor(b, varlen, block_rows, True, layout), True, layout)
+    return TmaPair(tma_descriptor(a, varlen, block_rows, layout), tma_descriptor(b, varlen, block_rows, layout),
+                   True, layout)

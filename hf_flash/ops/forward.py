@@ -202,6 +202,6 @@ def flash_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=config.block_d,
         IS_VARLEN=varlen, MASK_LEFT=window[0] >= 0, MASK_RIGHT=window[1] >= 0,
         HAS_SOFTCAP=softcap > 0, HAS_DROPOUT=dropout_p > 0, USE_TMA=kv.use, TMA_HEAD_MAJOR=kv.head_major,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        **config.launch_options(),
     )
 
