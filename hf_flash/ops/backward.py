@@ -17,6 +17,12 @@ Three launches:
 Splitting dQ from dK/dV costs one extra recompute of ``Q K^T`` and ``dO V^T`` but needs no atomic
 additions, so the gradients are bitwise reproducible run to run (``deterministic=True`` for free).
 
+Causal over dense, equal, block-aligned lengths (``_diag_in_loop``): the blocks that cross the diagonal
+are not a loop of their own but the first (dK/dV) or last (dQ) steps of the main loop, which applies the
+causal compare on those steps only. A separate masked loop is two or three steps long, too short for the
+software pipeline to fill, and cost ~3x an unmasked step (H200: D128 causal L=1k backward 213 -> 260
+TFLOP/s, 4k 330 -> 360; ``benchmarks/NOTES.md``). Ragged, varlen and windowed calls keep the three loops.
+
 Dropout: the keep-mask is regenerated from (seed, row, column) exactly as in the forward; ``dV`` uses the
 dropped and rescaled P, ``dS`` the dropped and rescaled dP (``delta`` already includes the dropout).
 Softcap ``s = c * tanh(x / c)`` multiplies dS by its derivative ``1 - tanh^2``.
@@ -85,12 +91,15 @@ def _bwd_dkdv_inner(
     stride_qb, stride_qm, stride_qh, stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh,
     stride_lh, seed_b, desc_rows_h,
     offs_n, offs_d, start, end, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p,
+    diag_end,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr, MASK_LEFT: tl.constexpr,
     MASK_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-    USE_TMA: tl.constexpr, IS_GQA: tl.constexpr, TMA_HEAD_MAJOR: tl.constexpr,
+    USE_TMA: tl.constexpr, IS_GQA: tl.constexpr, TMA_HEAD_MAJOR: tl.constexpr, DIAG: tl.constexpr,
 ):
     """Add the contribution of query blocks ``[start, end)`` of every query head of the GQA group to dk, dv
     ``[BLOCK_N, BLOCK_D]`` (fp32), and with ``ATOMIC_DQ`` add ``dS K`` into the fp32 dQ accumulator.
+    ``MASK``: row checks and the full visibility mask on every block; ``DIAG`` (rows and keys known to be in
+    range): only the causal compare, on the blocks that start before ``diag_end``.
     With ``IS_GQA`` (``n_groups > 1``) the heads and their blocks are one loop (head-major), so the software
     pipeline fills once per segment instead of once per head; without, the head is fixed and no per-block
     head arithmetic is paid. Tiles are kept transposed (keys x queries) so the products land in dK/dV's
@@ -131,6 +140,9 @@ def _bwd_dkdv_inner(
             ok = tl.trans(visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right,
                                   MASK_LEFT, MASK_RIGHT))
             pT = tl.where(ok, pT, 0.0)
+        elif DIAG:
+            if start_m < diag_end:  # a block that crosses the diagonal: rows and keys are all in range
+                pT = tl.where(offs_n[:, None] <= offs_m[None, :] + (seqlen_k - seqlen_q), pT, 0.0)
         # -- dV += P_dropped^T dO ;  dP^T = V dO^T
         dpT = tl.dot(v, tl.trans(do))  # [BN, BM]
         if HAS_DROPOUT:
@@ -168,11 +180,12 @@ def _bwd_dkdv(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_VARLEN: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr, USE_TMA: tl.constexpr,
-    IS_GQA: tl.constexpr, TMA_HEAD_MAJOR: tl.constexpr,
+    IS_GQA: tl.constexpr, TMA_HEAD_MAJOR: tl.constexpr, DIAG_IN_LOOP: tl.constexpr,
 ):
     """Grid ``(cdiv(max_seqlen_k, BLOCK_N), B * Hk)``. dK/dV like K/V; Lse/Delta as in the forward;
     DQacc fp32 like Q, zeroed, only with ``ATOMIC_DQ``. Q_desc/dO_desc: tensor descriptors of Q/dO with
-    ``USE_TMA``, else unused; their layout as the forward's K/V descriptors."""
+    ``USE_TMA``, else unused; their layout as the forward's K/V descriptors. ``DIAG_IN_LOOP``: one loop with
+    the diagonal inside (``_diag_in_loop``), else masked head, unmasked middle, masked tail."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = pid_bh // n_heads_k
@@ -202,30 +215,40 @@ def _bwd_dkdv(
     # every query head of the GQA group adds into the same dK/dV registers (the heads are inside each loop)
     lse_off0 = off_b64 * stride_lb + q_start
     seed_b = seed + off_b * (n_heads_k * n_groups)  # plus the head: the forward's per-(batch, head) seed
-    dk, dv = _bwd_dkdv_inner(
-        dk, dv, k, v, Q, dO, Q_desc, dO_desc, q_row0, Lse, Delta, DQacc, lse_off0, off_b64, q_start, off_hk, n_groups,
-        stride_qb, stride_qm, stride_qh, stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh,
-        stride_lh, seed_b, desc_rows_h, offs_n, offs_d, lo, mid_lo,
-        seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p,
-        HEAD_DIM, BLOCK_M, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, ATOMIC_DQ, USE_TMA, IS_GQA,
-        TMA_HEAD_MAJOR,
-    )
-    dk, dv = _bwd_dkdv_inner(
-        dk, dv, k, v, Q, dO, Q_desc, dO_desc, q_row0, Lse, Delta, DQacc, lse_off0, off_b64, q_start, off_hk, n_groups,
-        stride_qb, stride_qm, stride_qh, stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh,
-        stride_lh, seed_b, desc_rows_h, offs_n, offs_d, mid_lo, mid_hi,
-        seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p,
-        HEAD_DIM, BLOCK_M, False, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, ATOMIC_DQ, USE_TMA, IS_GQA,
-        TMA_HEAD_MAJOR,
-    )
-    dk, dv = _bwd_dkdv_inner(
-        dk, dv, k, v, Q, dO, Q_desc, dO_desc, q_row0, Lse, Delta, DQacc, lse_off0, off_b64, q_start, off_hk, n_groups,
-        stride_qb, stride_qm, stride_qh, stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh,
-        stride_lh, seed_b, desc_rows_h, offs_n, offs_d, mid_hi, hi,
-        seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p,
-        HEAD_DIM, BLOCK_M, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, ATOMIC_DQ, USE_TMA, IS_GQA,
-        TMA_HEAD_MAJOR,
-    )
+    if DIAG_IN_LOOP:
+        dk, dv = _bwd_dkdv_inner(
+            dk, dv, k, v, Q, dO, Q_desc, dO_desc, q_row0, Lse, Delta, DQacc, lse_off0, off_b64, q_start, off_hk,
+            n_groups, stride_qb, stride_qm, stride_qh, stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm,
+            stride_dqh, stride_lh, seed_b, desc_rows_h, offs_n, offs_d, lo, hi,
+            seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p, mid_lo,
+            HEAD_DIM, BLOCK_M, False, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, ATOMIC_DQ, USE_TMA, IS_GQA,
+            TMA_HEAD_MAJOR, True,
+        )
+    else:
+        dk, dv = _bwd_dkdv_inner(
+            dk, dv, k, v, Q, dO, Q_desc, dO_desc, q_row0, Lse, Delta, DQacc, lse_off0, off_b64, q_start, off_hk,
+            n_groups, stride_qb, stride_qm, stride_qh, stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm,
+            stride_dqh, stride_lh, seed_b, desc_rows_h, offs_n, offs_d, lo, mid_lo,
+            seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p, mid_lo,
+            HEAD_DIM, BLOCK_M, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, ATOMIC_DQ, USE_TMA, IS_GQA,
+            TMA_HEAD_MAJOR, False,
+        )
+        dk, dv = _bwd_dkdv_inner(
+            dk, dv, k, v, Q, dO, Q_desc, dO_desc, q_row0, Lse, Delta, DQacc, lse_off0, off_b64, q_start, off_hk,
+            n_groups, stride_qb, stride_qm, stride_qh, stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm,
+            stride_dqh, stride_lh, seed_b, desc_rows_h, offs_n, offs_d, mid_lo, mid_hi,
+            seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p, mid_lo,
+            HEAD_DIM, BLOCK_M, False, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, ATOMIC_DQ, USE_TMA, IS_GQA,
+            TMA_HEAD_MAJOR, False,
+        )
+        dk, dv = _bwd_dkdv_inner(
+            dk, dv, k, v, Q, dO, Q_desc, dO_desc, q_row0, Lse, Delta, DQacc, lse_off0, off_b64, q_start, off_hk,
+            n_groups, stride_qb, stride_qm, stride_qh, stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm,
+            stride_dqh, stride_lh, seed_b, desc_rows_h, offs_n, offs_d, mid_hi, hi,
+            seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p, mid_lo,
+            HEAD_DIM, BLOCK_M, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, ATOMIC_DQ, USE_TMA, IS_GQA,
+            TMA_HEAD_MAJOR, False,
+        )
     dk = dk * sm_scale
     dk_head = head_ptr(dK, off_b64, stride_dkb, off_hk, stride_dkh, k_start, stride_dkn)
     dv_head = head_ptr(dV, off_b64, stride_dvb, off_hk, stride_dvh, k_start, stride_dvn)
@@ -237,11 +260,13 @@ def _bwd_dkdv(
 def _bwd_dq_inner(
     dq, q, do, lse2, delta, k_head, v_head, k_desc, v_desc, kv_row0, kv_col, stride_kn, stride_vn,
     offs_m, offs_d, start, end, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right,
-    dropout_p, seed,
+    dropout_p, seed, diag_start,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, MASK_LEFT: tl.constexpr,
     MASK_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
+    DIAG: tl.constexpr,
 ):
-    """Add the contribution of key blocks ``[start, end)`` to dq ``[BLOCK_M, BLOCK_D]`` (fp32)."""
+    """Add the contribution of key blocks ``[start, end)`` to dq ``[BLOCK_M, BLOCK_D]`` (fp32). ``MASK`` and
+    ``DIAG`` as in the dK/dV loop; ``DIAG`` compares on the blocks from ``diag_start`` on."""
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = load_rows(k_head, k_desc, kv_row0 + start_n, kv_col, offs_n, stride_kn, offs_d, seqlen_k,
@@ -253,6 +278,9 @@ def _bwd_dq_inner(
         if MASK:
             ok = visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right, MASK_LEFT, MASK_RIGHT)
             p = tl.where(ok, p, 0.0)
+        elif DIAG:
+            if start_n >= diag_start:  # as in the dK/dV kernel
+                p = tl.where(offs_n[None, :] <= offs_m[:, None] + (seqlen_k - seqlen_q), p, 0.0)
         dp = tl.dot(do, tl.trans(v))  # [BM, BN]
         if HAS_DROPOUT:
             keep = dropout_keep(seed, offs_m, offs_n, seqlen_k, dropout_p)
@@ -273,8 +301,10 @@ def _bwd_dq(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_VARLEN: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr, TMA_HEAD_MAJOR: tl.constexpr,
+    DIAG_IN_LOOP: tl.constexpr,
 ):
-    """Grid ``(cdiv(max_seqlen_q, BLOCK_M), B * H)``. dQ like Q; K_desc/V_desc as in the forward."""
+    """Grid ``(cdiv(max_seqlen_q, BLOCK_M), B * H)``. dQ like Q; K_desc/V_desc as in the forward;
+    ``DIAG_IN_LOOP`` as in the dK/dV kernel."""
     pid_m = tl.program_id(0)
     if MASK_RIGHT:
         pid_m = tl.num_programs(0) - 1 - pid_m  # longest programs first, as in the forward
@@ -311,24 +341,41 @@ def _bwd_dq(
     lo, mid_lo, mid_hi, hi = kv_segments(
         m0, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N, MASK_LEFT, MASK_RIGHT
     )
-    dq = _bwd_dq_inner(
-        dq, q, do, lse2, delta, k_head, v_head, K_desc, V_desc, kv_row0, kv_col, stride_kn, stride_vn, offs_m, offs_d,
-        lo, mid_lo, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p, seed,
-        HEAD_DIM, BLOCK_N, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, USE_TMA,
-    )
-    dq = _bwd_dq_inner(
-        dq, q, do, lse2, delta, k_head, v_head, K_desc, V_desc, kv_row0, kv_col, stride_kn, stride_vn, offs_m, offs_d,
-        mid_lo, mid_hi, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p, seed,
-        HEAD_DIM, BLOCK_N, False, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, USE_TMA,
-    )
-    dq = _bwd_dq_inner(
-        dq, q, do, lse2, delta, k_head, v_head, K_desc, V_desc, kv_row0, kv_col, stride_kn, stride_vn, offs_m, offs_d,
-        mid_hi, hi, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p, seed,
-        HEAD_DIM, BLOCK_N, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, USE_TMA,
-    )
+    if DIAG_IN_LOOP:
+        dq = _bwd_dq_inner(
+            dq, q, do, lse2, delta, k_head, v_head, K_desc, V_desc, kv_row0, kv_col, stride_kn, stride_vn, offs_m,
+            offs_d, lo, hi, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p, seed, mid_hi,
+            HEAD_DIM, BLOCK_N, False, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, USE_TMA, True,
+        )
+    else:
+        dq = _bwd_dq_inner(
+            dq, q, do, lse2, delta, k_head, v_head, K_desc, V_desc, kv_row0, kv_col, stride_kn, stride_vn, offs_m,
+            offs_d, lo, mid_lo, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p, seed,
+            mid_hi,
+            HEAD_DIM, BLOCK_N, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, USE_TMA, False,
+        )
+        dq = _bwd_dq_inner(
+            dq, q, do, lse2, delta, k_head, v_head, K_desc, V_desc, kv_row0, kv_col, stride_kn, stride_vn, offs_m,
+            offs_d, mid_lo, mid_hi, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p, seed,
+            mid_hi,
+            HEAD_DIM, BLOCK_N, False, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, USE_TMA, False,
+        )
+        dq = _bwd_dq_inner(
+            dq, q, do, lse2, delta, k_head, v_head, K_desc, V_desc, kv_row0, kv_col, stride_kn, stride_vn, offs_m,
+            offs_d, mid_hi, hi, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p, seed,
+            mid_hi,
+            HEAD_DIM, BLOCK_N, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, USE_TMA, False,
+        )
     dq = dq * sm_scale
     dq_head = head_ptr(dQ, off_b64, stride_dqb, off_h, stride_dqh, q_start, stride_dqm)
     tl.store(dq_head + rows * stride_dqm + offs_d[None, :], dq.to(dQ.dtype.element_ty), mask=q_ok)
+
+
+def _diag_in_loop(varlen, window, seqlen_q, seqlen_k, config):
+    """Whether the diagonal blocks can join the main loop: pure causal (no window) over a dense batch whose
+    lengths are equal and multiples of both blocks, so that no block needs a row or sequence-end check."""
+    return (not varlen and window[0] < 0 and window[1] == 0 and seqlen_q == seqlen_k
+            and seqlen_q % config.block_m == 0 and seqlen_q % config.block_n == 0)
 
 
 def flash_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -367,7 +414,9 @@ def flash_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max
         *_strides(dk, varlen), *_strides(dv, varlen), *_strides(dq_acc, varlen), *ls,
         max_seqlen_q, max_seqlen_k, n_heads_k, n_heads // n_heads_k, qdo.layout.rows_b, qdo.layout.rows_h,
         *common, BLOCK_M=c.block_m, BLOCK_N=c.block_n, **flags, **masks, ATOMIC_DQ=atomic, USE_TMA=qdo.use,
-        IS_GQA=n_heads != n_heads_k, TMA_HEAD_MAJOR=qdo.head_major, **c.launch_options(),
+        IS_GQA=n_heads != n_heads_k, TMA_HEAD_MAJOR=qdo.head_major,
+        DIAG_IN_LOOP=_diag_in_loop(varlen, window, max_seqlen_q, max_seqlen_k, c),
+        **c.launch_options(),
     )
     if atomic:
         dq.copy_(dq_acc)
@@ -380,5 +429,6 @@ def flash_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max
         *_strides(dq, varlen), *ls,
         max_seqlen_q, max_seqlen_k, n_heads, n_heads // n_heads_k, kv.layout.rows_b, kv.layout.rows_h, *common,
         BLOCK_M=c.block_m, BLOCK_N=c.block_n, **flags, **masks, USE_TMA=kv.use, TMA_HEAD_MAJOR=kv.head_major,
+        DIAG_IN_LOOP=_diag_in_loop(varlen, window, max_seqlen_q, max_seqlen_k, c),
         **c.launch_options(),
     )

@@ -52,6 +52,7 @@ DENSE_CASES = [
     Case(1, 33, 17, 4, 2, 59, causal=True),  # Lq > Lk causal, GQA, odd head dim
     Case(1, 64, 64, 2, 2, 64),  # exact block multiples
     Case(1, 63, 65, 2, 2, 64, causal=True),  # one past / one short of a block
+    Case(2, 64, 64, 4, 2, 32, causal=True),  # block-aligned causal: the backward masks the diagonal in its main loop
     Case(2, 31, 31, 2, 2, 80),  # head dim that is not a power of two, padded inside the kernel
     Case(1, 45, 45, 1, 1, 111, causal=True),
     Case(1, 9, 13, 1, 1, 1),  # head dim 1
@@ -279,7 +280,11 @@ def test_deterministic_varlen_bitwise(device):
 # ---- dropout: reproducible from the torch RNG state; the mask is read back through the kernel itself ----
 
 
-DROPOUT_CASES = [Case(1, 33, 45, 4, 2, 32, causal=True, dropout_p=0.17), Case(2, 24, 24, 2, 1, 64, dropout_p=0.5)]
+DROPOUT_CASES = [
+    Case(1, 33, 45, 4, 2, 32, causal=True, dropout_p=0.17),
+    Case(2, 24, 24, 2, 1, 64, dropout_p=0.5),
+    Case(1, 48, 48, 2, 1, 32, causal=True, dropout_p=0.2),  # block-aligned causal (diagonal in the main loop)
+]
 
 
 @pytest.mark.parametrize("case", DROPOUT_CASES, ids=lambda c: c.id)
