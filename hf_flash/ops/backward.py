@@ -46,6 +46,7 @@ from hf_flash.ops.common import (
     tma_pair,
     visible,
 )
+from hf_flash.ops.config import SHORT_SEQLEN
 
 
 @triton.jit
@@ -372,10 +373,13 @@ def _bwd_dq(
 
 
 def _diag_in_loop(varlen, window, seqlen_q, seqlen_k, config):
-    """Whether the diagonal blocks can join the main loop: pure causal (no window) over a dense batch whose
-    lengths are equal and multiples of both blocks, so that no block needs a row or sequence-end check."""
+    """Whether the diagonal blocks join the main loop: pure causal (no window) over a dense batch whose
+    lengths are equal and multiples of both blocks, so that no block needs a row or sequence-end check.
+    Head dims up to 64 keep the separate loops past ``SHORT_SEQLEN``: there the diagonal is a small share
+    and the merged loop measured 2-4% slower (H200, D64 causal 4k and 16k), while D128 gains everywhere."""
     return (not varlen and window[0] < 0 and window[1] == 0 and seqlen_q == seqlen_k
-            and seqlen_q % config.block_m == 0 and seqlen_q % config.block_n == 0)
+            and seqlen_q % config.block_m == 0 and seqlen_q % config.block_n == 0
+            and (config.block_d >= 128 or seqlen_q <= SHORT_SEQLEN))
 
 
 def flash_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
