@@ -8,6 +8,12 @@ For each way of calling the forward (the launcher alone with and without TMA des
 events over back-to-back calls, ``triton.testing.do_bench``) and the host time per call (enqueueing 50
 calls without waiting for the GPU). When the host time is the larger, the GPU idles between kernels and
 TFLOP/s measured at that size are a measure of Python, not of the kernel.
+
+    python benchmarks/launch_overhead.py --sync-debug    # also: which way waits for the GPU, and where
+
+A host time close to the GPU time can also mean a hidden device sync (the host waits for the queue to
+drain): ``--sync-debug`` runs every way once under ``torch.cuda.set_sync_debug_mode("warn")``, which
+prints each synchronizing call with its stack.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ def main():
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--no-causal", action="store_true")
+    parser.add_argument("--sync-debug", action="store_true", help="report device syncs inside each way")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="also print the N host functions with the most own time (cProfile) of each way")
     a = parser.parse_args()
@@ -81,6 +88,21 @@ def main():
     for name, fn in ways.items():
         gpu = triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median") * 1e3
         print(f"{name:60s} GPU {gpu:8.1f} us/call   host {host_us(fn):8.1f} us/call")
+    if a.sync_debug:
+        import warnings
+
+        for name, fn in ways.items():
+            torch.cuda.synchronize()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    fn()
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            print(f"\n== {name}: {len(caught)} synchronizing call(s)")
+            for w in caught:
+                print(f"  {w.filename}:{w.lineno}: {w.message}")
     if a.profile:
         for name, fn in ways.items():
             print(f"\n== {name}: top {a.profile} by own host time over 50 calls")

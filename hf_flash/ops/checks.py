@@ -3,6 +3,8 @@ so bad input never reaches Triton (where it would be a compile error or a silent
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from hf_flash.ops.config import MAX_HEAD_DIM, SUPPORTED_DTYPES, kernels_unavailable_reason
@@ -73,8 +75,18 @@ def check_options(dropout_p, softmax_scale, window_size, softcap, alibi_slopes) 
     return left, right
 
 
+# Reading cu_seqlens is a device sync. Every layer of a model gets the same cu_seqlens tensors, so a
+# tensor that passed is not read again while it is alive and unmodified: entries hold a weak reference
+# (a freed tensor never matches, whatever reuses its memory) and the tensor's version counter, which
+# every in-place write bumps. Q and K usually share one tensor; a few entries cover models that
+# alternate layouts.
+_CU_SEQLENS_CHECKED: list = []
+_CU_SEQLENS_CHECKED_SIZE = 8
+
+
 def check_cu_seqlens(name: str, cu_seqlens, total: int, max_seqlen, max_name: str, device) -> None:
-    """cu_seqlens: int32 ``[B + 1]``, starting at 0, non-decreasing, ending at the packed length."""
+    """cu_seqlens: int32 ``[B + 1]``, starting at 0, non-decreasing, ending at the packed length, with no
+    sequence longer than ``max_seqlen``. The values are read once per tensor (see above)."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of dtype int32, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype != torch.int32:
@@ -87,6 +99,9 @@ def check_cu_seqlens(name: str, cu_seqlens, total: int, max_seqlen, max_name: st
         raise TypeError(f"{max_name} must be a non-negative Python int, got {max_seqlen!r}")
     if is_compiling():
         return  # reading the values would sync and break the graph; checked in eager runs
+    key = (cu_seqlens._version, total, max_seqlen)
+    if any(ref() is cu_seqlens and seen == key for ref, seen in _CU_SEQLENS_CHECKED):
+        return
     values = cu_seqlens.tolist()
     lengths = [b - a for a, b in zip(values, values[1:])]
     if values[0] != 0 or min(lengths) < 0:
@@ -95,3 +110,5 @@ def check_cu_seqlens(name: str, cu_seqlens, total: int, max_seqlen, max_name: st
         raise ValueError(f"{name} must end at the number of packed tokens ({total}), got {values[-1]}")
     if max(lengths) > max_seqlen:
         raise ValueError(f"{max_name}={max_seqlen} is smaller than the longest sequence in {name} ({max(lengths)})")
+    _CU_SEQLENS_CHECKED.insert(0, (weakref.ref(cu_seqlens), key))
+    del _CU_SEQLENS_CHECKED[_CU_SEQLENS_CHECKED_SIZE:]

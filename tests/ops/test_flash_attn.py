@@ -547,3 +547,24 @@ def test_cpu_tensors_without_interpreter():
     reason_line = next(line for line in result.stdout.splitlines() if line.startswith("REASON"))
     assert reason_line != "REASON None", "CPU without interpreter must report a reason"
     assert "ERROR ValueError" in result.stdout or "ERROR TypeError" in result.stdout, result.stdout
+
+
+def test_cu_seqlens_read_once_per_tensor(device, monkeypatch):
+    """Reading cu_seqlens syncs the device: a tensor that passed is not read again by later calls (every
+    layer of a model gets the same one), but an in-place change is, and bad values still raise."""
+    cu, packed = cu_seqlens([3, 5], device), torch.randn(8, 2, 32, device=device).half()
+    reads = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(self is cu) or tolist(self))
+
+    def call(c):
+        return flash_attn_varlen_func(packed, packed, packed, c, c, 5, 5)
+
+    first = call(cu)
+    assert sum(reads) == 1, "cu_seqlens_q and cu_seqlens_k are one tensor: one read"
+    torch.testing.assert_close(call(cu), first)
+    assert sum(reads) == 1, "the same unmodified tensor was read again"
+    cu[1] = 7  # in place: lengths 7 and 1, longer than max_seqlen = 5
+    with pytest.raises(ValueError, match="max_seqlen_q"):
+        call(cu)
+    assert sum(reads) == 2
