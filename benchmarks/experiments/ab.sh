@@ -31,9 +31,8 @@ VARIANTS=(
   # the forward's causal diagonal inside its main loop, as the backward's since 5163fc7 (common.diag_in_loop;
   # CPU-tested, not timed yet)
   "fwd-diag-merge|fwd-diag-merge.patch|"
-  # the three segment calls of each kernel as one static_range loop (removes the copies that `duplicates`
-  # lists; same spill counts offline, SASS not byte-identical; within noise on the H200): does not apply
-  # since 5163fc7 (the DIAG_IN_LOOP branches), rebase it first
+  # the three segment calls of each kernel as one static_range loop, one with DIAG_IN_LOOP (removes the
+  # copies that `duplicates` lists; within noise on the H200 before 5163fc7; rebased onto f269af9, CPU-tested)
   "segment-loop|segment-loop.patch|"
   # hangs on Triton 3.6 (two consumer warp groups deadlock on sm90; NOTES, 2026-11-29 third session):
   # for a newer Triton, first `python benchmarks/experiments/ws_gemm_probe.py 128 128 64 3 ws`
