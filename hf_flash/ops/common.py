@@ -246,6 +246,12 @@ def _tma_on_gpu(index: int) -> bool:
     return True
 
 
+def _one_head_tile(head_dim: int) -> bool:
+    # a descriptor tile is exactly one head wide: a power of two of at least 16 elements (a wider,
+    # padded tile would read the next head's columns or rows)
+    return head_dim >= 16 and not head_dim & (head_dim - 1)
+
+
 def tma_layout_ok(t, varlen: bool) -> bool:
     """Whether ``t`` (``[B, L, H, D]`` or varlen ``[total, H, D]``) can be read as the 2D view of
     :func:`tma_descriptor`: a power-of-two head dim (the tile is exactly one head wide; a wider one would
@@ -253,7 +259,7 @@ def tma_layout_ok(t, varlen: bool) -> bool:
     TMA needs for the base address and the row stride."""
     head_dim = t.shape[-1]
     row_stride = t.stride(0) if varlen else t.stride(1)
-    if head_dim < 16 or head_dim & (head_dim - 1) or t.stride(-2) != head_dim or t.stride(-1) != 1:
+    if not _one_head_tile(head_dim) or t.stride(-2) != head_dim or t.stride(-1) != 1:
         return False
     if not varlen and t.shape[0] > 1 and t.stride(0) != t.shape[1] * row_stride:
         return False
@@ -278,7 +284,7 @@ def tma_layout(t, varlen: bool) -> TmaLayout | None:
     if tma_layout_ok(t, varlen):
         return TmaLayout()
     head_dim = t.shape[-1]
-    if varlen or head_dim < 16 or head_dim & (head_dim - 1) or t.stride(-1) != 1 or t.stride(1) != head_dim:
+    if varlen or not _one_head_tile(head_dim) or t.stride(-1) != 1 or t.stride(1) != head_dim:
         return None
     stride_b, stride_h = t.stride(0), t.stride(2)
     if stride_b % head_dim or stride_h % head_dim or stride_b < 0 or stride_h < 0 or t.data_ptr() % 16:
