@@ -14,6 +14,12 @@ TFLOP/s measured at that size are a measure of Python, not of the kernel.
 A host time close to the GPU time can also mean a hidden device sync (the host waits for the queue to
 drain): ``--sync-debug`` runs every way once under ``torch.cuda.set_sync_debug_mode("warn")``, which
 prints each synchronizing call with its stack.
+
+    python benchmarks/launch_overhead.py --trace         # where the GPU idles inside a timed call
+
+``--trace`` replays ``do_bench``'s loop (L2 clear, start event, call, end event) under ``torch.profiler``
+and splits each timed call into the kernels' own time and the GPU's idle time between them: the idle
+part is what a timed call pays for the host (or for a sync) and a kernel's own timing does not.
 """
 
 from __future__ import annotations
@@ -46,6 +52,69 @@ def host_us(fn, calls: int = 50) -> float:
     return host / calls * 1e6
 
 
+def _is_l2_clear(name: str) -> bool:
+    # do_bench clears L2 by zeroing an int8 buffer of ~256 MB: the one int8 fill in these calls
+    return "Fill" in name and ("signed char" in name or "int8" in name)
+
+
+def trace_gaps(fn, grad_to_none=(), iters: int = 20) -> str:
+    """Median over ``iters`` do_bench-style timed calls of ``fn``: the span from the end of the L2 clear to
+    the end of the call's last kernel, the kernels' own time inside it and the idle time, then each kernel
+    with the idle time before it. ``grad_to_none``: leaves whose ``.grad`` is cleared before each call, as
+    do_bench does. The profiler adds some host time of its own, so the idle time is an upper bound.
+    Returns the lines to print."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cache = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            for leaf in grad_to_none:
+                leaf.grad = None
+            cache.zero_()
+            fn()
+        torch.cuda.synchronize()
+    return gap_lines(sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                            if e.device_type == torch.autograd.DeviceType.CUDA))
+
+
+def gap_lines(kernels) -> str:
+    """:func:`trace_gaps`' report from the trace's kernels, ``(start us, end us, name)`` in start order."""
+    calls, current = [], None
+    for start, end, name in kernels:
+        if _is_l2_clear(name):
+            current = {"t": end, "kernels": []}
+            calls.append(current)
+        elif current is not None:
+            current["kernels"].append((start, end, name))
+    calls = [c for c in calls if c["kernels"]]
+    if not calls:
+        return "  (no L2-clear kernel found in the trace: cannot split it into calls)"
+
+    def median(values):
+        return sorted(values)[len(values) // 2]
+
+    rows, spans, busy = [], [], []
+    for call in calls:
+        t, own, gaps = call["t"], 0.0, []
+        for start, end, name in call["kernels"]:
+            gaps.append((max(0.0, start - t), end - start, name))
+            own += end - start
+            t = max(t, end)
+        spans.append(t - call["t"])
+        busy.append(own)
+        rows.append(gaps)
+    lines = [f"  timed span {median(spans):8.1f} us = kernels {median(busy):8.1f} us + idle "
+             f"{median(spans) - median(busy):8.1f} us   (median of {len(calls)} calls)"]
+    if all(len(r) == len(rows[0]) for r in rows):
+        for i, (_, _, name) in enumerate(rows[0]):
+            lines.append(f"    idle before {median([r[i][0] for r in rows]):7.1f} us, kernel "
+                         f"{median([r[i][1] for r in rows]):7.1f} us  {name[:70]}")
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=16)
@@ -54,6 +123,8 @@ def main():
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--no-causal", action="store_true")
     parser.add_argument("--sync-debug", action="store_true", help="report device syncs inside each way")
+    parser.add_argument("--trace", action="store_true",
+                        help="split each way's timed call into kernel time and GPU idle time (torch.profiler)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="also print the N host functions with the most own time (cProfile) of each way")
     a = parser.parse_args()
@@ -74,6 +145,8 @@ def main():
     bwd_args = (dout, q, k, v, saved[0], saved[1], None, None, a.seqlen, a.seqlen, 1 / math.sqrt(a.head_dim),
                 -1, 0 if causal else -1, 0.0, 0.0, torch.zeros(1, dtype=torch.int64), True)
 
+    graph_out = flash_attn_func(*leaves, causal=causal)  # one saved graph, replayed as the bench times it
+
     ways = {
         f"flash_fwd, {config}": lambda: flash_fwd(q, k, v, out, lse, *args, config),
         "flash_fwd, same tiles without TMA": lambda: flash_fwd(
@@ -81,6 +154,7 @@ def main():
         "flash_attn_func (no grad)": lambda: flash_attn_func(q, k, v, causal=causal),
         "flash_attn_func (inputs require grad)": lambda: flash_attn_func(*leaves, causal=causal),
         "forward + backward": fwd_bwd,
+        "backward through autograd (the bench's bwd)": lambda: graph_out.backward(dout, retain_graph=True),
         "backward launches alone (_bwd_impl)": lambda: _bwd_impl(*bwd_args),
     }
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, "shape", shape,
@@ -88,6 +162,10 @@ def main():
     for name, fn in ways.items():
         gpu = triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median") * 1e3
         print(f"{name:60s} GPU {gpu:8.1f} us/call   host {host_us(fn):8.1f} us/call")
+    if a.trace:
+        for name, fn in ways.items():
+            print(f"\n== {name}: inside do_bench's timed call")
+            print(trace_gaps(fn, leaves))
     if a.sync_debug:
         import warnings
 

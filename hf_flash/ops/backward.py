@@ -47,7 +47,7 @@ from hf_flash.ops.common import (
     tma_pair,
     visible,
 )
-from hf_flash.ops.config import SHORT_SEQLEN
+from hf_flash.ops.config import SHORT_SEQLEN, cdiv
 
 
 @triton.jit
@@ -404,7 +404,7 @@ def flash_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max
     flags = dict(HEAD_DIM=head_dim, BLOCK_D=config_dq.block_d, IS_VARLEN=varlen)
     masks = dict(MASK_LEFT=window[0] >= 0, MASK_RIGHT=window[1] >= 0, HAS_SOFTCAP=softcap > 0,
                  HAS_DROPOUT=dropout_p > 0)
-    _bwd_delta[(triton.cdiv(max_seqlen_q, 64), batch * n_heads)](
+    _bwd_delta[(cdiv(max_seqlen_q, 64), batch * n_heads)](
         out, do, delta, cu_seqlens_q, *_strides(out, varlen), *_strides(do, varlen), *ls,
         max_seqlen_q, n_heads, BLOCK_M=64, **flags,
     )
@@ -413,7 +413,7 @@ def flash_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max
     dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if atomic else dq
     c = config_dkdv
     qdo = tma_pair(q, do, varlen, c.block_m, c.tma)
-    _bwd_dkdv[(triton.cdiv(max_seqlen_k, c.block_n), batch * n_heads_k)](
+    _bwd_dkdv[(cdiv(max_seqlen_k, c.block_n), batch * n_heads_k)](
         q, k, v, do, qdo.a, qdo.b, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_seqlens_k,
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
         *_strides(dk, varlen), *_strides(dv, varlen), *_strides(dq_acc, varlen), *ls,
@@ -428,7 +428,7 @@ def flash_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max
         return
     c = config_dq
     kv = tma_pair(k, v, varlen, c.block_n, c.tma)
-    _bwd_dq[(triton.cdiv(max_seqlen_q, c.block_m), batch * n_heads)](
+    _bwd_dq[(cdiv(max_seqlen_q, c.block_m), batch * n_heads)](
         q, k, v, do, kv.a, kv.b, lse, delta, dq, cu_seqlens_q, cu_seqlens_k,
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
         *_strides(dq, varlen), *ls,

@@ -30,7 +30,6 @@ import re
 from dataclasses import dataclass, field
 
 import torch
-import triton
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
@@ -172,9 +171,15 @@ class KernelConfig:
         return options
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for ints. Host code uses this rather than ``triton.cdiv``: from Triton 3.5 on that
+    is a constexpr function whose every call wraps and unwraps its arguments (microseconds a launch)."""
+    return -(-a // b)
+
+
 def block_d_for(head_dim: int) -> int:
     # tl.dot needs every dimension >= 16; the padding columns are masked on load and store
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, 1 << (head_dim - 1).bit_length())
 
 
 Tiles = dict  # head-dim class (padded head dim 64 / 128 / 256) -> (block_m, block_n, num_warps, num_stages)
@@ -291,7 +296,16 @@ def _pick(kernel: str, head_dim: int, device: torch.device, max_seqlen_q: int | 
     if device.type != "cuda":
         block_m, block_n, num_warps, num_stages = _INTERPRETER
         return KernelConfig(block_m, block_n, block_d_for(head_dim), num_warps, num_stages)
-    return chip_table(device).config(kernel, head_dim, max_seqlen_q)
+    capability, smem, _ = device_facts(device)
+    # only whether the queries are short changes the answer, so that is all the cache key holds of them
+    return _config_cached(kernel, head_dim, capability, smem, max_seqlen_q is not None and max_seqlen_q <= SHORT_SEQLEN)
+
+
+@functools.lru_cache(maxsize=256)
+def _config_cached(kernel: str, head_dim: int, capability: tuple[int, int], smem: int, short: bool) -> KernelConfig:
+    # asked on every launch: the table walk and the dataclass construction, microseconds each, which
+    # short sequences feel, are done once per (kernel, head dim, chip, short)
+    return table_for(capability, smem).config(kernel, head_dim, SHORT_SEQLEN if short else None)
 
 
 def forward_config(head_dim: int, device: torch.device, max_seqlen_q: int | None = None) -> KernelConfig:

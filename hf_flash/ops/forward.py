@@ -25,6 +25,7 @@ from hf_flash.ops.common import (
     tma_pair,
     visible,
 )
+from hf_flash.ops.config import cdiv
 
 
 @triton.jit
@@ -193,7 +194,7 @@ def flash_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
         cu_seqlens_q = cu_seqlens_k = q  # unused placeholders (never read when IS_VARLEN is off)
     block_m, block_n = config.block_m, config.block_n
     kv = tma_pair(k, v, varlen, block_n, config.tma)
-    grid = (triton.cdiv(max_seqlen_q, block_m), batch * n_heads)
+    grid = (cdiv(max_seqlen_q, block_m), batch * n_heads)
     _fwd_kernel[grid](
         q, k, v, kv.a, kv.b, out, lse, cu_seqlens_q, cu_seqlens_k,
         *strides_blh(q, varlen), *strides_blh(k, varlen), *strides_blh(v, varlen), *strides_blh(out, varlen), *ls,
