@@ -31,10 +31,15 @@ VARIANTS=(
   # the forward's causal diagonal inside its main loop, as the backward's since 5163fc7 (common.diag_in_loop;
   # CPU-tested, not timed yet)
   "fwd-diag-merge|fwd-diag-merge.patch|"
+  # delta = rowsum(dO * O) computed by the dQ kernel (which now runs before dK/dV) instead of a launch of its
+  # own: one launch and one pass over O and dO fewer per deterministic backward (CPU-tested; Triton 3.6
+  # offline: dQ registers +0-9, no spills, same loops)
+  "delta-in-dq|delta-in-dq.patch|"
   # the three segment calls of each kernel as one static_range loop, one with DIAG_IN_LOOP (removes the
   # copies that `duplicates` lists; within noise on the H200 before 5163fc7; rebased onto f269af9, CPU-tested)
   "segment-loop|segment-loop.patch|"
-  # hangs on Triton 3.6 (two consumer warp groups deadlock on sm90; NOTES, 2026-11-29 third session):
+  # hangs on Triton 3.6 (two consumer warp groups deadlock on sm90; NOTES, 2026-11-29 third session), and no
+  # longer applies to main (written before the DIAG_IN_LOOP kernels; rebase it first):
   # for a newer Triton, first `python benchmarks/experiments/ws_gemm_probe.py 128 128 64 3 ws`
   "warp-specialized|warp-specialized.patch|HF_FLASH_WARP_SPECIALIZE=1"
 )
