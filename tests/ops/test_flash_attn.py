@@ -568,3 +568,25 @@ def test_cu_seqlens_read_once_per_tensor(device, monkeypatch):
     with pytest.raises(ValueError, match="max_seqlen_q"):
         call(cu)
     assert sum(reads) == 2
+
+
+def test_autograd_only_where_a_gradient_is_wanted(device, monkeypatch):
+    """Inference calls (no input requires grad, or grad mode off) skip the autograd Function, whose
+    bookkeeping is host time that short calls (generation) feel; training calls still build the graph."""
+    from hf_flash.ops import function
+
+    q, k, v = (torch.randn(1, 17, 2, 32, device=device).half() for _ in range(3))
+    expected = flash_attn_func(q, k, v, causal=True)
+    real_apply = function._EagerAttention.apply
+    applied = []
+    monkeypatch.setattr(function._EagerAttention, "apply", lambda *a: applied.append(1) or real_apply(*a))
+    torch.testing.assert_close(flash_attn_func(q, k, v, causal=True), expected, atol=0, rtol=0)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with torch.no_grad():
+        out = flash_attn_func(*leaves, causal=True)
+    assert not applied and out.grad_fn is None
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    out = flash_attn_func(q, leaves[1], v, causal=True)  # one input wants a gradient: the graph is built
+    assert applied == [1] and out.grad_fn is not None
+    out.float().sum().backward()
+    assert leaves[1].grad is not None and leaves[1].grad.shape == k.shape
