@@ -35,6 +35,10 @@ VARIANTS=(
   # own: one launch and one pass over O and dO fewer per deterministic backward (CPU-tested; Triton 3.6
   # offline: dQ registers +0-9, no spills, same loops)
   "delta-in-dq|delta-in-dq.patch|"
+  # D64 dK/dV capped at 128 registers (4 programs per SM instead of 3) outside the merged causal loop: the GQA
+  # grid of the bench's shapes (2048 programs) becomes 3.9 waves instead of 5.2; offline (Triton 3.6) the
+  # unmasked loops stay spill-free except causal varlen (4 LDL). Time with KV_HEADS=8 HEAD_DIMS=64
+  "d64-dkdv-4-per-sm|d64-dkdv-4-per-sm.patch|"
   # the three segment calls of each kernel as one static_range loop, one with DIAG_IN_LOOP (removes the
   # copies that `duplicates` lists; within noise on the H200 before 5163fc7; rebased onto f269af9, CPU-tested)
   "segment-loop|segment-loop.patch|"
