@@ -99,8 +99,9 @@ def check_cu_seqlens(name: str, cu_seqlens, total: int, max_seqlen, max_name: st
         raise TypeError(f"{max_name} must be a non-negative Python int, got {max_seqlen!r}")
     if is_compiling():
         return  # reading the values would sync and break the graph; checked in eager runs
-    key = (cu_seqlens._version, total, max_seqlen)
-    if any(ref() is cu_seqlens and seen == key for ref, seen in _CU_SEQLENS_CHECKED):
+    # tensors made under torch.inference_mode have no version counter: those are read on every call
+    key = None if cu_seqlens.is_inference() else (cu_seqlens._version, total, max_seqlen)
+    if key is not None and any(ref() is cu_seqlens and seen == key for ref, seen in _CU_SEQLENS_CHECKED):
         return
     values = cu_seqlens.tolist()
     lengths = [b - a for a, b in zip(values, values[1:])]
@@ -110,5 +111,6 @@ def check_cu_seqlens(name: str, cu_seqlens, total: int, max_seqlen, max_name: st
         raise ValueError(f"{name} must end at the number of packed tokens ({total}), got {values[-1]}")
     if max(lengths) > max_seqlen:
         raise ValueError(f"{max_name}={max_seqlen} is smaller than the longest sequence in {name} ({max(lengths)})")
-    _CU_SEQLENS_CHECKED.insert(0, (weakref.ref(cu_seqlens), key))
-    del _CU_SEQLENS_CHECKED[_CU_SEQLENS_CHECKED_SIZE:]
+    if key is not None:
+        _CU_SEQLENS_CHECKED.insert(0, (weakref.ref(cu_seqlens), key))
+        del _CU_SEQLENS_CHECKED[_CU_SEQLENS_CHECKED_SIZE:]

@@ -590,3 +590,19 @@ def test_autograd_only_where_a_gradient_is_wanted(device, monkeypatch):
     assert applied == [1] and out.grad_fn is not None
     out.float().sum().backward()
     assert leaves[1].grad is not None and leaves[1].grad.shape == k.shape
+
+
+def test_varlen_under_inference_mode(device):
+    """Tensors made under ``torch.inference_mode`` have no version counter, so the read-once cache of
+    cu_seqlens cannot key on it: they are checked on every call (bad values still raise)."""
+    lengths = [3, 5]
+    with torch.inference_mode():
+        cu = cu_seqlens(lengths, device)
+        packed = torch.randn(8, 2, 32, device=device).half()
+        first = flash_attn_varlen_func(packed, packed, packed, cu, cu, 5, 5, causal=True)
+        torch.testing.assert_close(flash_attn_varlen_func(packed, packed, packed, cu, cu, 5, 5, causal=True), first)
+        with pytest.raises(ValueError, match="max_seqlen_q"):
+            flash_attn_varlen_func(packed, packed, packed, cu, cu, 4, 4)
+    expected = flash_attn_varlen_func(packed.clone(), packed.clone(), packed.clone(), cu.clone(), cu.clone(), 5, 5,
+                                      causal=True)
+    torch.testing.assert_close(first, expected, atol=0, rtol=0)
