@@ -129,30 +129,41 @@ def _route(batch: int, len_q: int, len_k: int, attention_mask, kwargs) -> tuple[
     return len_k, None
 
 
-# The layers of one forward pass get the same mask / position tensors, so the routing (and its
-# device syncs) is computed once per pass and reused. A pass is a run of increasing layer indices: a
-# layer index that does not grow starts a new pass and empties the cache, so a mask changed in place
-# between two calls is never served stale. A few entries, because Gemma-style models alternate masks;
-# entries hold the tensors themselves, so an identity match cannot be a recycled id.
-_ROUTE_CACHE: list[tuple[tuple, tuple, tuple[int, _Varlen | None]]] = []
+# The layers of one forward pass get the same mask / position tensors, so the routing (and its device
+# syncs) is computed once and reused: by the other layers, and by the recomputed layers of the backward
+# under gradient checkpointing, which run in reverse order (without the reuse, each recomputed layer
+# synced the device again). An entry matches only the same tensor objects (held by the entry, so an id
+# cannot be recycled) with the same version counters, which every in-place write bumps. Tensors made
+# under torch.inference_mode have no version counter: an entry holding one lasts only while the layer
+# index grows (one forward pass). A few entries, because Gemma-style models alternate masks.
+_ROUTE_CACHE: list[tuple[tuple, tuple, tuple, tuple[int, _Varlen | None]]] = []
 _ROUTE_CACHE_SIZE = 4
 _last_layer_idx = [-1]
+_UNTRACKED = object()  # the "version" of an inference tensor
+
+
+def _versions(tensors) -> tuple:
+    return tuple(None if t is None else _UNTRACKED if t.is_inference() else t._version for t in tensors)
 
 
 def _route_cached(batch, len_q, len_k, attention_mask, kwargs, layer_idx) -> tuple[int, _Varlen | None]:
-    """:func:`_route`, memoized over the layers of one forward pass (not under torch.compile)."""
+    """:func:`_route`, memoized over the layers of a forward pass and their recomputation (not under
+    torch.compile)."""
     if torch.compiler.is_compiling() or not isinstance(layer_idx, int):
         return _route(batch, len_q, len_k, attention_mask, kwargs)
-    if layer_idx <= _last_layer_idx[0]:
-        _ROUTE_CACHE.clear()
+    if layer_idx <= _last_layer_idx[0]:  # a new pass, or a recomputation: inference tensors expire
+        _ROUTE_CACHE[:] = [entry for entry in _ROUTE_CACHE if _UNTRACKED not in entry[1]]
     _last_layer_idx[0] = layer_idx
     tensors = (attention_mask, *(kwargs.get(k) for k in ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k")))
+    tensors = tuple(t if isinstance(t, torch.Tensor) else None for t in tensors)
+    versions = _versions(tensors)
     key = (batch, len_q, len_k, kwargs.get("max_length_q"), kwargs.get("max_length_k"))
-    for cached_tensors, cached_key, result in _ROUTE_CACHE:
-        if cached_key == key and all(a is b for a, b in zip(cached_tensors, tensors)):
+    for cached_tensors, cached_versions, cached_key, result in _ROUTE_CACHE:
+        if (cached_key == key and all(a is b for a, b in zip(cached_tensors, tensors))
+                and cached_versions == versions):
             return result
     result = _route(batch, len_q, len_k, attention_mask, kwargs)
-    _ROUTE_CACHE.insert(0, (tensors, key, result))
+    _ROUTE_CACHE.insert(0, (tensors, versions, key, result))
     del _ROUTE_CACHE[_ROUTE_CACHE_SIZE:]
     return result
 

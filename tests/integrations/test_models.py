@@ -198,13 +198,34 @@ def test_torch_compile_fullgraph_training_step(family):
             check(f"{family} compiled grad {name}", param.grad, expected[name], baseline[name], factor=3)
 
 
-def test_routing_is_recomputed_for_each_forward_pass():
-    """The padding layout is computed once per pass and shared by its layers, never across passes."""
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_routing_is_recomputed_for_each_forward_pass(mode):
+    """The padding layout is computed once and shared by the layers; a mask changed in place is read
+    again (by its version counter, or, for inference tensors, which have none, at the next pass)."""
     ours = models("llama")[0]
     ids, mask = pad_batch([tokens(1, 9, seed=19)[0], tokens(1, 5, seed=20)[0]], "left")
-    with torch.no_grad():
+    with mode():
+        ids, mask = ids.clone(), mask.clone()  # made under the mode (inference tensors for inference_mode)
         ours(ids, attention_mask=mask, position_ids=positions(mask))
         mask[1] = 1  # the same tensor object, changed in place
         reused = ours(ids, attention_mask=mask, position_ids=positions(mask)).logits
         fresh = ours(ids, attention_mask=mask.clone(), position_ids=positions(mask)).logits
     assert torch.equal(reused, fresh)
+
+
+def test_routing_is_shared_with_the_recomputed_layers(monkeypatch):
+    """Under gradient checkpointing the backward recomputes every layer, in reverse order. The recomputed
+    layers reuse the forward's routing instead of reading the mask and positions again (each read is a
+    device sync, which would drain the GPU's queue once per layer in every backward)."""
+    import hf_flash.integrations.transformers as integration
+
+    ours = models("llama")[0].train()
+    ours.gradient_checkpointing_enable()
+    ids, mask = pad_batch([tokens(1, 9, seed=21)[0], tokens(1, 5, seed=22)[0]], "left")
+    routed = []
+    route = integration._route
+    monkeypatch.setattr(integration, "_route", lambda *args: routed.append(1) or route(*args))
+    out = ours(ids, attention_mask=mask, position_ids=positions(mask), labels=ids)
+    assert len(routed) == 1, "the layers of one forward pass share one routing"
+    out.loss.backward()
+    assert len(routed) == 1, "the recomputed layers routed again"
