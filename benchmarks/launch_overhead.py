@@ -29,6 +29,7 @@ import cProfile
 import dataclasses
 import math
 import pstats
+import statistics
 import time
 
 import torch
@@ -93,10 +94,8 @@ def gap_lines(kernels) -> str:
     if not calls:
         return "  (no L2-clear kernel found in the trace: cannot split it into calls)"
 
-    def median(values):
-        return sorted(values)[len(values) // 2]
-
-    rows, spans, busy = [], [], []
+    median = statistics.median
+    rows, spans, busy, idle = [], [], [], []
     for call in calls:
         t, own, gaps = call["t"], 0.0, []
         for start, end, name in call["kernels"]:
@@ -105,9 +104,10 @@ def gap_lines(kernels) -> str:
             t = max(t, end)
         spans.append(t - call["t"])
         busy.append(own)
+        idle.append(spans[-1] - own)
         rows.append(gaps)
-    lines = [f"  timed span {median(spans):8.1f} us = kernels {median(busy):8.1f} us + idle "
-             f"{median(spans) - median(busy):8.1f} us   (median of {len(calls)} calls)"]
+    lines = [f"  timed span {median(spans):8.1f} us: kernels {median(busy):8.1f} us, idle "
+             f"{median(idle):8.1f} us   (medians of {len(calls)} calls)"]
     if all(len(r) == len(rows[0]) for r in rows):
         for i, (_, _, name) in enumerate(rows[0]):
             lines.append(f"    idle before {median([r[i][0] for r in rows]):7.1f} us, kernel "
