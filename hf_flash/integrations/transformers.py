@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from hf_flash import dispatch, fallback
 from hf_flash.integrations.padding import mask_to_varlen, pad, varlen_from_position_ids
 from hf_flash.ops import flash_attn_func, flash_attn_varlen_func
+from hf_flash.ops.checks import vouch_for_cu_seqlens
 
 __all__ = ["NAME", "hf_flash_attention_forward", "hf_flash_mask", "is_registered", "register"]
 
@@ -92,14 +93,15 @@ def _route(batch: int, len_q: int, len_k: int, attention_mask, kwargs) -> tuple[
     if attention_mask is not None:
         mask = attention_mask[:, -len_k:].bool()
         used_k = mask.shape[-1]
-        index_k, cu_k, max_k = mask_to_varlen(mask)
+        index_k, cu_k, max_k = _vouched(*mask_to_varlen(mask))
         if len_q == used_k:
             return used_k, _Varlen(cu_k, cu_k, max_k, max_k, index_k, index_k)
         if len_q == 1:  # decode: one query per row, pad rows included (their output is discarded anyway)
             cu_q = torch.arange(batch + 1, dtype=torch.int32, device=mask.device)
+            vouch_for_cu_seqlens(cu_q, batch, 1)
             return used_k, _Varlen(cu_q, cu_k, 1, max_k, None, index_k)
         # a chunk of new tokens after a cache: padding can only be on the left, as in Transformers
-        index_q, cu_q, max_q = mask_to_varlen(mask[:, -len_q:])
+        index_q, cu_q, max_q = _vouched(*mask_to_varlen(mask[:, -len_q:]))
         return used_k, _Varlen(cu_q, cu_k, max_q, max_k, index_q, index_k)
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
@@ -119,6 +121,7 @@ def _route(batch: int, len_q: int, len_k: int, attention_mask, kwargs) -> tuple[
             packed = varlen_from_position_ids(position_ids.expand(batch, -1))
             if packed is not None:
                 cu, max_len = packed
+                vouch_for_cu_seqlens(cu, batch * len_q, max_len)
                 return len_k, _Varlen(cu, cu, max_len, max_len, None, None)
         elif len_q < len_k:
             # without a mask there is no padding, so the last position tells how much of a static
@@ -127,6 +130,14 @@ def _route(batch: int, len_q: int, len_k: int, attention_mask, kwargs) -> tuple[
             if 0 < filled < len_k:
                 return filled, None
     return len_k, None
+
+
+def _vouched(index: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int):
+    """:func:`mask_to_varlen`'s result, its cu_seqlens recorded as valid: they are the running sum of the
+    lengths just read, private to the plan, so the varlen call need not read them back (a device sync in
+    the first layer, and in every layer under inference_mode)."""
+    vouch_for_cu_seqlens(cu_seqlens, index.numel(), max_len)
+    return index, cu_seqlens, max_len
 
 
 # The layers of one forward pass get the same mask / position tensors, so the routing (and its device

@@ -79,9 +79,36 @@ def check_options(dropout_p, softmax_scale, window_size, softcap, alibi_slopes) 
 # tensor that passed is not read again while it is alive and unmodified: entries hold a weak reference
 # (a freed tensor never matches, whatever reuses its memory) and the tensor's version counter, which
 # every in-place write bumps. Q and K usually share one tensor; a few entries cover models that
-# alternate layouts.
+# alternate layouts. Tensors made under torch.inference_mode have no version counter, so an in-place
+# write to one would go unseen: they are read on every call, unless hf_flash built them itself and
+# vouched for them (:func:`vouch_for_cu_seqlens`), as the Transformers integration does.
 _CU_SEQLENS_CHECKED: list = []
 _CU_SEQLENS_CHECKED_SIZE = 8
+_NO_VERSION = object()  # the version of an inference tensor, in cache keys
+
+
+def _cache_key(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> tuple:
+    return (_NO_VERSION if cu_seqlens.is_inference() else cu_seqlens._version, total, max_seqlen)
+
+
+def _remember(cu_seqlens: torch.Tensor, key: tuple) -> None:
+    _CU_SEQLENS_CHECKED.insert(0, (weakref.ref(cu_seqlens), key))
+    del _CU_SEQLENS_CHECKED[_CU_SEQLENS_CHECKED_SIZE:]
+
+
+def _read(cu_seqlens: torch.Tensor) -> list:
+    return cu_seqlens.tolist()  # the device sync; a function of its own so tests can count the reads
+
+
+def vouch_for_cu_seqlens(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> None:
+    """Record ``cu_seqlens`` as valid for ``total`` packed tokens and ``max_seqlen`` without reading it.
+
+    Only for tensors hf_flash built itself from values it has already read (the Transformers
+    integration's padding plan) and that no caller can reach, so nothing writes to them afterwards.
+    Under inference_mode this is what spares such a tensor a read (a device sync) in every layer of every
+    step; otherwise it spares the first layer's."""
+    if not is_compiling():  # compiled calls skip the check anyway
+        _remember(cu_seqlens, _cache_key(cu_seqlens, total, max_seqlen))
 
 
 def check_cu_seqlens(name: str, cu_seqlens, total: int, max_seqlen, max_name: str, device) -> None:
@@ -99,11 +126,10 @@ def check_cu_seqlens(name: str, cu_seqlens, total: int, max_seqlen, max_name: st
         raise TypeError(f"{max_name} must be a non-negative Python int, got {max_seqlen!r}")
     if is_compiling():
         return  # reading the values would sync and break the graph; checked in eager runs
-    # tensors made under torch.inference_mode have no version counter: those are read on every call
-    key = None if cu_seqlens.is_inference() else (cu_seqlens._version, total, max_seqlen)
-    if key is not None and any(ref() is cu_seqlens and seen == key for ref, seen in _CU_SEQLENS_CHECKED):
+    key = _cache_key(cu_seqlens, total, max_seqlen)
+    if any(ref() is cu_seqlens and seen == key for ref, seen in _CU_SEQLENS_CHECKED):
         return
-    values = cu_seqlens.tolist()
+    values = _read(cu_seqlens)
     lengths = [b - a for a, b in zip(values, values[1:])]
     if values[0] != 0 or min(lengths) < 0:
         raise ValueError(f"{name} must start at 0 and be non-decreasing, got {values[:8]}...")
@@ -111,6 +137,5 @@ def check_cu_seqlens(name: str, cu_seqlens, total: int, max_seqlen, max_name: st
         raise ValueError(f"{name} must end at the number of packed tokens ({total}), got {values[-1]}")
     if max(lengths) > max_seqlen:
         raise ValueError(f"{max_name}={max_seqlen} is smaller than the longest sequence in {name} ({max(lengths)})")
-    if key is not None:
-        _CU_SEQLENS_CHECKED.insert(0, (weakref.ref(cu_seqlens), key))
-        del _CU_SEQLENS_CHECKED[_CU_SEQLENS_CHECKED_SIZE:]
+    if key[0] is not _NO_VERSION:
+        _remember(cu_seqlens, key)

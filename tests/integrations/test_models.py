@@ -90,6 +90,25 @@ def test_generate_under_inference_mode():
     greedy_equal_up_to_ties(out_ours, out_eager, ref, mask)
 
 
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_padding_plan_is_not_read_back(mode, monkeypatch):
+    """The cu_seqlens of the padding plan are built from lengths the routing has just read: the varlen
+    calls must not read them back (a device sync; under inference_mode it was one per layer per step)."""
+    from hf_flash.ops import checks
+
+    ours, eager, ref = models("llama")
+    ids, mask = pad_batch([tokens(1, 11, seed=23)[0], tokens(1, 6, seed=24)[0]], "left")
+    reads = []
+    monkeypatch.setattr(checks, "_read", lambda t: reads.append(t) or t.tolist())
+    kwargs = {"attention_mask": mask, "max_new_tokens": 3, "do_sample": False, "pad_token_id": 0}
+    with mode():
+        out_ours = ours.generate(ids, **kwargs)
+    assert not reads, f"{len(reads)} reads of cu_seqlens during a padded generate"
+    with torch.no_grad():
+        out_eager = eager.generate(ids, **kwargs)
+    greedy_equal_up_to_ties(out_ours, out_eager, ref, mask)
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 def test_static_cache_generate_matches_eager(family):
     ours, eager, ref = models(family)

@@ -606,3 +606,25 @@ def test_varlen_under_inference_mode(device):
     expected = flash_attn_varlen_func(packed.clone(), packed.clone(), packed.clone(), cu.clone(), cu.clone(), 5, 5,
                                       causal=True)
     torch.testing.assert_close(first, expected, atol=0, rtol=0)
+
+
+def test_vouched_cu_seqlens_are_not_read(device, monkeypatch):
+    """cu_seqlens that hf_flash built itself (the integration's padding plan) are recorded as valid and
+    never read back, also under inference_mode, where anyone else's are read on every call."""
+    from hf_flash.ops import checks
+
+    reads = []
+    monkeypatch.setattr(checks, "_read", lambda t: reads.append(t) or t.tolist())
+    with torch.inference_mode():
+        packed = torch.randn(8, 2, 32, device=device).half()
+        theirs, ours = cu_seqlens([3, 5], device), cu_seqlens([3, 5], device)
+        checks.vouch_for_cu_seqlens(ours, 8, 5)
+        for _ in range(2):
+            out_ours = flash_attn_varlen_func(packed, packed, packed, ours, ours, 5, 5, causal=True)
+            out_theirs = flash_attn_varlen_func(packed, packed, packed, theirs, theirs, 5, 5, causal=True)
+        assert all(t is theirs for t in reads) and len(reads) == 4, "q and k of two calls: four reads of theirs"
+        torch.testing.assert_close(out_ours, out_theirs, atol=0, rtol=0)
+        # the vouch holds for the numbers it was given only: another total or max_seqlen is checked
+        with pytest.raises(ValueError, match="max_seqlen_q"):
+            flash_attn_varlen_func(packed, packed, packed, ours, ours, 4, 4)
+    assert reads[-1] is ours
