@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from hf_flash import dispatch, fallback
 from hf_flash.integrations.padding import mask_to_varlen, pad, varlen_from_position_ids
 from hf_flash.ops import flash_attn_func, flash_attn_varlen_func
-from hf_flash.ops.checks import vouch_for_cu_seqlens
+from hf_flash.ops.checks import UNTRACKED, version_of, vouch_for_cu_seqlens
 
 __all__ = ["NAME", "hf_flash_attention_forward", "hf_flash_mask", "is_registered", "register"]
 
@@ -150,11 +150,10 @@ def _vouched(index: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int):
 _ROUTE_CACHE: list[tuple[tuple, tuple, tuple, tuple[int, _Varlen | None]]] = []
 _ROUTE_CACHE_SIZE = 4
 _last_layer_idx = [-1]
-_UNTRACKED = object()  # the "version" of an inference tensor
 
 
 def _versions(tensors) -> tuple:
-    return tuple(None if t is None else _UNTRACKED if t.is_inference() else t._version for t in tensors)
+    return tuple(None if t is None else version_of(t) for t in tensors)
 
 
 def _route_cached(batch, len_q, len_k, attention_mask, kwargs, layer_idx) -> tuple[int, _Varlen | None]:
@@ -163,7 +162,7 @@ def _route_cached(batch, len_q, len_k, attention_mask, kwargs, layer_idx) -> tup
     if torch.compiler.is_compiling() or not isinstance(layer_idx, int):
         return _route(batch, len_q, len_k, attention_mask, kwargs)
     if layer_idx <= _last_layer_idx[0]:  # a new pass, or a recomputation: inference tensors expire
-        _ROUTE_CACHE[:] = [entry for entry in _ROUTE_CACHE if _UNTRACKED not in entry[1]]
+        _ROUTE_CACHE[:] = [entry for entry in _ROUTE_CACHE if UNTRACKED not in entry[1]]
     _last_layer_idx[0] = layer_idx
     tensors = (attention_mask, *(kwargs.get(k) for k in ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k")))
     tensors = tuple(t if isinstance(t, torch.Tensor) else None for t in tensors)

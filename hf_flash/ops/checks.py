@@ -84,11 +84,18 @@ def check_options(dropout_p, softmax_scale, window_size, softcap, alibi_slopes) 
 # vouched for them (:func:`vouch_for_cu_seqlens`), as the Transformers integration does.
 _CU_SEQLENS_CHECKED: list = []
 _CU_SEQLENS_CHECKED_SIZE = 8
-_NO_VERSION = object()  # the version of an inference tensor, in cache keys
+UNTRACKED = object()  # the "version" of a tensor made under torch.inference_mode, which has no counter
+
+
+def version_of(t: torch.Tensor) -> object:
+    """``t``'s version counter (bumped by every in-place write), or :data:`UNTRACKED` for an inference
+    tensor, whose in-place writes cannot be seen. Shared by the read-once caches here and in the
+    Transformers integration's routing."""
+    return UNTRACKED if t.is_inference() else t._version
 
 
 def _cache_key(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> tuple:
-    return (_NO_VERSION if cu_seqlens.is_inference() else cu_seqlens._version, total, max_seqlen)
+    return (version_of(cu_seqlens), total, max_seqlen)
 
 
 def _remember(cu_seqlens: torch.Tensor, key: tuple) -> None:
@@ -137,5 +144,5 @@ def check_cu_seqlens(name: str, cu_seqlens, total: int, max_seqlen, max_name: st
         raise ValueError(f"{name} must end at the number of packed tokens ({total}), got {values[-1]}")
     if max(lengths) > max_seqlen:
         raise ValueError(f"{max_name}={max_seqlen} is smaller than the longest sequence in {name} ({max(lengths)})")
-    if key[0] is not _NO_VERSION:
+    if key[0] is not UNTRACKED:
         _remember(cu_seqlens, key)
