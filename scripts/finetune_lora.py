@@ -4,7 +4,8 @@
     python scripts/finetune_lora.py                       # embedded tiny Llama, stdlib docstrings, hf_flash
     python scripts/finetune_lora.py --attn sdpa --max-steps 20
     python scripts/finetune_lora.py --model-preset llama-3.2-1b --seq-len 8192 --gradient-checkpointing
-    python scripts/finetune_lora.py --model /models/llama --data train.jsonl --packing
+    python scripts/finetune_lora.py --model /models/llama --data train.jsonl --layout packed
+    python scripts/finetune_lora.py --layout padded --lengths lognormal:600:1.0:100 --seq-len 8192 --batch-size 4
     accelerate launch --config_file examples/accelerate/ddp.yaml scripts/finetune_lora.py ...   # DDP, 2 GPUs
     accelerate launch --config_file examples/accelerate/fsdp.yaml scripts/finetune_lora.py ...  # FSDP
 
@@ -42,9 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--response-field", help="answer column (default: response/output/answer/completion)")
     d.add_argument("--max-docs", type=int, help="use only the first N rows")
     d.add_argument("--seq-len", type=int, default=512, help="tokens per row (default 512)")
-    d.add_argument("--packing", action="store_true",
-                   help="padding-free: whole documents flattened into one row, attention kept\n"
-                   "within each (DataCollatorWithFlattening); default: fixed-length blocks")  # fmt: skip
+    d.add_argument("--layout", default="blocks", choices=("blocks", "padded", "packed"),
+                   help="blocks: documents joined and cut into rows of --seq-len tokens (default);\n"
+                   "padded: one document per row, padded to the micro-batch's longest;\n"
+                   "packed: whole documents flattened into one row of <= --seq-len tokens per bin,\n"
+                   "attention kept within each (DataCollatorWithFlattening)")  # fmt: skip
+    d.add_argument("--packing", action="store_true", help="same as --layout packed")
+    d.add_argument("--max-doc-len", type=int,
+                   help="padded/packed: documents cut at this many tokens (default: --seq-len)")  # fmt: skip
+    d.add_argument("--lengths", metavar="lognormal:MEDIAN:SIGMA:N",
+                   help="instead of --data: N documents of random tokens with log-normal lengths\n"
+                   "(clipped to --max-doc-len), for speed work on variable lengths without a data set")  # fmt: skip
     t = p.add_argument_group("training")
     t.add_argument("--batch-size", type=int, default=1,
                    help="rows (or packed bins) per process per micro-step; one optimizer step\n"

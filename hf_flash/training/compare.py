@@ -11,6 +11,7 @@ followed by the script: then each backend trains with DDP or FSDP, tokens/s is t
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -19,6 +20,7 @@ import signal
 import subprocess
 import textwrap
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .loop import SUMMARY_FILE, read_steps, summarize
@@ -71,7 +73,7 @@ def _fallback_note(log: str) -> str | None:
 
 
 def run_one(finetune_cmd: list[str], backend: str, seq_len: int, run_dir: Path, extra: list[str],
-            timeout: float | None, warmup: int, reuse: bool = False) -> dict:  # fmt: skip
+            timeout: float | None, warmup: int, reuse: bool = False, layout: str = "blocks") -> dict:  # fmt: skip
     """Run one fine-tune in its own process; always returns a row, whatever happened.
 
     With ``reuse``, a finished run of the very same command in ``run_dir`` is read back instead of
@@ -88,7 +90,7 @@ def run_one(finetune_cmd: list[str], backend: str, seq_len: int, run_dir: Path, 
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in (run_dir / SUMMARY_FILE, run_dir / "steps.jsonl", row_path):
         stale.unlink(missing_ok=True)
-    row = {"backend": backend, "seq_len": seq_len, "command": " ".join(cmd), "argv": cmd}
+    row = {"backend": backend, "layout": layout, "seq_len": seq_len, "command": " ".join(cmd), "argv": cmd}
     start = time.perf_counter()
     with open(run_dir / "log.txt", "w") as log:
         code = _run_in_own_group(cmd, log, timeout)
@@ -134,49 +136,75 @@ def _run_in_own_group(cmd: list[str], log, timeout: float | None) -> int | None:
 
 
 def add_relative_columns(rows: list[dict]) -> None:
-    """Ratios to sdpa (same length) and the largest per-step loss gap to eager (same length)."""
-    by_key = {(r["backend"], r["seq_len"]): r for r in rows}
+    """Ratios to sdpa (same layout and length), the largest per-step loss gap to eager (same layout and
+    length); rows of variable-length layouts also get their speed against sdpa padded and their loss per
+    token against the first row that has one (every row of a run trains on the same documents)."""
+    by_key = {(r["backend"], r.get("layout", "blocks"), r["seq_len"]): r for r in rows}
+    reference_loss = next((r["loss_per_token"] for r in rows if r.get("loss_per_token")), None)
     for row in rows:
-        sdpa = by_key.get(("sdpa", row["seq_len"]))
-        eager = by_key.get(("eager", row["seq_len"]))
-        for key, out in (("median_tokens_per_s", "tokens_per_s_vs_sdpa"), ("median_step_time_s", "step_time_vs_sdpa"),
+        layout = row.get("layout", "blocks")
+        sdpa = by_key.get(("sdpa", layout, row["seq_len"]))
+        eager = by_key.get(("eager", layout, row["seq_len"]))
+        speed = "median_tokens_per_s" if layout == "blocks" else "real_tokens_per_s"
+        for key, out in ((speed, "tokens_per_s_vs_sdpa"), ("median_step_time_s", "step_time_vs_sdpa"),
                          ("peak_mem_gib", "peak_mem_vs_sdpa")):  # fmt: skip
-            ok = row["status"] == "ok" and sdpa and sdpa["status"] == "ok" and row.get(key) and sdpa.get(key)
-            row[out] = row[key] / sdpa[key] if ok else None
+            row[out] = _ratio(row, sdpa, key)
         pairs = list(zip(row.get("losses") or [], (eager or {}).get("losses") or []))
         row["max_abs_loss_diff_vs_eager"] = max(abs(a - b) for a, b in pairs) if pairs else None
+        if layout != "blocks":
+            padded = next((r for r in rows if r["backend"] == "sdpa" and r.get("layout") == "padded"), None)
+            row["tokens_per_s_vs_sdpa_padded"] = _ratio(row, padded, speed, "real_tokens_per_s")
+            mine = row.get("loss_per_token")
+            row["loss_per_token_rel_diff"] = abs(mine / reference_loss - 1) if mine and reference_loss else None
+
+
+def _ratio(row: dict, base: dict | None, key: str, base_key: str | None = None) -> float | None:
+    base_key = base_key or key
+    ok = row["status"] == "ok" and base and base["status"] == "ok" and row.get(key) and base.get(base_key)
+    return row[key] / base[base_key] if ok else None
 
 
 def _fmt(value, spec: str, suffix: str = "") -> str:
     return "—" if value is None else f"{value:{spec}}{suffix}"
 
 
+def _status(r: dict) -> str:
+    status = r["status"] if r["status"] == "ok" else f"{r['status'].upper()}: {r.get('error', '')}"
+    if r.get("note"):
+        status += f" ({r['note']})"
+    return status.replace("|", "/")
+
+
 def markdown_table(rows: list[dict], header: str = "") -> str:
-    cols = (
-        "backend",
-        "seq len",
-        "status",
-        "tokens/s",
-        "× sdpa",
-        "step (s)",
-        "peak GiB",
-        "mem × sdpa",
-        "final loss",
-        "max \\|Δloss\\| vs eager",
-    )  # fmt: skip  (pipes escaped: they would split the cell)
+    """One table for the fixed-length rows (``blocks``), one for the variable-length layouts."""
     lines = [header, ""] if header else []
-    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        status = r["status"] if r["status"] == "ok" else f"{r['status'].upper()}: {r.get('error', '')}"
-        if r.get("note"):
-            status += f" ({r['note']})"
-        lines.append("| " + " | ".join((
-            r["backend"], str(r["seq_len"]), status.replace("|", "/"),
-            _fmt(r.get("median_tokens_per_s"), ",.0f"), _fmt(r.get("tokens_per_s_vs_sdpa"), ".2f", "×"),
-            _fmt(r.get("median_step_time_s"), ".3f"), _fmt(r.get("peak_mem_gib"), ".2f"),
-            _fmt(r.get("peak_mem_vs_sdpa"), ".2f", "×"), _fmt(r.get("final_loss"), ".4f"),
-            _fmt(r.get("max_abs_loss_diff_vs_eager"), ".2e"),
-        )) + " |")  # fmt: skip
+    blocks = [r for r in rows if r.get("layout", "blocks") == "blocks"]
+    varlen = [r for r in rows if r.get("layout", "blocks") != "blocks"]
+    if varlen:
+        cols = ("backend", "layout", "status", "real tokens/s", "× sdpa (same layout)", "× sdpa padded",
+                "first pass (s)", "peak GiB", "loss / real target", "rel. Δ loss")  # fmt: skip
+        lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for r in varlen:
+            lines.append("| " + " | ".join((
+                r["backend"], r["layout"], _status(r), _fmt(r.get("real_tokens_per_s"), ",.0f"),
+                _fmt(r.get("tokens_per_s_vs_sdpa"), ".2f", "×"), _fmt(r.get("tokens_per_s_vs_sdpa_padded"), ".2f", "×"),
+                _fmt(r.get("first_pass_s"), ".1f"), _fmt(r.get("peak_mem_gib"), ".2f"),
+                _fmt(r.get("loss_per_token"), ".5f"), _fmt(r.get("loss_per_token_rel_diff"), ".1e"),
+            )) + " |")  # fmt: skip
+        if blocks:
+            lines.append("")
+    if blocks or not varlen:
+        cols = ("backend", "seq len", "status", "tokens/s", "× sdpa", "step (s)", "peak GiB", "mem × sdpa",
+                "final loss", "max \\|Δloss\\| vs eager")  # fmt: skip  (pipes escaped: they would split the cell)
+        lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for r in blocks:
+            lines.append("| " + " | ".join((
+                r["backend"], str(r["seq_len"]), _status(r),
+                _fmt(r.get("median_tokens_per_s"), ",.0f"), _fmt(r.get("tokens_per_s_vs_sdpa"), ".2f", "×"),
+                _fmt(r.get("median_step_time_s"), ".3f"), _fmt(r.get("peak_mem_gib"), ".2f"),
+                _fmt(r.get("peak_mem_vs_sdpa"), ".2f", "×"), _fmt(r.get("final_loss"), ".4f"),
+                _fmt(r.get("max_abs_loss_diff_vs_eager"), ".2e"),
+            )) + " |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -232,8 +260,14 @@ def _styles(backends: list[str]) -> dict[str, dict]:
     return styles
 
 
+def _panel(row: dict) -> str:
+    layout = row.get("layout", "blocks")
+    return f"seq len {row['seq_len']}" if layout == "blocks" else f"{layout} (<= {row['seq_len']} tokens)"
+
+
 def plot(rows: list[dict], out_dir: Path, title: str) -> list[Path]:
-    """loss_curves.png (all backends, one panel per length) and speed_memory.png (vs length)."""
+    """loss_curves.png (all backends, one panel per length or layout) and speed_memory.png (against the
+    length for fixed-length rows; bars per layout for the variable-length ones)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never needs a display
@@ -241,15 +275,15 @@ def plot(rows: list[dict], out_dir: Path, title: str) -> list[Path]:
     from matplotlib.ticker import MaxNLocator
 
     styles = _styles(list(dict.fromkeys(r["backend"] for r in rows)))
-    seq_lens = sorted({r["seq_len"] for r in rows})
+    panels = list(dict.fromkeys(_panel(r) for r in rows))
     paths = [out_dir / "loss_curves.png", out_dir / "speed_memory.png"]
-    width = max(7, 5 * len(seq_lens))
-    fig, axes = plt.subplots(1, len(seq_lens), figsize=(width, 4.5), squeeze=False)
-    for ax, seq_len in zip(axes[0], seq_lens):
+    width = max(7, 5 * len(panels))
+    fig, axes = plt.subplots(1, len(panels), figsize=(width, 4.5), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
         for r in rows:
-            if r["seq_len"] == seq_len and r.get("losses"):
+            if _panel(r) == panel and r.get("losses"):
                 ax.plot(range(1, len(r["losses"]) + 1), r["losses"], label=r["backend"], **styles[r["backend"]])
-        ax.set(title=f"seq len {seq_len}", xlabel="step", ylabel="training loss")
+        ax.set(title=panel, xlabel="step", ylabel="training loss")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
@@ -258,30 +292,18 @@ def plot(rows: list[dict], out_dir: Path, title: str) -> list[Path]:
     fig.savefig(paths[0], dpi=120)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for backend, style in styles.items():
-        mine = [r for r in rows if r["backend"] == backend]
-        ok = [r for r in mine if r["status"] == "ok"]
-        axes[0].plot([r["seq_len"] for r in ok], [r["median_tokens_per_s"] for r in ok], label=backend, **style)
-        mem = [(r["seq_len"], r["peak_mem_gib"]) for r in ok if r.get("peak_mem_gib") is not None]
-        if mem:
-            axes[1].plot(*zip(*mem), label=backend, **style)
-        for r in mine:  # a failed run is a result too: write it where its point would be
-            if r["status"] != "ok":
-                for ax in axes:
-                    ax.annotate(f"{backend}: {r['status'].upper()}", (r["seq_len"], 0.03), xycoords=("data", "axes fraction"),
-                                rotation=90, fontsize=8, color=style["color"], va="bottom")  # fmt: skip
-    axes[0].set(title="median tokens/s", xlabel="sequence length", ylabel="tokens/s")
-    axes[1].set(title="peak GPU memory", xlabel="sequence length", ylabel="GiB")
-    for ax in axes:
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(seq_lens, [str(s) for s in seq_lens])
-        ax.set_xlim(seq_lens[0] / 1.5, seq_lens[-1] * 1.5)
-        ax.set_ylim(bottom=0)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend()
+    blocks = [r for r in rows if r.get("layout", "blocks") == "blocks"]
+    varlen = [r for r in rows if r.get("layout", "blocks") != "blocks"]
+    groups = [g for g in (blocks, varlen) if g]
+    fig, axes = plt.subplots(len(groups), 2, figsize=(11, 4.5 * len(groups)), squeeze=False)
+    for (speed_ax, mem_ax), group in zip(axes, groups):
+        if group is blocks:
+            _length_panels(speed_ax, mem_ax, group, styles)
+        else:
+            _layout_bars(speed_ax, mem_ax, group, styles)
     if not any(r.get("peak_mem_gib") for r in rows):
-        axes[1].text(0.5, 0.5, "no GPU: not measured", ha="center", transform=axes[1].transAxes)
+        for ax in axes[:, 1]:
+            ax.text(0.5, 0.5, "no GPU: not measured", ha="center", transform=ax.transAxes)
     fig.suptitle(textwrap.fill(title, 120))
     fig.tight_layout()
     fig.savefig(paths[1], dpi=120)
@@ -289,23 +311,98 @@ def plot(rows: list[dict], out_dir: Path, title: str) -> list[Path]:
     return paths
 
 
-def compare(finetune_cmd: list[str], backends: list[str], seq_lens: list[int], out_dir: Path, extra: list[str],
+def _length_panels(speed_ax, mem_ax, rows: list[dict], styles: dict) -> None:
+    """Median tokens/s and peak memory against the sequence length, one line per backend."""
+    seq_lens = sorted({r["seq_len"] for r in rows})
+    for backend, style in styles.items():
+        mine = [r for r in rows if r["backend"] == backend]
+        ok = [r for r in mine if r["status"] == "ok"]
+        if not mine:
+            continue
+        speed_ax.plot([r["seq_len"] for r in ok], [r["median_tokens_per_s"] for r in ok], label=backend, **style)
+        mem = [(r["seq_len"], r["peak_mem_gib"]) for r in ok if r.get("peak_mem_gib") is not None]
+        if mem:
+            mem_ax.plot(*zip(*mem), label=backend, **style)
+        for r in mine:  # a failed run is a result too: write it where its point would be
+            if r["status"] != "ok":
+                for ax in (speed_ax, mem_ax):
+                    ax.annotate(f"{backend}: {r['status'].upper()}", (r["seq_len"], 0.03), xycoords=("data", "axes fraction"),
+                                rotation=90, fontsize=8, color=style["color"], va="bottom")  # fmt: skip
+    speed_ax.set(title="median tokens/s", xlabel="sequence length", ylabel="tokens/s")
+    mem_ax.set(title="peak GPU memory", xlabel="sequence length", ylabel="GiB")
+    for ax in (speed_ax, mem_ax):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(seq_lens, [str(s) for s in seq_lens])
+        ax.set_xlim(seq_lens[0] / 1.5, seq_lens[-1] * 1.5)
+        ax.set_ylim(bottom=0)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+
+
+def _layout_bars(speed_ax, mem_ax, rows: list[dict], styles: dict) -> None:
+    """Real tokens/s and peak memory as bars: one group per layout, one bar per backend."""
+    layouts = list(dict.fromkeys(r["layout"] for r in rows))
+    backends = [b for b in styles if any(r["backend"] == b for r in rows)]
+    width = 0.8 / max(len(backends), 1)
+    for i, backend in enumerate(backends):
+        for ax, key in ((speed_ax, "real_tokens_per_s"), (mem_ax, "peak_mem_gib")):
+            xs, ys = [], []
+            for j, layout in enumerate(layouts):
+                row = next((r for r in rows if r["backend"] == backend and r["layout"] == layout), None)
+                if row is not None:
+                    xs.append(j + (i - (len(backends) - 1) / 2) * width)
+                    ys.append(row.get(key) or 0.0 if row["status"] == "ok" else 0.0)
+                    if row["status"] != "ok":
+                        ax.annotate(row["status"].upper(), (xs[-1], 0), rotation=90, fontsize=8, va="bottom",
+                                    ha="center", color=styles[backend]["color"])  # fmt: skip
+            ax.bar(xs, ys, width, label=backend, color=styles[backend]["color"])
+    speed_ax.set(title="real tokens/s (pads excluded)", ylabel="tokens/s")
+    mem_ax.set(title="peak GPU memory", ylabel="GiB")
+    for ax in (speed_ax, mem_ax):
+        ax.set_xticks(range(len(layouts)), layouts)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+
+
+@dataclass
+class Case:
+    """One workload of a comparison: every backend runs it in its own process.
+
+    ``layout`` blocks: rows of exactly ``seq_len`` tokens; padded / packed: variable-length documents,
+    padded to the micro-batch's longest (at most ``seq_len``) or packed into bins of ``seq_len`` tokens.
+    ``args``: the case's own finetune_lora.py options (after the comparison's shared ones).
+    """
+
+    layout: str
+    seq_len: int
+    args: list[str] = field(default_factory=list)
+
+    @property
+    def folder(self) -> str:
+        return f"L{self.seq_len}" if self.layout == "blocks" else self.layout
+
+    def describe(self) -> str:
+        return f"seq len {self.seq_len}" if self.layout == "blocks" else f"{self.layout} (<= {self.seq_len} tokens)"
+
+
+def compare(finetune_cmd: list[str], backends: list[str], cases: list[Case], out_dir: Path, extra: list[str],
             timeout: float | None = None, warmup: int = 1, title: str = "", progress=print,
             reuse: bool = False, baseline: Path | None = None) -> dict:  # fmt: skip
-    """Run every (length, backend) pair, then write results.json, results.md and the plots.
+    """Run every (case, backend) pair, then write results.json, results.md and the plots.
 
     ``baseline``: an earlier comparison's output folder (1 process, same backends and lengths); its
     rows give the speed-up and scaling efficiency of these (multi-process) rows.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    for seq_len in seq_lens:
+    for case in cases:
         for backend in backends:
-            progress(f"[{len(rows) + 1}/{len(seq_lens) * len(backends)}] {backend} at seq len {seq_len} ...")
-            run_dir = out_dir / f"L{seq_len}" / backend
-            row = run_one(finetune_cmd, backend, seq_len, run_dir, extra, timeout, warmup, reuse)
-            speed = _fmt(row.get("median_tokens_per_s"), ",.0f", " tokens/s")
-            done = f"{row['status']}" + (f": {row['error']}" if row.get("error") else f", {speed}")
+            progress(f"[{len(rows) + 1}/{len(cases) * len(backends)}] {backend}, {case.describe()} ...")
+            run_dir = out_dir / case.folder / backend
+            row = run_one(finetune_cmd, backend, case.seq_len, run_dir, [*extra, *case.args], timeout, warmup, reuse,
+                          layout=case.layout)  # fmt: skip
+            speed = row.get("median_tokens_per_s") if case.layout == "blocks" else row.get("real_tokens_per_s")
+            done = f"{row['status']}" + (f": {row['error']}" if row.get("error") else f", {_fmt(speed, ',.0f')} tokens/s")
             progress(f"    {done}" + (" (reused from an earlier invocation)" if row.get("reused") else ""))
             rows.append(row)
     add_relative_columns(rows)
@@ -321,7 +418,8 @@ def compare(finetune_cmd: list[str], backends: list[str], seq_lens: list[int], o
     if baseline is not None:
         add_scaling_columns(rows, json.loads((Path(baseline) / "results.json").read_text())["rows"])
         table += f"\nScaling against the 1-process runs in {baseline}:\n\n" + scaling_table(rows)
-    results = {"title": title, "environment": env, "backends": backends, "seq_lens": seq_lens, "rows": rows}
+    results = {"title": title, "environment": env, "backends": backends,
+               "cases": [dataclasses.asdict(c) for c in cases], "rows": rows}  # fmt: skip
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out_dir / "results.md").write_text(table)
     results["plots"] = [str(p) for p in plot(rows, out_dir, f"{title} ({where})")]

@@ -1,15 +1,23 @@
 """Training data: load records, turn them into token sequences, and batch them.
 
-Two batch layouts, both without padding:
+Three batch layouts:
 - blocks (default): all documents joined with EOS and cut into rows of exactly ``seq_len`` tokens, so
-  every step sees the same number of tokens (what a speed comparison needs);
-- packing: whole documents (cut at ``seq_len``) grouped into bins of at most ``seq_len`` tokens and
+  every step sees the same number of tokens (what a speed comparison of one length needs);
+- padded: one document per row (cut at ``max_doc_len``), a micro-batch padded to its longest row with an
+  ``attention_mask`` and -100 labels on the pads (what most fine-tuning scripts do);
+- packed: whole documents (cut at ``max_doc_len``) grouped into bins of at most ``seq_len`` tokens and
   flattened by Transformers' ``DataCollatorWithFlattening``: one row per batch, sequence boundaries
   passed to attention so no document attends to another.
+
+The documents come from ``--data`` (or the default corpus), or, for speed work without a data set, from
+``--lengths lognormal:MEDIAN:SIGMA:N``: N sequences of random token ids whose lengths follow a log-normal
+distribution (long-tailed, as instruction and chat data are), the same for every backend of a seed.
 """
 
 from __future__ import annotations
 
+import math
+import random
 from pathlib import Path
 
 from .models import ASSETS, UsageError
@@ -19,6 +27,7 @@ FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parque
 PROMPT_FIELDS = ("instruction", "prompt", "question", "input")
 RESPONSE_FIELDS = ("response", "output", "answer", "completion")
 QA_DATA = ASSETS / "data" / "attention_qa.jsonl"
+LAYOUTS = ("blocks", "padded", "packed")
 
 
 def _data_files(path: Path) -> tuple[str, list[str]]:
@@ -155,6 +164,39 @@ def tokenize_records(records, tokenizer, fields) -> list[tuple[list[int], list[i
     return sequences
 
 
+def parse_lengths(spec: str) -> tuple[float, float, int]:
+    """``lognormal:MEDIAN:SIGMA:N`` -> (median, sigma, n), or UsageError naming the accepted form."""
+    parts = spec.split(":")
+    try:
+        if len(parts) != 4 or parts[0] != "lognormal":
+            raise ValueError
+        median, sigma, count = float(parts[1]), float(parts[2]), int(parts[3])
+        if median < 2 or sigma < 0 or count < 1:
+            raise ValueError
+    except ValueError:
+        raise UsageError(
+            f"--lengths {spec!r}: expected lognormal:MEDIAN:SIGMA:N with MEDIAN >= 2, SIGMA >= 0 and N >= 1, "
+            "e.g. lognormal:600:1.0:100"
+        ) from None
+    return median, sigma, count
+
+
+def synthetic_sequences(spec: str, max_len: int, vocab_size: int, seed: int = 0):
+    """(input_ids, labels) of random tokens with log-normal lengths clipped to [2, ``max_len``].
+
+    Random ids make the loss meaningless as a model of language, but every backend of a run trains on the
+    same tokens, so speed, memory and the agreement of the losses are what a comparison needs.
+    """
+    median, sigma, count = parse_lengths(spec)
+    rng = random.Random(seed)
+    sequences = []
+    for _ in range(count):
+        length = min(max_len, max(2, round(math.exp(rng.gauss(math.log(median), sigma)))))
+        ids = [rng.randrange(vocab_size) for _ in range(length)]
+        sequences.append((ids, list(ids)))
+    return sequences
+
+
 def make_blocks(sequences, seq_len: int) -> list[dict]:
     """Join all sequences and cut rows of exactly ``seq_len`` tokens (the remainder is dropped)."""
     ids = [t for seq, _ in sequences for t in seq]
@@ -168,6 +210,11 @@ def make_blocks(sequences, seq_len: int) -> list[dict]:
         {"input_ids": ids[i : i + seq_len], "labels": labels[i : i + seq_len]}
         for i in range(0, len(ids) - seq_len + 1, seq_len)
     ]
+
+
+def make_rows(sequences) -> list[dict]:
+    """One row per sequence (the padded layout pads them per micro-batch)."""
+    return [{"input_ids": ids, "labels": labels} for ids, labels in sequences]
 
 
 def make_bins(sequences, seq_len: int) -> list[dict]:
@@ -207,6 +254,24 @@ class BlockCollator:
         return {key: torch.tensor([f[key] for f in features], dtype=torch.long) for key in ("input_ids", "labels")}
 
 
+class PaddedCollator:
+    """Pad a micro-batch of rows to its longest: ``input_ids``/``labels``/``attention_mask`` ``[B, longest]``.
+
+    Transformers' ``DataCollatorForSeq2Seq`` does the work (pads on the tokenizer's side, -100 labels on
+    the pads); training pads on the right, where a causal model's real tokens never see a pad.
+    """
+
+    def __init__(self, tokenizer):
+        from transformers import DataCollatorForSeq2Seq
+
+        tokenizer.padding_side = "right"
+        self.pad = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX,
+                                          return_tensors="pt")  # fmt: skip
+
+    def __call__(self, features: list[dict]) -> dict:
+        return self.pad([{**f, "attention_mask": [1] * len(f["input_ids"])} for f in features])
+
+
 class PackedCollator:
     """Flatten every document of every bin of the batch into one row of shape ``[1, total_tokens]``.
 
@@ -224,16 +289,41 @@ class PackedCollator:
 
 
 def build_train_dataset(tokenizer, data=None, seq_len=512, packing=False, text_field=None, prompt_field=None,
-                        response_field=None, max_docs=None):  # fmt: skip
-    """(dataset, collator, number of tokens) for the Trainer, or UsageError saying what to fix."""
-    source = f"--data {data}" if data else "the default data"
-    records = load_records(data, max_docs)
-    if len(records) == 0:
-        raise UsageError(f"{source} is empty; pass a file with at least one row")
-    fields = resolve_fields(records, text_field, prompt_field, response_field, source)
-    sequences = tokenize_records(records, tokenizer, fields)
-    if not sequences:
-        raise UsageError(f"{source} has no usable text in {fields[1:]} (every row is empty or too short)")
-    rows = make_bins(sequences, seq_len) if packing else make_blocks(sequences, seq_len)
+                        response_field=None, max_docs=None, layout=None, max_doc_len=None, lengths=None,
+                        vocab_size=None, seed=0):  # fmt: skip
+    """(dataset, collator, number of tokens) for the Trainer, or UsageError saying what to fix.
+
+    ``layout``: blocks | padded | packed (``packing=True`` is the older spelling of packed). Padded and
+    packed rows hold documents cut at ``max_doc_len`` (default ``seq_len``); packed bins hold at most
+    ``seq_len`` tokens. ``lengths`` (``lognormal:MEDIAN:SIGMA:N``) replaces the data with random tokens
+    of ids below ``vocab_size``.
+    """
+    layout = layout or ("packed" if packing else "blocks")
+    if layout not in LAYOUTS:
+        raise UsageError(f"unknown --layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    max_doc_len = max_doc_len or seq_len
+    if layout == "packed" and max_doc_len > seq_len:
+        raise UsageError(f"--max-doc-len {max_doc_len} is above --seq-len {seq_len}, the size of a packed bin")
+    if lengths is not None:
+        if data is not None:
+            raise UsageError("pass either --data or --lengths, not both")
+        sequences = synthetic_sequences(lengths, max_doc_len, vocab_size or len(tokenizer), seed)
+    else:
+        source = f"--data {data}" if data else "the default data"
+        records = load_records(data, max_docs)
+        if len(records) == 0:
+            raise UsageError(f"{source} is empty; pass a file with at least one row")
+        fields = resolve_fields(records, text_field, prompt_field, response_field, source)
+        sequences = tokenize_records(records, tokenizer, fields)
+        if not sequences:
+            raise UsageError(f"{source} has no usable text in {fields[1:]} (every row is empty or too short)")
+    if layout == "blocks":
+        rows, collator = make_blocks(sequences, seq_len), BlockCollator()
+    else:  # both layouts see the same documents, cut at the same length
+        sequences = [(ids[:max_doc_len], labels[:max_doc_len]) for ids, labels in sequences]
+        if layout == "padded":
+            rows, collator = make_rows(sequences), PaddedCollator(tokenizer)
+        else:
+            rows, collator = make_bins(sequences, seq_len), PackedCollator()
     n_tokens = sum(len(ids) for ids, _ in sequences)
-    return ListDataset(rows), (PackedCollator() if packing else BlockCollator()), n_tokens
+    return ListDataset(rows), collator, n_tokens

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import statistics
@@ -28,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data import build_train_dataset
+from .data import IGNORE_INDEX, LAYOUTS, build_train_dataset, parse_lengths
 from .distributed import allow_indexed_cpu_locations, fsdp_ignored_reason, full_state_dict, gather_floats, parallelism
 from .models import (
     BACKENDS,
@@ -62,7 +63,10 @@ class FinetuneConfig:
     warmup_steps: int = 0
     max_steps: int | None = None
     epochs: float = 1.0
-    packing: bool = False
+    packing: bool = False  # the older spelling of layout="packed"
+    layout: str = "blocks"  # blocks | padded | packed (data.py)
+    max_doc_len: int | None = None  # padded/packed: documents cut at this many tokens (default seq_len)
+    lengths: str | None = None  # lognormal:MEDIAN:SIGMA:N random-token documents instead of --data
     gradient_checkpointing: bool = False
     dtype: str = "auto"
     device: str = "auto"
@@ -90,6 +94,16 @@ def validate(cfg: FinetuneConfig) -> None:
         raise UsageError(f"--max-steps must be at least 1 (got {cfg.max_steps})")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise UsageError(f"unknown --device {cfg.device!r}; choose auto, cpu or cuda")
+    if cfg.packing:
+        if cfg.layout not in ("blocks", "packed"):
+            raise UsageError(f"--packing asks for the packed layout; it contradicts --layout {cfg.layout}")
+        cfg.layout = "packed"
+    if cfg.layout not in LAYOUTS:
+        raise UsageError(f"unknown --layout {cfg.layout!r}; choose one of {', '.join(LAYOUTS)}")
+    if cfg.max_doc_len is not None and cfg.max_doc_len < 2:
+        raise UsageError(f"--max-doc-len must be at least 2 (got {cfg.max_doc_len})")
+    if cfg.lengths is not None:
+        parse_lengths(cfg.lengths)
 
 
 def pick_device(name: str) -> str:
@@ -113,7 +127,8 @@ class StepMeter:
         import torch
 
         self.cuda = str(device).startswith("cuda") and torch.cuda.is_available()
-        self.tokens = 0
+        self.tokens = 0  # real tokens (pads excluded), an int or a tensor on the device until end()
+        self.targets = 0  # tokens the loss predicts (labels != -100 after the shift)
         self.start = 0.0
         self.last: dict = {}
 
@@ -129,8 +144,16 @@ class StepMeter:
         self._sync()
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
-        self.tokens = 0
+        self.tokens = self.targets = 0
         self.start = time.perf_counter()
+
+    def count(self, inputs: dict) -> None:
+        """Add a micro-batch's real tokens and loss targets; summed on its device, read once in end()."""
+        mask = inputs.get("attention_mask")
+        self.tokens = self.tokens + (mask.sum() if mask is not None else inputs["input_ids"].numel())
+        labels = inputs.get("labels")
+        if labels is not None:
+            self.targets = self.targets + labels[..., 1:].ne(IGNORE_INDEX).sum()
 
     def end(self, stop: bool = False) -> bool:
         """Close the step on every rank; True when any rank asked to stop (Ctrl-C, --stop-after)."""
@@ -138,17 +161,17 @@ class StepMeter:
 
         self._sync()
         peak = torch.cuda.max_memory_allocated() if self.cuda else 0.0
-        ranks = gather_floats([self.tokens, peak, float(stop)])
+        ranks = gather_floats([float(self.tokens), float(self.targets), peak, float(stop)])
         # The clock is read after the gather, which returns once the slowest rank has finished its
         # step: the job's step time. The gather also lines the ranks up for the next step's start.
         seconds = time.perf_counter() - self.start
         tokens = int(sum(r[0] for r in ranks))
-        peaks = [r[1] / 2**30 for r in ranks] if self.cuda else None
-        self.last = {"tokens": tokens, "step_time_s": seconds, "tokens_per_s": tokens / seconds,
-                     "peak_mem_gib": max(peaks) if peaks else None}  # fmt: skip
+        peaks = [r[2] / 2**30 for r in ranks] if self.cuda else None
+        self.last = {"tokens": tokens, "targets": int(sum(r[1] for r in ranks)), "step_time_s": seconds,
+                     "tokens_per_s": tokens / seconds, "peak_mem_gib": max(peaks) if peaks else None}  # fmt: skip
         if peaks and len(peaks) > 1:
             self.last["peak_mem_gib_per_rank"] = peaks
-        return any(r[2] for r in ranks)
+        return any(r[3] for r in ranks)
 
 
 def _callback_class():
@@ -190,12 +213,13 @@ def _trainer_class():
         steps_path: Path
 
         def training_step(self, model, inputs, *args, **kwargs):
-            self.meter.tokens += int(inputs["input_ids"].numel())  # no batch holds padding
+            self.meter.count(inputs)
             return super().training_step(model, inputs, *args, **kwargs)
 
         def log(self, logs, *args, **kwargs):
             if "loss" in logs and self.meter.last:
-                record = {"step": self.state.global_step, "loss": logs["loss"], **self.meter.last}
+                record = {"step": self.state.global_step, "epoch": self.state.epoch, "loss": logs["loss"],
+                          **self.meter.last}  # fmt: skip
                 for key in ("grad_norm", "learning_rate"):
                     if key in logs:
                         record[key] = logs[key]
@@ -225,15 +249,31 @@ def _latest_checkpoint(output_dir: Path) -> tuple[str | None, int]:
     return last, (int(Path(last).name.split("-")[-1]) if last else 0)
 
 
+def _pass_of(step: dict) -> int:
+    """1 for the steps of the first pass over the data, 2 for the second, ... (the Trainer's epoch
+    reaches exactly 1.0 at the first pass's last step)."""
+    return max(1, math.ceil(round(step.get("epoch") or 0.0, 6)))
+
+
 def summarize(steps: list[dict], warmup: int) -> dict:
-    """Medians over the measured steps (all of them when there are too few to leave any out)."""
+    """Medians over the measured steps (all of them when there are too few to leave any out), and over
+    whole passes: ``real_tokens_per_s`` of the steady state (the passes after the first, or the measured
+    steps when there is one pass), ``first_pass_s`` (compiles and caches included) and ``loss_per_token``,
+    the target-weighted mean loss of the first pass (the weights before any update when --lr is 0)."""
     measured = steps[warmup:] if len(steps) > warmup else steps
     peaks = [s["peak_mem_gib"] for s in steps if s.get("peak_mem_gib") is not None]
     per_rank = [s["peak_mem_gib_per_rank"] for s in steps if s.get("peak_mem_gib_per_rank")]
+    first = [s for s in steps if _pass_of(s) == 1]
+    steady = [s for s in steps if _pass_of(s) > 1] or measured
+    targets = sum(s.get("targets", 0) for s in first)
     return {
         "steps": len(steps),
         "median_tokens_per_s": statistics.median(s["tokens_per_s"] for s in measured) if measured else None,
         "median_step_time_s": statistics.median(s["step_time_s"] for s in measured) if measured else None,
+        "real_tokens_per_s": (sum(s["tokens"] for s in steady) / sum(s["step_time_s"] for s in steady)
+                              if steady else None),  # fmt: skip
+        "first_pass_s": sum(s["step_time_s"] for s in first) if len(first) < len(steps) else None,
+        "loss_per_token": sum(s["loss"] * s.get("targets", 0) for s in first) / targets if targets else None,
         "peak_mem_gib": max(peaks) if peaks else None,
         "peak_mem_gib_per_rank": [max(column) for column in zip(*per_rank)] if per_rank else None,
         "final_loss": steps[-1]["loss"] if steps else None,
@@ -283,8 +323,9 @@ def _training_arguments(cfg: FinetuneConfig, out: Path, device: str, dtype):
         dataloader_num_workers=0,
         # An incomplete last batch would be topped up with examples from the epoch's start when the
         # batches are spread over several ranks; dropping it means no example is seen twice per epoch,
-        # and every step holds the same number of rows whatever the number of processes.
-        dataloader_drop_last=True,
+        # and every step holds the same number of rows whatever the number of processes. One process
+        # keeps it: a pass over variable-length data then holds every document, in every layout.
+        dataloader_drop_last=int(os.environ.get("WORLD_SIZE", "1")) > 1,
         # LoRA uses every trainable parameter in every step; looking for unused ones costs DDP a
         # walk over the autograd graph per step.
         ddp_find_unused_parameters=False,
@@ -299,17 +340,22 @@ def _check_enough_rows(cfg: FinetuneConfig, rows: int, world: int) -> None:
         layout = f"--batch-size {cfg.batch_size}" + (f" x {world} processes" if world > 1 else "")
         raise UsageError(
             f"{layout} needs {need} rows per micro-step, but the data makes only {rows} "
-            f"{'packed bins' if cfg.packing else 'rows'} of <= {cfg.seq_len} tokens; "
+            f"{_rows_word(cfg)} of <= {cfg.seq_len} tokens; "
             "use a smaller --batch-size or --seq-len, or more data"
         )
+
+
+def _rows_word(cfg: FinetuneConfig) -> str:
+    return {"blocks": "rows", "padded": "padded rows", "packed": "packed bins"}[cfg.layout]
 
 
 def _build_trainer(cfg: FinetuneConfig, args, spec, dtype, say):
     """Data, model with LoRA, and the Trainer with its meter and stop callback."""
     tokenizer = load_tokenizer(spec)
     dataset, collator, n_tokens = build_train_dataset(
-        tokenizer, cfg.data, cfg.seq_len, cfg.packing, cfg.text_field, cfg.prompt_field, cfg.response_field,
-        cfg.max_docs,
+        tokenizer, cfg.data, cfg.seq_len, False, cfg.text_field, cfg.prompt_field, cfg.response_field,
+        cfg.max_docs, layout=cfg.layout, max_doc_len=cfg.max_doc_len, lengths=cfg.lengths,
+        vocab_size=spec.config.vocab_size, seed=cfg.seed,
     )  # fmt: skip
     _check_enough_rows(cfg, len(dataset), args.world_size)
     # Built straight on this rank's device (cuda:LOCAL_RANK): on "cuda", every rank would first put a
@@ -334,7 +380,7 @@ def _build_trainer(cfg: FinetuneConfig, args, spec, dtype, say):
     batch = cfg.batch_size * cfg.grad_accum * world
     say(f"model {spec.name} ({total / 1e6:.1f}M params, {trainable / 1e6:.2f}M trainable LoRA), attn={cfg.attn}, "
         f"dtype={str(dtype).removeprefix('torch.')}, device={args.device.type}; data: {len(dataset)} "
-        f"{'packed bins' if cfg.packing else 'rows'} of <= {cfg.seq_len} tokens from {n_tokens} tokens")  # fmt: skip
+        f"{_rows_word(cfg)} of <= {cfg.seq_len} tokens from {n_tokens} tokens")  # fmt: skip
     if world > 1:
         say(f"{world} processes, {layout['mode']} over {layout['backend']}: {batch} rows per optimizer step "
             f"({cfg.batch_size} per process x {cfg.grad_accum} accumulation x {world})")  # fmt: skip

@@ -10,7 +10,7 @@ from hf_flash.training.compare import add_relative_columns, markdown_table, run_
 
 def test_three_step_cpu_comparison(compare_script, tmp_path, capsys):
     out = tmp_path / "cmp"
-    code = compare_script.main(["--backends", "eager,sdpa", "--seq-lens", "64", "--max-steps", "3",
+    code = compare_script.main(["--backends", "eager,sdpa", "--seq-lens", "64", "--max-steps", "3", "--layout", "blocks",
                                 "--dtype", "fp32", "--max-docs", "40", "--output-dir", str(out)])  # fmt: skip
     assert code == 0
     printed = capsys.readouterr().out
@@ -24,6 +24,36 @@ def test_three_step_cpu_comparison(compare_script, tmp_path, capsys):
     for name in ("results.md", "loss_curves.png", "speed_memory.png"):
         assert (out / name).stat().st_size > 0
     assert "--max-docs 40" in rows["eager"]["command"]  # unknown options reach finetune_lora.py
+
+
+def test_padded_and_packed_cpu_comparison(compare_script, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    code = compare_script.main(["--backends", "eager,sdpa", "--lengths", "lognormal:12:0.7:6", "--max-len", "24",
+                                "--batch-size", "3", "--dtype", "fp32", "--output-dir", str(out)])  # fmt: skip
+    assert code == 0
+    rows = {(r["backend"], r["layout"]): r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert set(rows) == {(b, layout) for b in ("eager", "sdpa") for layout in ("padded", "packed")}
+    padded, packed = rows["sdpa", "padded"], rows["sdpa", "packed"]
+    bins = len(json.loads((out / "results.json").read_text())["rows"][2]["losses"]) // 2
+    assert padded["steps"] == 4 and packed["steps"] == 2 * bins and bins >= 2  # two passes: 2 batches of 3 / bins of 48
+    assert all(r["status"] == "ok" and r["first_pass_s"] > 0 and r["real_tokens_per_s"] > 0 for r in rows.values())
+    # the same documents at learning rate 0: every row's loss per target agrees
+    assert all(r["loss_per_token_rel_diff"] < 1e-5 for r in rows.values())
+    assert padded["tokens_per_s_vs_sdpa"] == pytest.approx(1.0) and padded["tokens_per_s_vs_sdpa_padded"] == 1.0
+    printed = capsys.readouterr().out
+    assert "| sdpa | packed | ok |" in printed and "real tokens/s" in printed
+    assert "--lr 0" in padded["command"] and "--layout padded" in padded["command"]
+
+
+def test_summarize_splits_the_passes():
+    from hf_flash.training.loop import summarize
+
+    steps = [{"epoch": e, "loss": loss, "targets": n, "tokens": t, "step_time_s": s, "tokens_per_s": t / s}
+             for e, loss, n, t, s in [(0.5, 2.0, 10, 12, 3.0), (1.0, 4.0, 30, 32, 1.0), (1.5, 2.0, 10, 12, 0.5),
+                                      (2.0, 4.0, 30, 32, 0.5)]]  # fmt: skip
+    summary = summarize(steps, warmup=1)
+    assert summary["first_pass_s"] == 4.0 and summary["real_tokens_per_s"] == 44 / 1.0
+    assert summary["loss_per_token"] == pytest.approx((2.0 * 10 + 4.0 * 30) / 40)
 
 
 def _fake(tmp_path, code: int, text: str = "") -> list[str]:

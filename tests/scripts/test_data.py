@@ -9,9 +9,12 @@ from hf_flash.training.data import (
     IGNORE_INDEX,
     BlockCollator,
     PackedCollator,
+    PaddedCollator,
     build_train_dataset,
     load_records,
+    parse_lengths,
     resolve_fields,
+    synthetic_sequences,
 )  # fmt: skip
 from hf_flash.training.models import UsageError, load_tokenizer, resolve_model
 
@@ -116,3 +119,36 @@ def test_too_little_data_for_one_block(tmp_path, tokenizer):
         build_train_dataset(tokenizer, str(path), seq_len=512)
     dataset, _, _ = build_train_dataset(tokenizer, str(path), seq_len=512, packing=True)
     assert len(dataset) == 1  # packing takes documents of any length
+
+
+def test_lognormal_lengths_are_long_tailed_clipped_and_seeded(tokenizer):
+    docs = synthetic_sequences("lognormal:40:1.0:400", max_len=300, vocab_size=1000, seed=5)
+    lengths = sorted(len(ids) for ids, _ in docs)
+    assert len(docs) == 400 and 2 <= lengths[0] and lengths[-1] == 300  # clipped: some would be longer
+    assert 30 <= lengths[200] <= 55 and lengths[360] > 2 * lengths[200]  # median ~40, a long tail
+    assert all(ids == labels and max(ids) < 1000 for ids, labels in docs)
+    assert docs == synthetic_sequences("lognormal:40:1.0:400", max_len=300, vocab_size=1000, seed=5)
+    assert [len(i) for i, _ in synthetic_sequences("lognormal:64:0:3", 64, 10)] == [64, 64, 64]  # sigma 0: exact
+
+
+@pytest.mark.parametrize("spec", ["lognormal:600:1.0", "normal:600:1:10", "lognormal:1:1:10", "lognormal:6:x:10"])
+def test_bad_lengths_name_the_accepted_form(spec):
+    with pytest.raises(UsageError, match=r"--lengths .*expected lognormal:MEDIAN:SIGMA:N"):
+        parse_lengths(spec)
+
+
+def test_padded_and_packed_layouts_hold_the_same_documents(tokenizer):
+    kwargs = dict(seq_len=64, lengths="lognormal:20:0.8:9", vocab_size=len(tokenizer), max_doc_len=40)
+    padded, pad_collator, n_padded = build_train_dataset(tokenizer, layout="padded", **kwargs)
+    packed, _, n_packed = build_train_dataset(tokenizer, layout="packed", **kwargs)
+    assert isinstance(pad_collator, PaddedCollator) and n_padded == n_packed
+    docs = [row["input_ids"] for row in padded.rows]
+    assert docs == [d["input_ids"] for row in packed.rows for d in row["docs"]] and len(docs) == 9
+    assert max(len(d) for d in docs) <= 40
+    batch = pad_collator([padded[0], padded[1], padded[2]])
+    lengths = [len(d) for d in docs[:3]]
+    assert batch["input_ids"].shape == (3, max(lengths)) and batch["attention_mask"].sum(1).tolist() == lengths
+    for row, n in enumerate(lengths):  # right padding, and no loss on a pad
+        assert batch["labels"][row, n:].eq(IGNORE_INDEX).all() and batch["labels"][row, :n].tolist() == docs[row]
+    with pytest.raises(UsageError, match="--max-doc-len 100 is above --seq-len 64"):
+        build_train_dataset(tokenizer, layout="packed", **{**kwargs, "max_doc_len": 100})
