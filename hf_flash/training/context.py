@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .compare import _fmt, _styles, _where, run_one
 
+
 def probe_args(seq_len: int, steps: int) -> list[str]:
     """finetune_lora.py options of one probe: ``steps`` steps of one ``seq_len``-token sequence each."""
     return ["--lengths", f"lognormal:{seq_len}:0:{steps}", "--max-steps", str(steps), "--batch-size", "1"]

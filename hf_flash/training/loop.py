@@ -270,8 +270,7 @@ def summarize(steps: list[dict], warmup: int) -> dict:
         "steps": len(steps),
         "median_tokens_per_s": statistics.median(s["tokens_per_s"] for s in measured) if measured else None,
         "median_step_time_s": statistics.median(s["step_time_s"] for s in measured) if measured else None,
-        "real_tokens_per_s": (sum(s["tokens"] for s in steady) / sum(s["step_time_s"] for s in steady)
-                              if steady else None),  # fmt: skip
+        "real_tokens_per_s": sum(s["tokens"] for s in steady) / sum(s["step_time_s"] for s in steady) if steady else None,
         "first_pass_s": sum(s["step_time_s"] for s in first) if len(first) < len(steps) else None,
         "loss_per_token": sum(s["loss"] * s.get("targets", 0) for s in first) / targets if targets else None,
         "peak_mem_gib": max(peaks) if peaks else None,

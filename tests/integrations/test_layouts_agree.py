@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
-
-from conftest import assert_close_rel
-
 from _tiny import DEVICE, DTYPE, VOCAB, make_model
+from conftest import assert_close_rel
+from peft import LoraConfig, get_peft_model
 
 LENGTHS = (5, 11, 17)  # odd, unequal: the padded batch holds 12 + 6 pads, the packed row 33 tokens
 
