@@ -90,8 +90,14 @@ def _prepare_environment(args) -> None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     _prepare_environment(args)
+    from hf_flash.training import MissingExtra
     from hf_flash.training.distributed import end_processes
-    from hf_flash.training.loop import FinetuneConfig, finetune
+
+    try:
+        from hf_flash.training.loop import FinetuneConfig, finetune
+    except MissingExtra as exc:  # one line: which package, and the extra to install
+        print(f"error: {exc}", file=sys.stderr)
+        return USAGE_EXIT
     from hf_flash.training.models import UsageError
 
     try:

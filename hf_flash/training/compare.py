@@ -21,7 +21,10 @@ import textwrap
 import time
 from pathlib import Path
 
+from . import require
 from .loop import SUMMARY_FILE, read_steps, summarize
+
+require("matplotlib")  # the plots come after every run: say so before the first
 
 DEFAULT_BACKENDS = ("eager", "sdpa", "hf_flash")
 OPTIONAL_BACKENDS = ("flex_attention", "flash_attention_2")  # added to the default when they can run
