@@ -8,8 +8,8 @@ Each candidate is (block_m, block_n, num_warps, num_stages). The forward is time
 timed whole (delta + dK/dV + dQ) while one of its kernels' tile varies and the other keeps the current
 table's, so differences between rows are that kernel's. ``dkdv_atomic`` times the dK/dV kernel that also
 adds dQ by atomics (the path taken for head dims >= ``ATOMIC_DQ_MIN_HEAD_DIM`` unless deterministic).
-Setup as in the benchmark: 16k tokens per batch, hidden 2048. Results go to the notes
-(``benchmarks/NOTES.md``) and the winners into ``hf_flash/ops/config.py``'s table for the chip.
+Setup as in the benchmark: 16k tokens per batch, hidden 2048. Results go to the log
+(``benchmarks/results/LOG.md``) and the winners into ``hf_flash/ops/config.py``'s table for the chip.
 """
 
 from __future__ import annotations

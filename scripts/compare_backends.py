@@ -152,7 +152,16 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(SCRIPTS.parent))
     import torch
 
-    from hf_flash.training.compare import compare, default_backends
+    from hf_flash.training import MissingExtra, output_dir_problem
+
+    if problem := output_dir_problem(args.output_dir):  # before any run, not when the results are written
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    try:
+        from hf_flash.training.compare import compare, default_backends
+    except MissingExtra as exc:  # one line: which package, and the extra to install
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
     cuda = torch.cuda.is_available()
     backends = args.backends or default_backends(cuda)

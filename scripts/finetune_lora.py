@@ -96,19 +96,30 @@ def _prepare_environment(args) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 
+def _usage_error(message: str) -> int:
+    if os.environ.get("RANK", "0") == "0":  # every rank finds the same mistake; say it once
+        print(f"error: {message}", file=sys.stderr)
+    return USAGE_EXIT
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     _prepare_environment(args)
+    from hf_flash.training import MissingExtra, output_dir_problem
     from hf_flash.training.distributed import end_processes
-    from hf_flash.training.loop import FinetuneConfig, finetune
+
+    if problem := output_dir_problem(args.output_dir):  # before anything loads, not when the first file is written
+        return _usage_error(problem)
+    try:
+        from hf_flash.training.loop import FinetuneConfig, finetune
+    except MissingExtra as exc:  # one line: which package, and the extra to install
+        return _usage_error(str(exc))
     from hf_flash.training.models import UsageError
 
     try:
         summary = finetune(FinetuneConfig(**vars(args)))
     except UsageError as exc:
-        if os.environ.get("RANK", "0") == "0":  # every rank finds the same mistake; say it once
-            print(f"error: {exc}", file=sys.stderr)
-        return USAGE_EXIT
+        return _usage_error(str(exc))
     if summary["status"] == "oom":  # any rank that ran out reports it: the launcher stops the others
         print(f"out of memory at --seq-len {args.seq_len} with --attn {args.attn}: {summary['error']}", file=sys.stderr)
         return OOM_EXIT

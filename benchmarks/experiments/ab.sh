@@ -5,7 +5,7 @@
 #   bash benchmarks/experiments/ab.sh                  # writes to $OUT (device tool) or ./ab-out
 #   SEQLENS="4096" HEAD_DIMS="128" bash benchmarks/experiments/ab.sh
 #   SWEEP_SHORT=1 bash benchmarks/experiments/ab.sh    # also sweep the backward tiles at L = 1k (D128 causal)
-#   MATCH="warp" bash benchmarks/experiments/ab.sh     # only the variants whose name matches (and main)
+#   MATCH="delta" bash benchmarks/experiments/ab.sh    # only the variants whose name matches (and main)
 #   OVERHEAD=0 bash benchmarks/experiments/ab.sh       # without the launch-overhead profile
 #   VARLEN="--head-dim 64 --heads 32 --kv-heads 8" bash benchmarks/experiments/ab.sh   # also varlen_split.py
 #
@@ -42,10 +42,9 @@ VARIANTS=(
   # the three segment calls of each kernel as one static_range loop, one with DIAG_IN_LOOP (removes the
   # copies that `duplicates` lists; within noise on the H200 before 5163fc7; rebased onto f269af9, CPU-tested)
   "segment-loop|segment-loop.patch|"
-  # hangs on Triton 3.6 (two consumer warp groups deadlock on sm90; NOTES, 2026-11-29 third session), and no
-  # longer applies to main (written before the DIAG_IN_LOOP kernels; rebase it first):
-  # for a newer Triton, first `python benchmarks/experiments/ws_gemm_probe.py 128 128 64 3 ws`
-  "warp-specialized|warp-specialized.patch|HF_FLASH_WARP_SPECIALIZE=1"
+  # A patch that no longer applies to main leaves this folder for the branch experiments-archive, e.g.
+  # warp-specialized.patch (hangs on Triton 3.6: benchmarks/results/LOG.md, 2026-11-29 third session; for a
+  # newer Triton, first `python benchmarks/experiments/ws_gemm_probe.py 128 128 64 3 ws`, then rebase it).
 )
 
 package_root() {  # the folder to put on PYTHONPATH for a variant's hf_flash

@@ -21,7 +21,7 @@ Causal over dense, equal, block-aligned lengths (``_diag_in_loop``): the blocks 
 are not a loop of their own but the first (dK/dV) or last (dQ) steps of the main loop, which applies the
 causal compare on those steps only. A separate masked loop is two or three steps long, too short for the
 software pipeline to fill, and cost ~3x an unmasked step (H200: D128 causal L=1k backward 213 -> 260
-TFLOP/s, 4k 330 -> 360; ``benchmarks/NOTES.md``). Ragged, varlen and windowed calls keep the three loops,
+TFLOP/s, 4k 330 -> 360; ``docs/DESIGN.md``). Ragged, varlen and windowed calls keep the three loops,
 and so do head dims <= 64 past ``SHORT_SEQLEN`` tokens (merged, they measured 2-4% slower).
 
 Dropout: the keep-mask is regenerated from (seed, row, column) exactly as in the forward; ``dV`` uses the

@@ -228,7 +228,7 @@ TMA = True  # the fifth entry of a tile: stream K/V (forward, dQ) or Q/dO (dK/dV
 SM90 = ChipTable(
     "sm90", "H100, H200 (and newer GPUs with >= 227 KB shared memory per block)", (9, 0), 227 * KB, True,
     # measured on an H100 (bf16, L = 4k, 16k tokens, torch 2.11 + Triton 3.6), best of a sweep per
-    # head-dim class (benchmarks/sweep_tiles.py, benchmarks/NOTES.md). TMA only applies to power-of-two
+    # head-dim class (benchmarks/sweep_tiles.py, docs/DESIGN.md). TMA only applies to power-of-two
     # head dims; others read through pointers with the same tiles.
     fwd={64: (128, 64, 8, 3, TMA), 128: (128, 128, 8, 3, TMA), 256: (64, 64, 4, 3)},
     fwd_short={64: (64, 64, 4, 3, TMA), 128: (64, 64, 4, 3, TMA)},

@@ -23,7 +23,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import require
 from .loop import SUMMARY_FILE, read_steps, summarize
+
+require("matplotlib")  # the plots come after every run: say so before the first
 
 DEFAULT_BACKENDS = ("eager", "sdpa", "hf_flash")
 OPTIONAL_BACKENDS = ("flex_attention", "flash_attention_2")  # added to the default when they can run

@@ -20,6 +20,7 @@ import math
 import random
 from pathlib import Path
 
+from . import INSTALL_HINT
 from .models import ASSETS, UsageError
 
 IGNORE_INDEX = -100  # label value the loss skips (prompt tokens, sequence starts)
@@ -63,7 +64,7 @@ def load_records(data: str | None, max_docs: int | None = None):
     try:
         import datasets
     except ImportError:
-        raise UsageError(f"--data {data}: reading files needs the `datasets` package (pip install datasets)") from None
+        raise UsageError(f"--data {data}: reading files needs the `datasets` package: {INSTALL_HINT}") from None
     datasets.disable_progress_bars()
     try:
         rows = datasets.load_dataset(builder, data_files=files, split="train")

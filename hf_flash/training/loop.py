@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import require
 from .data import IGNORE_INDEX, LAYOUTS, build_train_dataset, parse_lengths
 from .distributed import allow_indexed_cpu_locations, fsdp_ignored_reason, full_state_dict, gather_floats, parallelism
 from .models import (
@@ -42,6 +43,8 @@ from .models import (
     resolve_dtype,
     resolve_model,
 )  # fmt: skip
+
+require("peft", "accelerate")  # LoRA and the Trainer: say so when imported, not after the model has loaded
 
 STEPS_FILE, SUMMARY_FILE, RUN_CONFIG_FILE = "steps.jsonl", "summary.json", "run_config.json"
 

@@ -1,6 +1,6 @@
 """benchmarks/loop_spills.py: the SASS loop parser, and one real sm90 cross-compile through it.
 
-The tool is how spill cliffs in the kernels' hot loops are found without a GPU (benchmarks/NOTES.md), so
+The tool is how spill cliffs in the kernels' hot loops are found without a GPU (docs/DESIGN.md), so
 its parser must find loops where the listing has them, and nest them right.
 """
 

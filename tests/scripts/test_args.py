@@ -112,3 +112,24 @@ def test_missing_model_says_nothing_can_be_downloaded(run_finetune, tmp_path):
 def test_unknown_preset_and_bad_target_modules(run_finetune):
     assert "llama-3.2-1b" in _one_line_error(run_finetune, "--model-preset", "gpt-5")
     assert "--target-modules" in _one_line_error(run_finetune, "--target-modules", "no_such_proj", "--max-steps", "1")
+
+
+def test_output_dir_that_is_a_file(run_finetune, compare_script, tmp_path, capsys, monkeypatch):
+    from hf_flash.training import loop
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was being loaded")
+
+    monkeypatch.setattr(loop, "resolve_model", no_loading)  # the check comes before anything loads
+    taken = tmp_path / "notes.txt"
+    taken.write_text("not a folder")
+    for out in (taken, taken / "run"):
+        code, stdout, err, _ = run_finetune(out=out)
+        assert code == 2 and stdout == "" and err.splitlines() == [
+            f"error: --output-dir {out} " + ("is a file" if out == taken else f"is inside {taken}, which is a file")
+            + "; pass a folder (it is created if missing)"
+        ]  # fmt: skip
+    assert compare_script.main(["--output-dir", str(taken), "--backends", "sdpa"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: --output-dir {taken} is a file; pass a folder (it is created if missing)"
+    ]

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, SCRIPTS, TINY
+from conftest import ROOT, SCRIPTS, TINY, needs_datasets
 
 from hf_flash.training.loop import load_finetuned, read_steps
 
@@ -64,6 +64,17 @@ def test_resume_continues_with_the_same_losses(run_finetune, tmp_path):
     resumed = read_steps(split)
     assert [s["step"] for s in resumed] == [1, 2, 3, 4, 5, 6]  # nothing lost, nothing repeated
     assert [s["loss"] for s in resumed] == pytest.approx(straight_losses, abs=1e-6)
+
+
+@needs_datasets
+def test_run_on_a_data_file(run_finetune, tmp_path):
+    # through `datasets`: CI runs this in the Transformers 4.56 environment too, whose huggingface-hub
+    # only some datasets releases work with
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"text": f"Row {i}: keys, queries and values. " * 8}) + "\n" for i in range(20)))
+    code, out, err, run_dir = run_finetune("--max-steps", "2", "--data", str(path), "--no-save-adapter")
+    assert code == 0 and "done: 2 steps" in out, err
+    assert [s["step"] for s in read_steps(run_dir)] == [1, 2]
 
 
 def test_packing_run(run_finetune):
