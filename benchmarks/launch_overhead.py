@@ -143,7 +143,7 @@ def main():
     # of cProfile's sight)
     saved = flash_attn_func(q, k, v, causal=causal, return_attn_probs=True)
     bwd_args = (dout, q, k, v, saved[0], saved[1], None, None, a.seqlen, a.seqlen, 1 / math.sqrt(a.head_dim),
-                -1, 0 if causal else -1, 0.0, 0.0, torch.zeros(1, dtype=torch.int64), True)
+                -1, 0 if causal else -1, 0.0, 0.0, torch.zeros(1, dtype=torch.int64), True, None)
 
     graph_out = flash_attn_func(*leaves, causal=causal)  # one saved graph, replayed as the bench times it
 

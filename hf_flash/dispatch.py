@@ -7,7 +7,7 @@ correct and O(L) in memory but run on the slow half of the chip: ~8 TFLOP/s of f
 memory-efficient backend runs on those tensor cores with O(L) memory too, as long as it needs no mask: a
 padded or packed batch, a sliding window, or causal attention with ``Lq != Lk`` (SDPA's ``is_causal``
 is top-left aligned, flash-attn's bottom-right) would each need an explicit ``[B, 1, Lq, Lk]`` mask, and
-SDPA has no softcap.
+SDPA has no softcap and no attention sinks.
 
 So on a chip whose tile table has ``tensor_cores=False`` the Transformers integration sends the calls that
 need no mask to SDPA restricted to its EFFICIENT_ATTENTION backend and keeps the rest on the kernels
@@ -17,8 +17,8 @@ need no mask to SDPA restricted to its EFFICIENT_ATTENTION backend and keeps the
 * ``kernels``: every call runs on the kernels;
 * ``sdpa``: padded/packed batches and windows go to SDPA too, with an explicit mask (O(L^2) memory).
 
-In every mode softcap, a requested deterministic backward and head dims the SDPA kernel cannot take stay
-on the kernels. This is a choice, not a fallback: it is announced once per process (:class:`PathNotice`)
+In every mode softcap, attention sinks, a requested deterministic backward and head dims the SDPA kernel
+cannot take stay on the kernels. This is a choice, not a fallback: it is announced once per process (:class:`PathNotice`)
 and ``HF_FLASH_STRICT=1`` does not make it an error. The direct API (``hf_flash.flash_attn_func`` ...)
 always runs the kernels. ``hf_flash.info()`` prints the decision per dtype.
 
@@ -47,13 +47,13 @@ SDPA = "sdpa-efficient"
 _RULES = {
     "auto": (
         "plain causal/full attention runs through PyTorch SDPA's memory-efficient kernel (tensor cores, O(L) "
-        "memory); padded/packed batches, sliding windows and softcap stay on hf_flash's kernels (SDPA would "
-        "need an O(L^2) mask for them, and has no softcap)"
+        "memory); padded/packed batches, sliding windows, softcap and attention sinks stay on hf_flash's kernels "
+        "(SDPA would need an O(L^2) mask for them, and has no softcap or sinks)"
     ),
     "sdpa": (
         f"attention runs through PyTorch SDPA's memory-efficient kernel (tensor cores), padded/packed batches "
-        f"and sliding windows included, with an explicit O(L^2) mask ({SM75_PATH_ENV}=sdpa); softcap stays on "
-        "hf_flash's kernels"
+        f"and sliding windows included, with an explicit O(L^2) mask ({SM75_PATH_ENV}=sdpa); softcap and attention "
+        "sinks stay on hf_flash's kernels"
     ),
     "kernels": f"{SM75_PATH_ENV}=kernels keeps every call on hf_flash's kernels all the same",
 }
@@ -92,6 +92,7 @@ class Call:
     head_dim, value_dim: of q/k and of v. len_q, len_k: query and key length of the (padded) batch.
     masked: a padded or packed batch (the integration's varlen layout). causal, window, softcap: flash-attn's
     (``causal`` bottom-right aligned; ``window=(left, right)``, -1 = unbounded). deterministic: asked for.
+    sinks: the call has attention sinks (gpt-oss's ``s_aux``).
     """
 
     dtype: torch.dtype
@@ -104,6 +105,7 @@ class Call:
     window: tuple[int, int] = (-1, -1)
     softcap: float = 0.0
     deterministic: bool = False
+    sinks: bool = False
 
 
 def simplify_mask(causal: bool, window, len_q: int, len_k: int) -> tuple[bool, tuple[int, int]]:
@@ -135,6 +137,8 @@ def _sdpa_cannot(call: Call) -> str | None:
         return "an empty sequence"
     if call.softcap > 0:
         return "softcap: SDPA has no logit softcap"
+    if call.sinks:
+        return "attention sinks: SDPA has no extra softmax term"
     if call.deterministic:
         return "a deterministic backward was asked for; SDPA's memory-efficient backward is not deterministic"
     return None
@@ -210,7 +214,7 @@ def integration_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked: 
         return KERNELS  # the memory-efficient kernel wants contiguous rows; SDPA would refuse the call
     call = Call(q.dtype, q.shape[-1], v.shape[-1], q.shape[1], k.shape[1], masked, bool(options["causal"]),
                 tuple(options["window_size"]), float(options.get("softcap") or 0.0),
-                bool(options.get("deterministic")))  # fmt: skip
+                bool(options.get("deterministic")), options.get("sinks") is not None)  # fmt: skip
     return choose(table, call, mode)[0]
 
 

@@ -4,7 +4,9 @@ The kernels need fp16/bf16 tensors on a CUDA GPU of compute capability >= 7.5 (o
 ``TRITON_INTERPRET=1``) and a head dim <= 256. Anywhere else, :func:`sdpa_flash_attn_func` and
 :func:`sdpa_flash_attn_varlen_func` compute the same thing with the same arguments (flash-attn's
 layouts and masking rules, see :mod:`hf_flash.ops.reference`) through PyTorch's
-``scaled_dot_product_attention``, so a caller only swaps the function, never its plumbing.
+``scaled_dot_product_attention``, so a caller only swaps the function, never its plumbing. SDPA has no
+softcap and no attention sinks: calls with either form the scores explicitly (PyTorch's math, in fp32),
+with the sink as an extra score column, so that no argument is silently dropped.
 
 Every fallback is announced by :func:`report_fallback`: one :class:`FallbackWarning` per distinct
 reason per process, or a :class:`FallbackError` when ``HF_FLASH_STRICT=1`` is set in the environment
@@ -179,7 +181,7 @@ def _sdpa(q, k, v, visible, is_causal: bool, scale: float, dropout_p: float, bac
 
 
 def attention_with_mask(
-    q, k, v, visible, softmax_scale=None, dropout_p=0.0, softcap=0.0, is_causal=False, backends=None
+    q, k, v, visible, softmax_scale=None, dropout_p=0.0, softcap=0.0, is_causal=False, backends=None, sinks=None
 ):
     """Attention on the flash-attn layout with an explicit visibility mask.
 
@@ -187,6 +189,8 @@ def attention_with_mask(
         q: ``[B, Lq, H, D]``; k, v: ``[B, Lk, Hk, D]`` (GQA: ``H % Hk == 0``).
         visible: bool ``[B, 1, Lq, Lk]`` or None (everything visible, or top-left causal when ``is_causal``).
         backends: SDPA backends to restrict the call to (default: every one this chip has, MATH last).
+        sinks: ``[H]`` attention-sink logits (any float dtype) or None: one more softmax term per row,
+            with no value (SDPA cannot: the scores are formed explicitly).
     Returns:
         ``[B, Lq, H, D]`` in q's dtype; rows that see no key are 0, as in the kernels.
     """
@@ -200,15 +204,23 @@ def attention_with_mask(
         # A row that sees no key would be softmax over nothing (NaN). Let it see everything, then zero it.
         has_key = visible.any(dim=-1, keepdim=True)
         visible = visible | ~has_key
-    if softcap > 0:
-        # SDPA has no softcap: the scores are formed explicitly (in fp32, like Gemma 2's eager path)
+    if softcap > 0 or sinks is not None:
+        # SDPA has no softcap and no sinks: the scores are formed explicitly (in fp32, like the eager paths
+        # of Gemma 2 and gpt-oss)
         scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-        scores = softcap * torch.tanh(scores / softcap)
+        if softcap > 0:
+            scores = softcap * torch.tanh(scores / softcap)
         if visible is not None:
             scores = scores.masked_fill(~visible, float("-inf"))
         elif is_causal:
             scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
-        probs = F.dropout(torch.softmax(scores, dim=-1), p=dropout_p, training=dropout_p > 0)
+        if sinks is not None:
+            # the sink as a last score column, dropped after the softmax (it has no value)
+            column = sinks.float()[None, :, None, None].expand(*scores.shape[:-1], 1)
+            probs = torch.softmax(torch.cat([scores, column], dim=-1), dim=-1)[..., :-1]
+        else:
+            probs = torch.softmax(scores, dim=-1)
+        probs = F.dropout(probs, p=dropout_p, training=dropout_p > 0)
         out = torch.matmul(probs.to(v.dtype), v)
     else:
         out = _sdpa(q, k, v, visible, is_causal and visible is None, scale, dropout_p, backends)
@@ -219,20 +231,20 @@ def attention_with_mask(
 
 def sdpa_flash_attn_func(
     q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, backends=None,
-    **unused,
+    sinks=None, **unused,
 ):  # fmt: skip
     """``hf_flash.flash_attn_func`` through PyTorch: q ``[B, Lq, H, D]``, k/v ``[B, Lk, Hk, D]`` -> ``[B, Lq, H, D]``.
 
     Causal is bottom-right aligned when ``Lq != Lk`` (query i sees keys ``j <= i + Lk - Lq``).
-    ``backends``: as in :func:`attention_with_mask`. Extra flash-attn arguments (``deterministic``, ...)
-    are accepted and have no effect here.
+    ``backends``, ``sinks [H]``: as in :func:`attention_with_mask`. Extra flash-attn arguments
+    (``deterministic``, ...) are accepted and have no effect here.
     """
     batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
     if causal and seqlen_q == seqlen_k and tuple(window_size) == (-1, -1):
         visible = None  # SDPA's is_causal is top-left aligned, which is the same when Lq == Lk
     else:
         visible = dense_visibility(batch, seqlen_q, seqlen_k, causal, tuple(window_size), q.device)
-    return attention_with_mask(q, k, v, visible, softmax_scale, dropout_p, softcap, causal, backends)
+    return attention_with_mask(q, k, v, visible, softmax_scale, dropout_p, softcap, causal, backends, sinks)
 
 
 def sdpa_flash_attn_varlen_func(
@@ -248,6 +260,7 @@ def sdpa_flash_attn_varlen_func(
     causal=False,
     window_size=(-1, -1),
     softcap=0.0,
+    sinks=None,
     **unused,
 ):
     """``hf_flash.flash_attn_varlen_func`` through PyTorch.
@@ -257,5 +270,5 @@ def sdpa_flash_attn_varlen_func(
     grows with the square of the packed length, which is acceptable for a fallback and needs no sync.
     """
     visible = varlen_visibility(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], causal, tuple(window_size))
-    out = attention_with_mask(q[None], k[None], v[None], visible, softmax_scale, dropout_p, softcap)
+    out = attention_with_mask(q[None], k[None], v[None], visible, softmax_scale, dropout_p, softcap, sinks=sinks)
     return out[0]

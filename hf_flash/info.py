@@ -21,6 +21,13 @@ from hf_flash.ops import config
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FALLBACK = "PyTorch SDPA"  # what the Transformers integration runs instead (hf_flash.fallback)
+# what the kernels' API (flash_attn_func and friends) computes, and what it refuses
+FEATURES = (
+    "causal (bottom-right aligned when Lq != Lk)", "sliding window", "softcap", "dropout", "MQA/GQA",
+    "varlen (packed / padded)", "attention sinks (sinks=, gpt-oss s_aux)", "deterministic backward",
+    "torch.compile (custom ops)",
+)
+NOT_SUPPORTED = ("alibi_slopes", "block_table (paged KV cache)")
 
 
 def _version(package: str) -> str:
@@ -125,6 +132,8 @@ def report() -> dict:
         "gpus": gpus,
         "cpu_paths": _paths(torch.device("cpu"), cpu_note),
         "max_head_dim": config.MAX_HEAD_DIM,
+        "features": list(FEATURES),
+        "not_supported": list(NOT_SUPPORTED),
     }
 
 
@@ -138,6 +147,7 @@ def format_report(r: dict) -> str:
             f"HF_FLASH_STRICT {r['strict']} (fallbacks {'raise' if r['strict'] != 'off' else 'warn once'}) | "
             f"{dispatch.SM75_PATH_ENV} {r['sm75_path']}"
         ),
+        f"  kernels support: {', '.join(r['features'])}; not: {', '.join(r['not_supported'])}",
     ]
     for gpu in r["gpus"]:
         treated = f", treated as {gpu['treated_as']} ({config.ARCH_ENV})" if gpu["treated_as"] else ""

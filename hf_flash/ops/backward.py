@@ -27,6 +27,11 @@ and so do head dims <= 64 past ``SHORT_SEQLEN`` tokens (merged, they measured 2-
 Dropout: the keep-mask is regenerated from (seed, row, column) exactly as in the forward; ``dV`` uses the
 dropped and rescaled P, ``dS`` the dropped and rescaled dP (``delta`` already includes the dropout).
 Softcap ``s = c * tanh(x / c)`` multiplies dS by its derivative ``1 - tanh^2``.
+
+Attention sinks need nothing here: the saved LSE includes the sink, so the recomputed P is the softmax
+with the sink's column, and that column (value 0, so dP = 0 there) adds nothing to ``delta = rowsum(dO * O)``.
+The sink's own gradient, ``dsink_h = -sum_rows exp(sink_h - lse) * delta``, is a reduction over the LSE and
+delta that :func:`flash_bwd` returns, done in PyTorch by the caller (no atomics: deterministic).
 """
 
 import torch
@@ -389,7 +394,8 @@ def flash_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max
     dq, dk, dv like q, k, v (written). ``config_dkdv``: key blocks of ``block_n`` walking query blocks of
     ``block_m``; ``config_dq``: query blocks of ``block_m`` walking key blocks of ``block_n``.
     ``deterministic=False`` folds dQ into the dK/dV kernel with fp32 atomic additions (fewer matmuls,
-    run-to-run rounding differences); True runs the separate dQ kernel (bitwise reproducible)."""
+    run-to-run rounding differences); True runs the separate dQ kernel (bitwise reproducible).
+    Returns delta = rowsum(dO * O), fp32 in the LSE's layout (the sinks' gradient is computed from it)."""
     varlen = cu_seqlens_q is not None
     if varlen:
         batch = cu_seqlens_q.numel() - 1
@@ -425,7 +431,7 @@ def flash_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max
     )
     if atomic:
         dq.copy_(dq_acc)
-        return
+        return delta
     c = config_dq
     kv = tma_pair(k, v, varlen, c.block_n, c.tma)
     _bwd_dq[(cdiv(max_seqlen_q, c.block_m), batch * n_heads)](
@@ -437,3 +443,4 @@ def flash_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max
         DIAG_IN_LOOP=_diag_in_loop(varlen, window, max_seqlen_q, max_seqlen_k, c),
         **c.launch_options(),
     )
+    return delta

@@ -75,6 +75,21 @@ def check_options(dropout_p, softmax_scale, window_size, softcap, alibi_slopes) 
     return left, right
 
 
+def check_sinks(sinks, n_heads: int, device) -> None:
+    """sinks: None or a floating-point tensor ``[H]`` (one logit per query head) on q's device."""
+    if sinks is None:
+        return
+    if not isinstance(sinks, torch.Tensor) or not sinks.is_floating_point():
+        kind = f"dtype {sinks.dtype}" if isinstance(sinks, torch.Tensor) else type(sinks).__name__
+        raise TypeError(f"sinks must be a floating-point torch.Tensor of shape [nheads] = [{n_heads}], got {kind}")
+    if tuple(sinks.shape) != (n_heads,):
+        raise ValueError(
+            f"sinks must have shape [nheads] = [{n_heads}] (one logit per query head), got {tuple(sinks.shape)}"
+        )
+    if sinks.device != device:
+        raise ValueError(f"sinks is on {sinks.device} but q is on {device}; all must be on one device")
+
+
 # Reading cu_seqlens is a device sync. Every layer of a model gets the same cu_seqlens tensors, so a
 # tensor that passed is not read again while it is alive and unmodified: entries hold a weak reference
 # (a freed tensor never matches, whatever reuses its memory) and the tensor's version counter, which

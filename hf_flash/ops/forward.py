@@ -7,6 +7,12 @@ and the fp32 log-sum-exp reach device memory, so extra memory is O(L).
 
 Scores are kept in base 2: ``softmax_scale * log2(e)`` is folded into one multiply so the kernel uses
 ``exp2`` (one instruction) instead of ``exp``.
+
+Attention sinks (gpt-oss): one learnable logit per query head that joins every row's softmax as an extra
+term ``exp(sink)`` with no value. The running max and sum simply start from it (``m = sink * log2(e)``,
+``l = 1``) instead of (-inf, 0); nothing else in the loop changes, the saved LSE includes the sink, and a
+row that sees no key ends with ``out = 0`` and ``lse = sink``. The sink is a raw logit, compared with the
+scores after ``softmax_scale`` (and softcap), so it is not scaled.
 """
 
 import triton
@@ -86,7 +92,7 @@ def _fwd_inner(
 # a fresh dropout seed every call must not trigger a recompile (ints are specialized on % 16)
 @triton.jit(do_not_specialize=["seed"])
 def _fwd_kernel(
-    Q, K, V, K_desc, V_desc, Out, Lse, cu_seqlens_q, cu_seqlens_k,
+    Q, K, V, K_desc, V_desc, Out, Lse, Sinks, cu_seqlens_q, cu_seqlens_k,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -97,9 +103,11 @@ def _fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_VARLEN: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr, TMA_HEAD_MAJOR: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
 ):
     """Q ``[.., Lq, H, D]``, K/V ``[.., Lk, Hk, D]``, Out like Q, Lse fp32 indexed
     ``b * stride_lb + h * stride_lh + row`` (``[B, H, Lq]``, or ``[H, total_q]`` for varlen).
+    Sinks: fp32 ``[H]`` with ``HAS_SINKS``, else unused.
     K_desc/V_desc: tensor descriptors of K/V with ``USE_TMA`` (``common.tma_pair``), else unused;
     ``TMA_HEAD_MAJOR`` with ``desc_rows_b``/``desc_rows_h``: their layout (``common.TmaLayout``)."""
     pid_m = tl.program_id(0)
@@ -133,8 +141,15 @@ def _fwd_kernel(
     q_ok = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
     q = load_rows(q_head, Q, 0, 0, offs_m, stride_qm, offs_d, seqlen_q, HEAD_DIM, True, False)  # [BM, BD]
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_SINKS:
+        # -- the sink is the row's first "key": exp2(m - m) = 1 in the sum, no value in acc. A sink of
+        #    -inf (no sink) must leave (-inf, 0), else an empty row would get lse = -inf instead of +inf
+        sink2 = tl.load(Sinks + off_h) * 1.4426950408889634
+        m_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32) + sink2
+        l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32) + tl.where(sink2 == float("-inf"), 0.0, 1.0)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if HAS_DROPOUT:
         seed = seed + pid_bh
@@ -159,7 +174,8 @@ def _fwd_kernel(
     )
 
     # -- final division. Rows that saw no key output 0 and store lse = +inf, which makes the
-    #    backward's recomputed p = exp(s - lse) exactly 0 for them.
+    #    backward's recomputed p = exp(s - lse) exactly 0 for them. With a sink, l_i >= 1 (the largest
+    #    term is exp2(0)): such rows end with acc = 0, lse = sink, and their p is 0 through the mask.
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -170,7 +186,7 @@ def _fwd_kernel(
 
 
 def flash_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window,
-              softcap, dropout_p, seed, config):
+              softcap, dropout_p, seed, config, sinks=None):
     """Launch the forward kernel. Shapes are checked by the caller (``function.py``).
 
     Args:
@@ -180,6 +196,7 @@ def flash_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
         cu_seqlens_q, cu_seqlens_k: int32 ``[B + 1]`` for varlen, else None.
         window: ``(left, right)`` with -1 for unbounded; causal is ``right = 0``.
         config: :class:`hf_flash.ops.config.KernelConfig`.
+        sinks: fp32 ``[H]`` contiguous attention-sink logits, or None.
     """
     varlen = cu_seqlens_q is not None
     if varlen:
@@ -196,13 +213,13 @@ def flash_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
     kv = tma_pair(k, v, varlen, block_n, config.tma)
     grid = (cdiv(max_seqlen_q, block_m), batch * n_heads)
     _fwd_kernel[grid](
-        q, k, v, kv.a, kv.b, out, lse, cu_seqlens_q, cu_seqlens_k,
+        q, k, v, kv.a, kv.b, out, lse, lse if sinks is None else sinks, cu_seqlens_q, cu_seqlens_k,
         *strides_blh(q, varlen), *strides_blh(k, varlen), *strides_blh(v, varlen), *strides_blh(out, varlen), *ls,
         max_seqlen_q, max_seqlen_k, n_heads, n_heads // n_heads_k, kv.layout.rows_b, kv.layout.rows_h,
         softmax_scale, softcap, window[0], window[1], dropout_p, seed,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=config.block_d,
         IS_VARLEN=varlen, MASK_LEFT=window[0] >= 0, MASK_RIGHT=window[1] >= 0,
         HAS_SOFTCAP=softcap > 0, HAS_DROPOUT=dropout_p > 0, USE_TMA=kv.use, TMA_HEAD_MAJOR=kv.head_major,
-        **config.launch_options(),
+        HAS_SINKS=sinks is not None, **config.launch_options(),
     )
 

@@ -38,9 +38,10 @@ def _lse_shape(q: torch.Tensor, varlen: bool, batch: int) -> tuple[int, ...]:
 
 
 def _fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-              window_left, window_right, softcap, dropout_p, deterministic):
+              window_left, window_right, softcap, dropout_p, deterministic, sinks):
     """Returns (out like q, lse fp32, rng_state: int64 [1] on the CPU, the dropout seed or 0).
-    ``deterministic`` is only recorded for the backward."""
+    ``deterministic`` is only recorded for the backward. ``sinks``: fp32 ``[H]`` contiguous, or None;
+    the LSE then includes the sink."""
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     varlen = cu_seqlens_q is not None
     batch = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
@@ -51,7 +52,7 @@ def _fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s
     if out.numel() > 0:
         config = forward_config(q.shape[-1], q.device, max_seqlen_q)
         flash_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                  (window_left, window_right), softcap, dropout_p, seed, config)
+                  (window_left, window_right), softcap, dropout_p, seed, config, sinks)
     return out, lse, torch.tensor([seed], dtype=torch.int64)
 
 
@@ -61,38 +62,54 @@ def _fwd_op(
     cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
     max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
     window_left: int, window_right: int, softcap: float, dropout_p: float, deterministic: bool,
+    sinks: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`_fwd_impl` as a custom op, the form ``torch.compile`` traces."""
     return _fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                     window_left, window_right, softcap, dropout_p, deterministic)
+                     window_left, window_right, softcap, dropout_p, deterministic, sinks)
 
 
 @_fwd_op.register_fake
 def _fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-              window_left, window_right, softcap, dropout_p, deterministic):
+              window_left, window_right, softcap, dropout_p, deterministic, sinks):
     varlen = cu_seqlens_q is not None
     batch = cu_seqlens_q.shape[0] - 1 if varlen else q.shape[0]
     lse = q.new_empty(_lse_shape(q, varlen, batch), dtype=torch.float32)
     return torch.empty_like(q), lse, torch.empty(1, dtype=torch.int64, device="cpu")
 
 
+def _sink_grad(sinks, lse, delta, varlen: bool) -> torch.Tensor:
+    """fp32 ``[H]``: ``dsink_h = -sum over rows of exp(sink_h - lse) * delta``. The sink is one more score
+    column whose probability is ``exp(sink - lse)`` and whose dP is 0 (it has no value), so its dS is
+    ``P * (0 - delta)``, summed over every row of the head. ``lse``/``delta``: ``[B, H, Lq]`` or
+    ``[H, total_q]``. A plain PyTorch reduction: deterministic, and B * H * Lq elements are cheap."""
+    if varlen:
+        return -(torch.exp(sinks[:, None] - lse) * delta).sum(1)
+    return -(torch.exp(sinks[None, :, None] - lse) * delta).sum((0, 2))
+
+
 def _bwd_impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-              window_left, window_right, softcap, dropout_p, rng_state, deterministic):
-    """Returns (dq, dk, dv) shaped like q, k, v."""
+              window_left, window_right, softcap, dropout_p, rng_state, deterministic, sinks):
+    """Returns (dq, dk, dv, dsinks): shaped like q, k, v, and fp32 like ``sinks`` (``[0]`` without sinks:
+    a custom op cannot return None)."""
     dout, q, k, v, out = (_last_dim_contiguous(t) for t in (dout, q, k, v, out))
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # with no query or no key, every output row is 0, so delta and the sinks' gradient are 0
+    dsinks = torch.zeros(0 if sinks is None else sinks.shape[0], device=q.device, dtype=torch.float32)
     if k.numel() > 0 and q.numel() == 0:
         dk.zero_()
         dv.zero_()
     elif k.numel() > 0:
         config_dkdv, config_dq = backward_config(q.shape[-1], q.device)
         deterministic = deterministic or q.shape[-1] < ATOMIC_DQ_MIN_HEAD_DIM
-        flash_bwd(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                  softmax_scale, (window_left, window_right), softcap, dropout_p, int(rng_state[0]),
-                  config_dkdv, config_dq, deterministic)
+        delta = flash_bwd(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                          max_seqlen_k, softmax_scale, (window_left, window_right), softcap, dropout_p,
+                          int(rng_state[0]), config_dkdv, config_dq, deterministic)
+        if sinks is not None:
+            dsinks = _sink_grad(sinks, lse, delta, cu_seqlens_q is not None)
     else:
         dq.zero_()
-    return dq, dk, dv
+    return dq, dk, dv, dsinks
 
 
 @torch.library.custom_op("hf_flash::bwd", mutates_args=(), device_types=None)
@@ -101,38 +118,44 @@ def _bwd_op(
     cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
     max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
     window_left: int, window_right: int, softcap: float, dropout_p: float, rng_state: torch.Tensor,
-    deterministic: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    deterministic: bool, sinks: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`_bwd_impl` as a custom op."""
     return _bwd_impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                     softmax_scale, window_left, window_right, softcap, dropout_p, rng_state, deterministic)
+                     softmax_scale, window_left, window_right, softcap, dropout_p, rng_state, deterministic, sinks)
 
 
 @_bwd_op.register_fake
 def _bwd_fake(dout, q, k, v, *args):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    sinks = args[-1]
+    dsinks = q.new_empty(0 if sinks is None else sinks.shape[0], dtype=torch.float32)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dsinks
 
 
+# the fwd op's arguments after (q, k, v), in order
 _FWD_ARGS = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "softmax_scale", "window_left",
-             "window_right", "softcap", "dropout_p", "deterministic")
+             "window_right", "softcap", "dropout_p", "deterministic", "sinks")
+_TENSOR_ARGS = ("cu_seqlens_q", "cu_seqlens_k", "sinks")  # saved with save_for_backward, the rest in ctx.args
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, *rest = inputs
     out, lse, rng_state = output
-    ctx.save_for_backward(q, k, v, out, lse, rng_state, rest[0], rest[1])
-    ctx.args = dict(zip(_FWD_ARGS[2:], rest[2:]))
+    args = dict(zip(_FWD_ARGS, rest))
+    ctx.save_for_backward(q, k, v, out, lse, rng_state, *(args.pop(name) for name in _TENSOR_ARGS))
+    ctx.args = args
     ctx.mark_non_differentiable(lse, rng_state)
 
 
 def _backward(ctx, dout, dlse, drng, bwd=_bwd_op):
-    q, k, v, out, lse, rng_state, cu_q, cu_k = ctx.saved_tensors
+    q, k, v, out, lse, rng_state, cu_q, cu_k, sinks = ctx.saved_tensors
     a = ctx.args
-    dq, dk, dv = bwd(
+    dq, dk, dv, dsinks = bwd(
         dout, q, k, v, out, lse, cu_q, cu_k, a["max_seqlen_q"], a["max_seqlen_k"], a["softmax_scale"],
-        a["window_left"], a["window_right"], a["softcap"], a["dropout_p"], rng_state, a["deterministic"],
+        a["window_left"], a["window_right"], a["softcap"], a["dropout_p"], rng_state, a["deterministic"], sinks,
     )
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+    # one gradient per fwd input: q, k, v, the ten options of _FWD_ARGS before sinks, sinks
+    return dq, dk, dv, *([None] * (len(_FWD_ARGS) - 1)), (None if sinks is None else dsinks)
 
 
 torch.library.register_autograd("hf_flash::fwd", _backward, setup_context=_setup_context)
@@ -157,22 +180,25 @@ class _EagerAttention(torch.autograd.Function):
 
 
 def _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
-               causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs):
+               causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs, sinks):
     """Shared tail of the public functions: options, then the op. Returns out or (out, lse, None)."""
     left, right = checks.check_options(dropout_p, softmax_scale, window_size, softcap, alibi_slopes)
+    if sinks is not None:
+        # computed in fp32 whatever the parameter's dtype; autograd casts the gradient back
+        sinks = sinks.float().contiguous()
     if causal:
         right = 0
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     if checks.is_compiling():
         forward = _fwd_op
-    elif torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, sinks)):
         forward = _EagerAttention.apply
     else:
         forward = _fwd_impl  # nothing to differentiate (inference, generation): no autograd bookkeeping
     out, lse, _ = forward(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, float(softmax_scale),
-        left, right, float(softcap), float(dropout_p), bool(deterministic),
+        left, right, float(softcap), float(dropout_p), bool(deterministic), sinks,
     )
     # flash-attn returns a third tensor (the dropout-masked scores) for testing; it is never built here
     return (out, lse, None) if return_attn_probs else out
@@ -180,7 +206,7 @@ def _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
 
 def flash_attn_func(
     q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-    alibi_slopes=None, deterministic=False, return_attn_probs=False,
+    alibi_slopes=None, deterministic=False, return_attn_probs=False, sinks=None,
 ):
     """Scaled dot-product attention, flash-attn 2's ``flash_attn_func``.
 
@@ -206,20 +232,27 @@ def flash_attn_func(
             False (default) adds dQ with fp32 atomics inside the dK/dV kernel, which is faster.
         return_attn_probs: also return ``softmax_lse`` ``[B, H, Lq]`` (fp32, ``+inf`` on rows that see no key)
             and ``None`` in place of flash-attn's debugging score matrix.
+        sinks: attention sinks (gpt-oss's ``s_aux``), ``[H]``, one logit per query head, any float dtype
+            (computed in fp32). Each row's softmax gets one more term ``exp(sinks[h])`` in its denominator,
+            with no value: ``out = sum_j exp(s_j) v_j / (exp(sinks[h]) + sum_j exp(s_j))``, ``s_j`` the
+            scores after ``softmax_scale`` and ``softcap`` (the sink itself is not scaled). ``softmax_lse``
+            includes it (``sinks[h]`` on rows that see no key, whose output is 0). Its gradient is returned
+            when it requires grad.
 
     Returns:
         out ``[B, Lq, H, D]`` in q's dtype, or ``(out, softmax_lse, None)``.
     """
     checks.check_tensors(("q", "k", "v"), (q, k, v), 4, _BATCH_LAYOUT)
     checks.check_shapes(q, k, v, varlen=False)
+    checks.check_sinks(sinks, q.shape[2], q.device)
     return _attention(q, k, v, None, None, q.shape[1], k.shape[1], dropout_p, softmax_scale, causal,
-                      window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
+                      window_size, softcap, alibi_slopes, deterministic, return_attn_probs, sinks)
 
 
 def flash_attn_varlen_func(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0, softmax_scale=None,
     causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
-    return_attn_probs=False, block_table=None,
+    return_attn_probs=False, block_table=None, sinks=None,
 ):
     """Attention over packed variable-length sequences, flash-attn 2's ``flash_attn_varlen_func``.
 
@@ -230,7 +263,7 @@ def flash_attn_varlen_func(
             sequences are allowed.
         max_seqlen_q, max_seqlen_k: Python ints, the longest sequence of each.
         Other arguments as in :func:`flash_attn_func`, applied per sequence (causal alignment uses each
-        sequence's own lengths). ``block_table`` (paged KV cache) is not supported.
+        sequence's own lengths), ``sinks`` ``[H]`` included. ``block_table`` (paged KV cache) is not supported.
 
     Returns:
         out ``[total_q, H, D]``, or ``(out, softmax_lse [H, total_q], None)`` with ``return_attn_probs``.
@@ -239,6 +272,7 @@ def flash_attn_varlen_func(
         raise NotImplementedError("block_table (paged KV cache) is not supported by hf_flash; pass None")
     checks.check_tensors(("q", "k", "v"), (q, k, v), 3, _VARLEN_LAYOUT)
     checks.check_shapes(q, k, v, varlen=True)
+    checks.check_sinks(sinks, q.shape[1], q.device)
     checks.check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q", q.device)
     checks.check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k", q.device)
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
@@ -247,7 +281,7 @@ def flash_attn_varlen_func(
             f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}"
         )
     return _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
-                      causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
+                      causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs, sinks)
 
 
 def _unpack(name, packed, index_dim, count):
@@ -258,39 +292,41 @@ def _unpack(name, packed, index_dim, count):
 
 
 def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False,
+                             sinks=None):
     """:func:`flash_attn_func` with ``kv`` ``[B, Lk, 2, Hk, D]`` holding K and V."""
     k, v = _unpack("kv", kv, 2, 2)
     return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                           deterministic, return_attn_probs)
+                           deterministic, return_attn_probs, sinks=sinks)
 
 
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False,
+                              sinks=None):
     """:func:`flash_attn_func` with ``qkv`` ``[B, L, 3, H, D]`` holding Q, K and V."""
     q, k, v = _unpack("qkv", qkv, 2, 3)
     return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                           deterministic, return_attn_probs)
+                           deterministic, return_attn_probs, sinks=sinks)
 
 
 def flash_attn_varlen_kvpacked_func(
     q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0, softmax_scale=None,
     causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
-    return_attn_probs=False,
+    return_attn_probs=False, sinks=None,
 ):
     """:func:`flash_attn_varlen_func` with ``kv`` ``[total_k, 2, Hk, D]``."""
     k, v = _unpack("kv", kv, 1, 2)
     return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                                   softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-                                  return_attn_probs)
+                                  return_attn_probs, sinks=sinks)
 
 
 def flash_attn_varlen_qkvpacked_func(
     qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-    softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False,
+    softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, sinks=None,
 ):
     """:func:`flash_attn_varlen_func` with ``qkv`` ``[total, 3, H, D]`` and one ``cu_seqlens`` for all."""
     q, k, v = _unpack("qkv", qkv, 1, 3)
     return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p,
                                   softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-                                  return_attn_probs)
+                                  return_attn_probs, sinks=sinks)

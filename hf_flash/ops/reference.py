@@ -23,6 +23,10 @@ Example: Lq = 2, Lk = 5, causal::
     keys   0 1 2 3 4
     q0     1 1 1 1 0
     q1     1 1 1 1 1
+
+Attention sinks (``sinks [H]``, gpt-oss): one more score per row, ``sinks[h]``, that takes part in the
+softmax and has no value. :func:`attention_ref` appends it as a last score column and drops that column
+after the softmax; :func:`attention_tiled` starts each row's running max and sum from it.
 """
 
 from __future__ import annotations
@@ -71,12 +75,14 @@ def attention_ref(
     softcap: float = 0.0,
     upcast: bool = True,
     return_lse: bool = False,
+    sinks: torch.Tensor | None = None,
 ):
     """Naive attention with flash-attn's semantics.
 
     Args:
         q: ``[B, Lq, H, D]``; k, v: ``[B, Lk, Hk, D]``.
         upcast: compute in fp32 (the oracle) instead of the input dtype (the "same dtype" baseline).
+        sinks: ``[H]`` attention-sink logits, or None.
     Returns:
         out ``[B, Lq, H, D]`` in q's dtype; with ``return_lse`` also the fp32 log-sum-exp ``[B, H, Lq]``
         (``+inf`` for rows that see no key, as the kernels store it).
@@ -92,9 +98,15 @@ def attention_ref(
     visible = visible_mask(q.shape[1], k.shape[1], causal, window_size, q.device)
     if visible is not None:
         s = s.masked_fill(~visible, float("-inf"))
+    if sinks is not None:
+        # the sink as a last score column: in the softmax's denominator, dropped before P V
+        sink_column = sinks.to(s.dtype)[None, :, None, None].expand(*s.shape[:-1], 1)
+        s = torch.cat([s, sink_column], dim=-1)
     lse = torch.logsumexp(s.float(), dim=-1)
     p = torch.softmax(s, dim=-1)
-    # A row that sees no key: softmax of all -inf is NaN; flash-attn defines that output as 0.
+    if sinks is not None:
+        p = p[..., :-1]
+    # A row that sees no key (and no sink): softmax of all -inf is NaN; flash-attn defines that output as 0.
     p = p.nan_to_num(0.0)
     out = torch.einsum("bhqk,bkhd->bqhd", p, v).to(dtype)
     if return_lse:
@@ -104,7 +116,7 @@ def attention_ref(
 
 def attention_ref_varlen(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, softmax_scale=None,
-    causal=False, window_size=(-1, -1), softcap=0.0, upcast=True,
+    causal=False, window_size=(-1, -1), softcap=0.0, upcast=True, sinks=None,
 ):
     """:func:`attention_ref` per sequence of packed inputs ``q [total_q, H, D]``, ``k``/``v`` ``[total_k, Hk, D]``."""
     outs = []
@@ -113,7 +125,8 @@ def attention_ref_varlen(
         ks, ke = int(cu_seqlens_k[b]), int(cu_seqlens_k[b + 1])
         outs.append(
             attention_ref(
-                q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], softmax_scale, causal, window_size, softcap, upcast
+                q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], softmax_scale, causal, window_size, softcap, upcast,
+                sinks=sinks,
             )[0]
         )
     return torch.cat(outs, dim=0)
@@ -129,6 +142,7 @@ def attention_tiled(
     softcap: float = 0.0,
     block_m: int = 64,
     block_n: int = 64,
+    sinks: torch.Tensor | None = None,
 ):
     """The forward pass of FlashAttention, tile by tile, in fp32. Same arguments as :func:`attention_ref`.
 
@@ -151,6 +165,10 @@ def attention_tiled(
         rows = q_tile.shape[2]
         m_i = torch.full((B, H, rows), float("-inf"), device=q.device)  # running max
         l_i = torch.zeros(B, H, rows, device=q.device)  # running sum of exp(s - m_i)
+        if sinks is not None:
+            # the sink is the first score every row has seen: max = sink, sum = exp(sink - sink) = 1
+            m_i = sinks.float()[None, :, None].expand(B, H, rows).clone()
+            l_i = torch.ones(B, H, rows, device=q.device)
         acc = torch.zeros(B, H, rows, D, device=q.device)  # running sum of exp(s - m_i) @ V
         for n0 in range(0, Lk, block_n):
             s = q_tile @ k[:, :, n0 : n0 + block_n].transpose(-1, -2) * scale  # [B, H, BM, BN]

@@ -33,6 +33,7 @@ class Case:
     dropout_p: float = 0.0
     deterministic: bool = False
     dtype: torch.dtype = torch.float16
+    sinks: bool = False  # the case passes attention sinks (an input of their own: see make_sinks)
 
     @property
     def id(self) -> str:
@@ -48,6 +49,8 @@ class Case:
             parts.append(f"drop{self.dropout_p:g}")
         if self.deterministic:
             parts.append("det")
+        if self.sinks:
+            parts.append("sinks")
         parts.append(DTYPE_NAMES[self.dtype])
         return "-".join(parts)
 
@@ -77,6 +80,13 @@ def make_inputs(case: Case, device, seed: int = 0):
     return q, k, v, dout
 
 
+def make_sinks(nheads, device, seed: int = 0):
+    """fp32 [H] attention-sink logits around the size of a row's log-sum-exp over a few dozen keys
+    (~log L), so that the sink takes a sizeable share of the softmax without swamping it."""
+    gen = torch.Generator(device=device).manual_seed(seed + 1000)
+    return torch.randn(nheads, generator=gen, device=device) * 1.5 + 2.0
+
+
 def visible_mask(seqlen_q, seqlen_k, causal=False, window=(-1, -1), device=None):
     """[Lq, Lk] bool: may query i attend key j? Causal and window are aligned bottom-right:
     query i sits at key position i + Lk - Lq."""
@@ -93,12 +103,16 @@ def visible_mask(seqlen_q, seqlen_k, causal=False, window=(-1, -1), device=None)
     return mask
 
 
-def attention_oracle(q, k, v, softmax_scale=None, causal=False, window=(-1, -1), softcap=0.0, keep=None, dropout_p=0.0):
+def attention_oracle(q, k, v, softmax_scale=None, causal=False, window=(-1, -1), softcap=0.0, keep=None, dropout_p=0.0,
+                     sinks=None):
     """Dense attention in the dtype of the inputs. Returns (out [B, Lq, H, D], lse [B, H, Lq]).
 
     keep: optional [B, H, Lq, Lk] bool dropout mask (True = kept); kept weights are scaled by 1/(1-p).
     Rows that see no key get out = 0: their softmax is taken over all keys (so that autograd stays
     finite) and then multiplied by 0.
+    sinks: optional [H] attention-sink logits, as Transformers' eager attention applies them (gpt-oss): a
+    last score column, cast to the scores' dtype, in the softmax, dropped before the product with V. A row
+    that sees no key then has the sink alone: weight 1 on nothing, out = 0, lse = the sink.
     """
     group = q.shape[2] // k.shape[2]
     k = k.repeat_interleave(group, dim=2)
@@ -108,10 +122,17 @@ def attention_oracle(q, k, v, softmax_scale=None, causal=False, window=(-1, -1),
     if softcap > 0:
         scores = softcap * torch.tanh(scores / softcap)
     visible = visible_mask(q.shape[1], k.shape[1], causal, window, q.device)
-    has_key = visible.any(dim=-1, keepdim=True)
-    scores = scores.masked_fill(~(visible | ~has_key), float("-inf"))
-    lse = torch.logsumexp(scores.float(), dim=-1)
-    probs = torch.softmax(scores, dim=-1) * has_key
+    if sinks is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
+        column = sinks.to(scores.dtype)[None, :, None, None].expand(*scores.shape[:-1], 1)
+        scores = torch.cat([scores, column], dim=-1)
+        lse = torch.logsumexp(scores.float(), dim=-1)
+        probs = torch.softmax(scores, dim=-1)[..., :-1]
+    else:
+        has_key = visible.any(dim=-1, keepdim=True)
+        scores = scores.masked_fill(~(visible | ~has_key), float("-inf"))
+        lse = torch.logsumexp(scores.float(), dim=-1)
+        probs = torch.softmax(scores, dim=-1) * has_key
     if keep is not None:
         probs = probs * keep / (1.0 - dropout_p)
     out = torch.einsum("bhij,bjhd->bihd", probs, v)

@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[2]
 # the kernels' scalar arguments by type; pointers are the capitalised names (Q, Out, dK, ...)
 _FLOAT_ARGS = {"sm_scale", "softcap", "dropout_p"}
 _INT_PREFIXES = ("stride_", "seqlen_", "n_", "window_", "desc_")
-_FP32_POINTERS = {"Lse", "Delta", "DQacc"}
+_FP32_POINTERS = {"Lse", "Delta", "DQacc", "Sinks"}
 _INT_POINTERS = {"cu_seqlens_q", "cu_seqlens_k"}
 
 
@@ -227,6 +227,8 @@ def _case(chip: str, kernel: str, head_dim: int, flags: str, dtype: str = "fp16"
     # the launchers read tiles through TMA where the table asks and the chip and head dim allow
     constexprs["USE_TMA"] = c.tma and TARGETS[chip] >= 90 and head_dim == block_d
     constexprs["TMA_HEAD_MAJOR"] = False  # descriptors over [B, L, H, D] (the KV cache's [B, H, L, D]: True)
+    if kernel.startswith("fwd"):
+        constexprs["HAS_SINKS"] = flags == "all"  # attention sinks change only the forward's row init
     return {**case, "constexprs": constexprs, **c.launch_options()}
 
 
