@@ -1,6 +1,6 @@
 """``attn_implementation="hf_flash"`` for Hugging Face Transformers (4.56 and 5.x).
 
-:func:`register` (called by ``import hf_flash``) does three things:
+:func:`register` (called by ``import hf_flash``) does four things:
 
 1. registers :func:`hf_flash_attention_forward` in ``AttentionInterface`` under ``"hf_flash"``;
 2. registers :func:`hf_flash_mask` in ``AttentionMaskInterface``. Without a mask function
@@ -11,6 +11,8 @@
    implementation whose name contains "flash" through that loader (at ``from_pretrained`` and
    ``set_attn_implementation``), which otherwise looks for a Hub kernel called ``hf_flash`` and fails
    with "Could not find the currently requested flash attention implementation at `hf_flash`".
+4. on Transformers 5.x, keeps models that name their own flash kernels (``_compatible_flash_implementations``:
+   gpt-oss, granite_swa, ...) from replacing ``"hf_flash"`` by the first of them, a Hub kernel.
 
 How a call is routed (mirroring Transformers' own flash path, so results match its eager path):
 
@@ -437,6 +439,14 @@ def hf_flash_mask(batch_size=None, kv_length=None, mask_function=None, attention
 # ----------------------------------------------------------------------------------------------
 
 
+def _is_our_name(attn_implementation) -> bool:
+    # "paged|hf_flash": 5.x's prefix for the paged (continuous-batching) form of an implementation
+    return isinstance(attn_implementation, str) and attn_implementation.split("|")[-1] == NAME
+
+
+_MISSING = object()
+
+
 class _QuietLoaderFilter(logging.Filter):
     """Drops Transformers' notes that our loader entry has no paged (block-table) function: they are
     true of every non-paged kernel and would be logged at each model load."""
@@ -467,7 +477,7 @@ def _teach_flash_loader() -> bool:
 
     @functools.wraps(original)
     def load_and_register_attn_kernel(attn_implementation, *args, **kwargs):
-        if isinstance(attn_implementation, str) and attn_implementation.split("|")[-1] == NAME:
+        if _is_our_name(attn_implementation):
             # no register call here: our attention and mask functions are already registered
             return types.SimpleNamespace(flash_attn_func=flash_attn_func, flash_attn_varlen_func=flash_attn_varlen_func)
         return original(attn_implementation, *args, **kwargs)
@@ -475,6 +485,58 @@ def _teach_flash_loader() -> bool:
     load_and_register_attn_kernel._hf_flash_wrapper = True
     hub_kernels.load_and_register_attn_kernel = load_and_register_attn_kernel
     logging.getLogger("transformers.modeling_flash_attention_utils").addFilter(_QuietLoaderFilter())
+    return True
+
+
+def _count_among_compatible_flash_implementations() -> bool:
+    """Keep Transformers 5.x from replacing ``"hf_flash"`` by a model's own flash kernel.
+
+    A model class may list the flash kernels that handle what it needs (gpt-oss: attention sinks) in
+    ``_compatible_flash_implementations``; ``PreTrainedModel._check_and_adjust_attn_implementation`` then
+    swaps any requested name containing "flash" that is not in the list for its first entry, a Hub kernel
+    (logged as "Automatically falling back to `kernels-community/vllm-flash-attn3` instead of `hf_flash`"):
+    offline the load fails, online the user silently runs another kernel. hf_flash honours what these
+    models ask for, or falls back loudly, so for our name the list is read with ``"hf_flash"`` in it.
+
+    That method is the one place where a name is checked: ``__init__`` (``from_pretrained``,
+    ``from_config``) and ``set_attn_implementation`` (for the model and each sub-model) call it. We wrap it
+    on ``PreTrainedModel``, no model class is touched; for a call with our name the instance gets, for the
+    call's duration only, an attribute shadowing its class's list with ``"hf_flash"`` appended. Other names
+    and models without a list go through unchanged.
+
+    Private API, needed on 5.x releases that have ``PreTrainedModel._compatible_flash_implementations``
+    (read in 5.17 and 5.25, where the redirect is in that method); 4.56 has no redirect. Returns False
+    where there is nothing to wrap. tests/integrations/test_flash_redirect.py checks every model class
+    that declares a list, found by scanning Transformers' modeling modules.
+    """
+    try:
+        from transformers.modeling_utils import PreTrainedModel
+    except ImportError:
+        return False
+    original = PreTrainedModel.__dict__.get("_check_and_adjust_attn_implementation")
+    if original is None or not hasattr(PreTrainedModel, "_compatible_flash_implementations"):
+        return False
+    if getattr(original, "_hf_flash_wrapper", False):
+        return True
+    attribute = "_compatible_flash_implementations"
+
+    @functools.wraps(original)
+    def _check_and_adjust_attn_implementation(self, attn_implementation, *args, **kwargs):
+        listed = getattr(self, attribute, None)
+        if not _is_our_name(attn_implementation) or listed is None or NAME in listed:
+            return original(self, attn_implementation, *args, **kwargs)
+        own = self.__dict__.get(attribute, _MISSING)  # written to __dict__: nn.Module.__setattr__ is bypassed
+        self.__dict__[attribute] = [*listed, NAME]
+        try:
+            return original(self, attn_implementation, *args, **kwargs)
+        finally:
+            if own is _MISSING:
+                del self.__dict__[attribute]
+            else:
+                self.__dict__[attribute] = own
+
+    _check_and_adjust_attn_implementation._hf_flash_wrapper = True
+    PreTrainedModel._check_and_adjust_attn_implementation = _check_and_adjust_attn_implementation
     return True
 
 
@@ -491,6 +553,7 @@ def register() -> None:
     AttentionMaskInterface.register(NAME, hf_flash_mask)
     if not _registered:
         _teach_flash_loader()
+        _count_among_compatible_flash_implementations()
     _registered = True
 
 
