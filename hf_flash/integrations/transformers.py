@@ -27,15 +27,18 @@ How a call is routed (mirroring Transformers' own flash path, so results match i
 On a chip without tensor-core ``tl.dot`` (sm75, T4) calls that need no mask run through PyTorch SDPA's
 memory-efficient kernel instead of the kernels, because it is faster there (:mod:`hf_flash.dispatch`).
 
+Attention sinks (``s_aux``: gpt-oss, granite_swa, ...) go to the kernels' ``sinks`` on every route.
+
 What the kernels cannot do falls back, announced once per reason by :mod:`hf_flash.fallback`:
 no usable GPU / dtype -> PyTorch SDPA with the same routing; options the kernels cannot honour
-(``s_aux`` attention sinks, ``output_attentions=True``, a 4D or custom mask pattern, unknown kwargs)
--> the model's own ``eager_attention_forward`` with a 4D mask built here.
+(``output_attentions=True``, a 4D or custom mask pattern, unknown kwargs) -> the model's own
+``eager_attention_forward`` with a 4D mask built here.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import sys
 import types
@@ -61,6 +64,9 @@ _IGNORED_KWARGS = frozenset(
         "seq_idx",  # Mamba-hybrid packing ids; the same borders come from cu_seq_lens / position_ids
     }
 )  # fmt: skip
+# Attention sinks reach the kernels through ``flash_attn_func(..., sinks=)``; a kernel build without that
+# keyword (before the sinks kernels were merged) sends sink calls to the eager fallback instead.
+_KERNELS_TAKE_SINKS = "sinks" in inspect.signature(flash_attn_func).parameters
 # kwargs read by this file
 _HANDLED_KWARGS = frozenset(
     {"position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "deterministic"}
@@ -213,8 +219,8 @@ def _padded_visibility(plan, batch, len_q, len_k, causal, window, device):
 
 def _unsupported_reason(attention_mask, s_aux, kwargs) -> str | None:
     """Why the kernels cannot honour this call's options (None: they can)."""
-    if s_aux is not None:
-        return "attention sinks (`s_aux`) are not supported by the kernels"
+    if s_aux is not None and not _KERNELS_TAKE_SINKS:
+        return "attention sinks (`s_aux`) are not supported by this build of the kernels"
     if kwargs.get("output_attentions"):
         return "`output_attentions=True` needs the attention weights, which flash attention never forms"
     if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2):
@@ -293,6 +299,8 @@ def hf_flash_attention_forward(
         scaling: softmax scale (default ``D ** -0.5``). sliding_window: a query sees its last ``W`` keys
             (itself included), i.e. flash-attn ``window_size=(W - 1, 0)``. softcap: Gemma 2's ``tanh`` cap.
         is_causal: overrides ``module.is_causal``; causal is bottom-right aligned when ``Lq != Lk``.
+        s_aux: attention sinks ``[H]`` (gpt-oss): one logit per query head added to each row's softmax sum,
+            with no value; its gradient flows back to the model's parameter.
         kwargs: ``position_ids`` ``[B or 1, Lq]``, ``cu_seq_lens_q/k`` ``[S + 1]``, ``max_length_q/k``
             (ints), ``deterministic``; anything else that is set triggers the eager fallback.
     Returns:
@@ -333,6 +341,8 @@ def hf_flash_attention_forward(
 
     options = {"dropout_p": dropout, "softmax_scale": scale, "causal": causal, "window_size": window,
                "softcap": float(softcap or 0.0)}  # fmt: skip
+    if s_aux is not None:
+        options["sinks"] = s_aux
     if kwargs.get("deterministic") is not None:
         options["deterministic"] = bool(kwargs["deterministic"])
     used_k, plan = _route_cached(batch, len_q, len_k, attention_mask, kwargs, getattr(module, "layer_idx", None))
