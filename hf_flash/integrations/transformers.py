@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from hf_flash import dispatch, fallback
 from hf_flash.integrations.padding import mask_to_varlen, pad, varlen_from_position_ids
-from hf_flash.ops import flash_attn_func, flash_attn_varlen_func
+from hf_flash.ops import flash_attn_func, flash_attn_varlen_func, visibility
 from hf_flash.ops.checks import UNTRACKED, version_of, vouch_for_cu_seqlens
 
 __all__ = ["NAME", "hf_flash_attention_forward", "hf_flash_mask", "is_registered", "register"]
@@ -196,20 +196,21 @@ def _padded_visibility(plan, batch, len_q, len_k, causal, window, device):
     """The routed pattern as a bool ``[B, 1, Lq, Lk]`` mask in the padded layout (None = all visible)."""
     if plan is None:
         return fallback.dense_visibility(batch, len_q, len_k, causal, window, device)
-    dense = []
-    for cu, index, length, missing in ((plan.cu_q, plan.index_q, len_q, -1), (plan.cu_k, plan.index_k, len_k, -2)):
-        total = batch * length if index is None else index.numel()
-        seq, pos, lengths = fallback.packed_positions(cu, total)
+    totals = [batch * length if index is None else index.numel()
+              for index, length in ((plan.index_q, len_q), (plan.index_k, len_k))]  # fmt: skip
+    q_seq, q_pos, k_seq, k_pos = visibility.varlen_positions(plan.cu_q, plan.cu_k, *totals)
+
+    def padded(seq, pos, index, total, length, missing):
+        # the packed tokens' ids and positions at their rows of the padded layout; pads get an id that no
+        # token on the other side has (-1 for queries, -2 for keys), so they see and are seen by nothing
         rows = torch.arange(total, device=device) if index is None else index
-        seq_dense = torch.full((batch * length,), missing, dtype=torch.long, device=device).index_put((rows,), seq)
-        pos_dense = torch.zeros(batch * length, dtype=torch.long, device=device).index_put((rows,), pos)
-        dense.append((seq_dense, pos_dense, lengths, rows, seq))
-    (q_seq, q_pos, len_qs, q_rows, q_packed_seq), (k_seq, k_pos, len_ks, _, _) = dense
-    shift = (len_ks - len_qs)[q_packed_seq]  # bottom-right alignment inside each sequence
-    q_pos = q_pos.index_put((q_rows,), q_pos[q_rows] + shift)
-    view_q, view_k = (batch, len_q), (batch, len_k)
-    return fallback.visibility(q_seq.view(view_q), q_pos.view(view_q), k_seq.view(view_k), k_pos.view(view_k),
-                               causal, window)  # fmt: skip
+        seq = torch.full((batch * length,), missing, dtype=torch.long, device=device).index_put((rows,), seq)
+        pos = torch.zeros(batch * length, dtype=torch.long, device=device).index_put((rows,), pos)
+        return seq.view(batch, length), pos.view(batch, length)
+
+    q_coords = padded(q_seq, q_pos, plan.index_q, totals[0], len_q, -1)
+    k_coords = padded(k_seq, k_pos, plan.index_k, totals[1], len_k, -2)
+    return visibility.visible(*q_coords, *k_coords, causal, window)[:, None]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -378,7 +379,7 @@ def _chosen_sdpa(q, k, v, plan: _Varlen | None, options: dict) -> torch.Tensor:
     tokens would hold ``(B * L) ** 2`` and compute as much.
     """
     batch, len_q, len_k = q.shape[0], q.shape[1], k.shape[1]
-    causal, window = dispatch.simplify_mask(options["causal"], options["window_size"], len_q, len_k)
+    causal, window = visibility.simplify_mask(options["causal"], options["window_size"], len_q, len_k)
     backends = dispatch.sdpa_backends()
     if plan is None:
         return fallback.sdpa_flash_attn_func(q, k, v, **dict(options, causal=causal, window_size=window),
