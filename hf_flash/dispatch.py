@@ -34,6 +34,7 @@ import torch
 
 from hf_flash import fallback
 from hf_flash.ops import config
+from hf_flash.ops.visibility import simplify_mask
 
 __all__ = ["KERNELS", "SDPA", "SM75_PATH_ENV", "Call", "PathNotice", "choose", "describe", "integration_path",
            "simplify_mask", "sm75_path"]  # fmt: skip
@@ -106,24 +107,6 @@ class Call:
     softcap: float = 0.0
     deterministic: bool = False
     sinks: bool = False
-
-
-def simplify_mask(causal: bool, window, len_q: int, len_k: int) -> tuple[bool, tuple[int, int]]:
-    """``(causal, window)`` describing the same visible keys with every part that hides none dropped.
-
-    Bottom-right aligned, key-minus-query offsets run from ``-(Lk - 1)`` to ``Lq - 1``: a left window of
-    ``Lk - 1`` or more hides nothing (a 4096-token window over 512 tokens), nor does a right one of
-    ``Lq - 1`` or more, and causal (a right window of 0) hides nothing from a single query (decoding).
-    """
-    left, right = window
-    if causal:
-        right = 0
-    if left >= len_k - 1:
-        left = -1
-    if right >= len_q - 1:
-        right = -1
-    causal = right == 0
-    return causal, (left, -1 if causal else right)
 
 
 def _sdpa_cannot(call: Call) -> str | None:

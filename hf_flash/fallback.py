@@ -25,6 +25,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from hf_flash.ops import visibility
 from hf_flash.ops.config import MAX_HEAD_DIM, kernels_unavailable_reason
 
 __all__ = [
@@ -36,7 +37,6 @@ __all__ = [
     "sdpa_flash_attn_func",
     "sdpa_flash_attn_varlen_func",
     "strict_mode",
-    "visibility",
     "warn_once",
 ]
 
@@ -94,59 +94,21 @@ def kernel_unavailable_reason(q: torch.Tensor, v: torch.Tensor | None = None) ->
 
 
 # ----------------------------------------------------------------------------------------------
-# Masks: which key each query may see, in flash-attn's rules
+# Masks: which key each query may see (hf_flash.ops.visibility), in SDPA's [B, 1, Lq, Lk] layout
 # ----------------------------------------------------------------------------------------------
-
-
-def visibility(q_seq, q_pos, k_seq, k_pos, causal: bool, window_size=(-1, -1)) -> torch.Tensor:
-    """Bool ``[B, 1, Lq, Lk]``: True where query i may attend key j.
-
-    Args:
-        q_seq, q_pos: ``[B, Lq]`` ints: the sequence each query belongs to and its position, already
-            aligned bottom-right (shifted by ``len_k - len_q`` of its sequence).
-        k_seq, k_pos: ``[B, Lk]`` the same for keys; give a key a sequence id no query has (e.g. -1)
-            to hide it (padding).
-        causal, window_size: flash-attn's; causal forces the right window to 0.
-    """
-    left, right = window_size
-    if causal:
-        right = 0
-    offset = k_pos[:, None, :] - q_pos[:, :, None]  # [B, Lq, Lk]: how far right of the query the key is
-    visible = q_seq[:, :, None] == k_seq[:, None, :]
-    if right >= 0:
-        visible = visible & (offset <= right)
-    if left >= 0:
-        visible = visible & (offset >= -left)
-    return visible[:, None]
 
 
 def dense_visibility(
     batch: int, seqlen_q: int, seqlen_k: int, causal: bool, window_size, device
 ) -> torch.Tensor | None:
-    """:func:`visibility` for a plain batch (every row one sequence); None when nothing is hidden."""
-    left, right = window_size
-    if not causal and left < 0 and right < 0:
-        return None
-    q_pos = (torch.arange(seqlen_q, device=device) + (seqlen_k - seqlen_q)).expand(batch, -1)
-    k_pos = torch.arange(seqlen_k, device=device).expand(batch, -1)
-    zeros_q = torch.zeros_like(q_pos)
-    return visibility(zeros_q, q_pos, torch.zeros_like(k_pos), k_pos, causal, window_size)
-
-
-def packed_positions(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For packed tokens ``0..total-1``: (sequence id ``[total]``, position in it ``[total]``, lengths ``[S]``)."""
-    cu = cu_seqlens.long()
-    token = torch.arange(total, device=cu.device)
-    seq = torch.searchsorted(cu[1:], token, right=True)
-    return seq, token - cu[seq], cu.diff()
+    """Bool ``[B, 1, Lq, Lk]`` for a plain batch (every row one sequence); None when nothing is hidden."""
+    visible = visibility.visible_mask(seqlen_q, seqlen_k, causal, window_size, device)
+    return None if visible is None else visible.expand(batch, 1, seqlen_q, seqlen_k)
 
 
 def varlen_visibility(cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int, causal: bool, window_size):
-    """:func:`visibility` ``[1, 1, total_q, total_k]`` for packed sequences (block diagonal)."""
-    q_seq, q_pos, len_q = packed_positions(cu_seqlens_q, total_q)
-    k_seq, k_pos, len_k = packed_positions(cu_seqlens_k, total_k)
-    q_pos = q_pos + (len_k - len_q)[q_seq]  # bottom-right alignment inside each sequence
-    return visibility(q_seq[None], q_pos[None], k_seq[None], k_pos[None], causal, window_size)
+    """Bool ``[1, 1, total_q, total_k]`` for packed sequences (block diagonal)."""
+    return visibility.varlen_visible_mask(cu_seqlens_q, cu_seqlens_k, total_q, total_k, causal, window_size)[None, None]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -31,6 +31,17 @@ def device():
     return DEVICE
 
 
+@pytest.fixture
+def fresh_fallback_warnings(monkeypatch):
+    """Fallbacks warn (not raise) and each reason is reported again, in this test only."""
+    from hf_flash import fallback
+
+    monkeypatch.delenv("HF_FLASH_STRICT", raising=False)
+    fallback.reset_warnings()
+    yield
+    fallback.reset_warnings()
+
+
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 

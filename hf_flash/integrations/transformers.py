@@ -1,6 +1,6 @@
 """``attn_implementation="hf_flash"`` for Hugging Face Transformers (4.56 and 5.x).
 
-:func:`register` (called by ``import hf_flash``) does three things:
+:func:`register` (called by ``import hf_flash``) does four things:
 
 1. registers :func:`hf_flash_attention_forward` in ``AttentionInterface`` under ``"hf_flash"``;
 2. registers :func:`hf_flash_mask` in ``AttentionMaskInterface``. Without a mask function
@@ -11,6 +11,8 @@
    implementation whose name contains "flash" through that loader (at ``from_pretrained`` and
    ``set_attn_implementation``), which otherwise looks for a Hub kernel called ``hf_flash`` and fails
    with "Could not find the currently requested flash attention implementation at `hf_flash`".
+4. on Transformers 5.x, keeps models that name their own flash kernels (``_compatible_flash_implementations``:
+   gpt-oss, granite_swa, ...) from replacing ``"hf_flash"`` by the first of them, a Hub kernel.
 
 How a call is routed (mirroring Transformers' own flash path, so results match its eager path):
 
@@ -25,15 +27,18 @@ How a call is routed (mirroring Transformers' own flash path, so results match i
 On a chip without tensor-core ``tl.dot`` (sm75, T4) calls that need no mask run through PyTorch SDPA's
 memory-efficient kernel instead of the kernels, because it is faster there (:mod:`hf_flash.dispatch`).
 
+Attention sinks (``s_aux``: gpt-oss, granite_swa, ...) go to the kernels' ``sinks`` on every route.
+
 What the kernels cannot do falls back, announced once per reason by :mod:`hf_flash.fallback`:
 no usable GPU / dtype -> PyTorch SDPA with the same routing; options the kernels cannot honour
-(``s_aux`` attention sinks, ``output_attentions=True``, a 4D or custom mask pattern, unknown kwargs)
--> the model's own ``eager_attention_forward`` with a 4D mask built here.
+(``output_attentions=True``, a 4D or custom mask pattern, unknown kwargs) -> the model's own
+``eager_attention_forward`` with a 4D mask built here.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import sys
 import types
@@ -44,7 +49,7 @@ import torch.nn.functional as F
 
 from hf_flash import dispatch, fallback
 from hf_flash.integrations.padding import mask_to_varlen, pad, varlen_from_position_ids
-from hf_flash.ops import flash_attn_func, flash_attn_varlen_func
+from hf_flash.ops import flash_attn_func, flash_attn_varlen_func, visibility
 from hf_flash.ops.checks import UNTRACKED, version_of, vouch_for_cu_seqlens
 
 __all__ = ["NAME", "hf_flash_attention_forward", "hf_flash_mask", "is_registered", "register"]
@@ -59,6 +64,9 @@ _IGNORED_KWARGS = frozenset(
         "seq_idx",  # Mamba-hybrid packing ids; the same borders come from cu_seq_lens / position_ids
     }
 )  # fmt: skip
+# Attention sinks reach the kernels through ``flash_attn_func(..., sinks=)``; a kernel build without that
+# keyword (before the sinks kernels were merged) sends sink calls to the eager fallback instead.
+_KERNELS_TAKE_SINKS = "sinks" in inspect.signature(flash_attn_func).parameters
 # kwargs read by this file
 _HANDLED_KWARGS = frozenset(
     {"position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "deterministic"}
@@ -188,20 +196,21 @@ def _padded_visibility(plan, batch, len_q, len_k, causal, window, device):
     """The routed pattern as a bool ``[B, 1, Lq, Lk]`` mask in the padded layout (None = all visible)."""
     if plan is None:
         return fallback.dense_visibility(batch, len_q, len_k, causal, window, device)
-    dense = []
-    for cu, index, length, missing in ((plan.cu_q, plan.index_q, len_q, -1), (plan.cu_k, plan.index_k, len_k, -2)):
-        total = batch * length if index is None else index.numel()
-        seq, pos, lengths = fallback.packed_positions(cu, total)
+    totals = [batch * length if index is None else index.numel()
+              for index, length in ((plan.index_q, len_q), (plan.index_k, len_k))]  # fmt: skip
+    q_seq, q_pos, k_seq, k_pos = visibility.varlen_positions(plan.cu_q, plan.cu_k, *totals)
+
+    def padded(seq, pos, index, total, length, missing):
+        # the packed tokens' ids and positions at their rows of the padded layout; pads get an id that no
+        # token on the other side has (-1 for queries, -2 for keys), so they see and are seen by nothing
         rows = torch.arange(total, device=device) if index is None else index
-        seq_dense = torch.full((batch * length,), missing, dtype=torch.long, device=device).index_put((rows,), seq)
-        pos_dense = torch.zeros(batch * length, dtype=torch.long, device=device).index_put((rows,), pos)
-        dense.append((seq_dense, pos_dense, lengths, rows, seq))
-    (q_seq, q_pos, len_qs, q_rows, q_packed_seq), (k_seq, k_pos, len_ks, _, _) = dense
-    shift = (len_ks - len_qs)[q_packed_seq]  # bottom-right alignment inside each sequence
-    q_pos = q_pos.index_put((q_rows,), q_pos[q_rows] + shift)
-    view_q, view_k = (batch, len_q), (batch, len_k)
-    return fallback.visibility(q_seq.view(view_q), q_pos.view(view_q), k_seq.view(view_k), k_pos.view(view_k),
-                               causal, window)  # fmt: skip
+        seq = torch.full((batch * length,), missing, dtype=torch.long, device=device).index_put((rows,), seq)
+        pos = torch.zeros(batch * length, dtype=torch.long, device=device).index_put((rows,), pos)
+        return seq.view(batch, length), pos.view(batch, length)
+
+    q_coords = padded(q_seq, q_pos, plan.index_q, totals[0], len_q, -1)
+    k_coords = padded(k_seq, k_pos, plan.index_k, totals[1], len_k, -2)
+    return visibility.visible(*q_coords, *k_coords, causal, window)[:, None]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,8 +220,8 @@ def _padded_visibility(plan, batch, len_q, len_k, causal, window, device):
 
 def _unsupported_reason(attention_mask, s_aux, kwargs) -> str | None:
     """Why the kernels cannot honour this call's options (None: they can)."""
-    if s_aux is not None:
-        return "attention sinks (`s_aux`) are not supported by the kernels"
+    if s_aux is not None and not _KERNELS_TAKE_SINKS:
+        return "attention sinks (`s_aux`) are not supported by this build of the kernels"
     if kwargs.get("output_attentions"):
         return "`output_attentions=True` needs the attention weights, which flash attention never forms"
     if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2):
@@ -291,6 +300,8 @@ def hf_flash_attention_forward(
         scaling: softmax scale (default ``D ** -0.5``). sliding_window: a query sees its last ``W`` keys
             (itself included), i.e. flash-attn ``window_size=(W - 1, 0)``. softcap: Gemma 2's ``tanh`` cap.
         is_causal: overrides ``module.is_causal``; causal is bottom-right aligned when ``Lq != Lk``.
+        s_aux: attention sinks ``[H]`` (gpt-oss): one logit per query head added to each row's softmax sum,
+            with no value; its gradient flows back to the model's parameter.
         kwargs: ``position_ids`` ``[B or 1, Lq]``, ``cu_seq_lens_q/k`` ``[S + 1]``, ``max_length_q/k``
             (ints), ``deterministic``; anything else that is set triggers the eager fallback.
     Returns:
@@ -331,6 +342,8 @@ def hf_flash_attention_forward(
 
     options = {"dropout_p": dropout, "softmax_scale": scale, "causal": causal, "window_size": window,
                "softcap": float(softcap or 0.0)}  # fmt: skip
+    if s_aux is not None:
+        options["sinks"] = s_aux
     if kwargs.get("deterministic") is not None:
         options["deterministic"] = bool(kwargs["deterministic"])
     used_k, plan = _route_cached(batch, len_q, len_k, attention_mask, kwargs, getattr(module, "layer_idx", None))
@@ -366,7 +379,7 @@ def _chosen_sdpa(q, k, v, plan: _Varlen | None, options: dict) -> torch.Tensor:
     tokens would hold ``(B * L) ** 2`` and compute as much.
     """
     batch, len_q, len_k = q.shape[0], q.shape[1], k.shape[1]
-    causal, window = dispatch.simplify_mask(options["causal"], options["window_size"], len_q, len_k)
+    causal, window = visibility.simplify_mask(options["causal"], options["window_size"], len_q, len_k)
     backends = dispatch.sdpa_backends()
     if plan is None:
         return fallback.sdpa_flash_attn_func(q, k, v, **dict(options, causal=causal, window_size=window),
@@ -437,6 +450,14 @@ def hf_flash_mask(batch_size=None, kv_length=None, mask_function=None, attention
 # ----------------------------------------------------------------------------------------------
 
 
+def _is_our_name(attn_implementation) -> bool:
+    # "paged|hf_flash": 5.x's prefix for the paged (continuous-batching) form of an implementation
+    return isinstance(attn_implementation, str) and attn_implementation.split("|")[-1] == NAME
+
+
+_MISSING = object()
+
+
 class _QuietLoaderFilter(logging.Filter):
     """Drops Transformers' notes that our loader entry has no paged (block-table) function: they are
     true of every non-paged kernel and would be logged at each model load."""
@@ -467,7 +488,7 @@ def _teach_flash_loader() -> bool:
 
     @functools.wraps(original)
     def load_and_register_attn_kernel(attn_implementation, *args, **kwargs):
-        if isinstance(attn_implementation, str) and attn_implementation.split("|")[-1] == NAME:
+        if _is_our_name(attn_implementation):
             # no register call here: our attention and mask functions are already registered
             return types.SimpleNamespace(flash_attn_func=flash_attn_func, flash_attn_varlen_func=flash_attn_varlen_func)
         return original(attn_implementation, *args, **kwargs)
@@ -475,6 +496,58 @@ def _teach_flash_loader() -> bool:
     load_and_register_attn_kernel._hf_flash_wrapper = True
     hub_kernels.load_and_register_attn_kernel = load_and_register_attn_kernel
     logging.getLogger("transformers.modeling_flash_attention_utils").addFilter(_QuietLoaderFilter())
+    return True
+
+
+def _count_among_compatible_flash_implementations() -> bool:
+    """Keep Transformers 5.x from replacing ``"hf_flash"`` by a model's own flash kernel.
+
+    A model class may list the flash kernels that handle what it needs (gpt-oss: attention sinks) in
+    ``_compatible_flash_implementations``; ``PreTrainedModel._check_and_adjust_attn_implementation`` then
+    swaps any requested name containing "flash" that is not in the list for its first entry, a Hub kernel
+    (logged as "Automatically falling back to `kernels-community/vllm-flash-attn3` instead of `hf_flash`"):
+    offline the load fails, online the user silently runs another kernel. hf_flash honours what these
+    models ask for, or falls back loudly, so for our name the list is read with ``"hf_flash"`` in it.
+
+    That method is the one place where a name is checked: ``__init__`` (``from_pretrained``,
+    ``from_config``) and ``set_attn_implementation`` (for the model and each sub-model) call it. We wrap it
+    on ``PreTrainedModel``, no model class is touched; for a call with our name the instance gets, for the
+    call's duration only, an attribute shadowing its class's list with ``"hf_flash"`` appended. Other names
+    and models without a list go through unchanged.
+
+    Private API, needed on 5.x releases that have ``PreTrainedModel._compatible_flash_implementations``
+    (read in 5.17 and 5.25, where the redirect is in that method); 4.56 has no redirect. Returns False
+    where there is nothing to wrap. tests/integrations/test_flash_redirect.py checks every model class
+    that declares a list, found by scanning Transformers' modeling modules.
+    """
+    try:
+        from transformers.modeling_utils import PreTrainedModel
+    except ImportError:
+        return False
+    original = PreTrainedModel.__dict__.get("_check_and_adjust_attn_implementation")
+    if original is None or not hasattr(PreTrainedModel, "_compatible_flash_implementations"):
+        return False
+    if getattr(original, "_hf_flash_wrapper", False):
+        return True
+    attribute = "_compatible_flash_implementations"
+
+    @functools.wraps(original)
+    def _check_and_adjust_attn_implementation(self, attn_implementation, *args, **kwargs):
+        listed = getattr(self, attribute, None)
+        if not _is_our_name(attn_implementation) or listed is None or NAME in listed:
+            return original(self, attn_implementation, *args, **kwargs)
+        own = self.__dict__.get(attribute, _MISSING)  # written to __dict__: nn.Module.__setattr__ is bypassed
+        self.__dict__[attribute] = [*listed, NAME]
+        try:
+            return original(self, attn_implementation, *args, **kwargs)
+        finally:
+            if own is _MISSING:
+                del self.__dict__[attribute]
+            else:
+                self.__dict__[attribute] = own
+
+    _check_and_adjust_attn_implementation._hf_flash_wrapper = True
+    PreTrainedModel._check_and_adjust_attn_implementation = _check_and_adjust_attn_implementation
     return True
 
 
@@ -491,6 +564,7 @@ def register() -> None:
     AttentionMaskInterface.register(NAME, hf_flash_mask)
     if not _registered:
         _teach_flash_loader()
+        _count_among_compatible_flash_implementations()
     _registered = True
 
 

@@ -35,26 +35,9 @@ import math
 
 import torch
 
+from hf_flash.ops.visibility import visible_mask
+
 __all__ = ["attention_ref", "attention_ref_varlen", "attention_tiled", "visible_mask"]
-
-
-def visible_mask(
-    seqlen_q: int, seqlen_k: int, causal: bool, window_size: tuple[int, int], device=None
-) -> torch.Tensor | None:
-    """``[Lq, Lk]`` bool, True where query i may attend key j; None when everything is visible."""
-    left, right = window_size
-    if causal:
-        right = 0
-    if left < 0 and right < 0:
-        return None
-    i = torch.arange(seqlen_q, device=device)[:, None] + (seqlen_k - seqlen_q)
-    j = torch.arange(seqlen_k, device=device)[None, :]
-    visible = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
-    if right >= 0:
-        visible &= j <= i + right
-    if left >= 0:
-        visible &= j >= i - left
-    return visible
 
 
 def _scores(q, k, softmax_scale, softcap):

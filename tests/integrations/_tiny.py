@@ -43,16 +43,28 @@ FAMILIES = {
     "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", {"head_dim": 16}),
 }  # fmt: skip
 
+# Families outside the common model tests (test_models.py), with tests of their own. gpt-oss: attention sinks
+# (``s_aux``) on every layer, a window on the first layer and full attention on the second, a small MoE.
+OTHER_FAMILIES = {
+    "gpt_oss": (
+        "GptOssForCausalLM", "GptOssConfig",
+        {"head_dim": 16, "intermediate_size": 64, "num_local_experts": 4, "num_experts_per_tok": 2,
+         "sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"],
+         "max_position_embeddings": 131072},  # the YaRN defaults' length (4.56 warns about any other)
+    ),
+}  # fmt: skip
+_ALL_FAMILIES = {**FAMILIES, **OTHER_FAMILIES}
+
 
 def make_config(family: str):
-    _, config_cls, extra = FAMILIES[family]
+    _, config_cls, extra = _ALL_FAMILIES[family]
     return getattr(transformers, config_cls)(**{**_COMMON, **extra})
 
 
 def make_model(family: str, attn: str, dtype=None, seed: int = 0, config=None):
     """A tiny model of ``family`` with ``attn_implementation=attn``; the same ``seed`` gives the same weights
     whatever the implementation. The config is copied: implementations must not share one config object."""
-    model_cls = getattr(transformers, FAMILIES[family][0])
+    model_cls = getattr(transformers, _ALL_FAMILIES[family][0])
     config = copy.deepcopy(config if config is not None else make_config(family))
     config._attn_implementation = attn
     torch.manual_seed(seed)

@@ -10,13 +10,7 @@ from conftest import assert_close_rel
 from hf_flash import fallback
 from hf_flash.integrations import transformers as integration
 
-
-@pytest.fixture(autouse=True)
-def fresh_warnings(monkeypatch):
-    monkeypatch.delenv("HF_FLASH_STRICT", raising=False)
-    fallback.reset_warnings()
-    yield
-    fallback.reset_warnings()
+pytestmark = pytest.mark.usefixtures("fresh_fallback_warnings")
 
 
 def _fallback_warnings(record):
@@ -86,31 +80,6 @@ def test_output_attentions_falls_back_to_eager_and_returns_weights():
     for got, want in zip(out.attentions, expected.attentions):
         torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(out.logits, expected.logits, atol=2e-3, rtol=2e-3)
-
-
-def test_attention_sinks_fall_back_to_the_models_eager_function():
-    """gpt-oss passes ``s_aux`` (learned sinks); the kernels have none, so gpt-oss's eager function runs.
-
-    The attention function is called directly: Transformers 5.x reroutes any "flash" name on gpt-oss
-    to the Hub kernels the model lists in ``_compatible_flash_implementations``.
-    """
-    transformers = pytest.importorskip("transformers")
-    gpt_oss = pytest.importorskip("transformers.models.gpt_oss.modeling_gpt_oss")
-    config = transformers.GptOssConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, num_local_experts=2, num_experts_per_tok=1, sliding_window=4,
-        max_position_embeddings=64,
-    )  # fmt: skip
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    module = gpt_oss.GptOssAttention(config, layer_idx=0).eval()
-    torch.nn.init.normal_(module.sinks)
-    q, k, v = torch.randn(1, 4, 6, 16), torch.randn(1, 2, 6, 16), torch.randn(1, 2, 6, 16)
-    with pytest.warns(fallback.FallbackWarning, match="s_aux"):
-        out, _ = integration.hf_flash_attention_forward(module, q, k, v, None, scaling=0.25, s_aux=module.sinks)
-    causal = torch.full((6, 6), torch.finfo(torch.float32).min).triu(1)[None, None]
-    expected, _ = gpt_oss.eager_attention_forward(module, q, k, v, causal, scaling=0.25, s_aux=module.sinks)
-    torch.testing.assert_close(out, expected)
 
 
 def test_unknown_kwarg_is_never_dropped_silently():

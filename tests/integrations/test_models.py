@@ -27,17 +27,22 @@ def test_logits_match_eager(family):
         check(f"{family} logits", ours(ids).logits, ref(ids).logits, eager(ids).logits)
 
 
-@pytest.mark.parametrize("side", ["left", "right"])
-@pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_padded_batch_equals_each_sample_alone(family, side):
-    ours, eager, ref = models(family)
+def check_padded_batch(name, triple, side):
+    """A padded batch through ``ours`` gives each row what the row alone gives (``triple`` as ``models()``)."""
+    ours, eager, ref = triple
     seqs = [tokens(1, 13, seed=2)[0], tokens(1, 7, seed=3)[0], tokens(1, 10, seed=4)[0]]
     ids, mask = pad_batch(seqs, side)
     with torch.no_grad():
         batched = ours(ids, attention_mask=mask, position_ids=positions(mask)).logits
         for row, seq in enumerate(seqs):
             real = batched[row][mask[row].bool()]
-            check(f"{family} {side}-padded row {row}", real, ref(seq[None]).logits[0], eager(seq[None]).logits[0])
+            check(f"{name} {side}-padded row {row}", real, ref(seq[None]).logits[0], eager(seq[None]).logits[0])
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_padded_batch_equals_each_sample_alone(family, side):
+    check_padded_batch(family, models(family), side)
 
 
 def _flattened_batch(seqs):
@@ -49,10 +54,9 @@ def _flattened_batch(seqs):
     return {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in batch.items() if k != "labels"}
 
 
-@pytest.mark.parametrize("source", ["position_ids", "cu_seq_lens"])
-@pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_packed_batch_equals_sequences_alone(family, source):
-    ours, eager, ref = models(family)
+def check_packed_batch(name, triple, source):
+    """A packed row through ``ours`` gives each sequence what it gives alone; the borders come from ``source``."""
+    ours, eager, ref = triple
     seqs = [tokens(1, 6, seed=5)[0], tokens(1, 9, seed=6)[0], tokens(1, 4, seed=7)[0]]
     batch = _flattened_batch(seqs)
     if source == "position_ids":  # TRL-style padding-free batch: only restarting positions tell the borders
@@ -62,8 +66,14 @@ def test_packed_batch_equals_sequences_alone(family, source):
         start = 0
         for i, seq in enumerate(seqs):
             part = packed[start : start + len(seq)]
-            check(f"{family} packed seq {i} ({source})", part, ref(seq[None]).logits[0], eager(seq[None]).logits[0])
+            check(f"{name} packed seq {i} ({source})", part, ref(seq[None]).logits[0], eager(seq[None]).logits[0])
             start += len(seq)
+
+
+@pytest.mark.parametrize("source", ["position_ids", "cu_seq_lens"])
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_packed_batch_equals_sequences_alone(family, source):
+    check_packed_batch(family, models(family), source)
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
