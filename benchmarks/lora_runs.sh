@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The LoRA fine-tune measurements of the README (length, loss, variable-length data, gpt-oss) in one device
+# call: PARTS picks which, each writes under $OUT/lora/<part>, and a table of every run ends the output.
+#
+#   PARTS="loss sweep1b" bash benchmarks/lora_runs.sh
+#
+# Parts (H100 80GB, bf16, LoRA r16 on all projections, gradient checkpointing, random-token documents):
+#   loss      Llama-3.2-1B, one 32k sequence and one 8k sequence: --loss plain / chunked / liger
+#   sweep1b   1B: the longest context of hf_flash (16k doubling to 256k); SWEEP_BACKENDS adds others
+#   sweep8b   Llama-3.1-8B: hf_flash without offload (32k up), then with --offload-activations
+#   varlen    1B: padded (micro-batch 4) and packed (16k rows) over lognormal:600:1.0:100, sdpa and hf_flash;
+#             then padded micro-batch 8
+#   gptoss    gpt-oss-20b shape cut to 4 layers: one 8k and one 32k sequence, hf_flash / eager / flex_attention
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-/tmp}/lora
+mkdir -p "$out"
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then  # liger-kernel (and whatever else was carried) as wheels
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+ONE_B=(--model-preset llama-3.2-1b --gradient-checkpointing --save-steps 0 --no-save-adapter)
+FT=(python3 scripts/finetune_lora.py)
+CMP=(python3 scripts/compare_backends.py)
+
+one() {  # one NAME SEQ_LEN STEPS ARGS...: one fine-tune on STEPS random sequences of SEQ_LEN tokens
+    local name=$1 len=$2 steps=$3
+    shift 3
+    "${FT[@]}" "${ONE_B[@]}" --seq-len "$len" --lengths "lognormal:$len:0:$steps" --max-steps "$steps" \
+        --output-dir "$out/runs/$name" "$@" >"$out/runs/$name.log" 2>&1
+    echo "$name: exit $? $(tail -n 1 "$out/runs/$name.log" | cut -c1-200)"
+}
+mkdir -p "$out/runs"
+
+for part in ${PARTS:-loss}; do
+    echo "== $part ($(date +%T))"
+    case $part in
+    loss)
+        for loss in plain chunked liger; do one "L32k-$loss" 32768 3 --loss "$loss" --attn hf_flash; done
+        for loss in plain chunked liger; do one "L8k-$loss" 8192 6 --loss "$loss" --attn hf_flash --warmup-measure-steps 2; done
+        ;;
+    sweep1b)
+        "${CMP[@]}" "${ONE_B[@]}" --find-max-context --backends "${SWEEP_BACKENDS:-hf_flash}" \
+            --context-start "${SWEEP_START:-16384}" --context-limit "${SWEEP_LIMIT:-262144}" --max-steps 1 \
+            --warmup-measure-steps 0 --max-position-embeddings 1048576 --output-dir "$out/sweep1b" --timeout 400 \
+            | grep -v "^\s*$" | tail -n 30
+        ;;
+    sweep8b)
+        for offload in no yes; do
+            extra=()
+            [ "$offload" = yes ] && extra=(--offload-activations)
+            "${CMP[@]}" --model-preset llama-3.1-8b --gradient-checkpointing --save-steps 0 --no-save-adapter \
+                --find-max-context --backends hf_flash --context-start "${SWEEP8_START:-32768}" \
+                --context-limit "${SWEEP8_LIMIT:-262144}" --max-steps 1 --warmup-measure-steps 0 \
+                --max-position-embeddings 1048576 --output-dir "$out/sweep8b-offload-$offload" --timeout 400 \
+                "${extra[@]}" | tail -n 12
+        done
+        ;;
+    varlen)
+        HF_FLASH_STRICT=1 "${CMP[@]}" "${ONE_B[@]}" --backends sdpa,hf_flash --layout padded,packed \
+            --lengths lognormal:600:1.0:100 --max-len 8192 --batch-size 4 --output-dir "$out/varlen" | tail -n 8
+        "${CMP[@]}" "${ONE_B[@]}" --backends hf_flash --layout padded --lengths lognormal:600:1.0:100 \
+            --max-len 8192 --batch-size 8 --passes 1 --output-dir "$out/varlen-b8" | tail -n 4
+        ;;
+    gptoss)
+        "${CMP[@]}" --model-preset gpt-oss-20b-4l --gradient-checkpointing --save-steps 0 --no-save-adapter \
+            --backends hf_flash,eager,flex_attention --layout blocks --seq-lens 8192,32768 --max-steps 3 \
+            --output-dir "$out/gptoss" | tail -n 10
+        ;;
+    *) echo "unknown part $part" ;;
+    esac
+done
+tar -czf "${OUT:-/tmp}/lora.tar.gz" -C "$out" --exclude='*.safetensors' --exclude='checkpoint-*' . 2>/dev/null
+python3 - "$out" <<'EOF'
+import json, sys
+from pathlib import Path
+rows = []
+for summary in sorted(Path(sys.argv[1]).rglob("summary.json")):
+    s = json.loads(summary.read_text())
+    rows.append((str(summary.parent.relative_to(sys.argv[1])), s["status"], s.get("median_tokens_per_s"),
+                 s.get("real_tokens_per_s"), s.get("peak_mem_gib"), s.get("loss_per_token") or s.get("final_loss")))
+print(f"{'run':58} {'status':7} {'tok/s':>9} {'real tok/s':>10} {'peak GiB':>8} {'loss':>10}")
+for name, status, speed, real, peak, loss in rows:
+    f = lambda v, spec: "-" if v is None else format(v, spec)
+    print(f"{name[:58]:58} {status:7} {f(speed, ',.0f'):>9} {f(real, ',.0f'):>10} {f(peak, '.2f'):>8} {f(loss, '.5f'):>10}")
+EOF
