@@ -60,12 +60,16 @@ def default_chunk_tokens(vocab_size: int) -> int:
 def _sum_and_grad(logits: torch.Tensor, targets: torch.Tensor, want_grad: bool):
     """Summed cross-entropy of ``logits`` ``[c, V]`` (any float dtype, computed in fp32) against ``targets``
     ``[c]``, and its gradient ``softmax - one_hot`` in the logits' dtype (None unless ``want_grad``)."""
-    logits32 = logits.to(torch.float32, copy=True)  # [c, V]; a copy: the softmax is made in place below
-    lse = torch.logsumexp(logits32, dim=-1)  # [c]
-    loss = (lse - logits32.gather(1, targets[:, None]).squeeze(1)).sum()
+    # logsumexp's own steps, done in place in one fp32 copy: torch.logsumexp would allocate a second [c, V]
+    logits32 = logits.to(torch.float32, copy=True)  # [c, V]
+    picked = logits32.gather(1, targets[:, None]).squeeze(1)  # [c]
+    top = logits32.amax(dim=-1, keepdim=True)  # [c, 1]
+    exps = logits32.sub_(top).exp_()  # [c, V], overwrites logits32
+    sums = exps.sum(dim=-1, keepdim=True)  # [c, 1]
+    loss = (sums.log() + top - picked[:, None]).sum()
     if not want_grad:
         return loss, None
-    probs = logits32.sub_(lse[:, None]).exp_()
+    probs = exps.div_(sums)
     probs.scatter_add_(1, targets[:, None], probs.new_full((targets.shape[0], 1), -1.0))
     # Left unscaled by 1/N: (p - y) stays within [-1, 1], where fp16 keeps it; 1/N and the loss scale of
     # fp16 training come with the incoming gradient in backward.
