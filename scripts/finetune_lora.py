@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 BACKENDS = ("hf_flash", "sdpa", "eager", "flex_attention", "flash_attention_2")
+LOSSES = ("chunked", "liger", "plain")
 OOM_EXIT, USAGE_EXIT = 3, 2
 
 
@@ -35,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
                    help="auto: bf16 on a GPU that has it, else fp32")  # fmt: skip
     m.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    m.add_argument("--max-position-embeddings", type=int, metavar="N",
+                   help="random-init models: raise the config's limit on --seq-len to N\n"
+                   "(context sweeps past a preset's 131072)")  # fmt: skip
     d = p.add_argument_group("data")
     d.add_argument("--data", help="json/jsonl/csv/parquet/txt file or a folder of them\n"
                    "(default: docstrings of Python's standard library)")  # fmt: skip
@@ -64,6 +68,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
     t.add_argument("--epochs", type=float, default=1.0)
     t.add_argument("--gradient-checkpointing", action="store_true")
+    t.add_argument("--loss", default="chunked", choices=LOSSES,
+                   help="chunked (default): the same loss as the model's, computed over chunks of\n"
+                   "tokens without ever holding the [tokens, vocab] logits (at 32k tokens and\n"
+                   "Llama 3's vocabulary those are 8.4 GB in bf16, 16.8 GB upcast to fp32);\n"
+                   "liger: the same through Liger-Kernel's fused linear cross-entropy (CUDA);\n"
+                   "plain: the model's own loss on the full logits")  # fmt: skip
+    t.add_argument("--loss-chunk-tokens", type=int, metavar="N",
+                   help="tokens per chunk of --loss chunked (default: 1 GiB of fp32 logits,\n"
+                   "2048 tokens at a 128256 vocabulary)")  # fmt: skip
+    t.add_argument("--offload-activations", action="store_true",
+                   help="keep the activations saved for backward in CPU memory (pinned) instead of\n"
+                   "on the GPU: with --gradient-checkpointing the layer inputs it keeps, without\n"
+                   "it every activation (slow, a lot of CPU memory); for contexts whose\n"
+                   "checkpoints alone do not fit")  # fmt: skip
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--lora-r", type=int, default=16)
     t.add_argument("--lora-alpha", type=float, default=32.0)

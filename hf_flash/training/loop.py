@@ -32,6 +32,7 @@ from pathlib import Path
 from . import require
 from .data import IGNORE_INDEX, LAYOUTS, build_train_dataset, parse_lengths
 from .distributed import allow_indexed_cpu_locations, fsdp_ignored_reason, full_state_dict, gather_floats, parallelism
+from .loss import DEFAULT_LOSS, LOSSES, LossPlan, LossTrainerMixin
 from .models import (
     BACKENDS,
     UsageError,
@@ -39,6 +40,7 @@ from .models import (
     backend_unavailable_reason,
     build_model,
     check_seq_len,
+    extend_positions,
     load_tokenizer,
     resolve_dtype,
     resolve_model,
@@ -71,6 +73,10 @@ class FinetuneConfig:
     max_doc_len: int | None = None  # padded/packed: documents cut at this many tokens (default seq_len)
     lengths: str | None = None  # lognormal:MEDIAN:SIGMA:N random-token documents instead of --data
     gradient_checkpointing: bool = False
+    loss: str = DEFAULT_LOSS  # chunked | liger | plain, see loss.py
+    loss_chunk_tokens: int | None = None  # None: loss.default_chunk_tokens(vocab)
+    offload_activations: bool = False
+    max_position_embeddings: int | None = None  # random-init models only: train past the config's limit
     dtype: str = "auto"
     device: str = "auto"
     seed: int = 0
@@ -93,8 +99,11 @@ def validate(cfg: FinetuneConfig) -> None:
     for name in ("seq_len", "batch_size", "grad_accum", "lora_r"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
-    if cfg.max_steps is not None and cfg.max_steps < 1:
-        raise UsageError(f"--max-steps must be at least 1 (got {cfg.max_steps})")
+    if cfg.loss not in LOSSES:
+        raise UsageError(f"unknown --loss {cfg.loss!r}; choose one of {', '.join(LOSSES)}")
+    for name in ("max_steps", "loss_chunk_tokens", "max_position_embeddings"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise UsageError(f"unknown --device {cfg.device!r}; choose auto, cpu or cuda")
     if cfg.packing:
@@ -209,8 +218,9 @@ def _callback_class():
 def _trainer_class():
     from transformers import Trainer
 
-    class MeteredTrainer(Trainer):
-        """Counts the tokens of each micro-batch and writes one JSON line per optimizer step."""
+    class MeteredTrainer(LossTrainerMixin, Trainer):
+        """Counts the tokens of each micro-batch and writes one JSON line per optimizer step; the loss is
+        computed as ``loss_plan`` says (loss.py)."""
 
         meter: StepMeter
         steps_path: Path
@@ -377,12 +387,14 @@ def _build_trainer(cfg: FinetuneConfig, args, spec, dtype, say):
         model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[callback]
     )
     trainer.meter = meter
+    trainer.loss_plan = LossPlan.for_model(model, cfg.loss, cfg.loss_chunk_tokens, cfg.offload_activations)
     layout = parallelism(trainer)
     world = layout["world_size"]
     batch = cfg.batch_size * cfg.grad_accum * world
     say(f"model {spec.name} ({total / 1e6:.1f}M params, {trainable / 1e6:.2f}M trainable LoRA), attn={cfg.attn}, "
         f"dtype={str(dtype).removeprefix('torch.')}, device={args.device.type}; data: {len(dataset)} "
-        f"{_rows_word(cfg)} of <= {cfg.seq_len} tokens from {n_tokens} tokens")  # fmt: skip
+        f"{_rows_word(cfg)} of <= {cfg.seq_len} tokens from {n_tokens} tokens; "
+        f"loss: {trainer.loss_plan.describe()}")  # fmt: skip
     if world > 1:
         say(f"{world} processes, {layout['mode']} over {layout['backend']}: {batch} rows per optimizer step "
             f"({cfg.batch_size} per process x {cfg.grad_accum} accumulation x {world})")  # fmt: skip
@@ -410,7 +422,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
     validate(cfg)
     device = pick_device(cfg.device)
-    spec = resolve_model(cfg.model, cfg.model_preset)
+    spec = extend_positions(resolve_model(cfg.model, cfg.model_preset), cfg.max_position_embeddings)
     check_seq_len(spec, cfg.seq_len)
     reason = backend_unavailable_reason(cfg.attn, device)
     if reason:
@@ -461,7 +473,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     if not main and status != "oom":
         return {"status": status, "main_process": False}
     summary = {"status": status, "attn": cfg.attn, "seq_len": cfg.seq_len, "model": spec.name,
-               "dtype": str(dtype).removeprefix("torch."), "parallelism": layout,
+               "dtype": str(dtype).removeprefix("torch."), "parallelism": layout, "loss": trainer.loss_plan.impl,
+               "offload_activations": cfg.offload_activations,
                **summarize(read_steps(out), cfg.warmup_measure_steps), "environment": _environment(device)}  # fmt: skip
     if status == "oom":
         summary["error"] = error
@@ -485,6 +498,6 @@ def load_finetuned(adapter_dir, attn: str = "sdpa", device: str = "cpu", dtype=N
     from peft import PeftModel
 
     cfg = FinetuneConfig(**json.loads((Path(adapter_dir) / RUN_CONFIG_FILE).read_text()))
-    spec = resolve_model(cfg.model, cfg.model_preset)
+    spec = extend_positions(resolve_model(cfg.model, cfg.model_preset), cfg.max_position_embeddings)
     base = build_model(spec, attn, dtype or resolve_dtype(cfg.dtype, device), device, cfg.seed)
     return PeftModel.from_pretrained(base, str(adapter_dir))

@@ -129,6 +129,21 @@ def check_seq_len(spec: ModelSpec, seq_len: int) -> None:
         )
 
 
+def extend_positions(spec: ModelSpec, positions: int | None) -> ModelSpec:
+    """``spec`` with ``max_position_embeddings = positions`` (None: unchanged), for context sweeps past a preset's
+    published limit (Llama 3's RoPE is computed for any position; the weights are noise anyway). Random-init
+    models only: a checkpoint loads its own config, and past its trained length it would need RoPE scaling."""
+    if positions is None:
+        return spec
+    if spec.weights is not None:
+        raise UsageError(
+            f"--max-position-embeddings applies to random-init models (--model-preset, the embedded model or a "
+            f"config-only folder), not to the checkpoint in {spec.weights}"
+        )
+    spec.config.max_position_embeddings = positions
+    return spec
+
+
 def backend_unavailable_reason(name: str, device: str) -> str | None:
     """None when ``attn_implementation=name`` can run on ``device`` ("cpu"/"cuda"), else why not."""
     if name not in BACKENDS:
