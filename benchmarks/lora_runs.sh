@@ -19,6 +19,12 @@ export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then  # liger-kernel (and whatever else was carried) as wheels
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
+# A Triton cache carried from an earlier call (.tcache/triton_cache.tgz) saves the compiles of unchanged kernels
+cache=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
+mkdir -p "$cache"
+if [ -f .tcache/triton_cache.tgz ]; then
+    tar -xzf .tcache/triton_cache.tgz -C "$cache" && echo "carried Triton cache: $(ls "$cache" | wc -l) entries"
+fi
 ONE_B=(--model-preset llama-3.2-1b --gradient-checkpointing --save-steps 0 --no-save-adapter)
 FT=(python3 scripts/finetune_lora.py)
 CMP=(python3 scripts/compare_backends.py)
@@ -70,6 +76,7 @@ for part in ${PARTS:-loss}; do
     *) echo "unknown part $part" ;;
     esac
 done
+tar -czf "${OUT:-/tmp}/triton_cache.tgz" -C "$cache" . 2>/dev/null
 tar -czf "${OUT:-/tmp}/lora.tar.gz" -C "$out" --exclude='*.safetensors' --exclude='checkpoint-*' . 2>/dev/null
 python3 - "$out" <<'EOF'
 import json, sys

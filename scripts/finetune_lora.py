@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("model")
     m.add_argument("--model", help="local model folder or a Hugging Face id already in the local cache\n"
                    "(default: the embedded tiny Llama, random init)")  # fmt: skip
-    m.add_argument("--model-preset", help="random-init real shape: llama-3.2-1b, llama-3.2-3b, llama-3.1-8b,\n"
+    m.add_argument("--model-preset", help="random-init real shape: llama-3.2-1b, llama-3.2-3b, llama-3.1-8b, gpt-oss-20b-4l,\n"
                    "qwen2.5-1.5b, mistral-7b")  # fmt: skip
     m.add_argument("--attn", default="hf_flash", choices=BACKENDS, help="attention backend (default: hf_flash)")
     m.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),

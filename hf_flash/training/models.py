@@ -55,6 +55,13 @@ PRESETS: dict[str, dict] = {
         tie_word_embeddings=False, rms_norm_eps=1e-5,
     ),
 }  # fmt: skip
+# gpt-oss-20b's shape (attention sinks, window-128 layers alternating with full ones, 32 experts, 4 active)
+# cut to 4 of its 24 layers: what the attention backends differ on, at a fraction of the memory.
+PRESETS["gpt-oss-20b-4l"] = dict(
+    model_type="gpt_oss", hidden_size=2880, intermediate_size=2880, num_hidden_layers=4, num_attention_heads=64,
+    num_key_value_heads=8, head_dim=64, vocab_size=201088, num_local_experts=32, num_experts_per_tok=4,
+    sliding_window=128, max_position_embeddings=131072, tie_word_embeddings=False,
+)  # fmt: skip
 PRESETS["llama-3-8b"] = PRESETS["llama-3.1-8b"]  # same shape; 8b is what people type
 
 
