@@ -25,7 +25,8 @@ mkdir -p "$cache"
 if [ -f .tcache/triton_cache.tgz ]; then
     tar -xzf .tcache/triton_cache.tgz -C "$cache" && echo "carried Triton cache: $(ls "$cache" | wc -l) entries"
 fi
-ONE_B=(--model-preset llama-3.2-1b --gradient-checkpointing --save-steps 0 --no-save-adapter)
+CAP=(${GPU_MEMORY_GIB:+--gpu-memory-gib $GPU_MEMORY_GIB})  # an 80 GB card on a larger one: GPU_MEMORY_GIB=79
+ONE_B=(--model-preset llama-3.2-1b --gradient-checkpointing --save-steps 0 --no-save-adapter "${CAP[@]}")
 FT=(python3 scripts/finetune_lora.py)
 CMP=(python3 scripts/compare_backends.py)
 
@@ -55,7 +56,7 @@ for part in ${PARTS:-loss}; do
         for offload in no yes; do
             extra=()
             [ "$offload" = yes ] && extra=(--offload-activations)
-            "${CMP[@]}" --model-preset llama-3.1-8b --gradient-checkpointing --save-steps 0 --no-save-adapter \
+            "${CMP[@]}" --model-preset llama-3.1-8b --gradient-checkpointing --save-steps 0 --no-save-adapter "${CAP[@]}" \
                 --find-max-context --backends hf_flash --context-start "${SWEEP8_START:-32768}" \
                 --context-limit "${SWEEP8_LIMIT:-262144}" --max-steps 1 --warmup-measure-steps 0 \
                 --max-position-embeddings 1048576 --output-dir "$out/sweep8b-offload-$offload" --timeout 400 \
@@ -69,7 +70,7 @@ for part in ${PARTS:-loss}; do
             --max-len 8192 --batch-size 8 --passes 1 --output-dir "$out/varlen-b8" | tail -n 4
         ;;
     gptoss)
-        "${CMP[@]}" --model-preset gpt-oss-20b-4l --gradient-checkpointing --save-steps 0 --no-save-adapter \
+        "${CMP[@]}" --model-preset gpt-oss-20b-4l --gradient-checkpointing --save-steps 0 --no-save-adapter "${CAP[@]}" \
             --backends hf_flash,eager,flex_attention --layout blocks --seq-lens 8192,32768 --max-steps 3 \
             --output-dir "$out/gptoss" | tail -n 10
         ;;

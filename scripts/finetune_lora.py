@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
                    help="auto: bf16 on a GPU that has it, else fp32")  # fmt: skip
     m.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    m.add_argument("--gpu-memory-gib", type=float, metavar="GIB",
+                   help="let PyTorch use at most this much of the GPU, as if the card were smaller\n"
+                   "(what fits on an 80 GB card, measured on a larger one: 79)")  # fmt: skip
     m.add_argument("--max-position-embeddings", type=int, metavar="N",
                    help="random-init models: raise the config's limit on --seq-len to N\n"
                    "(context sweeps past a preset's 131072)")  # fmt: skip

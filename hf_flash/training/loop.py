@@ -77,6 +77,7 @@ class FinetuneConfig:
     loss_chunk_tokens: int | None = None  # None: loss.default_chunk_tokens(vocab)
     offload_activations: bool = False
     max_position_embeddings: int | None = None  # random-init models only: train past the config's limit
+    gpu_memory_gib: float | None = None  # cap PyTorch's share of the GPU (a smaller card on a larger one)
     dtype: str = "auto"
     device: str = "auto"
     seed: int = 0
@@ -124,6 +125,19 @@ def pick_device(name: str) -> str:
     if name == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA GPU is visible to PyTorch")
     return name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cap_gpu_memory(device: str, gib: float) -> None:
+    """PyTorch's allocator may hold at most ``gib`` GiB of the GPU: out of memory comes where it would on a
+    card of that size (the CUDA context, outside the allocator, is not counted on either)."""
+    import torch
+
+    if device != "cuda":
+        raise UsageError("--gpu-memory-gib needs a CUDA GPU")
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    if not 0 < gib * 2**30 <= total:
+        raise UsageError(f"--gpu-memory-gib {gib:g}: this GPU has {total / 2**30:.1f} GiB; pass a positive number up to that")
+    torch.cuda.set_per_process_memory_fraction(gib * 2**30 / total)
 
 
 class StepMeter:
@@ -422,6 +436,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
     validate(cfg)
     device = pick_device(cfg.device)
+    if cfg.gpu_memory_gib is not None:
+        cap_gpu_memory(device, cfg.gpu_memory_gib)
     spec = extend_positions(resolve_model(cfg.model, cfg.model_preset), cfg.max_position_embeddings)
     check_seq_len(spec, cfg.seq_len)
     reason = backend_unavailable_reason(cfg.attn, device)
@@ -474,7 +490,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         return {"status": status, "main_process": False}
     summary = {"status": status, "attn": cfg.attn, "seq_len": cfg.seq_len, "model": spec.name,
                "dtype": str(dtype).removeprefix("torch."), "parallelism": layout, "loss": trainer.loss_plan.impl,
-               "offload_activations": cfg.offload_activations,
+               "offload_activations": cfg.offload_activations, "gpu_memory_gib": cfg.gpu_memory_gib,
                **summarize(read_steps(out), cfg.warmup_measure_steps), "environment": _environment(device)}  # fmt: skip
     if status == "oom":
         summary["error"] = error
