@@ -28,6 +28,10 @@ KV_HEADS=${KV_HEADS:-0}  # GQA: K/V heads of the timed shapes (0: MHA); KV_HEADS
 # name | patch file (empty: main) | environment for the run
 VARIANTS=(
   "main||"
+  # lengths, max_seqlen and the LSE strides specialized again (Triton's == 1 / % 16 classes), as before
+  # common.UNSPECIALIZED: what keeping them out of the specialization (no recompile per new length) costs.
+  # Time with SEQLENS="1024 4096 16384" and VARLEN=... (the varlen layouts are where new lengths come from)
+  "specialize-lengths|specialize-lengths.patch|"
   # the forward's causal diagonal inside its main loop, as the backward's since 5163fc7 (common.diag_in_loop;
   # CPU-tested, not timed yet)
   "fwd-diag-merge|fwd-diag-merge.patch|"
@@ -115,7 +119,7 @@ done | tee "$out/ab.log"
 stats "${VARIANTS[0]}" "$first" "$HEAD_DIMS" | grep -E "^(===|D)" | sed 's/^===/=== again:/' | tee -a "$out/ab.log"
 if [ -n "${VARLEN:-}" ]; then
   # VARLEN="--head-dim 64 --heads 32 --kv-heads 8": varlen_split.py per variant (the packed and mixed-length
-  # layouts: kernel_stats' dense lengths are multiples of 16, which Triton specializes on, varlen's are not)
+  # layouts, next to kernel_stats' dense lengths)
   for variant in "${selected[@]}" "${VARIANTS[0]}"; do
     echo "=== varlen_split: ${variant%%|*}"
     # shellcheck disable=SC2086  # VARLEN is a list of words

@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from hf_flash.ops.common import (
+    UNSPECIALIZED,
     strides_blh as _strides,
     desc_head,
     desc_row0,
@@ -55,7 +56,7 @@ from hf_flash.ops.common import (
 from hf_flash.ops.config import SHORT_SEQLEN, cdiv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=UNSPECIALIZED)
 def _bwd_delta(
     Out, dO, Delta, cu_seqlens_q,
     stride_ob, stride_om, stride_oh, stride_dob, stride_dom, stride_doh, stride_lb, stride_lh,
@@ -175,8 +176,8 @@ def _bwd_dkdv_inner(
     return dk, dv
 
 
-# a fresh dropout seed every call must not trigger a recompile (ints are specialized on % 16)
-@triton.jit(do_not_specialize=["seed"])
+# per-call integers (lengths, LSE strides, dropout seed) must not trigger a recompile: common.UNSPECIALIZED
+@triton.jit(do_not_specialize=UNSPECIALIZED)
 def _bwd_dkdv(
     Q, K, V, dO, Q_desc, dO_desc, Lse, Delta, dK, dV, DQacc, cu_seqlens_q, cu_seqlens_k,
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
@@ -297,8 +298,8 @@ def _bwd_dq_inner(
     return dq
 
 
-# a fresh dropout seed every call must not trigger a recompile (ints are specialized on % 16)
-@triton.jit(do_not_specialize=["seed"])
+# per-call integers (lengths, LSE strides, dropout seed) must not trigger a recompile: common.UNSPECIALIZED
+@triton.jit(do_not_specialize=UNSPECIALIZED)
 def _bwd_dq(
     Q, K, V, dO, K_desc, V_desc, Lse, Delta, dQ, cu_seqlens_q, cu_seqlens_k,
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from hf_flash.ops.common import (
+    UNSPECIALIZED,
     desc_head,
     desc_row0,
     dropout_keep,
@@ -89,8 +90,8 @@ def _fwd_inner(
     return acc, l_i, m_i
 
 
-# a fresh dropout seed every call must not trigger a recompile (ints are specialized on % 16)
-@triton.jit(do_not_specialize=["seed"])
+# per-call integers (lengths, LSE strides, dropout seed) must not trigger a recompile: common.UNSPECIALIZED
+@triton.jit(do_not_specialize=UNSPECIALIZED)
 def _fwd_kernel(
     Q, K, V, K_desc, V_desc, Out, Lse, Sinks, cu_seqlens_q, cu_seqlens_k,
     stride_qb, stride_qm, stride_qh,

@@ -76,8 +76,8 @@ def compile_case(case: dict, with_cubin: bool = False) -> dict:
 
     ``case``: kernel ("fwd" / "dkdv" / "dq" / "delta"), cc (e.g. 75), dtype ("fp16" / "bf16"),
     constexprs (name -> value, as the launcher passes them), num_warps, num_stages; optionally
-    ``divisible``: integer arguments that a launch would pass as multiples of 16 (e.g. the lengths of a
-    dense batch with L % 16 == 0, which Triton then specializes on).
+    ``divisible``: integer arguments that a launch would pass as multiples of 16 and Triton specializes on
+    (never the lengths and LSE strides of ``common.UNSPECIALIZED``, which no launch specializes).
     """
     import triton
     from triton.backends.compiler import GPUTarget
@@ -99,8 +99,10 @@ def compile_case(case: dict, with_cubin: bool = False) -> dict:
                           for n in names if n.endswith("_desc")})
     # Triton marks 16-byte aligned pointers and strides divisible by 16 at launch (contiguous inputs
     # with D % 8 == 0); give the compiler the same facts so the code matches what runs
-    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-               if signature[n].startswith("*") or n.startswith("stride_") or n in case.get("divisible", ())}
+    from hf_flash.ops.common import UNSPECIALIZED
+
+    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in UNSPECIALIZED and (
+               signature[n].startswith("*") or n.startswith("stride_") or n in case.get("divisible", ()))}
     source = ASTSource(fn=fn, signature=signature, constexprs=dict(constexprs), attrs=aligned)
     log = io.StringIO()
     start = time.perf_counter()
