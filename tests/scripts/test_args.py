@@ -133,3 +133,16 @@ def test_output_dir_that_is_a_file(run_finetune, compare_script, tmp_path, capsy
     assert capsys.readouterr().err.splitlines() == [
         f"error: --output-dir {taken} is a file; pass a folder (it is created if missing)"
     ]
+
+
+@needs_datasets
+@pytest.mark.parametrize("name, text, where", [
+    ("bad.jsonl", '{"text": "fine"}\n{"text": "unterminated}\n{"text": "x"}\n', "line 2 is not valid JSON: unterminated string at column 10"),
+    ("bad.jsonl", '{"text": "fine"}\n\n{"text": "a"} trailing\n', "line 3 is not valid JSON: extra data at column 15"),
+    ("bad.json", '[{"text": "fine"},\n{"text": "b}\n]', "line 2 is not valid JSON: invalid control character at column 13"),
+])  # fmt: skip
+def test_malformed_json_names_the_file_and_line(run_finetune, tmp_path, name, text, where):
+    path = tmp_path / name
+    path.write_text(text)
+    code, _, err, _ = run_finetune("--data", str(path))
+    assert code == 2 and err.splitlines() == [f"error: --data {path}: {where}"]
