@@ -43,6 +43,16 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:  # 0 would silently mean "the default" further down
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _backend_list(text: str) -> list[str]:
     names = [v.strip() for v in text.split(",") if v.strip()]
     unknown = [n for n in names if n not in BACKENDS]
@@ -58,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated (default: eager,sdpa,hf_flash, plus flex_attention and\n"
                    "flash_attention_2 when they can run here)")  # fmt: skip
     p.add_argument("--seq-lens", type=_int_list, help="comma-separated (default: 2048,8192 on a GPU, 128 on CPU)")
-    p.add_argument("--max-steps", type=int, help="steps per run (default: 8 on a GPU, 3 on CPU)")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--max-steps", type=_positive_int, help="steps per run (default: 8 on a GPU, 3 on CPU)")
+    p.add_argument("--batch-size", type=_positive_int, default=1)
     p.add_argument("--model", help="local model folder (default: the embedded tiny Llama)")
     p.add_argument("--model-preset", help="random-init real shape, e.g. llama-3.2-1b")
     p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"),

@@ -65,6 +65,9 @@ def test_compare_parser(compare_script):
     (["--seq-lens", "2k"], "expected comma-separated integers"),
     (["--seq-lens", "0"], "expected positive integers"),
     (["--backends", "sdpa,xformers"], "unknown backend(s) xformers"),
+    (["--max-steps", "0"], "argument --max-steps: expected a positive integer, got '0'"),
+    (["--max-steps", "-2"], "argument --max-steps: expected a positive integer, got '-2'"),
+    (["--batch-size", "0"], "argument --batch-size: expected a positive integer, got '0'"),
 ])  # fmt: skip
 def test_compare_parser_errors(compare_script, capsys, argv, message):
     with pytest.raises(SystemExit):
