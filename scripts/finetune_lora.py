@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "qwen2.5-1.5b, mistral-7b")  # fmt: skip
     m.add_argument("--attn", default="hf_flash", choices=BACKENDS, help="attention backend (default: hf_flash)")
     m.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
-                   help="auto: bf16 on a GPU that has it, else fp32")  # fmt: skip
+                   help="auto: bf16 on a GPU that has it; on CPU fp16 for hf_flash (its kernels run there\n"
+                   "in Triton's interpreter, which takes fp16), else fp32")  # fmt: skip
     m.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     d = p.add_argument_group("data")
     d.add_argument("--data", help="json/jsonl/csv/parquet/txt file or a folder of them\n"
@@ -84,6 +85,9 @@ def _prepare_environment(args) -> None:
             # Without a GPU the Triton kernels can only run in Triton's (slow) interpreter, which is
             # chosen when hf_flash is imported. fp32 calls still go to hf_flash's PyTorch fallback.
             os.environ["TRITON_INTERPRET"] = "1"
+            if args.dtype != "fp32" and os.environ.get("RANK", "0") == "0":
+                print("note: no GPU, so hf_flash's kernels run in Triton's interpreter: minutes per step at "
+                      "--seq-len 512; --seq-len 64 --max-steps 3 checks them quickly, --attn sdpa trains faster")  # fmt: skip
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 

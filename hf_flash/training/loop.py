@@ -35,6 +35,7 @@ from .models import (
     BACKENDS,
     UsageError,
     add_lora,
+    attn_note,
     backend_unavailable_reason,
     build_model,
     check_seq_len,
@@ -335,7 +336,8 @@ def _build_trainer(cfg: FinetuneConfig, args, spec, dtype, say):
     layout = parallelism(trainer)
     world = layout["world_size"]
     batch = cfg.batch_size * cfg.grad_accum * world
-    say(f"model {spec.name} ({total / 1e6:.1f}M params, {trainable / 1e6:.2f}M trainable LoRA), attn={cfg.attn}, "
+    say(f"model {spec.name} ({total / 1e6:.1f}M params, {trainable / 1e6:.2f}M trainable LoRA), "
+        f"attn={cfg.attn}{attn_note(cfg.attn, args.device.type, dtype)}, "
         f"dtype={str(dtype).removeprefix('torch.')}, device={args.device.type}; data: {len(dataset)} "
         f"{'packed bins' if cfg.packing else 'rows'} of <= {cfg.seq_len} tokens from {n_tokens} tokens")  # fmt: skip
     if world > 1:
@@ -370,7 +372,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     reason = backend_unavailable_reason(cfg.attn, device)
     if reason:
         raise UsageError(f"--attn {cfg.attn} cannot run here: {reason}")
-    dtype = resolve_dtype(cfg.dtype, device)
+    dtype = resolve_dtype(cfg.dtype, device, cfg.attn)
     out = Path(cfg.output_dir)
     args = _training_arguments(cfg, out, device, dtype)
     main = args.process_index == 0

@@ -95,17 +95,26 @@ def test_out_of_memory_is_reported_not_raised(run_finetune, monkeypatch):
 
 
 def test_hf_flash_kernels_train_like_sdpa(run_finetune, monkeypatch, tmp_path):
-    # fp16: the kernels' dtype (on CPU they run in Triton's interpreter, which tests/conftest.py turns
-    # on). Strict mode makes a silent fallback to PyTorch an error, so the kernels really ran.
+    # fp16: the kernels' dtype, and on CPU the default for hf_flash (there they run in Triton's interpreter,
+    # which tests/conftest.py turns on). Strict mode makes a silent fallback to PyTorch an error, so the
+    # kernels really ran.
     monkeypatch.setenv("HF_FLASH_STRICT", "1")
-    small = ["--max-steps", "2", "--dtype", "fp16", "--seq-len", "32", "--batch-size", "1", "--no-save-adapter"]
+    small = ["--max-steps", "2", "--seq-len", "32", "--batch-size", "1", "--no-save-adapter"]
     if torch.cuda.is_available():  # with a GPU the kernels run there (the interpreter is off)
-        small += ["--device", "cuda"]
-    code, _, err, flash_dir = run_finetune(*small, "--attn", "hf_flash", out=tmp_path / "flash")
+        small += ["--device", "cuda", "--dtype", "fp16"]
+    code, out, err, flash_dir = run_finetune(*small, "--attn", "hf_flash", out=tmp_path / "flash")
     assert code == 0, err
-    assert run_finetune(*small, "--attn", "sdpa", out=tmp_path / "sdpa")[0] == 0
+    if not torch.cuda.is_available():  # the header says what runs
+        assert "attn=hf_flash (Triton interpreter), dtype=float16" in out
+    assert run_finetune(*small, "--attn", "sdpa", "--dtype", "fp16", out=tmp_path / "sdpa")[0] == 0
     flash = [s["loss"] for s in read_steps(flash_dir)]
     assert flash == pytest.approx([s["loss"] for s in read_steps(tmp_path / "sdpa")], abs=2e-3)
+
+
+def test_header_says_when_hf_flash_falls_back(run_finetune):
+    code, out, err, _ = run_finetune("--attn", "hf_flash", "--dtype", "fp32", "--max-steps", "1", "--no-save-adapter")
+    assert code == 0, err
+    assert "attn=hf_flash (falls back to SDPA: float32), dtype=float32" in out
 
 
 def test_ctrl_c_saves_a_checkpoint(tmp_path):
