@@ -63,13 +63,15 @@ def _backend_list(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
+                                epilog="Other options (--lr, --packing, --lora-r, ...) go to finetune_lora.py unchanged;\n"
+                                "`python scripts/finetune_lora.py --help` lists them with their defaults.")  # fmt: skip
     p.add_argument("--backends", type=_backend_list,
                    help="comma-separated (default: eager,sdpa,hf_flash, plus flex_attention and\n"
                    "flash_attention_2 when they can run here)")  # fmt: skip
     p.add_argument("--seq-lens", type=_int_list, help="comma-separated (default: 2048,8192 on a GPU, 128 on CPU)")
     p.add_argument("--max-steps", type=_positive_int, help="steps per run (default: 8 on a GPU, 3 on CPU)")
-    p.add_argument("--batch-size", type=_positive_int, default=1)
+    p.add_argument("--batch-size", type=_positive_int, default=1, help="rows per process per step (default 1)")
     p.add_argument("--model", help="local model folder (default: the embedded tiny Llama)")
     p.add_argument("--model-preset", help="random-init real shape, e.g. llama-3.2-1b")
     p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"),
@@ -79,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-measure-steps", type=int, default=1,
                    help="first steps of each run left out of the medians (default 1)")  # fmt: skip
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per run (default 1800)")
-    p.add_argument("--output-dir", default="outputs/compare")
+    p.add_argument("--output-dir", default="outputs/compare",
+                   help="results.json, results.md, the plots and one folder per run (default: outputs/compare)")  # fmt: skip
     p.add_argument("--launcher",
                    help="command that starts each fine-tune on several processes, e.g.\n"
                    "\"accelerate launch --config_file examples/accelerate/ddp.yaml --num_processes 2\"\n"

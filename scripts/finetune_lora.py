@@ -49,12 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     t = p.add_argument_group("training")
     t.add_argument("--batch-size", type=int, default=1,
                    help="rows (or packed bins) per process per micro-step; one optimizer step\n"
-                   "takes batch size x grad accum x number of processes rows")  # fmt: skip
-    t.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
-    t.add_argument("--lr", type=float, default=2e-4)
+                   "takes batch size x grad accum x number of processes rows (default 1)")  # fmt: skip
+    t.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step (default 1)")
+    t.add_argument("--lr", type=float, default=2e-4, help="learning rate (default 2e-4)")
     t.add_argument("--warmup-steps", type=int, default=0)
-    t.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
-    t.add_argument("--epochs", type=float, default=1.0)
+    t.add_argument("--max-steps", type=int, help="optimizer steps, overriding --epochs (default: as many as\n"
+                   "--epochs takes)")  # fmt: skip
+    t.add_argument("--epochs", type=float, default=1.0, help="passes over the data (default 1)")
     t.add_argument("--gradient-checkpointing", action="store_true")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--lora-r", type=int, default=16)
@@ -63,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--target-modules", default="all-linear",
                    help="comma-separated module names, e.g. q_proj,v_proj (default: all linear projections)")  # fmt: skip
     o = p.add_argument_group("output")
-    o.add_argument("--output-dir", default="outputs/finetune")
+    o.add_argument("--output-dir", default="outputs/finetune",
+                   help="steps.jsonl, checkpoints, the adapter and summary.json (default: outputs/finetune)")  # fmt: skip
     o.add_argument("--save-steps", type=int, default=100, help="checkpoint every N steps (0: none)")
     o.add_argument("--save-total-limit", type=int, default=2, help="keep this many checkpoints")
     o.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")

@@ -386,6 +386,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
         allow_indexed_cpu_locations()  # the optimizer state of a multi-CPU run may be mapped to "cpu:<rank>"
     if cfg.resume and checkpoint is None:
         say(f"--resume: no checkpoint in {out}; starting from step 0")
+    elif checkpoint is not None:
+        say(f"resuming from {Path(checkpoint).name} in {out}")
     trainer, tokenizer, callback, layout = _build_trainer(cfg, args, spec, dtype, say)
 
     out.mkdir(parents=True, exist_ok=True)

@@ -44,6 +44,32 @@ def test_finetune_options_reach_the_config(finetune_script):
     )
 
 
+def _option_help(parser, option: str) -> str:
+    """The --help text of one option (its line and the lines under it)."""
+    text = parser.format_help()
+    start = text.index(f"  {option} ")
+    following = [text.find("\n  -", start + 1), text.find("\n\n", start)]
+    return " ".join(text[start : min(i for i in following if i > 0)].split())
+
+
+@pytest.mark.parametrize("script, option, default", [
+    ("finetune", "--max-steps", "default: as many as --epochs takes"),
+    ("finetune", "--output-dir", "default: outputs/finetune"),
+    ("finetune", "--batch-size", "default 1"),
+    ("finetune", "--lr", "default 2e-4"),
+    ("compare", "--max-steps", "default: 8 on a GPU, 3 on CPU"),
+    ("compare", "--output-dir", "default: outputs/compare"),
+    ("compare", "--batch-size", "default 1"),
+])  # fmt: skip
+def test_help_shows_the_defaults(finetune_script, compare_script, script, option, default):
+    module = finetune_script if script == "finetune" else compare_script
+    assert default in _option_help(module.build_parser(), option)
+
+
+def test_compare_help_says_where_the_fine_tune_options_are(compare_script):
+    assert "--lr, --packing" in compare_script.build_parser().format_help()
+
+
 def test_unknown_backend_is_rejected_by_the_parser(finetune_script, capsys):
     with pytest.raises(SystemExit) as exc:
         finetune_script.build_parser().parse_args(["--attn", "flash"])

@@ -59,7 +59,8 @@ def test_resume_continues_with_the_same_losses(run_finetune, tmp_path):
     code, out, _, split = run_finetune(*common, "--stop-after", "3", out=tmp_path / "split")
     assert code == 0 and "rerun the same command with --resume" in out
     assert [s["step"] for s in read_steps(split)] == [1, 2, 3]
-    assert run_finetune(*common, "--resume", out=split)[0] == 0
+    code, out, _, _ = run_finetune(*common, "--resume", out=split)
+    assert code == 0 and f"resuming from checkpoint-3 in {split}" in out
     straight_losses = [s["loss"] for s in read_steps(tmp_path / "straight")]
     resumed = read_steps(split)
     assert [s["step"] for s in resumed] == [1, 2, 3, 4, 5, 6]  # nothing lost, nothing repeated
