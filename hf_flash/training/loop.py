@@ -155,6 +155,10 @@ class StepMeter:
         return any(r[2] for r in ranks)
 
 
+class RunFinished(Exception):
+    """Training resumed from the checkpoint of the run's last step: nothing is left to train."""
+
+
 def _callback_class():
     from transformers import TrainerCallback
 
@@ -165,6 +169,12 @@ def _callback_class():
             self.meter = meter
             self.stop_after = stop_after
             self.interrupted = False
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            # Resumed from the last step's checkpoint (a run killed before its end): the Trainer's loop checks
+            # for the end only after a step, so it would train one past max_steps. The weights are loaded by now.
+            if state.global_step >= state.max_steps > 0:
+                raise RunFinished
 
         def on_step_begin(self, args, state, control, **kwargs):
             self.meter.begin()
@@ -407,6 +417,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
         trainer.train(resume_from_checkpoint=checkpoint)
+    except RunFinished:  # what is left is the run's end: the adapter and the summary, from the checkpoint
+        say(f"{Path(checkpoint).name} is the run's last step: nothing left to train")
     except getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError) as exc:
         status, error = "oom", " ".join(str(exc).split())[:300]
     finally:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -76,6 +77,25 @@ def test_run_on_a_data_file(run_finetune, tmp_path):
     code, out, err, run_dir = run_finetune("--max-steps", "2", "--data", str(path), "--no-save-adapter")
     assert code == 0 and "done: 2 steps" in out, err
     assert [s["step"] for s in read_steps(run_dir)] == [1, 2]
+
+
+def test_resuming_a_finished_run_trains_nothing_more(run_finetune, tmp_path):
+    from safetensors.torch import load_file
+
+    common = ["--max-steps", "2", "--save-steps", "2"]
+    code, _, _, run_dir = run_finetune(*common)
+    assert code == 0 and (run_dir / "checkpoint-2").is_dir()
+    # as if killed after the last step's checkpoint, before the run's end wrote the adapter and the summary
+    shutil.rmtree(run_dir / "adapter")
+    (run_dir / "summary.json").unlink()
+    code, out, err, _ = run_finetune(*common, "--resume", out=run_dir)
+    assert code == 0, err
+    assert "resuming from checkpoint-2" in out and "nothing left to train" in out and "done: 2 steps" in out
+    assert [s["step"] for s in read_steps(run_dir)] == [1, 2]  # no step 3 of --max-steps 2
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 2
+    adapter = load_file(run_dir / "adapter" / "adapter_model.safetensors")  # the checkpoint's weights, not new ones
+    trained = load_file(run_dir / "checkpoint-2" / "adapter_model.safetensors")
+    assert adapter.keys() == trained.keys() and all(torch.equal(adapter[k], trained[k]) for k in adapter)
 
 
 def test_packing_run(run_finetune):
