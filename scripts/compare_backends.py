@@ -82,7 +82,9 @@ def _backend_list(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
+                                epilog="Other options (--lr, --packing, --lora-r, ...) go to finetune_lora.py unchanged;\n"
+                                "`python scripts/finetune_lora.py --help` lists them with their defaults.")  # fmt: skip
     p.add_argument("--backends", type=_backend_list,
                    help="comma-separated (default: eager,sdpa,hf_flash, plus flex_attention and\n"
                    "flash_attention_2 when they can run here)")  # fmt: skip
@@ -117,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-measure-steps", type=int, default=1,
                    help="first steps of each run left out of the medians (default 1)")  # fmt: skip
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per run (default 1800)")
-    p.add_argument("--output-dir", default="outputs/compare")
+    p.add_argument("--output-dir", default="outputs/compare",
+                   help="results.json, results.md, the plots and one folder per run (default: outputs/compare)")  # fmt: skip
     p.add_argument("--launcher",
                    help="command that starts each fine-tune on several processes, e.g.\n"
                    "\"accelerate launch --config_file examples/accelerate/ddp.yaml --num_processes 2\"\n"

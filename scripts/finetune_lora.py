@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "qwen2.5-1.5b, mistral-7b")  # fmt: skip
     m.add_argument("--attn", default="hf_flash", choices=BACKENDS, help="attention backend (default: hf_flash)")
     m.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
-                   help="auto: bf16 on a GPU that has it, else fp32")  # fmt: skip
+                   help="auto: bf16 on a GPU that has it; on CPU fp16 for hf_flash (its kernels run there\n"
+                   "in Triton's interpreter, which takes fp16), else fp32")  # fmt: skip
     m.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     m.add_argument("--gpu-memory-gib", type=float, metavar="GIB",
                    help="let PyTorch use at most this much of the GPU, as if the card were smaller\n"
@@ -64,12 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     t = p.add_argument_group("training")
     t.add_argument("--batch-size", type=int, default=1,
                    help="rows (or packed bins) per process per micro-step; one optimizer step\n"
-                   "takes batch size x grad accum x number of processes rows")  # fmt: skip
-    t.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
-    t.add_argument("--lr", type=float, default=2e-4)
+                   "takes batch size x grad accum x number of processes rows (default 1)")  # fmt: skip
+    t.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step (default 1)")
+    t.add_argument("--lr", type=float, default=2e-4, help="learning rate (default 2e-4)")
     t.add_argument("--warmup-steps", type=int, default=0)
-    t.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
-    t.add_argument("--epochs", type=float, default=1.0)
+    t.add_argument("--max-steps", type=int, help="optimizer steps, overriding --epochs (default: as many as\n"
+                   "--epochs takes)")  # fmt: skip
+    t.add_argument("--epochs", type=float, default=1.0, help="passes over the data (default 1)")
     t.add_argument("--gradient-checkpointing", action="store_true")
     t.add_argument("--loss", default="chunked", choices=LOSSES,
                    help="chunked (default): the same loss as the model's, computed over chunks of\n"
@@ -92,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--target-modules", default="all-linear",
                    help="comma-separated module names, e.g. q_proj,v_proj (default: all linear projections)")  # fmt: skip
     o = p.add_argument_group("output")
-    o.add_argument("--output-dir", default="outputs/finetune")
+    o.add_argument("--output-dir", default="outputs/finetune",
+                   help="steps.jsonl, checkpoints, the adapter and summary.json (default: outputs/finetune)")  # fmt: skip
     o.add_argument("--save-steps", type=int, default=100, help="checkpoint every N steps (0: none)")
     o.add_argument("--save-total-limit", type=int, default=2, help="keep this many checkpoints")
     o.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
@@ -114,6 +117,9 @@ def _prepare_environment(args) -> None:
             # Without a GPU the Triton kernels can only run in Triton's (slow) interpreter, which is
             # chosen when hf_flash is imported. fp32 calls still go to hf_flash's PyTorch fallback.
             os.environ["TRITON_INTERPRET"] = "1"
+            if args.dtype != "fp32" and os.environ.get("RANK", "0") == "0":
+                print("note: no GPU, so hf_flash's kernels run in Triton's interpreter: minutes per step at "
+                      "--seq-len 512; --seq-len 64 --max-steps 3 checks them quickly, --attn sdpa trains faster")  # fmt: skip
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 

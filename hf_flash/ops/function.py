@@ -14,7 +14,7 @@ import torch
 
 from hf_flash.ops import checks
 from hf_flash.ops.backward import flash_bwd
-from hf_flash.ops.config import backward_config, forward_config
+from hf_flash.ops.config import backward_config, explain_launch_error, forward_config
 from hf_flash.ops.forward import flash_fwd
 
 # Atomic dQ (inside the dK/dV kernel) pays off only for large head dims (H100 sweep, bf16: D=256 backward
@@ -51,8 +51,12 @@ def _fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s
     seed = int(torch.randint(0, 2**30, (1,)).item()) if dropout_p > 0 else 0
     if out.numel() > 0:
         config = forward_config(q.shape[-1], q.device, max_seqlen_q)
-        flash_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                  (window_left, window_right), softcap, dropout_p, seed, config, sinks)
+        try:  # free unless a launch fails; the first launch of a call is always this one
+            flash_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                      (window_left, window_right), softcap, dropout_p, seed, config, sinks)
+        except RuntimeError as exc:
+            explain_launch_error(exc, q.device)
+            raise
     return out, lse, torch.tensor([seed], dtype=torch.int64)
 
 

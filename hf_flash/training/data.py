@@ -66,16 +66,43 @@ def load_records(data: str | None, max_docs: int | None = None):
     except ImportError:
         raise UsageError(f"--data {data}: reading files needs the `datasets` package: {INSTALL_HINT}") from None
     datasets.disable_progress_bars()
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its "Failed to load JSON" line would be a second
     try:
         rows = datasets.load_dataset(builder, data_files=files, split="train")
     except Exception as exc:  # datasets raises many types; all mean the file could not be parsed
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "corresponds to no data" in first:  # datasets' words for a file with a header and no rows
             raise UsageError(f"--data {data} is empty; pass a file with at least one row") from None
-        raise UsageError(f"--data {data}: could not read it as {builder}: {first}") from None
+        bad = next(filter(None, map(_json_error, files)), None) if builder == "json" else None
+        raise UsageError(f"--data {bad or f'{data}: could not read it as {builder}: {first}'}") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
     if max_docs is not None:
         rows = rows.select(range(min(max_docs, len(rows))))
     return rows
+
+
+def _json_error(file: str) -> str | None:
+    """Where a JSON or JSON Lines file stops being valid, as "FILE: line N is not valid JSON: ..." with 1-based
+    lines and columns (datasets counts rows from 0, and pyarrow's words can mislead), or None."""
+    import json
+
+    text = Path(file).read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines()
+    first = next((line for line in lines if line.strip()), "")
+    try:  # JSON Lines: a .jsonl file, or a .json file whose first line is a whole value
+        json_lines = file.lower().endswith(".jsonl") or json.loads(first) is not None
+    except json.JSONDecodeError:
+        json_lines = False
+    try:
+        for number, line in enumerate(lines if json_lines else [text], 1):
+            if line.strip():
+                json.loads(line)
+    except json.JSONDecodeError as exc:
+        what = exc.msg.removesuffix(" starting at").removesuffix(" at").lower()  # "Unterminated string starting at"
+        return f"{file}: line {number if json_lines else exc.lineno} is not valid JSON: {what} at column {exc.colno}"
+    return None
 
 
 def _columns(records) -> list[str]:

@@ -37,6 +37,7 @@ from .models import (
     BACKENDS,
     UsageError,
     add_lora,
+    attn_note,
     backend_unavailable_reason,
     build_model,
     check_seq_len,
@@ -200,6 +201,10 @@ class StepMeter:
         return any(r[3] for r in ranks)
 
 
+class RunFinished(Exception):
+    """Training resumed from the checkpoint of the run's last step: nothing is left to train."""
+
+
 def _callback_class():
     from transformers import TrainerCallback
 
@@ -210,6 +215,12 @@ def _callback_class():
             self.meter = meter
             self.stop_after = stop_after
             self.interrupted = False
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            # Resumed from the last step's checkpoint (a run killed before its end): the Trainer's loop checks
+            # for the end only after a step, so it would train one past max_steps. The weights are loaded by now.
+            if state.global_step >= state.max_steps > 0:
+                raise RunFinished
 
         def on_step_begin(self, args, state, control, **kwargs):
             self.meter.begin()
@@ -405,7 +416,8 @@ def _build_trainer(cfg: FinetuneConfig, args, spec, dtype, say):
     layout = parallelism(trainer)
     world = layout["world_size"]
     batch = cfg.batch_size * cfg.grad_accum * world
-    say(f"model {spec.name} ({total / 1e6:.1f}M params, {trainable / 1e6:.2f}M trainable LoRA), attn={cfg.attn}, "
+    say(f"model {spec.name} ({total / 1e6:.1f}M params, {trainable / 1e6:.2f}M trainable LoRA), "
+        f"attn={cfg.attn}{attn_note(cfg.attn, args.device.type, dtype)}, "
         f"dtype={str(dtype).removeprefix('torch.')}, device={args.device.type}; data: {len(dataset)} "
         f"{_rows_word(cfg)} of <= {cfg.seq_len} tokens from {n_tokens} tokens; "
         f"loss: {trainer.loss_plan.describe()}")  # fmt: skip
@@ -443,7 +455,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     reason = backend_unavailable_reason(cfg.attn, device)
     if reason:
         raise UsageError(f"--attn {cfg.attn} cannot run here: {reason}")
-    dtype = resolve_dtype(cfg.dtype, device)
+    dtype = resolve_dtype(cfg.dtype, device, cfg.attn)
     out = Path(cfg.output_dir)
     args = _training_arguments(cfg, out, device, dtype)
     main = args.process_index == 0
@@ -457,6 +469,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
         allow_indexed_cpu_locations()  # the optimizer state of a multi-CPU run may be mapped to "cpu:<rank>"
     if cfg.resume and checkpoint is None:
         say(f"--resume: no checkpoint in {out}; starting from step 0")
+    elif checkpoint is not None:
+        say(f"resuming from {Path(checkpoint).name} in {out}")
     trainer, tokenizer, callback, layout = _build_trainer(cfg, args, spec, dtype, say)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -476,6 +490,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
         trainer.train(resume_from_checkpoint=checkpoint)
+    except RunFinished:  # what is left is the run's end: the adapter and the summary, from the checkpoint
+        say(f"{Path(checkpoint).name} is the run's last step: nothing left to train")
     except getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError) as exc:
         status, error = "oom", " ".join(str(exc).split())[:300]
     finally:

@@ -179,15 +179,36 @@ def backend_unavailable_reason(name: str, device: str) -> str | None:
     return None
 
 
-def resolve_dtype(name: str, device: str):
+def resolve_dtype(name: str, device: str, attn: str | None = None):
+    """``auto``: bf16 on a GPU that has it; on CPU fp16 for hf_flash, whose kernels run there only in Triton's
+    interpreter, which takes fp16 (fp32 would send every call to PyTorch, and its bf16 dots are wrong); else fp32."""
     import torch
 
     if name == "auto":
-        return torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        if device == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float16 if attn == "hf_flash" and device == "cpu" else torch.float32
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     if name not in dtypes:
         raise UsageError(f"unknown --dtype {name!r}; choose auto, bf16, fp16 or fp32")
     return dtypes[name]
+
+
+def attn_note(attn: str, device: str, dtype) -> str:
+    """What runs behind ``--attn hf_flash`` here, for the run's header: " (Triton interpreter)" on CPU,
+    " (falls back to SDPA: float32)" when the kernels cannot take the call; "" for the kernels on a GPU."""
+    if attn != "hf_flash":
+        return ""
+    import torch
+
+    from hf_flash.ops.config import SUPPORTED_DTYPES, kernels_unavailable_reason
+
+    if dtype not in SUPPORTED_DTYPES:
+        return f" (falls back to SDPA: {str(dtype).removeprefix('torch.')})"
+    reason = kernels_unavailable_reason(device, dtype)
+    if reason:
+        return f" (falls back to SDPA: {reason})"
+    return " (Triton interpreter)" if torch.device(device).type == "cpu" else ""
 
 
 def _dtype_kwarg(dtype) -> dict:

@@ -488,11 +488,12 @@ def test_info_shows_a_forced_arch(fake_gpu):
     assert (gpu["capability"], gpu["treated_as"], gpu["table"]) == ("9.0", "8.0", "sm80")
 
 
-def test_python_m_hf_flash_prints_the_report(capsys):
+def test_python_m_hf_flash_prints_the_report(capsys, monkeypatch):
     import runpy
 
     import triton
 
+    monkeypatch.setattr(sys, "argv", ["hf_flash"])  # not pytest's arguments: the module parses them
     runpy.run_module("hf_flash", run_name="__main__")  # what ``python -m hf_flash`` runs, in this process
     out = capsys.readouterr().out
     assert f"triton {triton.__version__}" in out and "float16" in out and "CPU tensors" in out, out

@@ -44,6 +44,32 @@ def test_finetune_options_reach_the_config(finetune_script):
     )
 
 
+def _option_help(parser, option: str) -> str:
+    """The --help text of one option (its line and the lines under it)."""
+    text = parser.format_help()
+    start = text.index(f"  {option} ")
+    following = [text.find("\n  -", start + 1), text.find("\n\n", start)]
+    return " ".join(text[start : min(i for i in following if i > 0)].split())
+
+
+@pytest.mark.parametrize("script, option, default", [
+    ("finetune", "--max-steps", "default: as many as --epochs takes"),
+    ("finetune", "--output-dir", "default: outputs/finetune"),
+    ("finetune", "--batch-size", "default 1"),
+    ("finetune", "--lr", "default 2e-4"),
+    ("compare", "--max-steps", "default: 8 on a GPU, 3 on CPU"),
+    ("compare", "--output-dir", "default: outputs/compare"),
+    ("compare", "--batch-size", "default 1"),
+])  # fmt: skip
+def test_help_shows_the_defaults(finetune_script, compare_script, script, option, default):
+    module = finetune_script if script == "finetune" else compare_script
+    assert default in _option_help(module.build_parser(), option)
+
+
+def test_compare_help_says_where_the_fine_tune_options_are(compare_script):
+    assert "--lr, --packing" in compare_script.build_parser().format_help()
+
+
 def test_unknown_backend_is_rejected_by_the_parser(finetune_script, capsys):
     with pytest.raises(SystemExit) as exc:
         finetune_script.build_parser().parse_args(["--attn", "flash"])
@@ -65,6 +91,9 @@ def test_compare_parser(compare_script):
     (["--seq-lens", "2k"], "expected comma-separated integers"),
     (["--seq-lens", "0"], "expected positive integers"),
     (["--backends", "sdpa,xformers"], "unknown backend(s) xformers"),
+    (["--max-steps", "0"], "argument --max-steps: expected a positive integer, got '0'"),
+    (["--max-steps", "-2"], "argument --max-steps: expected a positive integer, got '-2'"),
+    (["--batch-size", "0"], "argument --batch-size: expected a positive integer, got '0'"),
 ])  # fmt: skip
 def test_compare_parser_errors(compare_script, capsys, argv, message):
     with pytest.raises(SystemExit):
@@ -133,3 +162,16 @@ def test_output_dir_that_is_a_file(run_finetune, compare_script, tmp_path, capsy
     assert capsys.readouterr().err.splitlines() == [
         f"error: --output-dir {taken} is a file; pass a folder (it is created if missing)"
     ]
+
+
+@needs_datasets
+@pytest.mark.parametrize("name, text, where", [
+    ("bad.jsonl", '{"text": "fine"}\n{"text": "unterminated}\n{"text": "x"}\n', "line 2 is not valid JSON: unterminated string at column 10"),
+    ("bad.jsonl", '{"text": "fine"}\n\n{"text": "a"} trailing\n', "line 3 is not valid JSON: extra data at column 15"),
+    ("bad.json", '[{"text": "fine"},\n{"text": "b}\n]', "line 2 is not valid JSON: invalid control character at column 13"),
+])  # fmt: skip
+def test_malformed_json_names_the_file_and_line(run_finetune, tmp_path, name, text, where):
+    path = tmp_path / name
+    path.write_text(text)
+    code, _, err, _ = run_finetune("--data", str(path))
+    assert code == 2 and err.splitlines() == [f"error: --data {path}: {where}"]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -59,7 +60,8 @@ def test_resume_continues_with_the_same_losses(run_finetune, tmp_path):
     code, out, _, split = run_finetune(*common, "--stop-after", "3", out=tmp_path / "split")
     assert code == 0 and "rerun the same command with --resume" in out
     assert [s["step"] for s in read_steps(split)] == [1, 2, 3]
-    assert run_finetune(*common, "--resume", out=split)[0] == 0
+    code, out, _, _ = run_finetune(*common, "--resume", out=split)
+    assert code == 0 and f"resuming from checkpoint-3 in {split}" in out
     straight_losses = [s["loss"] for s in read_steps(tmp_path / "straight")]
     resumed = read_steps(split)
     assert [s["step"] for s in resumed] == [1, 2, 3, 4, 5, 6]  # nothing lost, nothing repeated
@@ -75,6 +77,25 @@ def test_run_on_a_data_file(run_finetune, tmp_path):
     code, out, err, run_dir = run_finetune("--max-steps", "2", "--data", str(path), "--no-save-adapter")
     assert code == 0 and "done: 2 steps" in out, err
     assert [s["step"] for s in read_steps(run_dir)] == [1, 2]
+
+
+def test_resuming_a_finished_run_trains_nothing_more(run_finetune, tmp_path):
+    from safetensors.torch import load_file
+
+    common = ["--max-steps", "2", "--save-steps", "2"]
+    code, _, _, run_dir = run_finetune(*common)
+    assert code == 0 and (run_dir / "checkpoint-2").is_dir()
+    # as if killed after the last step's checkpoint, before the run's end wrote the adapter and the summary
+    shutil.rmtree(run_dir / "adapter")
+    (run_dir / "summary.json").unlink()
+    code, out, err, _ = run_finetune(*common, "--resume", out=run_dir)
+    assert code == 0, err
+    assert "resuming from checkpoint-2" in out and "nothing left to train" in out and "done: 2 steps" in out
+    assert [s["step"] for s in read_steps(run_dir)] == [1, 2]  # no step 3 of --max-steps 2
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 2
+    adapter = load_file(run_dir / "adapter" / "adapter_model.safetensors")  # the checkpoint's weights, not new ones
+    trained = load_file(run_dir / "checkpoint-2" / "adapter_model.safetensors")
+    assert adapter.keys() == trained.keys() and all(torch.equal(adapter[k], trained[k]) for k in adapter)
 
 
 def test_packing_run(run_finetune):
@@ -95,17 +116,26 @@ def test_out_of_memory_is_reported_not_raised(run_finetune, monkeypatch):
 
 
 def test_hf_flash_kernels_train_like_sdpa(run_finetune, monkeypatch, tmp_path):
-    # fp16: the kernels' dtype (on CPU they run in Triton's interpreter, which tests/conftest.py turns
-    # on). Strict mode makes a silent fallback to PyTorch an error, so the kernels really ran.
+    # fp16: the kernels' dtype, and on CPU the default for hf_flash (there they run in Triton's interpreter,
+    # which tests/conftest.py turns on). Strict mode makes a silent fallback to PyTorch an error, so the
+    # kernels really ran.
     monkeypatch.setenv("HF_FLASH_STRICT", "1")
-    small = ["--max-steps", "2", "--dtype", "fp16", "--seq-len", "32", "--batch-size", "1", "--no-save-adapter"]
+    small = ["--max-steps", "2", "--seq-len", "32", "--batch-size", "1", "--no-save-adapter"]
     if torch.cuda.is_available():  # with a GPU the kernels run there (the interpreter is off)
-        small += ["--device", "cuda"]
-    code, _, err, flash_dir = run_finetune(*small, "--attn", "hf_flash", out=tmp_path / "flash")
+        small += ["--device", "cuda", "--dtype", "fp16"]
+    code, out, err, flash_dir = run_finetune(*small, "--attn", "hf_flash", out=tmp_path / "flash")
     assert code == 0, err
-    assert run_finetune(*small, "--attn", "sdpa", out=tmp_path / "sdpa")[0] == 0
+    if not torch.cuda.is_available():  # the header says what runs
+        assert "attn=hf_flash (Triton interpreter), dtype=float16" in out
+    assert run_finetune(*small, "--attn", "sdpa", "--dtype", "fp16", out=tmp_path / "sdpa")[0] == 0
     flash = [s["loss"] for s in read_steps(flash_dir)]
     assert flash == pytest.approx([s["loss"] for s in read_steps(tmp_path / "sdpa")], abs=2e-3)
+
+
+def test_header_says_when_hf_flash_falls_back(run_finetune):
+    code, out, err, _ = run_finetune("--attn", "hf_flash", "--dtype", "fp32", "--max-steps", "1", "--no-save-adapter")
+    assert code == 0, err
+    assert "attn=hf_flash (falls back to SDPA: float32), dtype=float32" in out
 
 
 def test_ctrl_c_saves_a_checkpoint(tmp_path):
