@@ -59,7 +59,7 @@ def _option_help(parser, option: str) -> str:
     ("finetune", "--lr", "default 2e-4"),
     ("compare", "--max-steps", "default: 8 on a GPU, 3 on CPU"),
     ("compare", "--output-dir", "default: outputs/compare"),
-    ("compare", "--batch-size", "default 1"),
+    ("compare", "--batch-size", "default: 4 padded, 1 blocks"),
 ])  # fmt: skip
 def test_help_shows_the_defaults(finetune_script, compare_script, script, option, default):
     module = finetune_script if script == "finetune" else compare_script
