@@ -38,13 +38,29 @@ one() {  # one NAME SEQ_LEN STEPS ARGS...: one fine-tune on STEPS random sequenc
     echo "$name: exit $? $(tail -n 1 "$out/runs/$name.log" | cut -c1-200)"
 }
 mkdir -p "$out/runs"
+report() {  # the archive of every run so far (a call cut short still returns it) and a table of them
+    tar -czf "${OUT:-/tmp}/lora.tar.gz" -C "$out" --exclude='*.safetensors' --exclude='checkpoint-*' . 2>/dev/null
+    python3 - "$out" <<'EOF'
+import json, sys
+from pathlib import Path
+rows = []
+for summary in sorted(Path(sys.argv[1]).rglob("summary.json")):
+    s = json.loads(summary.read_text())
+    rows.append((str(summary.parent.relative_to(sys.argv[1])), s["status"], s.get("median_tokens_per_s"),
+                 s.get("real_tokens_per_s"), s.get("peak_mem_gib"), s.get("loss_per_token") or s.get("final_loss")))
+print(f"{'run':58} {'status':7} {'tok/s':>9} {'real tok/s':>10} {'peak GiB':>8} {'loss':>10}")
+for name, status, speed, real, peak, loss in rows:
+    f = lambda v, spec: "-" if v is None else format(v, spec)
+    print(f"{name[:58]:58} {status:7} {f(speed, ',.0f'):>9} {f(real, ',.0f'):>10} {f(peak, '.2f'):>8} {f(loss, '.5f'):>10}")
+EOF
+}
 
 for part in ${PARTS:-loss}; do
     echo "== $part ($(date +%T))"
     case $part in
     loss)
         for loss in plain chunked liger; do one "L32k-$loss" 32768 3 --loss "$loss" --attn hf_flash; done
-        for loss in plain chunked liger; do one "L8k-$loss" 8192 6 --loss "$loss" --attn hf_flash --warmup-measure-steps 2; done
+        for loss in plain chunked liger; do one "L8k-$loss" 8192 5 --loss "$loss" --attn hf_flash --warmup-measure-steps 2; done
         ;;
     sweep1b)
         "${CMP[@]}" "${ONE_B[@]}" --find-max-context --backends "${SWEEP_BACKENDS:-hf_flash}" \
@@ -76,19 +92,7 @@ for part in ${PARTS:-loss}; do
         ;;
     *) echo "unknown part $part" ;;
     esac
+    report >"$out/table.txt"
 done
 tar -czf "${OUT:-/tmp}/triton_cache.tgz" -C "$cache" . 2>/dev/null
-tar -czf "${OUT:-/tmp}/lora.tar.gz" -C "$out" --exclude='*.safetensors' --exclude='checkpoint-*' . 2>/dev/null
-python3 - "$out" <<'EOF'
-import json, sys
-from pathlib import Path
-rows = []
-for summary in sorted(Path(sys.argv[1]).rglob("summary.json")):
-    s = json.loads(summary.read_text())
-    rows.append((str(summary.parent.relative_to(sys.argv[1])), s["status"], s.get("median_tokens_per_s"),
-                 s.get("real_tokens_per_s"), s.get("peak_mem_gib"), s.get("loss_per_token") or s.get("final_loss")))
-print(f"{'run':58} {'status':7} {'tok/s':>9} {'real tok/s':>10} {'peak GiB':>8} {'loss':>10}")
-for name, status, speed, real, peak, loss in rows:
-    f = lambda v, spec: "-" if v is None else format(v, spec)
-    print(f"{name[:58]:58} {status:7} {f(speed, ',.0f'):>9} {f(real, ',.0f'):>10} {f(peak, '.2f'):>8} {f(loss, '.5f'):>10}")
-EOF
+cat "$out/table.txt"
