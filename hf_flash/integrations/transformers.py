@@ -38,7 +38,6 @@ no usable GPU / dtype -> PyTorch SDPA with the same routing; options the kernels
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 import sys
 import types
@@ -64,9 +63,6 @@ _IGNORED_KWARGS = frozenset(
         "seq_idx",  # Mamba-hybrid packing ids; the same borders come from cu_seq_lens / position_ids
     }
 )  # fmt: skip
-# Attention sinks reach the kernels through ``flash_attn_func(..., sinks=)``; a kernel build without that
-# keyword (before the sinks kernels were merged) sends sink calls to the eager fallback instead.
-_KERNELS_TAKE_SINKS = "sinks" in inspect.signature(flash_attn_func).parameters
 # kwargs read by this file
 _HANDLED_KWARGS = frozenset(
     {"position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "deterministic"}
@@ -220,8 +216,6 @@ def _padded_visibility(plan, batch, len_q, len_k, causal, window, device):
 
 def _unsupported_reason(attention_mask, s_aux, kwargs) -> str | None:
     """Why the kernels cannot honour this call's options (None: they can)."""
-    if s_aux is not None and not _KERNELS_TAKE_SINKS:
-        return "attention sinks (`s_aux`) are not supported by this build of the kernels"
     if kwargs.get("output_attentions"):
         return "`output_attentions=True` needs the attention weights, which flash attention never forms"
     if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2):

@@ -3,14 +3,8 @@
 gpt-oss passes its learned sinks as ``s_aux`` on every layer; the tiny model alternates a window-4 layer and a
 full one, with GQA (4 query heads, 2 KV heads) and a small MoE. Every route is covered: plain, padded
 (varlen), packed, decode with a cache. No call may fall back (a FallbackWarning fails the test).
-
-The kernels take sinks through ``flash_attn_func(..., sinks=)``, added by the kernel branch. Until it is
-merged, the tests marked ``needs_kernel_sinks`` are skipped (they inspect the signature, so they turn on by
-themselves after the merge) and sink calls go to the model's eager function with a warning
-(``test_without_kernel_sinks_calls_fall_back_to_eager``, skipped from then on).
 """
 
-import inspect
 import warnings
 
 import pytest
@@ -19,15 +13,7 @@ from _tiny import DTYPE, greedy_equal_up_to_ties, make_model, models, pad_batch,
 from conftest import assert_close_rel
 from test_models import check, check_packed_batch, check_padded_batch
 
-import hf_flash
 from hf_flash import fallback
-from hf_flash.integrations import transformers as integration
-
-KERNEL_SINKS = "sinks" in inspect.signature(hf_flash.flash_attn_func).parameters
-needs_kernel_sinks = pytest.mark.skipif(
-    not KERNEL_SINKS, reason="hf_flash.flash_attn_func has no `sinks` parameter yet (the sinks kernels are not merged)"
-)
-
 
 pytestmark = pytest.mark.usefixtures("fresh_fallback_warnings")
 
@@ -64,7 +50,6 @@ def test_the_tiny_gpt_oss_has_a_window_layer_a_full_layer_and_gqa():
     assert attention[0].num_key_value_groups == 2
 
 
-@needs_kernel_sinks
 def test_logits_match_eager(strict):
     ours, eager, ref = gpt_oss_models()
     ids = tokens(2, 13)
@@ -82,7 +67,6 @@ def _attention_grads(model, ids, mask):
     return grads
 
 
-@needs_kernel_sinks
 @pytest.mark.parametrize("padded", [False, True], ids=["dense", "right-padded"])
 def test_sink_and_projection_gradients_match_eager(padded, strict):
     ours, eager, ref = gpt_oss_models()
@@ -103,19 +87,16 @@ def test_sink_and_projection_gradients_match_eager(padded, strict):
             check(f"gpt-oss grad {name}", grads_ours[name], ref_grad, grads_eager[name], factor=3)
 
 
-@needs_kernel_sinks
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padded_batch_equals_each_sample_alone(side, strict):
     check_padded_batch("gpt-oss", gpt_oss_models(), side)
 
 
-@needs_kernel_sinks
 @pytest.mark.parametrize("source", ["position_ids", "cu_seq_lens"])
 def test_packed_batch_equals_sequences_alone(source, strict):
     check_packed_batch("gpt-oss", gpt_oss_models(), source)
 
 
-@needs_kernel_sinks
 def test_padded_generate_matches_eager(strict):
     """Prefill of a left-padded batch, then decode steps against the cache (one query per row, the window
     layer's keys past the window hidden)."""
@@ -127,7 +108,6 @@ def test_padded_generate_matches_eager(strict):
     greedy_equal_up_to_ties(out_ours, out_eager, ref, mask)
 
 
-@needs_kernel_sinks
 def test_fp32_model_runs_sinks_through_the_sdpa_fallback():
     """Where the kernels cannot run (fp32 weights), the SDPA fallback honours the sinks too."""
     ours = make_model("gpt_oss", "hf_flash", dtype=torch.float32)
@@ -143,22 +123,11 @@ def test_fp32_model_runs_sinks_through_the_sdpa_fallback():
         torch.testing.assert_close(out[mask.bool()], eager(ids, **kw).logits[mask.bool()], atol=2e-4, rtol=2e-4)
 
 
-@pytest.mark.skipif(KERNEL_SINKS, reason="the kernels take sinks: the tests above check them")
-def test_without_kernel_sinks_calls_fall_back_to_eager():
-    ours, eager, _ = gpt_oss_models()
-    ids = tokens(2, 9)
-    with pytest.warns(fallback.FallbackWarning, match="s_aux"), torch.no_grad():
-        out = ours(ids).logits
-    with torch.no_grad():
-        torch.testing.assert_close(out, eager(ids).logits, atol=2e-3, rtol=2e-3)
-
-
 def test_output_attentions_falls_back_to_eager_with_the_sinks():
     """The eager fallback (here for the attention weights) gets ``s_aux`` too."""
     ours, eager, _ = gpt_oss_models()
     ids = tokens(1, 9)
-    # (before the sinks kernels, the reason given is the sinks)
-    with pytest.warns(fallback.FallbackWarning, match="output_attentions|s_aux"), torch.no_grad():
+    with pytest.warns(fallback.FallbackWarning, match="output_attentions"), torch.no_grad():
         out = ours(ids, output_attentions=True)
     with torch.no_grad():
         expected = eager(ids, output_attentions=True)
@@ -166,6 +135,3 @@ def test_output_attentions_falls_back_to_eager_with_the_sinks():
         torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(out.logits, expected.logits, atol=2e-3, rtol=2e-3)
 
-
-def test_the_integration_and_the_tests_agree_on_kernel_support():
-    assert integration._KERNELS_TAKE_SINKS == KERNEL_SINKS
