@@ -6,8 +6,11 @@
 #
 # Parts (H100 80GB, bf16, LoRA r16 on all projections, gradient checkpointing, random-token documents):
 #   loss      Llama-3.2-1B, one 32k sequence and one 8k sequence: --loss plain / chunked / liger
-#   sweep1b   1B: the longest context of hf_flash (16k doubling to 256k); SWEEP_BACKENDS adds others
-#   sweep8b   Llama-3.1-8B: hf_flash without offload (32k up), then with --offload-activations
+#   sweep1b   1B: the longest context of hf_flash (16k doubling to 256k); sweep1b:eager,sdpa:8192 names the
+#             backends and the first length
+#   sweep8b   Llama-3.1-8B: hf_flash without offload (64k up to 128k), then with --offload-activations (128k)
+#   suite     tests/run_gpu_all.sh started in the background (other parts share the GPU with it: their peak
+#             memory holds, their speed does not); wait: wait for it and print its summary
 #   varlen    1B: padded (micro-batch 4) and packed (16k rows) over lognormal:600:1.0:100, sdpa and hf_flash;
 #             then padded micro-batch 8
 #   gptoss    gpt-oss-20b shape cut to 4 layers: one 8k and one 32k sequence, hf_flash / eager / flex_attention
@@ -62,22 +65,33 @@ for part in ${PARTS:-loss}; do
         for loss in plain chunked liger; do one "L32k-$loss" 32768 3 --loss "$loss" --attn hf_flash; done
         for loss in plain chunked liger; do one "L8k-$loss" 8192 5 --loss "$loss" --attn hf_flash --warmup-measure-steps 2; done
         ;;
-    sweep1b)
-        "${CMP[@]}" "${ONE_B[@]}" --find-max-context --backends "${SWEEP_BACKENDS:-hf_flash}" \
-            --context-start "${SWEEP_START:-16384}" --context-limit "${SWEEP_LIMIT:-262144}" --max-steps 1 \
-            --warmup-measure-steps 0 --max-position-embeddings 1048576 --output-dir "$out/sweep1b" --timeout 400 \
-            | grep -v "^\s*$" | tail -n 30
+    sweep1b*)  # sweep1b[:BACKENDS[:START]]
+        IFS=: read -r _ backends start <<<"$part"
+        backends=${backends:-${SWEEP_BACKENDS:-hf_flash}}
+        "${CMP[@]}" "${ONE_B[@]}" --find-max-context --backends "$backends" \
+            --context-start "${start:-${SWEEP_START:-16384}}" --context-limit "${SWEEP_LIMIT:-262144}" --max-steps 1 \
+            --warmup-measure-steps 0 --max-position-embeddings 1048576 --output-dir "$out/sweep1b-${backends//,/-}" \
+            --timeout 400 | grep -v "^\s*$" | tail -n 30
         ;;
-    sweep8b)
+    sweep8b)  # without offload from SWEEP8_START (65536), then with offload from SWEEP8_OFFLOAD_START (131072)
         for offload in no yes; do
             extra=()
-            [ "$offload" = yes ] && extra=(--offload-activations)
+            start=${SWEEP8_START:-65536}
+            if [ "$offload" = yes ]; then extra=(--offload-activations); start=${SWEEP8_OFFLOAD_START:-131072}; fi
             "${CMP[@]}" --model-preset llama-3.1-8b --gradient-checkpointing --save-steps 0 --no-save-adapter "${CAP[@]}" \
-                --find-max-context --backends hf_flash --context-start "${SWEEP8_START:-32768}" \
-                --context-limit "${SWEEP8_LIMIT:-262144}" --max-steps 1 --warmup-measure-steps 0 \
+                --find-max-context --backends hf_flash --context-start "$start" \
+                --context-limit "${SWEEP8_LIMIT:-131072}" --max-steps 1 --warmup-measure-steps 0 \
                 --max-position-embeddings 1048576 --output-dir "$out/sweep8b-offload-$offload" --timeout 400 \
                 "${extra[@]}" | tail -n 12
         done
+        ;;
+    suite)  # the GPU suite in the background (logs under $OUT/gpu_all); part "wait" waits for it
+        LIMIT=${SUITE_LIMIT:-480} bash tests/run_gpu_all.sh >"$out/gpu_all_summary.txt" 2>&1 &
+        suite_pid=$!
+        ;;
+    wait)
+        [ -n "${suite_pid:-}" ] && wait "$suite_pid"; echo "GPU suite: exit $?"; cat "$out/gpu_all_summary.txt"
+        tar -czf "${OUT:-/tmp}/gpu_all.tgz" -C "${OUT:-/tmp}" gpu_all 2>/dev/null
         ;;
     varlen)
         HF_FLASH_STRICT=1 "${CMP[@]}" "${ONE_B[@]}" --backends sdpa,hf_flash --layout padded,packed \
