@@ -42,12 +42,13 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def explain_launch_error(exc: RuntimeError, device: torch.device) -> None:
+def explain_launch_error(exc: Exception, device: torch.device) -> None:
     """Given the error of a failed kernel launch, raise a one-line error in its place when the cause is known.
     Called only after a launch has failed, so it costs the hot path nothing."""
-    if device.type == "cpu" and "active drivers" in str(exc):
+    if device.type == "cpu" and ("active drivers" in str(exc) or "cannot be accessed from Triton" in str(exc)):
         # Triton picks the interpreter when a kernel is decorated, at import: set later, the variable makes
-        # hf_flash send CPU tensors to kernels built for a GPU, and Triton finds no GPU driver
+        # hf_flash send CPU tensors to kernels built for a GPU, and Triton finds no GPU driver (or, on a
+        # machine with a GPU, refuses the CPU pointers)
         raise RuntimeError(
             "TRITON_INTERPRET=1 was set after hf_flash (and Triton) were imported; set it before importing "
             "them, e.g. `TRITON_INTERPRET=1 python ...` or os.environ['TRITON_INTERPRET'] = '1' first thing"

@@ -54,7 +54,7 @@ def _fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s
         try:  # free unless a launch fails; the first launch of a call is always this one
             flash_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                       (window_left, window_right), softcap, dropout_p, seed, config, sinks)
-        except RuntimeError as exc:
+        except (RuntimeError, ValueError) as exc:
             explain_launch_error(exc, q.device)
             raise
     return out, lse, torch.tensor([seed], dtype=torch.int64)

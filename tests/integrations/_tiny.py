@@ -48,7 +48,9 @@ FAMILIES = {
 OTHER_FAMILIES = {
     "gpt_oss": (
         "GptOssForCausalLM", "GptOssConfig",
-        {"head_dim": 16, "intermediate_size": 64, "num_local_experts": 4, "num_experts_per_tok": 2,
+        # every expert active: top-k routing is discontinuous, and a rounding difference that picks another
+        # expert for a token would move its output far more than the attention's own error (seen in bf16)
+        {"head_dim": 16, "intermediate_size": 64, "num_local_experts": 4, "num_experts_per_tok": 4,
          "sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"],
          "max_position_embeddings": 131072},  # the YaRN defaults' length (4.56 warns about any other)
     ),

@@ -230,11 +230,13 @@ def test_sinks_torch_compile_fullgraph(device):
     out = compiled(*leaves)
     eager_leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, sinks)]
     ref = layer(*eager_leaves)
-    torch.testing.assert_close(out, ref, atol=1e-3, rtol=1e-3)
+    # inductor fuses q * 1.5 and the sum in fp32 where eager rounds to the input dtype: one ulp of bf16 apart
+    tol = 1e-3 if q.dtype == torch.float16 else 2e-2
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
     grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
     ref_grads = torch.autograd.grad(ref, eager_leaves, torch.ones_like(ref))
     for name, a, b in zip(GRADS, grads, ref_grads):
-        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3, msg=f"compiled {name} differs from eager")
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol, msg=f"compiled {name} differs from eager")
 
 
 def _bad_sinks(device):

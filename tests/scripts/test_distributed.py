@@ -111,13 +111,15 @@ def test_shipped_configs_parse():
 
 def test_meter_sums_every_ranks_tokens(monkeypatch):
     # Packed bins give ranks different token counts: the job's count is their sum, not rank 0's x 2.
-    monkeypatch.setattr(loop, "gather_floats", lambda values: [list(values), [700.0, 0.0, 1.0]])
+    # per rank: real tokens, loss targets, peak memory, stop
+    monkeypatch.setattr(loop, "gather_floats", lambda values: [list(values), [700.0, 690.0, 0.0, 1.0]])
     meter = StepMeter("cpu")
     meter.begin()
-    meter.tokens = 300
+    meter.tokens, meter.targets = 300, 298
     assert meter.end(stop=False) is True  # the other rank asked to stop: this one stops too
     seconds = meter.last["step_time_s"]
     assert meter.last["tokens"] == 1000 and meter.last["tokens_per_s"] == pytest.approx(1000 / seconds)
+    assert meter.last["targets"] == 988
 
 
 def test_fsdp_request_on_cpu_is_reported(monkeypatch):
