@@ -47,6 +47,8 @@ from hf_flash.ops.common import (
     head_ptr,
     kv_segments,
     load_rows,
+    lse_strides,
+    option_args,
     q_segments,
     seq_bounds,
     tanh,
@@ -95,23 +97,39 @@ def _scores_and_grad_factor(s, sm_scale, softcap, HAS_SOFTCAP: tl.constexpr):
 
 @triton.jit
 def _bwd_dkdv_inner(
-    dk, dv, k, v, Q, dO, q_desc, do_desc, q_row0, Lse, Delta, DQacc, lse_off0, off_b64, q_start, off_hk, n_groups,
-    stride_qb, stride_qm, stride_qh, stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh,
-    stride_lh, seed_b, desc_rows_h,
-    offs_n, offs_d, start, end, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p,
-    diag_end,
+    acc, tile, q_in, do_in, dq_out, descs, stats, heads, rule, opts, start, end, diag_end,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr, MASK_LEFT: tl.constexpr,
     MASK_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
     USE_TMA: tl.constexpr, IS_GQA: tl.constexpr, TMA_HEAD_MAJOR: tl.constexpr, DIAG: tl.constexpr,
 ):
-    """Add the contribution of query blocks ``[start, end)`` of every query head of the GQA group to dk, dv
-    ``[BLOCK_N, BLOCK_D]`` (fp32), and with ``ATOMIC_DQ`` add ``dS K`` into the fp32 dQ accumulator.
-    ``MASK``: row checks and the full visibility mask on every block; ``DIAG`` (rows and keys known to be in
-    range): only the causal compare, on the blocks that start before ``diag_end``.
+    """Add the contribution of query blocks ``[start, end)`` of every query head of the GQA group to
+    ``acc`` = (dk, dv) ``[BLOCK_N, BLOCK_D]`` (fp32) and return it; with ``ATOMIC_DQ`` add ``dS K`` into the
+    fp32 dQ accumulator. ``MASK``: row checks and the full visibility mask on every block; ``DIAG`` (rows and
+    keys known to be in range): only the causal compare, on the blocks that start before ``diag_end``.
     With ``IS_GQA`` (``n_groups > 1``) the heads and their blocks are one loop (head-major), so the software
     pipeline fills once per segment instead of once per head; without, the head is fixed and no per-block
     head arithmetic is paid. Tiles are kept transposed (keys x queries) so the products land in dK/dV's
-    orientation."""
+    orientation.
+
+    What the kernel passes in groups (the same for every segment):
+    tile: the key block on chip (k, v [BLOCK_N, BLOCK_D], offs_n [BLOCK_N], offs_d [BLOCK_D]);
+    q_in, do_in, dq_out: Q, dO and the dQ accumulator, each with its (batch, row, head) strides;
+    descs: (q_desc, do_desc, q_row0, desc_rows_h), Q/dO's descriptors with ``USE_TMA`` and their coordinates;
+    stats: (Lse, Delta, lse_off0, stride_lh), the rows' log-sum-exp and delta, from this sequence's row 0;
+    heads: (off_b64, q_start, off_hk, n_groups, seed_b), where the group's sequence and heads are;
+    rule: (seqlen_q, seqlen_k, window_left, window_right) of :func:`common.visible`;
+    opts: (sm_scale, softcap, dropout_p). Constexpr flags travel one by one (a tuple of them would be
+    turned into runtime values)."""
+    dk, dv = acc
+    k, v, offs_n, offs_d = tile
+    Q, stride_qb, stride_qm, stride_qh = q_in
+    dO, stride_dob, stride_dom, stride_doh = do_in
+    DQacc, stride_dqb, stride_dqm, stride_dqh = dq_out
+    q_desc, do_desc, q_row0, desc_rows_h = descs
+    Lse, Delta, lse_off0, stride_lh = stats
+    off_b64, q_start, off_hk, n_groups, seed_b = heads
+    seqlen_q, seqlen_k, window_left, window_right = rule
+    sm_scale, softcap, dropout_p = opts
     d_ok = offs_d[None, :] < HEAD_DIM
     n_steps = tl.cdiv(end - start, BLOCK_M)
     if IS_GQA:
@@ -223,40 +241,25 @@ def _bwd_dkdv(
     # every query head of the GQA group adds into the same dK/dV registers (the heads are inside each loop)
     lse_off0 = off_b64 * stride_lb + q_start
     seed_b = seed + off_b * (n_heads_k * n_groups)  # plus the head: the forward's per-(batch, head) seed
+    acc, tile = (dk, dv), (k, v, offs_n, offs_d)
+    q_in, do_in = (Q, stride_qb, stride_qm, stride_qh), (dO, stride_dob, stride_dom, stride_doh)
+    dq_out, descs = (DQacc, stride_dqb, stride_dqm, stride_dqh), (Q_desc, dO_desc, q_row0, desc_rows_h)
+    stats, heads = (Lse, Delta, lse_off0, stride_lh), (off_b64, q_start, off_hk, n_groups, seed_b)
+    rule, opts = (seqlen_q, seqlen_k, window_left, window_right), (sm_scale, softcap, dropout_p)
     if DIAG_IN_LOOP:
-        dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, Q, dO, Q_desc, dO_desc, q_row0, Lse, Delta, DQacc, lse_off0, off_b64, q_start, off_hk,
-            n_groups, stride_qb, stride_qm, stride_qh, stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm,
-            stride_dqh, stride_lh, seed_b, desc_rows_h, offs_n, offs_d, lo, hi,
-            seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p, mid_lo,
-            HEAD_DIM, BLOCK_M, False, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, ATOMIC_DQ, USE_TMA, IS_GQA,
-            TMA_HEAD_MAJOR, True,
-        )
+        bounds = (lo, hi)  # one loop over every query block, the diagonal compared inside (DIAG)
     else:
-        dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, Q, dO, Q_desc, dO_desc, q_row0, Lse, Delta, DQacc, lse_off0, off_b64, q_start, off_hk,
-            n_groups, stride_qb, stride_qm, stride_qh, stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm,
-            stride_dqh, stride_lh, seed_b, desc_rows_h, offs_n, offs_d, lo, mid_lo,
-            seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p, mid_lo,
-            HEAD_DIM, BLOCK_M, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, ATOMIC_DQ, USE_TMA, IS_GQA,
-            TMA_HEAD_MAJOR, False,
+        bounds = (lo, mid_lo, mid_hi, hi)  # masked head, unmasked middle, masked tail
+    # unrolled at compile time, each segment's loop compiled with its own MASK
+    for SEG in tl.static_range(len(bounds) - 1):
+        acc = _bwd_dkdv_inner(
+            acc=acc, tile=tile, q_in=q_in, do_in=do_in, dq_out=dq_out, descs=descs, stats=stats, heads=heads,
+            rule=rule, opts=opts, start=bounds[SEG], end=bounds[SEG + 1], diag_end=mid_lo,
+            HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, MASK=SEG != 1 and not DIAG_IN_LOOP, MASK_LEFT=MASK_LEFT,
+            MASK_RIGHT=MASK_RIGHT, HAS_SOFTCAP=HAS_SOFTCAP, HAS_DROPOUT=HAS_DROPOUT, ATOMIC_DQ=ATOMIC_DQ,
+            USE_TMA=USE_TMA, IS_GQA=IS_GQA, TMA_HEAD_MAJOR=TMA_HEAD_MAJOR, DIAG=DIAG_IN_LOOP,
         )
-        dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, Q, dO, Q_desc, dO_desc, q_row0, Lse, Delta, DQacc, lse_off0, off_b64, q_start, off_hk,
-            n_groups, stride_qb, stride_qm, stride_qh, stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm,
-            stride_dqh, stride_lh, seed_b, desc_rows_h, offs_n, offs_d, mid_lo, mid_hi,
-            seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p, mid_lo,
-            HEAD_DIM, BLOCK_M, False, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, ATOMIC_DQ, USE_TMA, IS_GQA,
-            TMA_HEAD_MAJOR, False,
-        )
-        dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, Q, dO, Q_desc, dO_desc, q_row0, Lse, Delta, DQacc, lse_off0, off_b64, q_start, off_hk,
-            n_groups, stride_qb, stride_qm, stride_qh, stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm,
-            stride_dqh, stride_lh, seed_b, desc_rows_h, offs_n, offs_d, mid_hi, hi,
-            seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p, mid_lo,
-            HEAD_DIM, BLOCK_M, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, ATOMIC_DQ, USE_TMA, IS_GQA,
-            TMA_HEAD_MAJOR, False,
-        )
+    dk, dv = acc
     dk = dk * sm_scale
     dk_head = head_ptr(dK, off_b64, stride_dkb, off_hk, stride_dkh, k_start, stride_dkn)
     dv_head = head_ptr(dV, off_b64, stride_dvb, off_hk, stride_dvh, k_start, stride_dvn)
@@ -266,15 +269,19 @@ def _bwd_dkdv(
 
 @triton.jit
 def _bwd_dq_inner(
-    dq, q, do, lse2, delta, k_head, v_head, k_desc, v_desc, kv_row0, kv_col, stride_kn, stride_vn,
-    offs_m, offs_d, start, end, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right,
-    dropout_p, seed, diag_start,
+    dq, tile, kv, rule, opts, start, end, diag_start,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, MASK_LEFT: tl.constexpr,
     MASK_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
     DIAG: tl.constexpr,
 ):
-    """Add the contribution of key blocks ``[start, end)`` to dq ``[BLOCK_M, BLOCK_D]`` (fp32). ``MASK`` and
-    ``DIAG`` as in the dK/dV loop; ``DIAG`` compares on the blocks from ``diag_start`` on."""
+    """Add the contribution of key blocks ``[start, end)`` to dq ``[BLOCK_M, BLOCK_D]`` (fp32) and return it.
+    ``MASK`` and ``DIAG`` as in the dK/dV loop; ``DIAG`` compares on the blocks from ``diag_start`` on.
+    tile: the query block (q, do [BLOCK_M, BLOCK_D], lse2, delta [BLOCK_M], offs_m [BLOCK_M], offs_d
+    [BLOCK_D]); kv, rule, opts: as in the forward's ``_fwd_inner``."""
+    q, do, lse2, delta, offs_m, offs_d = tile
+    k_head, v_head, k_desc, v_desc, kv_row0, kv_col, stride_kn, stride_vn = kv
+    seqlen_q, seqlen_k, window_left, window_right = rule
+    sm_scale, softcap, dropout_p, seed = opts
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = load_rows(k_head, k_desc, kv_row0 + start_n, kv_col, offs_n, stride_kn, offs_d, seqlen_k,
@@ -349,30 +356,18 @@ def _bwd_dq(
     lo, mid_lo, mid_hi, hi = kv_segments(
         m0, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N, MASK_LEFT, MASK_RIGHT
     )
+    tile = (q, do, lse2, delta, offs_m, offs_d)
+    kv = (k_head, v_head, K_desc, V_desc, kv_row0, kv_col, stride_kn, stride_vn)
+    rule, opts = (seqlen_q, seqlen_k, window_left, window_right), (sm_scale, softcap, dropout_p, seed)
     if DIAG_IN_LOOP:
-        dq = _bwd_dq_inner(
-            dq, q, do, lse2, delta, k_head, v_head, K_desc, V_desc, kv_row0, kv_col, stride_kn, stride_vn, offs_m,
-            offs_d, lo, hi, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p, seed, mid_hi,
-            HEAD_DIM, BLOCK_N, False, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, USE_TMA, True,
-        )
+        bounds = (lo, hi)  # as in the dK/dV kernel
     else:
+        bounds = (lo, mid_lo, mid_hi, hi)
+    for SEG in tl.static_range(len(bounds) - 1):
         dq = _bwd_dq_inner(
-            dq, q, do, lse2, delta, k_head, v_head, K_desc, V_desc, kv_row0, kv_col, stride_kn, stride_vn, offs_m,
-            offs_d, lo, mid_lo, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p, seed,
-            mid_hi,
-            HEAD_DIM, BLOCK_N, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, USE_TMA, False,
-        )
-        dq = _bwd_dq_inner(
-            dq, q, do, lse2, delta, k_head, v_head, K_desc, V_desc, kv_row0, kv_col, stride_kn, stride_vn, offs_m,
-            offs_d, mid_lo, mid_hi, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p, seed,
-            mid_hi,
-            HEAD_DIM, BLOCK_N, False, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, USE_TMA, False,
-        )
-        dq = _bwd_dq_inner(
-            dq, q, do, lse2, delta, k_head, v_head, K_desc, V_desc, kv_row0, kv_col, stride_kn, stride_vn, offs_m,
-            offs_d, mid_hi, hi, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p, seed,
-            mid_hi,
-            HEAD_DIM, BLOCK_N, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, USE_TMA, False,
+            dq=dq, tile=tile, kv=kv, rule=rule, opts=opts, start=bounds[SEG], end=bounds[SEG + 1], diag_start=mid_hi,
+            HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, MASK=SEG != 1 and not DIAG_IN_LOOP, MASK_LEFT=MASK_LEFT,
+            MASK_RIGHT=MASK_RIGHT, HAS_SOFTCAP=HAS_SOFTCAP, HAS_DROPOUT=HAS_DROPOUT, USE_TMA=USE_TMA, DIAG=DIAG_IN_LOOP,
         )
     dq = dq * sm_scale
     dq_head = head_ptr(dQ, off_b64, stride_dqb, off_h, stride_dqh, q_start, stride_dqm)
@@ -401,47 +396,39 @@ def flash_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max
     if varlen:
         batch = cu_seqlens_q.numel() - 1
         n_heads, head_dim, n_heads_k = q.shape[1], q.shape[2], k.shape[1]
-        ls = (0, lse.stride(0))
     else:
         batch, _, n_heads, head_dim = q.shape
         n_heads_k = k.shape[2]
-        ls = lse.stride()[:2]
         cu_seqlens_q = cu_seqlens_k = lse  # placeholders, never read when IS_VARLEN is off
     delta = torch.empty_like(lse)
-    flags = dict(HEAD_DIM=head_dim, BLOCK_D=config_dq.block_d, IS_VARLEN=varlen)
-    masks = dict(MASK_LEFT=window[0] >= 0, MASK_RIGHT=window[1] >= 0, HAS_SOFTCAP=softcap > 0,
-                 HAS_DROPOUT=dropout_p > 0)
+    # what the three launches share: shapes and layout, the LSE/delta rows, the lengths
+    shared = dict(HEAD_DIM=head_dim, BLOCK_D=config_dq.block_d, IS_VARLEN=varlen, cu_seqlens_q=cu_seqlens_q,
+                  **lse_strides(lse, varlen), seqlen_q_arg=max_seqlen_q)  # fmt: skip
     _bwd_delta[(cdiv(max_seqlen_q, 64), batch * n_heads)](
-        out, do, delta, cu_seqlens_q, *_strides(out, varlen), *_strides(do, varlen), *ls,
-        max_seqlen_q, n_heads, BLOCK_M=64, **flags,
+        Out=out, dO=do, Delta=delta, **_strides(out, varlen, "o", "m"), **_strides(do, varlen, "do", "m"),
+        n_heads=n_heads, BLOCK_M=64, **shared,
     )
-    common = (softmax_scale, softcap, window[0], window[1], dropout_p, seed)
+    # ... and what the dK/dV and dQ kernels share
+    shared.update(Q=q, K=k, V=v, dO=do, Lse=lse, Delta=delta, cu_seqlens_k=cu_seqlens_k, seqlen_k_arg=max_seqlen_k,
+                  n_groups=n_heads // n_heads_k, **option_args(softmax_scale, window, softcap, dropout_p, seed),
+                  **_strides(q, varlen, "q", "m"), **_strides(k, varlen, "k", "n"), **_strides(v, varlen, "v", "n"),
+                  **_strides(do, varlen, "do", "m"))  # fmt: skip
     atomic = not deterministic
     dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if atomic else dq
     c = config_dkdv
-    qdo = tma_pair(q, do, varlen, c.block_m, c.tma)
     _bwd_dkdv[(cdiv(max_seqlen_k, c.block_n), batch * n_heads_k)](
-        q, k, v, do, qdo.a, qdo.b, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_seqlens_k,
-        *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
-        *_strides(dk, varlen), *_strides(dv, varlen), *_strides(dq_acc, varlen), *ls,
-        max_seqlen_q, max_seqlen_k, n_heads_k, n_heads // n_heads_k, qdo.layout.rows_b, qdo.layout.rows_h,
-        *common, BLOCK_M=c.block_m, BLOCK_N=c.block_n, **flags, **masks, ATOMIC_DQ=atomic, USE_TMA=qdo.use,
-        IS_GQA=n_heads != n_heads_k, TMA_HEAD_MAJOR=qdo.head_major,
-        DIAG_IN_LOOP=_diag_in_loop(varlen, window, max_seqlen_q, max_seqlen_k, c),
-        **c.launch_options(),
+        dK=dk, dV=dv, DQacc=dq_acc, **tma_pair(q, do, varlen, c.block_m, c.tma).kernel_args("Q_desc", "dO_desc"),
+        **_strides(dk, varlen, "dk", "n"), **_strides(dv, varlen, "dv", "n"), **_strides(dq_acc, varlen, "dq", "m"),
+        n_heads_k=n_heads_k, BLOCK_M=c.block_m, BLOCK_N=c.block_n, ATOMIC_DQ=atomic, IS_GQA=n_heads != n_heads_k,
+        DIAG_IN_LOOP=_diag_in_loop(varlen, window, max_seqlen_q, max_seqlen_k, c), **shared, **c.launch_options(),
     )
     if atomic:
         dq.copy_(dq_acc)
         return delta
     c = config_dq
-    kv = tma_pair(k, v, varlen, c.block_n, c.tma)
     _bwd_dq[(cdiv(max_seqlen_q, c.block_m), batch * n_heads)](
-        q, k, v, do, kv.a, kv.b, lse, delta, dq, cu_seqlens_q, cu_seqlens_k,
-        *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
-        *_strides(dq, varlen), *ls,
-        max_seqlen_q, max_seqlen_k, n_heads, n_heads // n_heads_k, kv.layout.rows_b, kv.layout.rows_h, *common,
-        BLOCK_M=c.block_m, BLOCK_N=c.block_n, **flags, **masks, USE_TMA=kv.use, TMA_HEAD_MAJOR=kv.head_major,
-        DIAG_IN_LOOP=_diag_in_loop(varlen, window, max_seqlen_q, max_seqlen_k, c),
-        **c.launch_options(),
+        dQ=dq, **tma_pair(k, v, varlen, c.block_n, c.tma).kernel_args("K_desc", "V_desc"),
+        **_strides(dq, varlen, "dq", "m"), n_heads=n_heads, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+        DIAG_IN_LOOP=_diag_in_loop(varlen, window, max_seqlen_q, max_seqlen_k, c), **shared, **c.launch_options(),
     )
     return delta

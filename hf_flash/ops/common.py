@@ -215,10 +215,42 @@ def head_ptr(base, off_b64, stride_b, off_h, stride_h, start, stride_row):
     return base + off_b64 * stride_b + off_h.to(tl.int64) * stride_h + start.to(tl.int64) * stride_row
 
 
-def strides_blh(t, varlen: bool):
-    """(batch, row, head) strides of ``[B, L, H, D]``, or ``(0, row, head)`` of varlen ``[total, H, D]``
-    (a zero batch stride: varlen sequences are placed by their cu_seqlens start instead)."""
-    return (0, *t.stride()[:2]) if varlen else tuple(t.stride()[:3])
+# The launchers pass every kernel argument by keyword (a swapped positional argument would compile and
+# compute something else); these build the groups of keywords that travel together.
+
+
+def strides_blh(t, varlen: bool, name: str, row: str) -> dict:
+    """``{stride_<name>b, stride_<name><row>, stride_<name>h}``: the (batch, row, head) strides of
+    ``[B, L, H, D]``, or ``(0, row, head)`` of varlen ``[total, H, D]`` (a zero batch stride: varlen sequences
+    are placed by their cu_seqlens start instead). E.g. ``strides_blh(q, False, "q", "m")``."""
+    strides = t.stride()
+    key_b, key_row, key_h = _stride_keys(name, row)
+    if varlen:
+        return {key_b: 0, key_row: strides[0], key_h: strides[1]}
+    return {key_b: strides[0], key_row: strides[1], key_h: strides[2]}
+
+
+@functools.cache
+def _stride_keys(name: str, row: str) -> tuple[str, str, str]:
+    # built once: the launchers run on every call, and short sequences feel each microsecond of host time
+    return f"stride_{name}b", f"stride_{name}{row}", f"stride_{name}h"
+
+
+def lse_strides(lse, varlen: bool) -> dict:
+    """``{stride_lb, stride_lh}`` of the LSE (and delta, laid out alike): ``[B, H, Lq]``, or varlen
+    ``[H, total_q]`` with batch stride 0 (rows are placed by their cu_seqlens start)."""
+    b, h = (0, lse.stride(0)) if varlen else lse.stride()[:2]
+    return {"stride_lb": b, "stride_lh": h}
+
+
+def option_args(softmax_scale, window, softcap, dropout_p, seed) -> dict:
+    """The scalar options every attention kernel takes, with the constexpr flags that switch their code on:
+    a bounded side of the window (-1: unbounded), softcap > 0, dropout > 0."""
+    return {
+        "sm_scale": softmax_scale, "softcap": softcap, "window_left": window[0], "window_right": window[1],
+        "dropout_p": dropout_p, "seed": seed, "MASK_LEFT": window[0] >= 0, "MASK_RIGHT": window[1] >= 0,
+        "HAS_SOFTCAP": softcap > 0, "HAS_DROPOUT": dropout_p > 0,
+    }  # fmt: skip
 
 
 def tma_descriptor(t, varlen: bool, block_rows: int, layout: "TmaLayout | None" = None):
@@ -316,6 +348,12 @@ class TmaPair:
     @property
     def head_major(self) -> bool:
         return self.use and self.layout.head_major
+
+    def kernel_args(self, name_a: str, name_b: str) -> dict:
+        """The kernels' keywords for the pair: the two descriptors (or tensors) as ``name_a`` / ``name_b``,
+        their rows per batch and head (``desc_rows_b`` / ``desc_rows_h``), ``USE_TMA`` and ``TMA_HEAD_MAJOR``."""
+        return {name_a: self.a, name_b: self.b, "desc_rows_b": self.layout.rows_b, "desc_rows_h": self.layout.rows_h,
+                "USE_TMA": self.use, "TMA_HEAD_MAJOR": self.head_major}  # fmt: skip
 
 
 def tma_pair(a, b, varlen: bool, block_rows: int, enabled: bool) -> TmaPair:

@@ -26,6 +26,8 @@ from hf_flash.ops.common import (
     head_ptr,
     kv_segments,
     load_rows,
+    lse_strides,
+    option_args,
     seq_bounds,
     strides_blh,
     tanh,
@@ -37,15 +39,25 @@ from hf_flash.ops.config import cdiv
 
 @triton.jit
 def _fwd_inner(
-    acc, l_i, m_i, q, k_head, v_head, k_desc, v_desc, kv_row0, kv_col, stride_kn, stride_vn,
-    offs_m, offs_d, start, end, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right,
-    dropout_p, seed,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    MASK: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
+    state, tile, kv, rule, opts, start, end,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, MASK_LEFT: tl.constexpr,
+    MASK_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    """Fold key blocks ``[start, end)`` into (acc [BLOCK_M, BLOCK_D], l_i [BLOCK_M], m_i [BLOCK_M]).
-    ``MASK`` is off for blocks that every row sees whole, so those skip all mask arithmetic."""
+    """Fold key blocks ``[start, end)`` into ``state`` = (acc [BLOCK_M, BLOCK_D], l_i [BLOCK_M], m_i [BLOCK_M]),
+    and return it. ``MASK`` is off for blocks that every row sees whole, so those skip all mask arithmetic.
+
+    What the kernel passes in groups (the same for its three segments):
+    tile: the query block (q [BLOCK_M, BLOCK_D], offs_m [BLOCK_M], offs_d [BLOCK_D]);
+    kv: one kv head's K and V (k_head, v_head, k_desc, v_desc, kv_row0, kv_col, stride_kn, stride_vn): pointers
+    to key 0, descriptors and their coordinates of key 0 (``USE_TMA``), row strides;
+    rule: which keys a query sees, (seqlen_q, seqlen_k, window_left, window_right) of :func:`common.visible`;
+    opts: (sm_scale, softcap, dropout_p, seed).
+    Constexpr flags travel one by one: Triton turns a tuple of them into runtime values."""
+    acc, l_i, m_i = state
+    q, offs_m, offs_d = tile
+    k_head, v_head, k_desc, v_desc, kv_row0, kv_col, stride_kn, stride_vn = kv
+    seqlen_q, seqlen_k, window_left, window_right = rule
+    sm_scale, softcap, dropout_p, seed = opts
     qk_scale = sm_scale * 1.4426950408889634
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -157,22 +169,19 @@ def _fwd_kernel(
     lo, mid_lo, mid_hi, hi = kv_segments(
         m0, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N, MASK_LEFT, MASK_RIGHT
     )
-    # masked head (left window edge), unmasked middle, masked tail (diagonal / window / sequence end)
-    acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_head, v_head, K_desc, V_desc, kv_row0, kv_col, stride_kn, stride_vn, offs_m, offs_d,
-        lo, mid_lo, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p, seed,
-        HEAD_DIM, BLOCK_N, BLOCK_D, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, USE_TMA,
-    )
-    acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_head, v_head, K_desc, V_desc, kv_row0, kv_col, stride_kn, stride_vn, offs_m, offs_d,
-        mid_lo, mid_hi, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p, seed,
-        HEAD_DIM, BLOCK_N, BLOCK_D, False, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, USE_TMA,
-    )
-    acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_head, v_head, K_desc, V_desc, kv_row0, kv_col, stride_kn, stride_vn, offs_m, offs_d,
-        mid_hi, hi, seqlen_q, seqlen_k, sm_scale, softcap, window_left, window_right, dropout_p, seed,
-        HEAD_DIM, BLOCK_N, BLOCK_D, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_DROPOUT, USE_TMA,
-    )
+    state, tile = (acc, l_i, m_i), (q, offs_m, offs_d)
+    kv = (k_head, v_head, K_desc, V_desc, kv_row0, kv_col, stride_kn, stride_vn)
+    rule, opts = (seqlen_q, seqlen_k, window_left, window_right), (sm_scale, softcap, dropout_p, seed)
+    bounds = (lo, mid_lo, mid_hi, hi)
+    # masked head (left window edge), unmasked middle, masked tail (diagonal / window / sequence end):
+    # unrolled at compile time, each segment's loop compiled with its own MASK
+    for SEG in tl.static_range(3):
+        state = _fwd_inner(
+            state=state, tile=tile, kv=kv, rule=rule, opts=opts, start=bounds[SEG], end=bounds[SEG + 1],
+            HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, MASK=SEG != 1, MASK_LEFT=MASK_LEFT, MASK_RIGHT=MASK_RIGHT,
+            HAS_SOFTCAP=HAS_SOFTCAP, HAS_DROPOUT=HAS_DROPOUT, USE_TMA=USE_TMA,
+        )
+    acc, l_i, m_i = state
 
     # -- final division. Rows that saw no key output 0 and store lse = +inf, which makes the
     #    backward's recomputed p = exp(s - lse) exactly 0 for them. With a sink, l_i >= 1 (the largest
@@ -204,23 +213,21 @@ def flash_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
         batch = cu_seqlens_q.numel() - 1
         n_heads, head_dim = q.shape[1], q.shape[2]
         n_heads_k = k.shape[1]
-        ls = (0, lse.stride(0))
     else:
         batch, _, n_heads, head_dim = q.shape
         n_heads_k = k.shape[2]
-        ls = lse.stride()[:2]
         cu_seqlens_q = cu_seqlens_k = q  # unused placeholders (never read when IS_VARLEN is off)
     block_m, block_n = config.block_m, config.block_n
     kv = tma_pair(k, v, varlen, block_n, config.tma)
     grid = (cdiv(max_seqlen_q, block_m), batch * n_heads)
     _fwd_kernel[grid](
-        q, k, v, kv.a, kv.b, out, lse, lse if sinks is None else sinks, cu_seqlens_q, cu_seqlens_k,
-        *strides_blh(q, varlen), *strides_blh(k, varlen), *strides_blh(v, varlen), *strides_blh(out, varlen), *ls,
-        max_seqlen_q, max_seqlen_k, n_heads, n_heads // n_heads_k, kv.layout.rows_b, kv.layout.rows_h,
-        softmax_scale, softcap, window[0], window[1], dropout_p, seed,
-        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=config.block_d,
-        IS_VARLEN=varlen, MASK_LEFT=window[0] >= 0, MASK_RIGHT=window[1] >= 0,
-        HAS_SOFTCAP=softcap > 0, HAS_DROPOUT=dropout_p > 0, USE_TMA=kv.use, TMA_HEAD_MAJOR=kv.head_major,
+        Q=q, K=k, V=v, Out=out, Lse=lse, Sinks=lse if sinks is None else sinks,  # lse: a placeholder, never read
+        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, **kv.kernel_args("K_desc", "V_desc"),
+        **strides_blh(q, varlen, "q", "m"), **strides_blh(k, varlen, "k", "n"), **strides_blh(v, varlen, "v", "n"),
+        **strides_blh(out, varlen, "o", "m"), **lse_strides(lse, varlen),
+        seqlen_q_arg=max_seqlen_q, seqlen_k_arg=max_seqlen_k, n_heads=n_heads, n_groups=n_heads // n_heads_k,
+        **option_args(softmax_scale, window, softcap, dropout_p, seed),
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=config.block_d, IS_VARLEN=varlen,
         HAS_SINKS=sinks is not None, **config.launch_options(),
     )
 

@@ -232,8 +232,11 @@ def flash_attn_func(
             -1 leaves that side unbounded. ``causal`` sets ``right = 0``.
         softcap: if > 0, scores become ``softcap * tanh(scores / softcap)`` (scores already scaled).
         alibi_slopes: not supported (raises NotImplementedError).
-        deterministic: True makes the backward bitwise reproducible run to run (dQ in its own kernel);
-            False (default) adds dQ with fp32 atomics inside the dK/dV kernel, which is faster.
+        deterministic: True makes the backward bitwise reproducible run to run: dQ comes from a kernel of its
+            own. False (default) does the same below head dim 129 (``ATOMIC_DQ_MIN_HEAD_DIM``), where that
+            kernel is as fast, so those head dims are reproducible either way; from 129 on it adds dQ with fp32
+            atomics inside the dK/dV kernel, faster there but not bitwise reproducible. The sinks' gradient is
+            always reproducible.
         return_attn_probs: also return ``softmax_lse`` ``[B, H, Lq]`` (fp32, ``+inf`` on rows that see no key)
             and ``None`` in place of flash-attn's debugging score matrix.
         sinks: attention sinks (gpt-oss's ``s_aux``), ``[H]``, one logit per query head, any float dtype

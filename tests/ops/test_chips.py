@@ -70,9 +70,10 @@ def _resources(ptxas_log: str) -> dict:
     return {"regs": int(regs.group(1)) if regs else None, "spill_bytes": int(spills.group(1)) if spills else None}
 
 
-def compile_case(case: dict, with_cubin: bool = False) -> dict:
+def compile_case(case: dict, with_cubin: bool = False, asm: tuple = ()) -> dict:
     """Compile one kernel specialisation for one target; returns its shared memory and registers
-    (and the compiled binary as ``cubin`` with ``with_cubin``).
+    (and the compiled binary as ``cubin`` with ``with_cubin``; the texts of the stages in ``asm``, e.g.
+    ``("ttgir", "ptx")``, as ``asm``).
 
     ``case``: kernel ("fwd" / "dkdv" / "dq" / "delta"), cc (e.g. 75), dtype ("fp16" / "bf16"),
     constexprs (name -> value, as the launcher passes them), num_warps, num_stages; optionally
@@ -113,6 +114,8 @@ def compile_case(case: dict, with_cubin: bool = False) -> dict:
     result = dict(case, shared=compiled.metadata.shared, seconds=round(seconds, 2), **_resources(log.getvalue()))
     if with_cubin:
         result["cubin"] = compiled.asm["cubin"]
+    if asm:
+        result["asm"] = {stage: compiled.asm[stage] for stage in asm}
     return result
 
 

@@ -262,6 +262,20 @@ def test_deterministic_bitwise(device):
         assert torch.equal(a, b), f"{name} differs between two deterministic runs"
 
 
+@pytest.mark.parametrize("head_dim", [128, 129])
+def test_deterministic_default_follows_the_head_dim(head_dim, device, monkeypatch):
+    """deterministic=False takes atomic dQ only from ATOMIC_DQ_MIN_HEAD_DIM on, as the docstring says."""
+    from hf_flash.ops import function
+
+    doc = " ".join(flash_attn_func.__doc__.split("deterministic:")[1].split())
+    assert f"below head dim {function.ATOMIC_DQ_MIN_HEAD_DIM}" in doc and f"from {function.ATOMIC_DQ_MIN_HEAD_DIM} on" in doc
+    chosen = []
+    monkeypatch.setattr(function, "flash_bwd", lambda *args: chosen.append(args[-1]))
+    q = torch.randn(1, 3, 1, head_dim, device=device).half().requires_grad_()
+    flash_attn_func(q, q, q).float().sum().backward()
+    assert chosen == [head_dim < function.ATOMIC_DQ_MIN_HEAD_DIM], "the last argument of flash_bwd: deterministic"
+
+
 def test_deterministic_varlen_bitwise(device):
     q, k, v, dout, cu_q, cu_k = varlen_inputs([9, 30], [30, 9], 2, 1, 32, device)
     ours = functools.partial(
