@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 BACKENDS = ("hf_flash", "sdpa", "eager", "flex_attention", "flash_attention_2")
-LOSSES = ("chunked", "liger", "plain")
+LOSSES = ("auto", "chunked", "liger", "plain")
 OOM_EXIT, USAGE_EXIT = 3, 2
 
 
@@ -73,10 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "--epochs takes)")  # fmt: skip
     t.add_argument("--epochs", type=float, default=1.0, help="passes over the data (default 1)")
     t.add_argument("--gradient-checkpointing", action="store_true")
-    t.add_argument("--loss", default="chunked", choices=LOSSES,
-                   help="chunked (default): the same loss as the model's, computed over chunks of\n"
-                   "tokens without ever holding the [tokens, vocab] logits (at 32k tokens and\n"
-                   "Llama 3's vocabulary those are 8.4 GB in bf16, 16.8 GB upcast to fp32);\n"
+    t.add_argument("--loss", default="auto", choices=LOSSES,
+                   help="auto (default): liger where it can run (liger-kernel installed, CUDA, a plain\n"
+                   "Linear output layer), else chunked;\n"
+                   "chunked: the same loss as the model's, computed over chunks of tokens without\n"
+                   "ever holding the [tokens, vocab] logits (at 32k tokens and Llama 3's\n"
+                   "vocabulary those are 8.4 GB in bf16, 16.8 GB upcast to fp32);\n"
                    "liger: the same through Liger-Kernel's fused linear cross-entropy (CUDA);\n"
                    "plain: the model's own loss on the full logits")  # fmt: skip
     t.add_argument("--loss-chunk-tokens", type=int, metavar="N",

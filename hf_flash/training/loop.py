@@ -74,7 +74,7 @@ class FinetuneConfig:
     max_doc_len: int | None = None  # padded/packed: documents cut at this many tokens (default seq_len)
     lengths: str | None = None  # lognormal:MEDIAN:SIGMA:N random-token documents instead of --data
     gradient_checkpointing: bool = False
-    loss: str = DEFAULT_LOSS  # chunked | liger | plain, see loss.py
+    loss: str = DEFAULT_LOSS  # auto | chunked | liger | plain, see loss.py
     loss_chunk_tokens: int | None = None  # None: loss.default_chunk_tokens(vocab)
     offload_activations: bool = False
     max_position_embeddings: int | None = None  # random-init models only: train past the config's limit

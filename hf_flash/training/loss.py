@@ -36,8 +36,11 @@ import torch.nn.functional as F
 
 from hf_flash.fallback import warn_once
 
-LOSSES = ("chunked", "liger", "plain")
-DEFAULT_LOSS = "chunked"
+LOSSES = ("auto", "chunked", "liger", "plain")
+# auto: Liger's fused linear cross-entropy where it runs (liger-kernel installed, CUDA, a plain Linear head),
+# else the chunked PyTorch loss. On an H100 (Llama-3.2-1B, 2026-12-06) both hold 11.83 GiB at 32k tokens
+# against 51.72 for the plain loss; Liger ran 3% faster there (17,225 vs 16,745 tokens/s) and 0.2% at 8k.
+DEFAULT_LOSS = "auto"
 IGNORE_INDEX = -100
 CHUNK_BYTES = 1 << 30  # one chunk's fp32 logits; the chunk's peak is about twice that (bf16 logits, fp32, bf16 grad)
 
@@ -134,6 +137,12 @@ def liger_unavailable_reason(head: torch.nn.Module, device: torch.device) -> str
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return "Liger's Triton kernels need a CUDA GPU (or TRITON_INTERPRET=1)"
     return None
+
+
+def auto_impl(head: torch.nn.Module, device: torch.device) -> str:
+    """What ``--loss auto`` runs: "liger" on a CUDA device when Liger can take the head, else "chunked" (also
+    on CPU under the interpreter, where Liger would run but slowly)."""
+    return "liger" if device.type == "cuda" and liger_unavailable_reason(head, device) is None else "chunked"
 
 
 def _liger_sum(hidden, targets, head: torch.nn.Linear, softcap: float | None):
@@ -263,7 +272,9 @@ class LossPlan:
             return cls("plain", offload_activations=offload_activations, note=reason)
         base = _base_model(model)
         head, note = base.get_output_embeddings(), ""
-        if requested == "liger":
+        if requested == "auto":  # no warning: the chunked loss is a full answer where Liger cannot run
+            requested = auto_impl(head, next(base.parameters()).device)
+        elif requested == "liger":
             note = liger_unavailable_reason(head, next(base.parameters()).device) or ""
             if note:
                 warn_once(f"loss:{note}", f"hf_flash: the chunked PyTorch loss runs instead of Liger's: {note}",

@@ -286,6 +286,19 @@ def test_models_that_rescale_logits_keep_their_own_loss(kind, extra, why):
     assert torch.equal(plan(model, **dict(inputs)).loss, model(**inputs).loss)
 
 
+def test_auto_takes_liger_only_where_it_runs(monkeypatch):
+    from hf_flash.training import loss
+
+    head = torch.nn.Linear(8, 32, bias=False)
+    monkeypatch.setattr(loss.importlib.util, "find_spec", lambda name: object())  # liger-kernel "installed"
+    assert loss.auto_impl(head, torch.device("cuda")) == "liger"
+    assert loss.auto_impl(head, torch.device("cpu")) == "chunked"  # the interpreter would run it, slowly
+    assert loss.auto_impl(_lora_model("q_proj,lm_head").get_output_embeddings(), torch.device("cuda")) == "chunked"
+    monkeypatch.setattr(loss.importlib.util, "find_spec", lambda name: None)  # not installed
+    assert loss.auto_impl(head, torch.device("cuda")) == "chunked"
+    assert LossPlan.for_model(_lora_model("q_proj")).impl == "chunked"  # the default, on CPU: no warning
+
+
 def test_liger_request_without_liger_conditions_runs_chunked(monkeypatch):
     from hf_flash.fallback import reset_warnings
 
