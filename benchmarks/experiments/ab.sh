@@ -32,21 +32,13 @@ VARIANTS=(
   # common.UNSPECIALIZED: what keeping them out of the specialization (no recompile per new length) costs.
   # Time with SEQLENS="1024 4096 16384" and VARLEN=... (the varlen layouts are where new lengths come from)
   "specialize-lengths|specialize-lengths.patch|"
-  # the forward's causal diagonal inside its main loop, as the backward's since 5163fc7 (common.diag_in_loop;
-  # CPU-tested, not timed yet)
-  "fwd-diag-merge|fwd-diag-merge.patch|"
-  # delta = rowsum(dO * O) computed by the dQ kernel (which now runs before dK/dV) instead of a launch of its
-  # own: one launch and one pass over O and dO fewer per deterministic backward (CPU-tested; Triton 3.6
-  # offline: dQ registers +0-9, no spills, same loops)
-  "delta-in-dq|delta-in-dq.patch|"
   # D64 dK/dV capped at 128 registers (4 programs per SM instead of 3) outside the merged causal loop: the GQA
   # grid of the bench's shapes (2048 programs) becomes 3.9 waves instead of 5.2; offline (Triton 3.6) the
   # unmasked loops stay spill-free except causal varlen (4 LDL). Time with KV_HEADS=8 HEAD_DIMS=64
   "d64-dkdv-4-per-sm|d64-dkdv-4-per-sm.patch|"
-  # the three segment calls of each kernel as one static_range loop, one with DIAG_IN_LOOP (removes the
-  # copies that `duplicates` lists; within noise on the H200 before 5163fc7; rebased onto f269af9, CPU-tested)
-  "segment-loop|segment-loop.patch|"
   # A patch that no longer applies to main leaves this folder for the branch experiments-archive, e.g.
+  # fwd-diag-merge.patch and delta-in-dq.patch (they no longer apply since the sinks and keyword-call changes
+  # of 2026-12-06; to rebase by hand onto the grouped arguments), segment-loop.patch (main now does the same),
   # warp-specialized.patch (hangs on Triton 3.6: benchmarks/results/LOG.md, 2026-11-29 third session; for a
   # newer Triton, first `python benchmarks/experiments/ws_gemm_probe.py 128 128 64 3 ws`, then rebase it).
 )
