@@ -381,7 +381,7 @@ def test_max_positions_refused_for_checkpoints(tmp_path):
 
 def test_help_mentions_the_loss_and_offload(finetune_script):
     text = finetune_script.build_parser().format_help()
-    assert "--loss {chunked,liger,plain}" in text and "--offload-activations" in text
+    assert "--loss {auto,chunked,liger,plain}" in text and "--offload-activations" in text
 
 
 def test_script_accepts_the_options(finetune_script):
@@ -391,4 +391,4 @@ def test_script_accepts_the_options(finetune_script):
     assert (cfg.loss, cfg.loss_chunk_tokens, cfg.offload_activations, cfg.max_position_embeddings) == (
         "liger", 512, True, 9)  # fmt: skip
     validate(cfg)
-    assert FinetuneConfig().loss == finetune_script.build_parser().parse_args([]).loss == "chunked"
+    assert FinetuneConfig().loss == finetune_script.build_parser().parse_args([]).loss == "auto"
