@@ -36,9 +36,16 @@ VARIANTS=(
   # grid of the bench's shapes (2048 programs) becomes 3.9 waves instead of 5.2; offline (Triton 3.6) the
   # unmasked loops stay spill-free except causal varlen (4 LDL). Time with KV_HEADS=8 HEAD_DIMS=64
   "d64-dkdv-4-per-sm|d64-dkdv-4-per-sm.patch|"
+  # the forward's causal diagonal blocks inside its main loop, as the backward's (common.diag_in_loop: dense,
+  # equal, block-aligned causal lengths; D <= 64 only up to SHORT_SEQLEN). Offline (Triton 3.6) D128 causal: one
+  # loop of 651 instructions at 200 registers against 490 + 1163 at 217 (PLAN item 2). Time with SEQLENS="1024 4096"
+  "fwd-diag-merge|fwd-diag-merge.patch|"
+  # delta = rowsum(dO * O) computed by the dQ kernel (launched before dK/dV), not by a launch of its own:
+  # one launch fewer on the deterministic path (atomic dQ keeps _bwd_delta). For host latency at short lengths
+  # (PLAN item 1): time with SEQLENS="1024 4096"; launch_overhead.py shows the host side
+  "delta-in-dq|delta-in-dq.patch|"
   # A patch that no longer applies to main leaves this folder for the branch experiments-archive, e.g.
-  # fwd-diag-merge.patch and delta-in-dq.patch (they no longer apply since the sinks and keyword-call changes
-  # of 2026-12-06; to rebase by hand onto the grouped arguments), segment-loop.patch (main now does the same),
+  # segment-loop.patch (main now does the same),
   # warp-specialized.patch (hangs on Triton 3.6: benchmarks/results/LOG.md, 2026-11-29 third session; for a
   # newer Triton, first `python benchmarks/experiments/ws_gemm_probe.py 128 128 64 3 ws`, then rebase it).
 )
