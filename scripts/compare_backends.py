@@ -63,32 +63,28 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _layout_list(text: str) -> list[str]:
-    names = [v.strip() for v in text.split(",") if v.strip()]
-    unknown = [n for n in names if n not in LAYOUTS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown layout(s) {', '.join(unknown) or repr(text)}; "
-                                         f"choose from {', '.join(LAYOUTS)}")  # fmt: skip
-    return list(dict.fromkeys(names))
+def _names(choices: tuple[str, ...], what: str):
+    """An argparse type: comma-separated names, each one of ``choices`` (duplicates dropped, order kept)."""
 
+    def parse(text: str) -> list[str]:
+        names = [v.strip() for v in text.split(",") if v.strip()]
+        unknown = [n for n in names if n not in choices]
+        if unknown or not names:
+            bad = ", ".join(unknown) if unknown else repr(text)
+            raise argparse.ArgumentTypeError(f"unknown {what}(s) {bad}; choose from {', '.join(choices)}")
+        return list(dict.fromkeys(names))
 
-def _backend_list(text: str) -> list[str]:
-    names = [v.strip() for v in text.split(",") if v.strip()]
-    unknown = [n for n in names if n not in BACKENDS]
-    if unknown or not names:
-        bad = ", ".join(unknown) if unknown else repr(text)
-        raise argparse.ArgumentTypeError(f"unknown backend(s) {bad}; choose from {', '.join(BACKENDS)}")
-    return names
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
                                 epilog="Other options (--lr, --packing, --lora-r, ...) go to finetune_lora.py unchanged;\n"
                                 "`python scripts/finetune_lora.py --help` lists them with their defaults.")  # fmt: skip
-    p.add_argument("--backends", type=_backend_list,
+    p.add_argument("--backends", type=_names(BACKENDS, "backend"),
                    help="comma-separated (default: eager,sdpa,hf_flash, plus flex_attention and\n"
                    "flash_attention_2 when they can run here)")  # fmt: skip
-    p.add_argument("--layout", type=_layout_list,
+    p.add_argument("--layout", type=_names(LAYOUTS, "layout"),
                    help="comma-separated from padded,packed,blocks (default: padded,packed, plus blocks\n"
                    "when --seq-lens is given)")  # fmt: skip
     p.add_argument("--seq-lens", type=_int_list, help="blocks: comma-separated row lengths (default: 2048,8192 on a\n"

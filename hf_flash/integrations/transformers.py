@@ -214,7 +214,7 @@ def _padded_visibility(plan, batch, len_q, len_k, causal, window, device):
 # ----------------------------------------------------------------------------------------------
 
 
-def _unsupported_reason(attention_mask, s_aux, kwargs) -> str | None:
+def _unsupported_reason(attention_mask, kwargs) -> str | None:
     """Why the kernels cannot honour this call's options (None: they can)."""
     if kwargs.get("output_attentions"):
         return "`output_attentions=True` needs the attention weights, which flash attention never forms"
@@ -313,7 +313,7 @@ def hf_flash_attention_forward(
     dropout = float(dropout) if module.training else 0.0
     batch, len_q, len_k = query.shape[0], query.shape[2], key.shape[2]
 
-    reason = _unsupported_reason(attention_mask, s_aux, kwargs)
+    reason = _unsupported_reason(attention_mask, kwargs)
     if reason is not None:
         # eager functions take ``scaling`` as required (None would fail there)
         scaling = scaling if scaling is not None else query.shape[-1] ** -0.5

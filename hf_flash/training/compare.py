@@ -144,6 +144,7 @@ def add_relative_columns(rows: list[dict]) -> None:
     token against the first row that has one (every row of a run trains on the same documents)."""
     by_key = {(r["backend"], r.get("layout", "blocks"), r["seq_len"]): r for r in rows}
     reference_loss = next((r["loss_per_token"] for r in rows if r.get("loss_per_token")), None)
+    padded = next((r for r in rows if r["backend"] == "sdpa" and r.get("layout") == "padded"), None)
     for row in rows:
         layout = row.get("layout", "blocks")
         sdpa = by_key.get(("sdpa", layout, row["seq_len"]))
@@ -155,7 +156,6 @@ def add_relative_columns(rows: list[dict]) -> None:
         pairs = list(zip(row.get("losses") or [], (eager or {}).get("losses") or []))
         row["max_abs_loss_diff_vs_eager"] = max(abs(a - b) for a, b in pairs) if pairs else None
         if layout != "blocks":
-            padded = next((r for r in rows if r["backend"] == "sdpa" and r.get("layout") == "padded"), None)
             row["tokens_per_s_vs_sdpa_padded"] = _ratio(row, padded, speed, "real_tokens_per_s")
             mine = row.get("loss_per_token")
             row["loss_per_token_rel_diff"] = abs(mine / reference_loss - 1) if mine and reference_loss else None
@@ -169,6 +169,11 @@ def _ratio(row: dict, base: dict | None, key: str, base_key: str | None = None) 
 
 def _fmt(value, spec: str, suffix: str = "") -> str:
     return "—" if value is None else f"{value:{spec}}{suffix}"
+
+
+def _md_table(cols, cells) -> list[str]:
+    """Markdown lines: the header row of ``cols``, its rule, one row per tuple of ``cells``."""
+    return ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols), *("| " + " | ".join(c) + " |" for c in cells)]
 
 
 def _status(r: dict) -> str:
@@ -186,28 +191,24 @@ def markdown_table(rows: list[dict], header: str = "") -> str:
     if varlen:
         cols = ("backend", "layout", "status", "real tokens/s", "× sdpa (same layout)", "× sdpa padded",
                 "first pass (s)", "peak GiB", "loss / real target", "rel. Δ loss")  # fmt: skip
-        lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        for r in varlen:
-            lines.append("| " + " | ".join((
-                r["backend"], r["layout"], _status(r), _fmt(r.get("real_tokens_per_s"), ",.0f"),
-                _fmt(r.get("tokens_per_s_vs_sdpa"), ".2f", "×"), _fmt(r.get("tokens_per_s_vs_sdpa_padded"), ".2f", "×"),
-                _fmt(r.get("first_pass_s"), ".1f"), _fmt(r.get("peak_mem_gib"), ".2f"),
-                _fmt(r.get("loss_per_token"), ".5f"), _fmt(r.get("loss_per_token_rel_diff"), ".1e"),
-            )) + " |")  # fmt: skip
+        lines += _md_table(cols, ((
+            r["backend"], r["layout"], _status(r), _fmt(r.get("real_tokens_per_s"), ",.0f"),
+            _fmt(r.get("tokens_per_s_vs_sdpa"), ".2f", "×"), _fmt(r.get("tokens_per_s_vs_sdpa_padded"), ".2f", "×"),
+            _fmt(r.get("first_pass_s"), ".1f"), _fmt(r.get("peak_mem_gib"), ".2f"),
+            _fmt(r.get("loss_per_token"), ".5f"), _fmt(r.get("loss_per_token_rel_diff"), ".1e"),
+        ) for r in varlen))  # fmt: skip
         if blocks:
             lines.append("")
     if blocks or not varlen:
         cols = ("backend", "seq len", "status", "tokens/s", "× sdpa", "step (s)", "peak GiB", "mem × sdpa",
                 "final loss", "max \\|Δloss\\| vs eager")  # fmt: skip  (pipes escaped: they would split the cell)
-        lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        for r in blocks:
-            lines.append("| " + " | ".join((
-                r["backend"], str(r["seq_len"]), _status(r),
-                _fmt(r.get("median_tokens_per_s"), ",.0f"), _fmt(r.get("tokens_per_s_vs_sdpa"), ".2f", "×"),
-                _fmt(r.get("median_step_time_s"), ".3f"), _fmt(r.get("peak_mem_gib"), ".2f"),
-                _fmt(r.get("peak_mem_vs_sdpa"), ".2f", "×"), _fmt(r.get("final_loss"), ".4f"),
-                _fmt(r.get("max_abs_loss_diff_vs_eager"), ".2e"),
-            )) + " |")  # fmt: skip
+        lines += _md_table(cols, ((
+            r["backend"], str(r["seq_len"]), _status(r),
+            _fmt(r.get("median_tokens_per_s"), ",.0f"), _fmt(r.get("tokens_per_s_vs_sdpa"), ".2f", "×"),
+            _fmt(r.get("median_step_time_s"), ".3f"), _fmt(r.get("peak_mem_gib"), ".2f"),
+            _fmt(r.get("peak_mem_vs_sdpa"), ".2f", "×"), _fmt(r.get("final_loss"), ".4f"),
+            _fmt(r.get("max_abs_loss_diff_vs_eager"), ".2e"),
+        ) for r in blocks))  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -229,17 +230,17 @@ def scaling_table(rows: list[dict]) -> str:
     """Markdown for rows that went through :func:`add_scaling_columns`."""
     cols = ("backend", "seq len", "processes", "tokens/s (job)", "1-process tokens/s", "speed-up",
             "scaling efficiency", "peak GiB per GPU", "1-process peak GiB")  # fmt: skip
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    cells = []
     for r in rows:
         layout = r.get("parallelism") or {}
         procs = f"{layout.get('world_size', 1)} ({layout.get('mode', '?')})"
-        lines.append("| " + " | ".join((
+        cells.append((
             r["backend"], str(r["seq_len"]), procs, _fmt(r.get("median_tokens_per_s"), ",.0f"),
             _fmt(r.get("one_process_tokens_per_s"), ",.0f"), _fmt(r.get("speedup_vs_one_process"), ".2f", "×"),
             _fmt(r.get("scaling_efficiency"), ".0%"), _fmt(r.get("peak_mem_gib"), ".2f"),
             _fmt(r.get("one_process_peak_mem_gib"), ".2f"),
-        )) + " |")  # fmt: skip
-    return "\n".join(lines) + "\n"
+        ))  # fmt: skip
+    return "\n".join(_md_table(cols, cells)) + "\n"
 
 
 def _where(rows: list[dict], env: dict) -> str:

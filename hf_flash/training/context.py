@@ -13,7 +13,7 @@ import json
 import textwrap
 from pathlib import Path
 
-from .compare import _fmt, _styles, _where, run_one
+from .compare import _fmt, _md_table, _styles, _where, run_one
 
 
 def probe_args(seq_len: int, steps: int) -> list[str]:
@@ -58,25 +58,25 @@ def context_table(rows: list[dict], header: str = "") -> str:
     """Markdown: per backend the longest context that trained, its peak memory and speed, and what
     stopped the sweep."""
     cols = ("backend", "longest context trained", "peak GiB there", "tokens/s there", "stopped by")
-    lines = [header, ""] if header else []
-    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    cells = []
     for backend in dict.fromkeys(r["backend"] for r in rows):
         mine = [r for r in rows if r["backend"] == backend]
         best = longest(mine)
         failed = [r for r in mine if r["status"] != "ok"]
         stop = (f"{failed[0]['status'].upper()} at {min(r['seq_len'] for r in failed):,}" if failed
                 else "the sweep's limit")  # fmt: skip
-        lines.append("| " + " | ".join((
+        cells.append((
             backend, f"{best['seq_len']:,}" if best else "none", _fmt((best or {}).get("peak_mem_gib"), ".2f"),
             _fmt((best or {}).get("median_tokens_per_s"), ",.0f"), stop,
-        )) + " |")  # fmt: skip
-    cols = ("backend", "context", "status", "peak GiB", "tokens/s")
-    lines += ["", "Every probe:", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        ))  # fmt: skip
+    probes = []
     for r in rows:
         status = r["status"] if r["status"] == "ok" else f"{r['status'].upper()}: {r.get('error', '')[:100]}"
-        lines.append("| " + " | ".join((r["backend"], f"{r['seq_len']:,}", status.replace("|", "/"),
-                                        _fmt(r.get("peak_mem_gib"), ".2f"),
-                                        _fmt(r.get("median_tokens_per_s"), ",.0f"))) + " |")  # fmt: skip
+        probes.append((r["backend"], f"{r['seq_len']:,}", status.replace("|", "/"), _fmt(r.get("peak_mem_gib"), ".2f"),
+                       _fmt(r.get("median_tokens_per_s"), ",.0f")))  # fmt: skip
+    lines = [header, ""] if header else []
+    lines += _md_table(cols, cells)
+    lines += ["", "Every probe:", "", *_md_table(("backend", "context", "status", "peak GiB", "tokens/s"), probes)]
     return "\n".join(lines) + "\n"
 
 

@@ -390,9 +390,9 @@ def _build_trainer(cfg: FinetuneConfig, args, spec, dtype, say):
     """Data, model with LoRA, and the Trainer with its meter and stop callback."""
     tokenizer = load_tokenizer(spec)
     dataset, collator, n_tokens = build_train_dataset(
-        tokenizer, cfg.data, cfg.seq_len, False, cfg.text_field, cfg.prompt_field, cfg.response_field,
-        cfg.max_docs, layout=cfg.layout, max_doc_len=cfg.max_doc_len, lengths=cfg.lengths,
-        vocab_size=spec.config.vocab_size, seed=cfg.seed,
+        tokenizer, cfg.data, cfg.seq_len, text_field=cfg.text_field, prompt_field=cfg.prompt_field,
+        response_field=cfg.response_field, max_docs=cfg.max_docs, layout=cfg.layout, max_doc_len=cfg.max_doc_len,
+        lengths=cfg.lengths, vocab_size=spec.config.vocab_size, seed=cfg.seed,
     )  # fmt: skip
     _check_enough_rows(cfg, len(dataset), args.world_size)
     # Built straight on this rank's device (cuda:LOCAL_RANK): on "cuda", every rank would first put a

@@ -36,12 +36,13 @@ import torch.nn.functional as F
 
 from hf_flash.fallback import warn_once
 
+from .data import IGNORE_INDEX
+
 LOSSES = ("auto", "chunked", "liger", "plain")
 # auto: Liger's fused linear cross-entropy where it runs (liger-kernel installed, CUDA, a plain Linear head),
 # else the chunked PyTorch loss. On an H100 (Llama-3.2-1B, 2026-12-06) both hold 11.83 GiB at 32k tokens
 # against 51.72 for the plain loss; Liger ran 3% faster there (17,225 vs 16,745 tokens/s) and 0.2% at 8k.
 DEFAULT_LOSS = "auto"
-IGNORE_INDEX = -100
 CHUNK_BYTES = 1 << 30  # one chunk's fp32 logits; the chunk's peak is about twice that (bf16 logits, fp32, bf16 grad)
 
 # Config fields that change the logits after the output layer in ways this loss does not reproduce (Cohere,
