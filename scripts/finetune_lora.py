@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--no-save-adapter", dest="save_adapter", action="store_false", help="skip OUTPUT_DIR/adapter")
     o.add_argument("--warmup-measure-steps", type=int, default=1,
                    help="first steps left out of the median speed (default 1)")  # fmt: skip
+    o.add_argument("--profile-steps", metavar="A:B",
+                   help="torch.profiler over optimizer steps A..B: OUTPUT_DIR/profile.md splits their time into\n"
+                        "GPU kernels by kind and GPU idle (host-bound), with the top kernels and host ops")  # fmt: skip
     o.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)  # acts as Ctrl-C after N steps (tests)
     return p
 

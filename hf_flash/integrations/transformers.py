@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_flash import dispatch, fallback
+from hf_flash.integrations import padding_free
 from hf_flash.integrations.padding import mask_to_varlen, pad, varlen_from_position_ids
 from hf_flash.ops import flash_attn_func, flash_attn_varlen_func, visibility
 from hf_flash.ops.checks import UNTRACKED, version_of, vouch_for_cu_seqlens
@@ -559,6 +560,7 @@ def register() -> None:
     if not _registered:
         _teach_flash_loader()
         _count_among_compatible_flash_implementations()
+        padding_free.install()
     _registered = True
 
 

@@ -46,6 +46,7 @@ from .models import (
     resolve_dtype,
     resolve_model,
 )  # fmt: skip
+from .profile import parse_steps, profile_callback_class
 
 require("peft", "accelerate")  # LoRA and the Trainer: say so when imported, not after the model has loaded
 
@@ -92,6 +93,7 @@ class FinetuneConfig:
     resume: bool = False
     save_adapter: bool = True
     warmup_measure_steps: int = 1  # steps left out of the medians (compilation, autotuning, caches)
+    profile_steps: str | None = None  # "A:B": torch.profiler over optimizer steps A..B -> profile.md (profile.py)
     stop_after: int | None = None  # behave as if Ctrl-C came after this many steps (tests, demos)
 
 
@@ -118,6 +120,11 @@ def validate(cfg: FinetuneConfig) -> None:
         raise UsageError(f"--max-doc-len must be at least 2 (got {cfg.max_doc_len})")
     if cfg.lengths is not None:
         parse_lengths(cfg.lengths)
+    if cfg.profile_steps is not None:
+        try:
+            parse_steps(cfg.profile_steps)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
 
 
 def pick_device(name: str) -> str:
@@ -141,6 +148,14 @@ def cap_gpu_memory(device: str, gib: float) -> None:
     torch.cuda.set_per_process_memory_fraction(gib * 2**30 / total)
 
 
+def _allocator_counts() -> dict:
+    """cudaMalloc calls and out-of-memory retries (free the cache, try again) of the caching allocator so far."""
+    import torch
+
+    stats = torch.cuda.memory_stats()
+    return {"device_allocs": stats.get("num_device_alloc", 0), "alloc_retries": stats.get("num_alloc_retries", 0)}
+
+
 class StepMeter:
     """Times each optimizer step, counts its tokens and reads its peak GPU memory, for the whole job.
 
@@ -158,6 +173,7 @@ class StepMeter:
         self.targets = 0  # tokens the loss predicts (labels != -100 after the shift)
         self.start = 0.0
         self.last: dict = {}
+        self.allocs: dict = {}
 
     def _sync(self):
         import torch
@@ -171,6 +187,7 @@ class StepMeter:
         self._sync()
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
+            self.allocs = _allocator_counts()
         self.tokens = self.targets = 0
         self.start = time.perf_counter()
 
@@ -198,6 +215,8 @@ class StepMeter:
                      "tokens_per_s": tokens / seconds, "peak_mem_gib": max(peaks) if peaks else None}  # fmt: skip
         if peaks and len(peaks) > 1:
             self.last["peak_mem_gib_per_rank"] = peaks
+        if self.cuda:  # this rank's: new device memory and allocator retries are where a first pass can stall
+            self.last.update({k: v - self.allocs[k] for k, v in _allocator_counts().items()})
         return any(r[3] for r in ranks)
 
 
@@ -408,8 +427,12 @@ def _build_trainer(cfg: FinetuneConfig, args, spec, dtype, say):
 
     meter = StepMeter(str(args.device))
     callback = _callback_class()(meter, cfg.stop_after)
+    callbacks = [callback]
+    if cfg.profile_steps is not None:  # after the meter's callback: its syncs bound the profiled steps
+        steps, is_main = parse_steps(cfg.profile_steps), args.process_index == 0
+        callbacks.append(profile_callback_class()(steps, Path(cfg.output_dir), str(args.device), is_main))
     trainer = _trainer_class()(
-        model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[callback]
+        model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=callbacks
     )
     trainer.meter = meter
     trainer.loss_plan = LossPlan.for_model(model, cfg.loss, cfg.loss_chunk_tokens, cfg.offload_activations)

@@ -1,5 +1,6 @@
 """The same documents give the same loss and LoRA gradients whatever the batch layout: each document alone,
-a right-padded batch (attention_mask), or one packed row (position_ids restarting per document, as
+a right-padded batch (attention_mask; with a cache, unpadded per layer, without one, packed for the whole
+decoder), or one packed row (position_ids restarting per document, as
 DataCollatorWithFlattening emits). hf_flash in each layout is held to flash-attn's rule against an fp32
 eager run of the documents one by one, with an eager run of the documents one by one in the same dtype as
 the yardstick (eager in the same layout would not do: a layout that leaked across documents would move
@@ -42,14 +43,16 @@ def _loss(model, layout: str, docs: list[torch.Tensor]) -> torch.Tensor:
     if layout == "alone":
         parts = [_summed_loss(model, d[None], d[None]) for d in docs]
         total, count = sum(p[0] for p in parts), sum(p[1] for p in parts)
-    elif layout == "padded":
+    elif layout.startswith("padded"):
         longest = max(len(d) for d in docs)
         ids = torch.zeros(len(docs), longest, dtype=torch.long, device=DEVICE)
         mask = torch.zeros_like(ids)
         labels = torch.full_like(ids, -100)
         for row, d in enumerate(docs):
             ids[row, : len(d)], mask[row, : len(d)], labels[row, : len(d)] = d, 1, d
-        total, count = _summed_loss(model, ids, labels, attention_mask=mask)
+        # "padded": a cache is made (eval, use_cache on), so only attention unpads; "padded-free": without a
+        # cache the whole decoder runs the real tokens as one packed row (integrations/padding_free.py)
+        total, count = _summed_loss(model, ids, labels, attention_mask=mask, use_cache=layout == "padded")
     else:  # packed: one row, each document's first label hidden so that no target crosses a boundary
         ids = torch.cat(docs)[None]
         labels = torch.cat([torch.cat([d.new_full((1,), -100), d[1:]]) for d in docs])[None]
@@ -78,7 +81,7 @@ def eager_alone():
     return _loss_and_grads("eager", DTYPE, "alone")
 
 
-@pytest.mark.parametrize("layout", ["alone", "padded", "packed"])
+@pytest.mark.parametrize("layout", ["alone", "padded", "padded-free", "packed"])
 def test_layouts_agree_with_documents_alone(truth, eager_alone, layout, recwarn):
     ours = _loss_and_grads("hf_flash", DTYPE, layout)
     eager = eager_alone
