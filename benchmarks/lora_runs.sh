@@ -12,7 +12,7 @@
 #   suite     tests/run_gpu_all.sh started in the background (other parts share the GPU with it: their peak
 #             memory holds, their speed does not); wait: wait for it and print its summary
 #   varlen    1B: padded (micro-batch 4) and packed (16k rows) over lognormal:600:1.0:100, sdpa and hf_flash;
-#             hf_flash again on a warm Triton cache; padded with HF_FLASH_PADDING_FREE=0
+#             then hf_flash padded with HF_FLASH_PADDING_FREE=0 (PROFILE=1: profile.md of 5 padded steps)
 #   gptoss    gpt-oss-20b shape cut to 4 layers: one 8k and one 32k sequence, hf_flash / eager / flex_attention
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -94,17 +94,15 @@ for part in ${PARTS:-loss}; do
         tar -czf "${OUT:-/tmp}/gpu_all.tgz" -C "${OUT:-/tmp}" gpu_all 2>/dev/null
         ;;
     varlen)
-        # padded (micro-batch 4) and packed (16k rows) over the same long-tailed documents, sdpa and hf_flash, in a
-        # fresh Triton cache; five second-pass padded steps under torch.profiler (profile.md in each padded row)
-        V=(--lengths lognormal:600:1.0:100 --max-len 8192 --batch-size 4)
+        # padded (micro-batch 4) and packed (16k rows) over the same long-tailed documents, sdpa and hf_flash; then
+        # hf_flash padded with attention alone unpadding (HF_FLASH_PADDING_FREE=0: the projections and MLP run on
+        # the pads), what packing the whole decoder buys. PROFILE=1: five second-pass padded steps under
+        # torch.profiler (profile.md in each padded row; the profiler's host time slows those steps)
+        V=(--lengths lognormal:600:1.0:100 --max-len 8192 --batch-size 4 ${PROFILE:+--profile-steps 30:34})
         HF_FLASH_STRICT=1 "${CMP[@]}" "${ONE_B[@]}" --backends sdpa,hf_flash --layout padded,packed "${V[@]}" \
-            --profile-steps 30:34 --output-dir "$out/varlen" | tail -n 8
-        # hf_flash again with the cache warm (what every run after the first on a machine finds): its first pass
-        HF_FLASH_STRICT=1 "${CMP[@]}" "${ONE_B[@]}" --backends hf_flash --layout padded,packed "${V[@]}" \
-            --output-dir "$out/varlen-warm" | tail -n 4
-        # padded with attention alone unpadding (the projections and MLP run on the pads): what packing buys
+            --output-dir "$out/varlen" | tail -n 8
         HF_FLASH_PADDING_FREE=0 "${CMP[@]}" "${ONE_B[@]}" --backends hf_flash --layout padded "${V[@]}" \
-            --profile-steps 30:34 --output-dir "$out/varlen-per-layer" | tail -n 3
+            --output-dir "$out/varlen-per-layer" | tail -n 3
         ;;
     gptoss)
         "${CMP[@]}" --model-preset gpt-oss-20b-4l --gradient-checkpointing --save-steps 0 --no-save-adapter "${CAP[@]}" \
