@@ -7,6 +7,7 @@
 #   SWEEP_SHORT=1 bash benchmarks/experiments/ab.sh    # also sweep the backward tiles at L = 1k (D128 causal)
 #   MATCH="delta" bash benchmarks/experiments/ab.sh    # only the variants whose name matches (and main)
 #   OVERHEAD=0 bash benchmarks/experiments/ab.sh       # without the launch-overhead profile
+#   KERNELS=fwd bash benchmarks/experiments/ab.sh      # time the forward alone (forward-only patches)
 #   VARLEN="--head-dim 64 --heads 32 --kv-heads 8" bash benchmarks/experiments/ab.sh   # also varlen_split.py
 #
 # Each variant is main's hf_flash/ with one patch applied, in a scratch copy (the checkout is not
@@ -23,6 +24,7 @@ scratch=$(mktemp -d)
 SEQLENS=${SEQLENS:-"4096 16384"}
 HEAD_DIMS=${HEAD_DIMS:-"64,128"}
 RUN_LIMIT=${RUN_LIMIT:-150}  # seconds per python run (compile included)
+KERNELS=${KERNELS:-fwd,bwd}  # what kernel_stats.py times: fwd, bwd or both
 KV_HEADS=${KV_HEADS:-0}  # GQA: K/V heads of the timed shapes (0: MHA); KV_HEADS=8 HEAD_DIMS=64 is Llama-3.2-1B's
 
 # name | patch file (empty: main) | environment for the run
@@ -78,7 +80,8 @@ stats() {  # variant line, seqlen, head dims[, "check": first run agree.py (is t
   if [ -n "${4:-}" ]; then
     in_variant "$1" benchmarks/experiments/agree.py | tail -6
   fi
-  in_variant "$1" benchmarks/kernel_stats.py --head-dims "$3" --seqlen "$2" --kv-heads "$KV_HEADS" |
+  in_variant "$1" benchmarks/kernel_stats.py --head-dims "$3" --seqlen "$2" --kv-heads "$KV_HEADS" \
+    --kernels "$KERNELS" |
     grep -v "^  _bwd_delta"
   [ "${PIPESTATUS[0]}" = 124 ] && echo "!! $name: no result within ${RUN_LIMIT}s (a hung kernel?)"
 }
@@ -103,10 +106,10 @@ dims_for() {  # long sequences: the D128 rows are the ones below the targets
 }
 first=${SEQLENS%% *}
 # compile everything first, all variants at once (16 CPU cores; Triton's disk cache keeps the results), so
-# that the timed runs below, one at a time, only time
+# that the timed runs below, one at a time, only time; agree.py's kernels (the first length's check) too
 for seqlen in $SEQLENS; do
   for variant in "${selected[@]}"; do
-    stats "$variant" "$seqlen" "$(dims_for "$seqlen")" >/dev/null 2>&1 &
+    stats "$variant" "$seqlen" "$(dims_for "$seqlen")" "$([ "$seqlen" = "$first" ] && echo check)" >/dev/null 2>&1 &
   done
 done
 wait
