@@ -3,6 +3,7 @@
     python benchmarks/kernel_stats.py                      # D 64/128, causal and not, L = 4k, bf16
     python benchmarks/kernel_stats.py --head-dims 128 --seqlen 16384
     python benchmarks/kernel_stats.py --head-dims 64 --kv-heads 8    # GQA 32/8 (Llama-3.2-1B's attention)
+    python benchmarks/kernel_stats.py --seqlen 2048 --kernels fwd   # the forward alone (short-sequence tiles)
 
 Times the forward launcher and the whole backward (delta + dK/dV + dQ) on the chip's table tiles, with
 ``sweep_tiles.sweep`` (the same setup: 16k tokens per batch, hidden 2048), then lists what Triton compiled
@@ -56,15 +57,20 @@ def main():
     p.add_argument("--head-dims", default="64,128")
     p.add_argument("--seqlen", type=int, default=4096)
     p.add_argument("--kv-heads", type=int, default=0, help="GQA: K/V heads (0: as many as query heads)")
+    p.add_argument("--kernels", default="fwd,bwd", help="what to time: fwd, bwd or both (fwd,bwd)")
     a = p.parse_args()
+    kernels = set(a.kernels.split(","))
     device = torch.device("cuda")
     for head_dim in (int(d) for d in a.head_dims.split(",")):
         for causal in (True, False):
             shape = (head_dim, causal, a.seqlen, a.kv_heads)
-            fwd = table_speed("fwd", forward_config(head_dim, device, a.seqlen), *shape)
-            bwd = table_speed("dkdv", backward_config(head_dim, device)[0], *shape)
+            speeds = []
+            if "fwd" in kernels:
+                speeds.append(f"fwd {table_speed('fwd', forward_config(head_dim, device, a.seqlen), *shape)}")
+            if "bwd" in kernels:
+                speeds.append(f"bwd {table_speed('dkdv', backward_config(head_dim, device)[0], *shape)}")
             gqa = f" {2048 // head_dim}/{a.kv_heads} heads" if a.kv_heads else ""
-            print(f"D{head_dim}{gqa} causal={causal} L{a.seqlen}: fwd {fwd}, bwd {bwd}")
+            print(f"D{head_dim}{gqa} causal={causal} L{a.seqlen}: {', '.join(speeds)}")
     for jit_fn in jit_functions():
         for kernel in compiled_kernels(jit_fn):
             getattr(kernel, "_init_handles", lambda: None)()

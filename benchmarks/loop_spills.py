@@ -4,6 +4,7 @@
     python benchmarks/loop_spills.py                          # dK/dV, dQ, forward at D128, bf16
     python benchmarks/loop_spills.py --kernels dkdv --head-dims 64,128 --layouts varlen
     python benchmarks/loop_spills.py --kernels dkdv --set IS_GQA=1     # an experiment's constexpr
+    python benchmarks/loop_spills.py --kernels fwd_short --tiles 64x64w4s3,128x64w8s3   # candidate tiles
 
 ptxas' total ("1352 bytes spill stores") does not say where the spills are: in a loop that runs once per
 program they cost nothing, in the unmasked loop that does nearly all the work they cost a lot. This
@@ -92,9 +93,14 @@ def programs_per_sm(result: dict) -> int:
     return min(by_regs, by_smem, 64 // warps)
 
 
-def case_for(kernel: str, head_dim: int, causal: bool, layout: str, overrides: dict) -> dict:
+def case_for(kernel: str, head_dim: int, causal: bool, layout: str, overrides: dict, tile=None) -> dict:
+    """``kernel``: as ``test_chips._case`` names them ("fwd_short": the forward's short-sequence tiles);
+    ``tile``: (block_m, block_n, num_warps, num_stages) in place of the table's."""
     case = test_chips._case("sm90", kernel, head_dim, "causal" if causal else "plain", dtype="bf16",
                             atomic_dq=False)
+    if tile:
+        case["constexprs"].update(BLOCK_M=tile[0], BLOCK_N=tile[1])
+        case.update(num_warps=tile[2], num_stages=tile[3])
     if layout != "dense" and "DIAG_IN_LOOP" in case["constexprs"]:
         # the causal diagonal joins the main loop only for dense lengths that are multiples of the blocks
         # (backward._diag_in_loop); a length Triton does not see as a multiple of 16 is not one
@@ -107,25 +113,30 @@ def case_for(kernel: str, head_dim: int, causal: bool, layout: str, overrides: d
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--kernels", default="dkdv,dq,fwd")
+    p.add_argument("--kernels", default="dkdv,dq,fwd", help="of dkdv, dq, fwd, fwd_short (the short-sequence tiles)")
     p.add_argument("--head-dims", default="128")
     p.add_argument("--layouts", default=",".join(LAYOUTS))
     p.add_argument("--set", default="", help="constexpr overrides, e.g. IS_GQA=1 (an experiment's flag)")
+    p.add_argument("--tiles", default="", help="tiles in place of the table's, e.g. 64x64w4s3,128x64w8s3")
     a = p.parse_args()
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from sweep_tiles import parse_tiles  # its --tiles syntax (imports torch and hf_flash: only here)
+
+    tiles = parse_tiles(a.tiles) or [None]
     overrides = {k: int(v) for k, v in (item.split("=") for item in filter(None, a.set.split(",")))}
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # ptxas' totals (registers, spilled bytes)
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp()  # a cached kernel skips ptxas and its log
-    print("triton", triton.__version__, "| sm90, bf16, the chip table's tiles")
+    print("triton", triton.__version__, "| sm90, bf16,", f"tiles {a.tiles}" if a.tiles else "the chip table's tiles")
     for kernel in a.kernels.split(","):
         for head_dim in (int(d) for d in a.head_dims.split(",")):
             for causal in (False, True):
-                for layout in a.layouts.split(","):
-                    case = case_for(kernel, head_dim, causal, layout, overrides)
+                for layout, tile in ((lay, t) for lay in a.layouts.split(",") for t in tiles):
+                    case = case_for(kernel, head_dim, causal, layout, overrides, tile)
                     r = test_chips.compile_case(case, with_cubin=True)
                     cx = r["constexprs"]
                     print(f"{kernel} D{head_dim} causal={causal} {layout} ({cx['BLOCK_M']}x{cx['BLOCK_N']}, "
-                          f"{r['num_warps']} warps): {r['regs']} registers, {r['spill_bytes']} B spilled, "
-                          f"{r['shared'] // 1024} KB shared, {programs_per_sm(r)} programs per SM")
+                          f"{r['num_warps']} warps, {r['num_stages']} stages): {r['regs']} registers, "
+                          f"{r['spill_bytes']} B spilled, {r['shared']} B shared, {programs_per_sm(r)} programs per SM")
                     for loop in (loop for loop in loops(disassemble(r["cubin"])) if loop["hgmma"]):
                         print(f"    loop of {loop['size']:5d} instructions: HGMMA {loop['hgmma']:3d}, "
                               f"LDL {loop['ldl']:4d}, STL {loop['stl']:4d}, MUFU {loop['mufu']:3d}")

@@ -7,6 +7,7 @@
 #   SWEEP_SHORT=1 bash benchmarks/experiments/ab.sh    # also sweep the backward tiles at L = 1k (D128 causal)
 #   MATCH="delta" bash benchmarks/experiments/ab.sh    # only the variants whose name matches (and main)
 #   OVERHEAD=0 bash benchmarks/experiments/ab.sh       # without the launch-overhead profile
+#   KERNELS=fwd bash benchmarks/experiments/ab.sh      # time the forward alone (forward-only patches)
 #   VARLEN="--head-dim 64 --heads 32 --kv-heads 8" bash benchmarks/experiments/ab.sh   # also varlen_split.py
 #
 # Each variant is main's hf_flash/ with one patch applied, in a scratch copy (the checkout is not
@@ -23,6 +24,7 @@ scratch=$(mktemp -d)
 SEQLENS=${SEQLENS:-"4096 16384"}
 HEAD_DIMS=${HEAD_DIMS:-"64,128"}
 RUN_LIMIT=${RUN_LIMIT:-150}  # seconds per python run (compile included)
+KERNELS=${KERNELS:-fwd,bwd}  # what kernel_stats.py times: fwd, bwd or both
 KV_HEADS=${KV_HEADS:-0}  # GQA: K/V heads of the timed shapes (0: MHA); KV_HEADS=8 HEAD_DIMS=64 is Llama-3.2-1B's
 
 # name | patch file (empty: main) | environment for the run
@@ -44,6 +46,17 @@ VARIANTS=(
   # one launch fewer on the deterministic path (atomic dQ keeps _bwd_delta). For host latency at short lengths
   # (PLAN item 1): time with SEQLENS="1024 4096"; launch_overhead.py shows the host side
   "delta-in-dq|delta-in-dq.patch|"
+  # issue 18, the short-query forward (max_seqlen_q <= SHORT_SEQLEN takes ChipTable.fwd_short): time them with
+  # OVERHEAD=0 KERNELS=fwd MATCH=short SEQLENS="512 1024 2048" (kernel_stats times the tile forward_config picks
+  # for the length, so L <= 2048 is the short tile). The long tiles at every length (D128 128x128 8 warps, D64
+  # 128x64 8 warps): is the short tile still faster at 1k/2k, as in the 2026-11-25 sweep (D128 2k 379 vs 344)?
+  "fwd-no-short-tiles|fwd-no-short-tiles.patch|"
+  # D128 short tile 128x64, 8 warps: each K/V tile serves 128 rows (half the L2 traffic per FLOP of 64x64),
+  # offline 162 registers, 128 KB, 1 program per SM (8 warps, as 2 x 64x64), same per-warp unmasked loop (338)
+  "fwd-short-d128-128x64|fwd-short-d128-128x64.patch|"
+  # D64 short tile at 2 stages: 40 KB, 4 programs per SM instead of 3 (3 stages take 57400 B, 224 B too many
+  # for a fourth); offline the same loops (286 / 619 instructions), no spills. For D64 causal L = 512-1k
+  "fwd-short-d64-2stages|fwd-short-d64-2stages.patch|"
   # A patch that no longer applies to main leaves this folder for the branch experiments-archive, e.g.
   # segment-loop.patch (main now does the same),
   # warp-specialized.patch (hangs on Triton 3.6: benchmarks/results/LOG.md, 2026-11-29 third session; for a
@@ -78,7 +91,8 @@ stats() {  # variant line, seqlen, head dims[, "check": first run agree.py (is t
   if [ -n "${4:-}" ]; then
     in_variant "$1" benchmarks/experiments/agree.py | tail -6
   fi
-  in_variant "$1" benchmarks/kernel_stats.py --head-dims "$3" --seqlen "$2" --kv-heads "$KV_HEADS" |
+  in_variant "$1" benchmarks/kernel_stats.py --head-dims "$3" --seqlen "$2" --kv-heads "$KV_HEADS" \
+    --kernels "$KERNELS" |
     grep -v "^  _bwd_delta"
   [ "${PIPESTATUS[0]}" = 124 ] && echo "!! $name: no result within ${RUN_LIMIT}s (a hung kernel?)"
 }
@@ -103,10 +117,10 @@ dims_for() {  # long sequences: the D128 rows are the ones below the targets
 }
 first=${SEQLENS%% *}
 # compile everything first, all variants at once (16 CPU cores; Triton's disk cache keeps the results), so
-# that the timed runs below, one at a time, only time
+# that the timed runs below, one at a time, only time; agree.py's kernels (the first length's check) too
 for seqlen in $SEQLENS; do
   for variant in "${selected[@]}"; do
-    stats "$variant" "$seqlen" "$(dims_for "$seqlen")" >/dev/null 2>&1 &
+    stats "$variant" "$seqlen" "$(dims_for "$seqlen")" "$([ "$seqlen" = "$first" ] && echo check)" >/dev/null 2>&1 &
   done
 done
 wait
