@@ -30,3 +30,23 @@ def test_triton_interpret_set_after_import_is_one_clear_line():
     assert proc.returncode == 1, proc.stderr
     assert last.startswith("RuntimeError: TRITON_INTERPRET=1 was set after hf_flash"), proc.stderr
     assert "active drivers" not in proc.stderr
+
+
+def test_triton_start_up_is_warmed_in_the_background(monkeypatch):
+    """Where kernels compile (a GPU, no interpreter) import starts a thread that caches Triton's process key."""
+    import torch
+    from triton.runtime.cache import triton_key
+
+    from hf_flash.ops import startup
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert startup.start() is None, "the interpreter compiles nothing: no thread"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert startup.start() is None, "no GPU: no thread"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    triton_key.cache_clear()
+    thread = startup.start()
+    assert thread is not None and thread.daemon
+    thread.join(timeout=60)
+    assert triton_key.cache_info().currsize == 1, "the key is cached for the first kernel load"
