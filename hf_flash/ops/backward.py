@@ -400,7 +400,7 @@ def flash_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max
         batch, _, n_heads, head_dim = q.shape
         n_heads_k = k.shape[2]
         cu_seqlens_q = cu_seqlens_k = lse  # placeholders, never read when IS_VARLEN is off
-    delta = torch.empty_like(lse)
+    delta = torch.empty_strided(lse.shape, lse.stride(), dtype=lse.dtype, device=lse.device)  # LSE's strides
     # what the three launches share: shapes and layout, the LSE/delta rows, the lengths
     shared = dict(HEAD_DIM=head_dim, BLOCK_D=config_dq.block_d, IS_VARLEN=varlen, cu_seqlens_q=cu_seqlens_q,
                   **lse_strides(lse, varlen), seqlen_q_arg=max_seqlen_q)  # fmt: skip

@@ -25,15 +25,16 @@ from hf_flash.ops.config import cuda_index
 # in compiled kernels, and a tl.constexpr global mis-evaluates under the interpreter (Triton 3.9).
 
 # Integer kernel arguments that change from call to call in steady training: the lengths (a dense batch's
-# padded length, a varlen batch's max_seqlen), the LSE/delta strides (``[B, H, Lq]`` has strides ``(H Lq, Lq)``,
-# varlen ``[H, total_q]`` has ``total_q``), the TMA descriptors' rows per batch and head (a KV cache's length)
-# and the dropout seed. Triton specializes an integer argument on ``== 1`` and ``% 16 == 0`` and compiles the
+# padded length, a varlen batch's max_seqlen), the TMA descriptors' rows per batch and head (a KV cache's
+# length) and the dropout seed. Triton specializes an integer argument on ``== 1`` and ``% 16 == 0`` and compiles the
 # kernel once per combination, so each of these would compile a kernel again whenever a new batch's length
 # crossed those classes (H100: 2-4 s a compile, measured mid-training). Passed to ``do_not_specialize`` of
 # the four kernels (a name a kernel lacks is ignored). Q/K/V/O strides stay specialized: their ``% 16`` lets
 # the compiler prove 16-byte aligned rows, and they do not change with lengths (row and head strides are
-# ``H D`` and ``D``; a dense batch stride ``L H D`` keeps its class whenever ``H D % 16 == 0``).
-UNSPECIALIZED = ("seqlen_q_arg", "seqlen_k_arg", "stride_lb", "stride_lh", "desc_rows_b", "desc_rows_h", "seed")
+# ``H D`` and ``D``; a dense batch stride ``L H D`` keeps its class whenever ``H D % 16 == 0``). So do the
+# LSE/delta strides: their rows are padded to a multiple of 16 (function._new_lse), so the strides stay in the
+# ``% 16`` class for every length, and the D128 dK/dV kernel needs that fact to run its loop without spilling.
+UNSPECIALIZED = ("seqlen_q_arg", "seqlen_k_arg", "desc_rows_b", "desc_rows_h", "seed")
 
 
 @triton.jit
