@@ -1,6 +1,6 @@
 """``attn_implementation="hf_flash"`` for Hugging Face Transformers (4.56 and 5.x).
 
-:func:`register` (called by ``import hf_flash``) does four things:
+:func:`register` (called by ``import hf_flash``) does five things:
 
 1. registers :func:`hf_flash_attention_forward` in ``AttentionInterface`` under ``"hf_flash"``;
 2. registers :func:`hf_flash_mask` in ``AttentionMaskInterface``. Without a mask function
@@ -12,7 +12,9 @@
    ``set_attn_implementation``), which otherwise looks for a Hub kernel called ``hf_flash`` and fails
    with "Could not find the currently requested flash attention implementation at `hf_flash`".
 4. on Transformers 5.x, keeps models that name their own flash kernels (``_compatible_flash_implementations``:
-   gpt-oss, granite_swa, ...) from replacing ``"hf_flash"`` by the first of them, a Hub kernel.
+   gpt-oss, granite_swa, ...) from replacing ``"hf_flash"`` by the first of them, a Hub kernel;
+5. hooks the decoder base models built afterwards so that padded training batches run packed through the
+   whole decoder, not only attention (:mod:`hf_flash.integrations.padding_free`).
 
 How a call is routed (mirroring Transformers' own flash path, so results match its eager path):
 
