@@ -46,17 +46,12 @@ VARIANTS=(
   # one launch fewer on the deterministic path (atomic dQ keeps _bwd_delta). For host latency at short lengths
   # (PLAN item 1): time with SEQLENS="1024 4096"; launch_overhead.py shows the host side
   "delta-in-dq|delta-in-dq.patch|"
-  # issue 18, the short-query forward (max_seqlen_q <= SHORT_SEQLEN takes ChipTable.fwd_short): time them with
-  # OVERHEAD=0 KERNELS=fwd MATCH=short SEQLENS="512 1024 2048" (kernel_stats times the tile forward_config picks
-  # for the length, so L <= 2048 is the short tile). The long tiles at every length (D128 128x128 8 warps, D64
-  # 128x64 8 warps): is the short tile still faster at 1k/2k, as in the 2026-11-25 sweep (D128 2k 379 vs 344)?
-  "fwd-no-short-tiles|fwd-no-short-tiles.patch|"
-  # D128 short tile 128x64, 8 warps: each K/V tile serves 128 rows (half the L2 traffic per FLOP of 64x64),
-  # offline 162 registers, 128 KB, 1 program per SM (8 warps, as 2 x 64x64), same per-warp unmasked loop (338)
-  "fwd-short-d128-128x64|fwd-short-d128-128x64.patch|"
-  # D64 short tile at 2 stages: 40 KB, 4 programs per SM instead of 3 (3 stages take 57400 B, 224 B too many
-  # for a fourth); offline the same loops (286 / 619 instructions), no spills. For D64 causal L = 512-1k
-  "fwd-short-d64-2stages|fwd-short-d64-2stages.patch|"
+  # dP = dO V^T issued right after the scores' product, before the exponentials, in the dK/dV loop (every head
+  # dim) and the dQ loop (D > 64): ptxas then sinks the dP product's wait below the exponentials, so its wgmma
+  # runs while they do (offline, Triton 3.6, SASS of the D128 causal loops: 7 of the 8 HGMMA of dP interleaved
+  # with the MUFU.EX2; before, issued after them and waited at once). D128 dK/dV dense causal: 555 instructions,
+  # 8 LDL (544, 0 before); dQ D128 causal 181 registers (170). Time with SEQLENS="1024 4096 16384"
+  "bwd-dp-first|bwd-dp-first.patch|"
   # A patch that no longer applies to main leaves this folder for the branch experiments-archive, e.g.
   # segment-loop.patch (main now does the same),
   # warp-specialized.patch (hangs on Triton 3.6: benchmarks/results/LOG.md, 2026-11-29 third session; for a
