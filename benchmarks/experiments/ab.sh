@@ -52,6 +52,15 @@ VARIANTS=(
   # with the MUFU.EX2; before, issued after them and waited at once). D128 dK/dV dense causal: 555 instructions,
   # 8 LDL (544, 0 before); dQ D128 causal 181 registers (170). Time with SEQLENS="1024 4096 16384"
   "bwd-dp-first|bwd-dp-first.patch|"
+  # the forward's unmasked loop issues the next block's Q K^T before this block's exponentials (FlashAttention-3's
+  # intra-warpgroup overlap; _fwd_inner_overlapped, no softcap/dropout). Offline (Triton 3.6 SASS): with 64-key
+  # tiles ptxas interleaves the next block's 8 HGMMA with this block's MUFU.EX2 (D64 128x64: 328 instructions,
+  # 172 registers; D128 short 64x64 w4: 369); with the D128 128x128 tile (255 registers) it still waits at once.
+  # Time with SEQLENS="1024 4096 16384" KERNELS=fwd
+  "fwd-overlap|fwd-overlap.patch|"
+  # the same with the D128 long tile at 128x64 (8 warps, 3 stages: 194 registers, 144 KB, no spills), where the
+  # overlap happens (the 2026-11-25 sweep had 128x128 best without it)
+  "fwd-overlap-d128-128x64|fwd-overlap-d128-128x64.patch|"
   # A patch that no longer applies to main leaves this folder for the branch experiments-archive, e.g.
   # segment-loop.patch (main now does the same),
   # warp-specialized.patch (hangs on Triton 3.6: benchmarks/results/LOG.md, 2026-11-29 third session; for a
