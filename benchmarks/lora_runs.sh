@@ -14,6 +14,8 @@
 #   varlen    1B: padded (micro-batch 4) and packed (16k rows) over lognormal:600:1.0:100, sdpa and hf_flash;
 #             then hf_flash padded with HF_FLASH_PADDING_FREE=0 (PROFILE=1: profile.md of 5 padded steps)
 #   gptoss    gpt-oss-20b shape cut to 4 layers: one 8k and one 32k sequence, hf_flash / eager / flex_attention
+#   long      1B: one 8k and one 32k sequence, sdpa (cuDNN there) and hf_flash, LONG_STEPS steps (default 6, the
+#             first 2 not timed): the single-sequence LoRA step of issue 18
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp}/lora
@@ -108,6 +110,10 @@ for part in ${PARTS:-loss}; do
         "${CMP[@]}" --model-preset gpt-oss-20b-4l --gradient-checkpointing --save-steps 0 --no-save-adapter "${CAP[@]}" \
             --backends hf_flash,eager,flex_attention --layout blocks --seq-lens 8192,32768 --max-steps 3 \
             --output-dir "$out/gptoss" | tail -n 10
+        ;;
+    long)
+        HF_FLASH_STRICT=1 "${CMP[@]}" "${ONE_B[@]}" --backends sdpa,hf_flash --layout blocks --seq-lens 8192,32768 \
+            --max-steps "${LONG_STEPS:-6}" --warmup-measure-steps 2 --output-dir "$out/long" | tail -n 8
         ;;
     *) echo "unknown part $part" ;;
     esac
