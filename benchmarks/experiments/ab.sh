@@ -38,20 +38,10 @@ VARIANTS=(
   # grid of the bench's shapes (2048 programs) becomes 3.9 waves instead of 5.2; offline (Triton 3.6) the
   # unmasked loops stay spill-free except causal varlen (4 LDL). Time with KV_HEADS=8 HEAD_DIMS=64
   "d64-dkdv-4-per-sm|d64-dkdv-4-per-sm.patch|"
-  # the forward's causal diagonal blocks inside its main loop, as the backward's (common.diag_in_loop: dense,
-  # equal, block-aligned causal lengths; D <= 64 only up to SHORT_SEQLEN). Offline (Triton 3.6) D128 causal: one
-  # loop of 651 instructions at 200 registers against 490 + 1163 at 217 (PLAN item 2). Time with SEQLENS="1024 4096"
-  "fwd-diag-merge|fwd-diag-merge.patch|"
   # delta = rowsum(dO * O) computed by the dQ kernel (launched before dK/dV), not by a launch of its own:
   # one launch fewer on the deterministic path (atomic dQ keeps _bwd_delta). For host latency at short lengths
   # (PLAN item 1): time with SEQLENS="1024 4096"; launch_overhead.py shows the host side
   "delta-in-dq|delta-in-dq.patch|"
-  # dP = dO V^T issued right after the scores' product, before the exponentials, in the dK/dV loop (every head
-  # dim) and the dQ loop (D > 64): ptxas then sinks the dP product's wait below the exponentials, so its wgmma
-  # runs while they do (offline, Triton 3.6, SASS of the D128 causal loops: 7 of the 8 HGMMA of dP interleaved
-  # with the MUFU.EX2; before, issued after them and waited at once). D128 dK/dV dense causal: 555 instructions,
-  # 8 LDL (544, 0 before); dQ D128 causal 181 registers (170). Time with SEQLENS="1024 4096 16384"
-  "bwd-dp-first|bwd-dp-first.patch|"
   # the forward's unmasked loop issues the next block's Q K^T before this block's exponentials (FlashAttention-3's
   # intra-warpgroup overlap; _fwd_inner_overlapped, no softcap/dropout). Offline (Triton 3.6 SASS): with 64-key
   # tiles ptxas interleaves the next block's 8 HGMMA with this block's MUFU.EX2 (D64 128x64: 328 instructions,

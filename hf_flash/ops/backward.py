@@ -17,7 +17,7 @@ Three launches:
 Splitting dQ from dK/dV costs one extra recompute of ``Q K^T`` and ``dO V^T`` but needs no atomic
 additions, so the gradients are bitwise reproducible run to run (``deterministic=True`` for free).
 
-Causal over dense, equal, block-aligned lengths (``_diag_in_loop``): the blocks that cross the diagonal
+Causal over dense, equal, block-aligned lengths (``common.diag_in_loop``): the blocks that cross the diagonal
 are not a loop of their own but the first (dK/dV) or last (dQ) steps of the main loop, which applies the
 causal compare on those steps only. A separate masked loop is two or three steps long, too short for the
 software pipeline to fill, and cost ~3x an unmasked step (H200: D128 causal L=1k backward 213 -> 260
@@ -43,6 +43,7 @@ from hf_flash.ops.common import (
     strides_blh as _strides,
     desc_head,
     desc_row0,
+    diag_in_loop,
     dropout_keep,
     head_ptr,
     kv_segments,
@@ -55,7 +56,7 @@ from hf_flash.ops.common import (
     tma_pair,
     visible,
 )
-from hf_flash.ops.config import SHORT_SEQLEN, cdiv
+from hf_flash.ops.config import cdiv
 
 
 @triton.jit(do_not_specialize=UNSPECIALIZED)
@@ -159,8 +160,10 @@ def _bwd_dkdv_inner(
         lse_off = lse_off0 + off_h.to(tl.int64) * stride_lh
         lse2 = tl.load(Lse + lse_off + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634  # [BM]
         delta = tl.load(Delta + lse_off + offs_m, mask=row_ok, other=0.0)  # [BM]
-        # -- recompute P^T for this tile
+        # -- recompute P^T for this tile; dP^T = V dO^T is issued before the exponentials, so that its
+        # wgmma runs while they do (issued after, it waited for them: one product idle per step)
         sT, dcap = _scores_and_grad_factor(tl.dot(k, tl.trans(q)), sm_scale, softcap, HAS_SOFTCAP)  # [BN, BM]
+        dpT = tl.dot(v, tl.trans(do))  # [BN, BM]
         pT = tl.math.exp2(sT - lse2[None, :])
         if MASK:
             ok = tl.trans(visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right,
@@ -169,8 +172,7 @@ def _bwd_dkdv_inner(
         elif DIAG:
             if start_m < diag_end:  # a block that crosses the diagonal: rows and keys are all in range
                 pT = tl.where(offs_n[:, None] <= offs_m[None, :] + (seqlen_k - seqlen_q), pT, 0.0)
-        # -- dV += P_dropped^T dO ;  dP^T = V dO^T
-        dpT = tl.dot(v, tl.trans(do))  # [BN, BM]
+        # -- dV += P_dropped^T dO
         if HAS_DROPOUT:
             keep = tl.trans(dropout_keep(seed_b + off_h, offs_m, offs_n, seqlen_k, dropout_p))
             dv = tl.dot(tl.where(keep, pT / (1.0 - dropout_p), 0.0).to(do.dtype), do, dv)
@@ -211,7 +213,7 @@ def _bwd_dkdv(
     """Grid ``(cdiv(max_seqlen_k, BLOCK_N), B * Hk)``. dK/dV like K/V; Lse/Delta as in the forward;
     DQacc fp32 like Q, zeroed, only with ``ATOMIC_DQ``. Q_desc/dO_desc: tensor descriptors of Q/dO with
     ``USE_TMA``, else unused; their layout as the forward's K/V descriptors. ``DIAG_IN_LOOP``: one loop with
-    the diagonal inside (``_diag_in_loop``), else masked head, unmasked middle, masked tail."""
+    the diagonal inside (``common.diag_in_loop``), else masked head, unmasked middle, masked tail."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = pid_bh // n_heads_k
@@ -289,6 +291,10 @@ def _bwd_dq_inner(
         v = load_rows(v_head, v_desc, kv_row0 + start_n, kv_col, offs_n, stride_vn, offs_d, seqlen_k,
                       HEAD_DIM, MASK, USE_TMA)  # [BN, BD]
         s, dcap = _scores_and_grad_factor(tl.dot(q, tl.trans(k)), sm_scale, softcap, HAS_SOFTCAP)  # [BM, BN]
+        if HEAD_DIM > 64:
+            # issued before the exponentials, as in the dK/dV loop; at D <= 64 the extra live tile takes the
+            # varlen kernel from 128 to 163 registers, one program per SM instead of two
+            dp = tl.dot(do, tl.trans(v))  # [BM, BN]
         p = tl.math.exp2(s - lse2[:, None])
         if MASK:
             ok = visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right, MASK_LEFT, MASK_RIGHT)
@@ -296,7 +302,8 @@ def _bwd_dq_inner(
         elif DIAG:
             if start_n >= diag_start:  # as in the dK/dV kernel
                 p = tl.where(offs_n[None, :] <= offs_m[:, None] + (seqlen_k - seqlen_q), p, 0.0)
-        dp = tl.dot(do, tl.trans(v))  # [BM, BN]
+        if HEAD_DIM <= 64:
+            dp = tl.dot(do, tl.trans(v))  # [BM, BN]
         if HAS_DROPOUT:
             keep = dropout_keep(seed, offs_m, offs_n, seqlen_k, dropout_p)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
@@ -374,16 +381,6 @@ def _bwd_dq(
     tl.store(dq_head + rows * stride_dqm + offs_d[None, :], dq.to(dQ.dtype.element_ty), mask=q_ok)
 
 
-def _diag_in_loop(varlen, window, seqlen_q, seqlen_k, config):
-    """Whether the diagonal blocks join the main loop: pure causal (no window) over a dense batch whose
-    lengths are equal and multiples of both blocks, so that no block needs a row or sequence-end check.
-    Head dims up to 64 keep the separate loops past ``SHORT_SEQLEN``: there the diagonal is a small share
-    and the merged loop measured 2-4% slower (H200, D64 causal 4k and 16k), while D128 gains everywhere."""
-    return (not varlen and window[0] < 0 and window[1] == 0 and seqlen_q == seqlen_k
-            and seqlen_q % config.block_m == 0 and seqlen_q % config.block_n == 0
-            and (config.block_d >= 128 or seqlen_q <= SHORT_SEQLEN))
-
-
 def flash_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
               softmax_scale, window, softcap, dropout_p, seed, config_dkdv, config_dq, deterministic=True):
     """Launch the three backward kernels. Tensors as in ``forward.flash_fwd``; ``do`` like ``out``;
@@ -420,7 +417,7 @@ def flash_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max
         dK=dk, dV=dv, DQacc=dq_acc, **tma_pair(q, do, varlen, c.block_m, c.tma).kernel_args("Q_desc", "dO_desc"),
         **_strides(dk, varlen, "dk", "n"), **_strides(dv, varlen, "dv", "n"), **_strides(dq_acc, varlen, "dq", "m"),
         n_heads_k=n_heads_k, BLOCK_M=c.block_m, BLOCK_N=c.block_n, ATOMIC_DQ=atomic, IS_GQA=n_heads != n_heads_k,
-        DIAG_IN_LOOP=_diag_in_loop(varlen, window, max_seqlen_q, max_seqlen_k, c), **shared, **c.launch_options(),
+        DIAG_IN_LOOP=diag_in_loop(varlen, window, max_seqlen_q, max_seqlen_k, c), **shared, **c.launch_options(),
     )
     if atomic:
         dq.copy_(dq_acc)
@@ -429,6 +426,6 @@ def flash_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max
     _bwd_dq[(cdiv(max_seqlen_q, c.block_m), batch * n_heads)](
         dQ=dq, **tma_pair(k, v, varlen, c.block_n, c.tma).kernel_args("K_desc", "V_desc"),
         **_strides(dq, varlen, "dq", "m"), n_heads=n_heads, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
-        DIAG_IN_LOOP=_diag_in_loop(varlen, window, max_seqlen_q, max_seqlen_k, c), **shared, **c.launch_options(),
+        DIAG_IN_LOOP=diag_in_loop(varlen, window, max_seqlen_q, max_seqlen_k, c), **shared, **c.launch_options(),
     )
     return delta

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hf_flash.ops.config import cuda_index
+from hf_flash.ops.config import SHORT_SEQLEN, cuda_index
 
 # log2(e) and ln(2) are written as literals inside the kernels: a module-level float is not allowed
 # in compiled kernels, and a tl.constexpr global mis-evaluates under the interpreter (Triton 3.9).
@@ -214,6 +214,16 @@ def head_ptr(base, off_b64, stride_b, off_h, stride_h, start, stride_row):
     """Pointer to row 0 of one (batch, head) sequence; all terms in 64 bits since batch x sequence x
     heads x head_dim can pass 2**31 elements."""
     return base + off_b64 * stride_b + off_h.to(tl.int64) * stride_h + start.to(tl.int64) * stride_row
+
+
+def diag_in_loop(varlen, window, seqlen_q, seqlen_k, config):
+    """Whether the diagonal blocks join the main loop: pure causal (no window) over a dense batch whose
+    lengths are equal and multiples of both blocks, so that no block needs a row or sequence-end check.
+    Head dims up to 64 keep the separate loops past ``SHORT_SEQLEN``: there the diagonal is a small share
+    and the merged loop measured 2-4% slower (H200, D64 causal 4k and 16k), while D128 gains everywhere."""
+    return (not varlen and window[0] < 0 and window[1] == 0 and seqlen_q == seqlen_k
+            and seqlen_q % config.block_m == 0 and seqlen_q % config.block_n == 0
+            and (config.block_d >= 128 or seqlen_q <= SHORT_SEQLEN))
 
 
 # The launchers pass every kernel argument by keyword (a swapped positional argument would compile and

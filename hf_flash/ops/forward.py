@@ -22,6 +22,7 @@ from hf_flash.ops.common import (
     UNSPECIALIZED,
     desc_head,
     desc_row0,
+    diag_in_loop,
     dropout_keep,
     head_ptr,
     kv_segments,
@@ -39,12 +40,17 @@ from hf_flash.ops.config import cdiv
 
 @triton.jit
 def _fwd_inner(
-    state, tile, kv, rule, opts, start, end,
+    state, tile, kv, rule, opts, start, end, diag_start,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, MASK_LEFT: tl.constexpr,
     MASK_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
+    DIAG: tl.constexpr,
 ):
     """Fold key blocks ``[start, end)`` into ``state`` = (acc [BLOCK_M, BLOCK_D], l_i [BLOCK_M], m_i [BLOCK_M]),
     and return it. ``MASK`` is off for blocks that every row sees whole, so those skip all mask arithmetic.
+    ``DIAG`` (``MASK`` off; rows and keys known to be in range, Lq == Lk: ``common.diag_in_loop``): the causal
+    compare alone, on the blocks from ``diag_start`` on. A row's first block holds its key 0, so its running
+    max is finite from then on (or from the start, with a sink) and a fully masked row of a later block needs
+    no -inf guard.
 
     What the kernel passes in groups (the same for its three segments):
     tile: the query block (q [BLOCK_M, BLOCK_D], offs_m [BLOCK_M], offs_d [BLOCK_D]);
@@ -73,6 +79,9 @@ def _fwd_inner(
             if MASK:
                 ok = visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right, MASK_LEFT, MASK_RIGHT)
                 s = tl.where(ok, s, float("-inf"))
+            elif DIAG:
+                if start_n >= diag_start:
+                    s = tl.where(offs_n[None, :] <= offs_m[:, None] + (seqlen_k - seqlen_q), s, float("-inf"))
             # -- new running max. A row that has seen no visible key yet keeps m = -inf; subtracting
             #    -inf from -inf would give NaN, so such rows subtract 0 (their p is exp2(-inf) = 0 anyway).
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -82,6 +91,9 @@ def _fwd_inner(
                 m_sub = m_new
             p = tl.math.exp2(s - m_sub[:, None])
         else:
+            if DIAG:
+                if start_n >= diag_start:  # -inf stays -inf through the scale below
+                    s = tl.where(offs_n[None, :] <= offs_m[:, None] + (seqlen_k - seqlen_q), s, float("-inf"))
             # -- the hot path (every key visible): the scale is applied inside the exponent, so scaling
             #    and subtracting the max is one fused multiply-add per score instead of two operations
             m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
@@ -116,13 +128,15 @@ def _fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_VARLEN: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr, TMA_HEAD_MAJOR: tl.constexpr,
-    HAS_SINKS: tl.constexpr,
+    HAS_SINKS: tl.constexpr, DIAG_IN_LOOP: tl.constexpr,
 ):
     """Q ``[.., Lq, H, D]``, K/V ``[.., Lk, Hk, D]``, Out like Q, Lse fp32 indexed
     ``b * stride_lb + h * stride_lh + row`` (``[B, H, Lq]``, or ``[H, total_q]`` for varlen).
     Sinks: fp32 ``[H]`` with ``HAS_SINKS``, else unused.
     K_desc/V_desc: tensor descriptors of K/V with ``USE_TMA`` (``common.tma_pair``), else unused;
-    ``TMA_HEAD_MAJOR`` with ``desc_rows_b``/``desc_rows_h``: their layout (``common.TmaLayout``)."""
+    ``TMA_HEAD_MAJOR`` with ``desc_rows_b``/``desc_rows_h``: their layout (``common.TmaLayout``).
+    ``DIAG_IN_LOOP``: one loop with the diagonal blocks at its end (``common.diag_in_loop``), else masked
+    head, unmasked middle, masked tail."""
     pid_m = tl.program_id(0)
     if MASK_RIGHT:
         # with a causal/right bound, later query blocks see more keys: launch them first so the
@@ -172,14 +186,18 @@ def _fwd_kernel(
     state, tile = (acc, l_i, m_i), (q, offs_m, offs_d)
     kv = (k_head, v_head, K_desc, V_desc, kv_row0, kv_col, stride_kn, stride_vn)
     rule, opts = (seqlen_q, seqlen_k, window_left, window_right), (sm_scale, softcap, dropout_p, seed)
-    bounds = (lo, mid_lo, mid_hi, hi)
-    # masked head (left window edge), unmasked middle, masked tail (diagonal / window / sequence end):
+    if DIAG_IN_LOOP:
+        bounds = (lo, hi)  # one loop; the diagonal blocks at its end compare (DIAG)
+    else:
+        # masked head (left window edge), unmasked middle, masked tail (diagonal / window / sequence end)
+        bounds = (lo, mid_lo, mid_hi, hi)
     # unrolled at compile time, each segment's loop compiled with its own MASK
-    for SEG in tl.static_range(3):
+    for SEG in tl.static_range(len(bounds) - 1):
         state = _fwd_inner(
             state=state, tile=tile, kv=kv, rule=rule, opts=opts, start=bounds[SEG], end=bounds[SEG + 1],
-            HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, MASK=SEG != 1, MASK_LEFT=MASK_LEFT, MASK_RIGHT=MASK_RIGHT,
-            HAS_SOFTCAP=HAS_SOFTCAP, HAS_DROPOUT=HAS_DROPOUT, USE_TMA=USE_TMA,
+            diag_start=mid_hi, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, MASK=SEG != 1 and not DIAG_IN_LOOP,
+            MASK_LEFT=MASK_LEFT, MASK_RIGHT=MASK_RIGHT, HAS_SOFTCAP=HAS_SOFTCAP, HAS_DROPOUT=HAS_DROPOUT,
+            USE_TMA=USE_TMA, DIAG=DIAG_IN_LOOP,
         )
     acc, l_i, m_i = state
 
@@ -228,6 +246,7 @@ def flash_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
         seqlen_q_arg=max_seqlen_q, seqlen_k_arg=max_seqlen_k, n_heads=n_heads, n_groups=n_heads // n_heads_k,
         **option_args(softmax_scale, window, softcap, dropout_p, seed),
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=config.block_d, IS_VARLEN=varlen,
-        HAS_SINKS=sinks is not None, **config.launch_options(),
+        HAS_SINKS=sinks is not None, DIAG_IN_LOOP=diag_in_loop(varlen, window, max_seqlen_q, max_seqlen_k, config),
+        **config.launch_options(),
     )
 

@@ -222,9 +222,9 @@ def _case(chip: str, kernel: str, head_dim: int, flags: str, dtype: str = "fp16"
     constexprs = {"HEAD_DIM": head_dim, "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_D": c.block_d}
     constexprs.update(dict.fromkeys(("IS_VARLEN", "MASK_LEFT", "MASK_RIGHT", "HAS_SOFTCAP", "HAS_DROPOUT"), False))
     constexprs.update(FLAG_SETS[flags])
-    if kernel in ("dkdv", "dq"):
+    if kernel != "delta":
         # "causal" stands for dense block-aligned lengths, whose diagonal blocks join the main loop
-        # (backward._diag_in_loop); ragged causal lengths split the loop like the varlen sets do
+        # (common.diag_in_loop); ragged causal lengths split the loop like the varlen sets do
         constexprs["DIAG_IN_LOOP"] = flags == "causal"
     if kernel == "dkdv":
         constexprs["ATOMIC_DQ"] = atomic_dq

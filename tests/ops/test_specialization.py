@@ -12,7 +12,7 @@ replaced by a recorder, and each recorded launch goes through Triton's own argum
 target. The keys may differ only in these length-derived constexprs, a finite set each:
 
 * the forward's tiles: ``ChipTable.fwd_short`` up to ``SHORT_SEQLEN`` queries, ``fwd`` above (2 configs);
-* ``DIAG_IN_LOOP`` of dK/dV and dQ: dense causal lengths that are multiples of the blocks (2 values);
+* ``DIAG_IN_LOOP`` of the forward, dK/dV and dQ: dense causal lengths that are multiples of the blocks (2 values);
 * ``TMA_HEAD_MAJOR`` on TMA chips: a ``[B, H, L, D]`` KV cache read head-major, except at L = 1 where its
   heads sit side by side in a row (2 values; not on the CPU, which has no TMA).
 
@@ -144,11 +144,12 @@ def test_lengths_do_not_reach_the_specialization(launches, part, causal):
         )
         # every key is a distinct set of constexprs / launch options: the finite length-derived ones above
         assert len({v for v in keys[name].values()}) == len(keys[name])
-    # the finite sets: the forward's short/long tiles (all lengths here are short), the backward's
-    # DIAG_IN_LOOP (dense causal lengths that are multiples of the blocks: 64 and 128 here)
-    assert len(keys["fwd"]) == 1 and len(keys["delta"]) == 1
+    # the finite sets: the forward's short/long tiles (all lengths here are short), DIAG_IN_LOOP (dense
+    # causal lengths that are multiples of the blocks: 64 and 128 here)
+    assert len(keys["delta"]) == 1
     diag = part == "dense" and causal
-    assert len(keys["dkdv"]) == len(keys["dq"]) == (2 if diag else 1), {n: len(k) for n, k in keys.items()}
+    assert len(keys["fwd"]) == len(keys["dkdv"]) == len(keys["dq"]) == (2 if diag else 1), {
+        n: len(k) for n, k in keys.items()}
 
 
 def test_long_queries_add_one_forward_config(launches):
