@@ -347,9 +347,10 @@ def build_shapes(args):
                     batch = max(1, TOKENS_PER_BATCH // seqlen)
                     nheads = HIDDEN // head_dim
                     shapes.append(Shape(dtype, head_dim, causal, seqlen, batch, nheads, nheads))
-        for causal in args.causal if args.gqa else []:
-            for seqlen in args.seqlens:  # Llama-3.2-1B's attention: 32 query heads, 8 kv heads, D 64
-                shapes.append(Shape(dtype, 64, causal, seqlen, max(1, TOKENS_PER_BATCH // seqlen), 32, 8))
+        for head_dim in args.head_dims if args.gqa else []:
+            for causal in args.causal:
+                for seqlen in args.seqlens:  # 32 query heads, 8 kv heads: Llama-3.2-1B's attention at D 64, 8B's at 128
+                    shapes.append(Shape(dtype, head_dim, causal, seqlen, max(1, TOKENS_PER_BATCH // seqlen), 32, 8))
         for causal in args.causal if args.varlen else []:
             for longest in (2048, 8192):
                 lengths = mixed_lengths(TOKENS_PER_BATCH, longest)
@@ -470,7 +471,9 @@ def parse_args(argv=None):
     quick = args.quick
     args.dtypes = args.dtypes or (["bf16"] if quick else ["bf16", "fp16"])
     args.head_dims = args.head_dims or ([64, 128] if quick else [64, 128, 256])
-    args.seqlens = args.seqlens or ([1024, 4096, 16384] if quick else [512, 1024, 2048, 4096, 8192, 16384, 32768])
+    # the lengths between the powers of two are where tile choices fall off (issue 18: no cliff at any length)
+    full_lengths = [512, 768, 1024, 1536, 2048, 3072, 4096, 8192, 16384, 32768]
+    args.seqlens = args.seqlens or ([1024, 4096, 16384] if quick else full_lengths)
     args.causal = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
     if quick:
         args.gqa = args.varlen = False
