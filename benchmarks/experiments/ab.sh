@@ -42,16 +42,9 @@ VARIANTS=(
   # one launch fewer on the deterministic path (atomic dQ keeps _bwd_delta). For host latency at short lengths
   # (PLAN item 1): time with SEQLENS="1024 4096"; launch_overhead.py shows the host side
   "delta-in-dq|delta-in-dq.patch|"
-  # the forward's unmasked (or diagonal-merged) loop issues the next block's Q K^T before this block's exponentials
-  # (FlashAttention-3's intra-warpgroup overlap: forward._fwd_inner_overlapped, KernelConfig.overlap, sm90 only, no
-  # softcap/dropout), with the D128 long tile at 128x64 (at 128x128 the extra K stage passes 227 KB, and at 255
-  # registers ptxas keeps the wait right after the product). Offline (Triton 3.6 SASS): the next block's 8 HGMMA
-  # interleave with this block's MUFU.EX2; no spills; D128 194-213 registers, 144 KB; D64 long 168-185 registers,
-  # one 8-warp program per SM instead of two (hence the two variants). Time with KERNELS=fwd SEQLENS="1024 4096 16384"
-  "fwd-overlap-d128|fwd-overlap-d128.patch|"
-  "fwd-overlap-all|fwd-overlap-all.patch|"
   # A patch that no longer applies to main leaves this folder for the branch experiments-archive, e.g.
-  # segment-loop.patch (main now does the same),
+  # segment-loop.patch (main now does the same); one that lost leaves it too, its commit named in the LOG
+  # (fwd-overlap-d128.patch / fwd-overlap-all.patch: `git show 804544b:benchmarks/experiments/NAME`),
   # warp-specialized.patch (hangs on Triton 3.6: benchmarks/results/LOG.md, 2026-11-29 third session; for a
   # newer Triton, first `python benchmarks/experiments/ws_gemm_probe.py 128 128 64 3 ws`, then rebase it).
 )
