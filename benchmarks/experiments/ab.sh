@@ -38,10 +38,6 @@ VARIANTS=(
   # grid of the bench's shapes (2048 programs) becomes 3.9 waves instead of 5.2; offline (Triton 3.6) the
   # unmasked loops stay spill-free except causal varlen (4 LDL). Time with KV_HEADS=8 HEAD_DIMS=64
   "d64-dkdv-4-per-sm|d64-dkdv-4-per-sm.patch|"
-  # delta = rowsum(dO * O) computed by the dQ kernel (launched before dK/dV), not by a launch of its own:
-  # one launch fewer on the deterministic path (atomic dQ keeps _bwd_delta). For host latency at short lengths
-  # (PLAN item 1): time with SEQLENS="1024 4096"; launch_overhead.py shows the host side
-  "delta-in-dq|delta-in-dq.patch|"
   # A patch that no longer applies to main leaves this folder for the branch experiments-archive, e.g.
   # segment-loop.patch (main now does the same); one that lost leaves it too, its commit named in the LOG
   # (fwd-overlap-d128.patch / fwd-overlap-all.patch: `git show 804544b:benchmarks/experiments/NAME`),

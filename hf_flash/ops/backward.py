@@ -6,13 +6,17 @@ With ``P = softmax(S)`` and ``O = P V``, the gradients are::
     dS = P * (dP - delta)  with delta = rowsum(dO * O)   (one number per query row)
     dQ = scale * dS K      dK = scale * dS^T Q
 
-Three launches:
+Two launches:
 
-1. ``_bwd_delta``: ``delta = rowsum(dO * O)`` per query row, fp32, in the LSE's layout.
+1. ``_bwd_dq``: one program per query block and head, walking over the key blocks like the forward. It
+   first computes ``delta = rowsum(dO * O)`` for its rows (fp32, in the LSE's layout) and stores it.
 2. ``_bwd_dkdv``: one program per key block and kv head. It holds K, V and the dK, dV accumulators on
    chip and walks over the query blocks that see the key block, for every query head of its GQA group,
-   so dK/dV of a group are summed in registers: no atomics, no [B, L, H, D] temporaries.
-3. ``_bwd_dq``: one program per query block and head, walking over the key blocks like the forward.
+   so dK/dV of a group are summed in registers: no atomics, no [B, L, H, D] temporaries. It reads the
+   delta that ``_bwd_dq`` stored (same stream, so it runs after).
+
+With atomic dQ (``deterministic=False``, large head dims) there is no dQ kernel: ``_bwd_delta`` computes
+delta in a launch of its own, and the dK/dV kernel adds dQ.
 
 Splitting dQ from dK/dV costs one extra recompute of ``Q K^T`` and ``dO V^T`` but needs no atomic
 additions, so the gradients are bitwise reproducible run to run (``deterministic=True`` for free).
@@ -315,18 +319,20 @@ def _bwd_dq_inner(
 # per-call integers (lengths, LSE strides, dropout seed) must not trigger a recompile: common.UNSPECIALIZED
 @triton.jit(do_not_specialize=UNSPECIALIZED)
 def _bwd_dq(
-    Q, K, V, dO, K_desc, V_desc, Lse, Delta, dQ, cu_seqlens_q, cu_seqlens_k,
+    Q, K, V, dO, Out, K_desc, V_desc, Lse, Delta, dQ, cu_seqlens_q, cu_seqlens_k,
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
-    stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh,
+    stride_dob, stride_dom, stride_doh, stride_ob, stride_om, stride_oh, stride_dqb, stride_dqm, stride_dqh,
+    stride_lb, stride_lh,
     seqlen_q_arg, seqlen_k_arg, n_heads, n_groups, desc_rows_b, desc_rows_h,
     sm_scale, softcap, window_left, window_right, dropout_p, seed,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_VARLEN: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr, TMA_HEAD_MAJOR: tl.constexpr,
-    DIAG_IN_LOOP: tl.constexpr,
+    DIAG_IN_LOOP: tl.constexpr, DELTA_HERE: tl.constexpr,
 ):
     """Grid ``(cdiv(max_seqlen_q, BLOCK_M), B * H)``. dQ like Q; K_desc/V_desc as in the forward;
-    ``DIAG_IN_LOOP`` as in the dK/dV kernel."""
+    ``DIAG_IN_LOOP`` as in the dK/dV kernel. ``DELTA_HERE``: compute delta from Out (like Q) and dO and
+    store it for the dK/dV kernel that runs next, instead of reading what ``_bwd_delta`` stored."""
     pid_m = tl.program_id(0)
     if MASK_RIGHT:
         pid_m = tl.num_programs(0) - 1 - pid_m  # longest programs first, as in the forward
@@ -352,7 +358,15 @@ def _bwd_dq(
                    stride_dom, offs_d, seqlen_q, HEAD_DIM, True, False)  # [BM, BD]
     lse_off = off_b64 * stride_lb + off_h.to(tl.int64) * stride_lh + q_start
     lse2 = tl.load(Lse + lse_off + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
-    delta = tl.load(Delta + lse_off + offs_m, mask=row_ok, other=0.0)
+    if DELTA_HERE:
+        # each program owns its rows' delta: computing it here, from the dO tile already loaded and one O
+        # tile, saves a launch (host time that short sequences feel) and a pass over O and dO
+        o = load_rows(head_ptr(Out, off_b64, stride_ob, off_h, stride_oh, q_start, stride_om), Out, 0, 0, offs_m,
+                      stride_om, offs_d, seqlen_q, HEAD_DIM, True, False)  # [BM, BD]
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # [BM]
+        tl.store(Delta + lse_off + offs_m, delta, mask=row_ok)
+    else:
+        delta = tl.load(Delta + lse_off + offs_m, mask=row_ok, other=0.0)
     k_head = head_ptr(K, off_b64, stride_kb, off_hk, stride_kh, k_start, stride_kn)
     v_head = head_ptr(V, off_b64, stride_vb, off_hk, stride_vh, k_start, stride_vn)
     # the descriptors' coordinates of key 0 of this kv head
@@ -383,9 +397,10 @@ def _bwd_dq(
 
 def flash_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
               softmax_scale, window, softcap, dropout_p, seed, config_dkdv, config_dq, deterministic=True):
-    """Launch the three backward kernels. Tensors as in ``forward.flash_fwd``; ``do`` like ``out``;
-    dq, dk, dv like q, k, v (written). ``config_dkdv``: key blocks of ``block_n`` walking query blocks of
-    ``block_m``; ``config_dq``: query blocks of ``block_m`` walking key blocks of ``block_n``.
+    """Launch the backward kernels: dQ then dK/dV, or delta then dK/dV with atomic dQ. Tensors as in
+    ``forward.flash_fwd``; ``do`` like ``out``; dq, dk, dv like q, k, v (written). ``config_dkdv``: key
+    blocks of ``block_n`` walking query blocks of ``block_m``; ``config_dq``: query blocks of ``block_m``
+    walking key blocks of ``block_n``.
     ``deterministic=False`` folds dQ into the dK/dV kernel with fp32 atomic additions (fewer matmuls,
     run-to-run rounding differences); True runs the separate dQ kernel (bitwise reproducible).
     Returns delta = rowsum(dO * O), fp32 in the LSE's layout (the sinks' gradient is computed from it)."""
@@ -398,19 +413,29 @@ def flash_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max
         n_heads_k = k.shape[2]
         cu_seqlens_q = cu_seqlens_k = lse  # placeholders, never read when IS_VARLEN is off
     delta = torch.empty_strided(lse.shape, lse.stride(), dtype=lse.dtype, device=lse.device)  # LSE's strides
-    # what the three launches share: shapes and layout, the LSE/delta rows, the lengths
+    # what the launches share: shapes and layout, the LSE/delta rows, the lengths
     shared = dict(HEAD_DIM=head_dim, BLOCK_D=config_dq.block_d, IS_VARLEN=varlen, cu_seqlens_q=cu_seqlens_q,
                   **lse_strides(lse, varlen), seqlen_q_arg=max_seqlen_q)  # fmt: skip
-    _bwd_delta[(cdiv(max_seqlen_q, 64), batch * n_heads)](
-        Out=out, dO=do, Delta=delta, **_strides(out, varlen, "o", "m"), **_strides(do, varlen, "do", "m"),
-        n_heads=n_heads, BLOCK_M=64, **shared,
-    )
+    delta_args = dict(shared, Out=out, dO=do, Delta=delta, **_strides(out, varlen, "o", "m"),
+                      **_strides(do, varlen, "do", "m"), n_heads=n_heads, BLOCK_M=64)  # fmt: skip
     # ... and what the dK/dV and dQ kernels share
     shared.update(Q=q, K=k, V=v, dO=do, Lse=lse, Delta=delta, cu_seqlens_k=cu_seqlens_k, seqlen_k_arg=max_seqlen_k,
                   n_groups=n_heads // n_heads_k, **option_args(softmax_scale, window, softcap, dropout_p, seed),
                   **_strides(q, varlen, "q", "m"), **_strides(k, varlen, "k", "n"), **_strides(v, varlen, "v", "n"),
                   **_strides(do, varlen, "do", "m"))  # fmt: skip
     atomic = not deterministic
+    if atomic:
+        # no dQ kernel to compute delta on the way: its own small launch
+        _bwd_delta[(cdiv(max_seqlen_q, 64), batch * n_heads)](**delta_args)
+    else:
+        # dQ first: it stores delta, which the dK/dV kernel reads
+        c = config_dq
+        _bwd_dq[(cdiv(max_seqlen_q, c.block_m), batch * n_heads)](
+            dQ=dq, Out=out, **tma_pair(k, v, varlen, c.block_n, c.tma).kernel_args("K_desc", "V_desc"),
+            **_strides(dq, varlen, "dq", "m"), **_strides(out, varlen, "o", "m"), n_heads=n_heads,
+            BLOCK_M=c.block_m, BLOCK_N=c.block_n, DELTA_HERE=True,
+            DIAG_IN_LOOP=diag_in_loop(varlen, window, max_seqlen_q, max_seqlen_k, c), **shared, **c.launch_options(),
+        )
     dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if atomic else dq
     c = config_dkdv
     _bwd_dkdv[(cdiv(max_seqlen_k, c.block_n), batch * n_heads_k)](
@@ -421,11 +446,4 @@ def flash_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max
     )
     if atomic:
         dq.copy_(dq_acc)
-        return delta
-    c = config_dq
-    _bwd_dq[(cdiv(max_seqlen_q, c.block_m), batch * n_heads)](
-        dQ=dq, **tma_pair(k, v, varlen, c.block_n, c.tma).kernel_args("K_desc", "V_desc"),
-        **_strides(dq, varlen, "dq", "m"), n_heads=n_heads, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
-        DIAG_IN_LOOP=diag_in_loop(varlen, window, max_seqlen_q, max_seqlen_k, c), **shared, **c.launch_options(),
-    )
     return delta

@@ -226,6 +226,8 @@ def _case(chip: str, kernel: str, head_dim: int, flags: str, dtype: str = "fp16"
         # "causal" stands for dense block-aligned lengths, whose diagonal blocks join the main loop
         # (common.diag_in_loop); ragged causal lengths split the loop like the varlen sets do
         constexprs["DIAG_IN_LOOP"] = flags == "causal"
+    if kernel == "dq":
+        constexprs["DELTA_HERE"] = True  # the dQ kernel computes delta whenever it runs (backward.flash_bwd)
     if kernel == "dkdv":
         constexprs["ATOMIC_DQ"] = atomic_dq
         constexprs["IS_GQA"] = False  # the flattened head loop of GQA groups: a register budget like MHA's

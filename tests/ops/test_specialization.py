@@ -132,10 +132,19 @@ def _varying(classes: dict) -> dict:
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("part", ["varlen", "dense", "decode"])
-def test_lengths_do_not_reach_the_specialization(launches, part, causal):
+def test_lengths_do_not_reach_the_specialization(launches, part, causal, monkeypatch):
     binders = {name: _binder(kernel) for name, kernel in ORIGINALS.items()}
     _run_pass(part, causal)
     keys, runtime = _keys(launches, binders)
+    # the delta kernel runs only with atomic dQ (else the dQ kernel computes delta): a second pass on that
+    # path, of which only the delta kernel's launches are counted (its dK/dV has ATOMIC_DQ on, another key)
+    launches.clear()
+    monkeypatch.setattr("hf_flash.ops.function.ATOMIC_DQ_MIN_HEAD_DIM", 1)
+    _run_pass(part, causal)
+    atomic_keys, atomic_runtime = _keys([launch for launch in launches if launch[0] == "delta"], binders)
+    assert "delta" not in keys and set(atomic_keys) == {"delta"}, f"kernels launched: {sorted(keys)}, {sorted(atomic_keys)}"
+    keys.update(atomic_keys)
+    runtime.update(atomic_runtime)
     assert set(keys) == set(KERNELS), f"kernels launched: {sorted(keys)}"
     for name in KERNELS:
         assert not _varying(runtime[name]), (
@@ -164,10 +173,12 @@ def test_long_queries_add_one_forward_config(launches):
     assert len(specs) == 2
 
 
-def test_the_check_sees_length_specialization(launches):
+def test_the_check_sees_length_specialization(launches, monkeypatch):
     """The same pass with only the dropout seed unspecialized (before UNSPECIALIZED): the check must see
-    the lengths, or it proves nothing."""
+    the lengths, or it proves nothing. Twice, the second time with atomic dQ (the delta kernel's path)."""
     binders = {name: _binder(kernel, do_not_specialize=["seed"]) for name, kernel in ORIGINALS.items()}
+    _run_pass("varlen")
+    monkeypatch.setattr("hf_flash.ops.function.ATOMIC_DQ_MIN_HEAD_DIM", 1)
     _run_pass("varlen")
     _, runtime = _keys(launches, binders)
     assert all(_varying(runtime[name]) for name in KERNELS), {name: _varying(c) for name, c in runtime.items()}
