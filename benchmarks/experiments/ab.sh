@@ -46,6 +46,9 @@ VARIANTS=(
   # step (each TMA issue waits on one). CPU: the TMA tests run it (a column shifted by 16 fails 7 of them).
   # Time with SEQLENS="1024 4096 16384" (and KV_HEADS=8 HEAD_DIMS=64 for Llama-3.2-1B's shape)
   "bwd-stats-tma|bwd-stats-tma.patch|"
+  # the forward with its separate diagonal loop again (DIAG_IN_LOOP=False at its launch): for the MHA causal
+  # L <= 1k rows that call 4 of 2026-12-06's third session read far below the kernels (PLAN.md, first section)
+  "fwd-no-diag-merge|fwd-no-diag-merge.patch|"
   # A patch that no longer applies to main leaves this folder for the branch experiments-archive, e.g.
   # segment-loop.patch (main now does the same); one that lost leaves it too, its commit named in the LOG
   # (fwd-overlap-d128.patch / fwd-overlap-all.patch: `git show 804544b:benchmarks/experiments/NAME`),
