@@ -18,9 +18,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from hf_flash.ops.checks import vouch_for_cu_seqlens
+
 __all__ = [
     "cu_seqlens_from_lengths",
     "mask_to_varlen",
+    "mask_to_vouched_varlen",
     "pad",
     "sequence_starts",
     "unpad",
@@ -40,6 +43,16 @@ def mask_to_varlen(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]
     lengths = mask.sum(dim=-1, dtype=torch.int32)
     indices = torch.nonzero(mask.flatten(), as_tuple=False).flatten()
     return indices, cu_seqlens_from_lengths(lengths), int(lengths.max())
+
+
+def mask_to_vouched_varlen(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """:func:`mask_to_varlen` for the integration's own routing, its cu_seqlens recorded as valid
+    (``ops.checks.vouch_for_cu_seqlens``): they are the running sum of the lengths just read, private to the
+    plan (no caller can write to them), so the varlen call need not read them back (a device sync in the
+    first layer, and in every layer under inference_mode). Not for tensors handed to users (:func:`unpad`)."""
+    indices, cu_seqlens, max_seqlen = mask_to_varlen(mask)
+    vouch_for_cu_seqlens(cu_seqlens, indices.numel(), max_seqlen)
+    return indices, cu_seqlens, max_seqlen
 
 
 def unpad(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:

@@ -30,13 +30,12 @@ the model runs hf_flash at the time of the call.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 
-from hf_flash.integrations.padding import mask_to_varlen, pad
-from hf_flash.ops.checks import vouch_for_cu_seqlens
+from hf_flash.integrations.padding import mask_to_vouched_varlen, pad
+from hf_flash.integrations.patching import wrap_once
 
 __all__ = ["ENV", "install", "skip_reason"]
 
@@ -105,8 +104,7 @@ def _pack(module, args: tuple, kwargs: dict):
     if bool(mask.bool().all()):  # nothing to take out (a sync, as the per-layer path makes anyway)
         return None
     batch, length = mask.shape
-    index, cu_seqlens, max_len = mask_to_varlen(mask)  # [N], [B + 1], int
-    vouch_for_cu_seqlens(cu_seqlens, index.numel(), max_len)  # our running sum: no check needs to read it back
+    index, cu_seqlens, max_len = mask_to_vouched_varlen(mask)  # [N], [B + 1], int
     position_ids = kwargs.get("position_ids")
     if position_ids is None:  # Transformers' default: 0 .. L - 1 in every row, pads counted (left padding too)
         positions = index % length
@@ -161,18 +159,13 @@ def install() -> bool:
         from transformers.modeling_utils import PreTrainedModel
     except ImportError:
         return False
-    original = PreTrainedModel.__dict__.get("post_init")
-    if original is None:
-        return False
-    if getattr(original, "_hf_flash_wrapper", False):
-        return True
 
-    @functools.wraps(original)
-    def post_init(self, *args, **kwargs):
-        result = original(self, *args, **kwargs)
-        hook(self)
-        return result
+    def make_wrapper(original):
+        def post_init(self, *args, **kwargs):
+            result = original(self, *args, **kwargs)
+            hook(self)
+            return result
 
-    post_init._hf_flash_wrapper = True
-    PreTrainedModel.post_init = post_init
-    return True
+        return post_init
+
+    return wrap_once(PreTrainedModel, "post_init", make_wrapper)

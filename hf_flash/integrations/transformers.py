@@ -39,7 +39,6 @@ no usable GPU / dtype -> PyTorch SDPA with the same routing; options the kernels
 
 from __future__ import annotations
 
-import functools
 import logging
 import sys
 import types
@@ -50,7 +49,8 @@ import torch.nn.functional as F
 
 from hf_flash import dispatch, fallback
 from hf_flash.integrations import padding_free
-from hf_flash.integrations.padding import mask_to_varlen, pad, varlen_from_position_ids
+from hf_flash.integrations.padding import mask_to_vouched_varlen, pad, varlen_from_position_ids
+from hf_flash.integrations.patching import wrap_once
 from hf_flash.ops import flash_attn_func, flash_attn_varlen_func, visibility
 from hf_flash.ops.checks import UNTRACKED, version_of, vouch_for_cu_seqlens
 
@@ -100,7 +100,7 @@ def _route(batch: int, len_q: int, len_k: int, attention_mask, kwargs) -> tuple[
     if attention_mask is not None:
         mask = attention_mask[:, -len_k:].bool()
         used_k = mask.shape[-1]
-        index_k, cu_k, max_k = _vouched(*mask_to_varlen(mask))
+        index_k, cu_k, max_k = mask_to_vouched_varlen(mask)
         if len_q == used_k:
             return used_k, _Varlen(cu_k, cu_k, max_k, max_k, index_k, index_k)
         if len_q == 1:  # decode: one query per row, pad rows included (their output is discarded anyway)
@@ -108,7 +108,7 @@ def _route(batch: int, len_q: int, len_k: int, attention_mask, kwargs) -> tuple[
             vouch_for_cu_seqlens(cu_q, batch, 1)
             return used_k, _Varlen(cu_q, cu_k, 1, max_k, None, index_k)
         # a chunk of new tokens after a cache: padding can only be on the left, as in Transformers
-        index_q, cu_q, max_q = _vouched(*mask_to_varlen(mask[:, -len_q:]))
+        index_q, cu_q, max_q = mask_to_vouched_varlen(mask[:, -len_q:])
         return used_k, _Varlen(cu_q, cu_k, max_q, max_k, index_q, index_k)
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
@@ -137,14 +137,6 @@ def _route(batch: int, len_q: int, len_k: int, attention_mask, kwargs) -> tuple[
             if 0 < filled < len_k:
                 return filled, None
     return len_k, None
-
-
-def _vouched(index: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int):
-    """:func:`mask_to_varlen`'s result, its cu_seqlens recorded as valid: they are the running sum of the
-    lengths just read, private to the plan, so the varlen call need not read them back (a device sync in
-    the first layer, and in every layer under inference_mode)."""
-    vouch_for_cu_seqlens(cu_seqlens, index.numel(), max_len)
-    return index, cu_seqlens, max_len
 
 
 # The layers of one forward pass get the same mask / position tensors, so the routing (and its device
@@ -477,23 +469,20 @@ def _teach_flash_loader() -> bool:
         from transformers.integrations import hub_kernels
     except ImportError:
         return False
-    original = getattr(hub_kernels, "load_and_register_attn_kernel", None)
-    if original is None:
-        return False
-    if getattr(original, "_hf_flash_wrapper", False):
-        return True
 
-    @functools.wraps(original)
-    def load_and_register_attn_kernel(attn_implementation, *args, **kwargs):
-        if _is_our_name(attn_implementation):
-            # no register call here: our attention and mask functions are already registered
-            return types.SimpleNamespace(flash_attn_func=flash_attn_func, flash_attn_varlen_func=flash_attn_varlen_func)
-        return original(attn_implementation, *args, **kwargs)
+    def make_wrapper(original):
+        def load_and_register_attn_kernel(attn_implementation, *args, **kwargs):
+            if _is_our_name(attn_implementation):
+                # no register call here: our attention and mask functions are already registered
+                return types.SimpleNamespace(flash_attn_func=flash_attn_func,
+                                             flash_attn_varlen_func=flash_attn_varlen_func)
+            return original(attn_implementation, *args, **kwargs)
 
-    load_and_register_attn_kernel._hf_flash_wrapper = True
-    hub_kernels.load_and_register_attn_kernel = load_and_register_attn_kernel
-    logging.getLogger("transformers.modeling_flash_attention_utils").addFilter(_QuietLoaderFilter())
-    return True
+        # with the wrap, once: the loader's notes about our entry would otherwise come at every model load
+        logging.getLogger("transformers.modeling_flash_attention_utils").addFilter(_QuietLoaderFilter())
+        return load_and_register_attn_kernel
+
+    return wrap_once(hub_kernels, "load_and_register_attn_kernel", make_wrapper)
 
 
 def _count_among_compatible_flash_implementations() -> bool:
@@ -521,31 +510,28 @@ def _count_among_compatible_flash_implementations() -> bool:
         from transformers.modeling_utils import PreTrainedModel
     except ImportError:
         return False
-    original = PreTrainedModel.__dict__.get("_check_and_adjust_attn_implementation")
-    if original is None or not hasattr(PreTrainedModel, "_compatible_flash_implementations"):
-        return False
-    if getattr(original, "_hf_flash_wrapper", False):
-        return True
     attribute = "_compatible_flash_implementations"
+    if not hasattr(PreTrainedModel, attribute):
+        return False
 
-    @functools.wraps(original)
-    def _check_and_adjust_attn_implementation(self, attn_implementation, *args, **kwargs):
-        listed = getattr(self, attribute, None)
-        if not _is_our_name(attn_implementation) or listed is None or NAME in listed:
-            return original(self, attn_implementation, *args, **kwargs)
-        own = self.__dict__.get(attribute, _MISSING)  # written to __dict__: nn.Module.__setattr__ is bypassed
-        self.__dict__[attribute] = [*listed, NAME]
-        try:
-            return original(self, attn_implementation, *args, **kwargs)
-        finally:
-            if own is _MISSING:
-                del self.__dict__[attribute]
-            else:
-                self.__dict__[attribute] = own
+    def make_wrapper(original):
+        def _check_and_adjust_attn_implementation(self, attn_implementation, *args, **kwargs):
+            listed = getattr(self, attribute, None)
+            if not _is_our_name(attn_implementation) or listed is None or NAME in listed:
+                return original(self, attn_implementation, *args, **kwargs)
+            own = self.__dict__.get(attribute, _MISSING)  # written to __dict__: nn.Module.__setattr__ is bypassed
+            self.__dict__[attribute] = [*listed, NAME]
+            try:
+                return original(self, attn_implementation, *args, **kwargs)
+            finally:
+                if own is _MISSING:
+                    del self.__dict__[attribute]
+                else:
+                    self.__dict__[attribute] = own
 
-    _check_and_adjust_attn_implementation._hf_flash_wrapper = True
-    PreTrainedModel._check_and_adjust_attn_implementation = _check_and_adjust_attn_implementation
-    return True
+        return _check_and_adjust_attn_implementation
+
+    return wrap_once(PreTrainedModel, "_check_and_adjust_attn_implementation", make_wrapper)
 
 
 _registered = False
