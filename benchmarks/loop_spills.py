@@ -108,6 +108,8 @@ def case_for(kernel: str, head_dim: int, causal: bool, layout: str, overrides: d
     case["constexprs"].update(overrides)
     if layout == "varlen":
         case["constexprs"]["IS_VARLEN"] = True
+        if case["constexprs"].get("STATS_TMA"):
+            case["constexprs"]["STATS_TMA"] = False  # common.stats_pair: dense batches only
     return case
 
 

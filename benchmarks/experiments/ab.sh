@@ -38,17 +38,6 @@ VARIANTS=(
   # grid of the bench's shapes (2048 programs) becomes 3.9 waves instead of 5.2; offline (Triton 3.6) the
   # unmasked loops stay spill-free except causal varlen (4 LDL). Time with KV_HEADS=8 HEAD_DIMS=64
   "d64-dkdv-4-per-sm|d64-dkdv-4-per-sm.patch|"
-  # the dK/dV loop reads the LSE and delta rows through TMA descriptors (common.stats_pair; dense batches: a
-  # varlen sequence's first column is not on 16 bytes). As pointer loads, the [BLOCK_M] slice of the tile's layout
-  # had every thread copy its own replica: 16 LDGSTS per thread per step at D128, as many bytes as Q and dO.
-  # Offline (Triton 3.6, loop_spills): D128 non-causal unmasked loop 481 -> 417 instructions, LDL 19 -> 3, masked
-  # 1088 -> 698; D128 causal dense 555 -> 476, LDL 8 -> 0; D64 271 -> 259, masked 503 -> 377; one more barrier per
-  # step (each TMA issue waits on one). CPU: the TMA tests run it (a column shifted by 16 fails 7 of them).
-  # Time with SEQLENS="1024 4096 16384" (and KV_HEADS=8 HEAD_DIMS=64 for Llama-3.2-1B's shape)
-  "bwd-stats-tma|bwd-stats-tma.patch|"
-  # the forward with its separate diagonal loop again (DIAG_IN_LOOP=False at its launch): for the MHA causal
-  # L <= 1k rows that call 4 of 2026-12-06's third session read far below the kernels (PLAN.md, first section)
-  "fwd-no-diag-merge|fwd-no-diag-merge.patch|"
   # A patch that no longer applies to main leaves this folder for the branch experiments-archive, e.g.
   # segment-loop.patch (main now does the same); one that lost leaves it too, its commit named in the LOG
   # (fwd-overlap-d128.patch / fwd-overlap-all.patch: `git show 804544b:benchmarks/experiments/NAME`),

@@ -56,6 +56,7 @@ from hf_flash.ops.common import (
     option_args,
     q_segments,
     seq_bounds,
+    stats_pair,
     tanh,
     tma_pair,
     visible,
@@ -106,6 +107,7 @@ def _bwd_dkdv_inner(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr, MASK_LEFT: tl.constexpr,
     MASK_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
     USE_TMA: tl.constexpr, IS_GQA: tl.constexpr, TMA_HEAD_MAJOR: tl.constexpr, DIAG: tl.constexpr,
+    STATS_TMA: tl.constexpr,
 ):
     """Add the contribution of query blocks ``[start, end)`` of every query head of the GQA group to
     ``acc`` = (dk, dv) ``[BLOCK_N, BLOCK_D]`` (fp32) and return it; with ``ATOMIC_DQ`` add ``dS K`` into the
@@ -120,7 +122,9 @@ def _bwd_dkdv_inner(
     tile: the key block on chip (k, v [BLOCK_N, BLOCK_D], offs_n [BLOCK_N], offs_d [BLOCK_D]);
     q_in, do_in, dq_out: Q, dO and the dQ accumulator, each with its (batch, row, head) strides;
     descs: (q_desc, do_desc, q_row0, desc_rows_h), Q/dO's descriptors with ``USE_TMA`` and their coordinates;
-    stats: (Lse, Delta, lse_off0, stride_lh), the rows' log-sum-exp and delta, from this sequence's row 0;
+    stats: (Lse, Delta, lse_off0, stride_lh, Lse_desc, Delta_desc, stat_row0), the rows' log-sum-exp and
+    delta, from this sequence's row 0; with ``STATS_TMA`` read through their descriptors instead, at row
+    ``stat_row0 + head`` and column ``q_start + query``;
     heads: (off_b64, q_start, off_hk, n_groups, seed_b), where the group's sequence and heads are;
     rule: (seqlen_q, seqlen_k, window_left, window_right) of :func:`common.visible`;
     opts: (sm_scale, softcap, dropout_p). Constexpr flags travel one by one (a tuple of them would be
@@ -131,7 +135,7 @@ def _bwd_dkdv_inner(
     dO, stride_dob, stride_dom, stride_doh = do_in
     DQacc, stride_dqb, stride_dqm, stride_dqh = dq_out
     q_desc, do_desc, q_row0, desc_rows_h = descs
-    Lse, Delta, lse_off0, stride_lh = stats
+    Lse, Delta, lse_off0, stride_lh, Lse_desc, Delta_desc, stat_row0 = stats
     off_b64, q_start, off_hk, n_groups, seed_b = heads
     seqlen_q, seqlen_k, window_left, window_right = rule
     sm_scale, softcap, dropout_p = opts
@@ -161,9 +165,19 @@ def _bwd_dkdv_inner(
         do = load_rows(head_ptr(dO, off_b64, stride_dob, off_h, stride_doh, q_start, stride_dom), do_desc,
                        q_row, q_col, offs_m, stride_dom, offs_d, seqlen_q, HEAD_DIM, MASK, USE_TMA)
         # rows past the sequence end get lse = +inf, so their recomputed p is 0
-        lse_off = lse_off0 + off_h.to(tl.int64) * stride_lh
-        lse2 = tl.load(Lse + lse_off + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634  # [BM]
-        delta = tl.load(Delta + lse_off + offs_m, mask=row_ok, other=0.0)  # [BM]
+        if STATS_TMA:
+            # one TMA copy per vector: as pointer loads, the [BLOCK_M] slice of the tile's layout had every
+            # thread copy its own replica (16 LDGSTS per thread per step at D128, as many bytes as Q and dO)
+            col = q_start + start_m
+            lse = tl.reshape(Lse_desc.load([stat_row0 + off_h, col]), [BLOCK_M])
+            delta = tl.reshape(Delta_desc.load([stat_row0 + off_h, col]), [BLOCK_M])
+            # (dense batches only: rows past the length are columns past the matrix, read as zeros; their
+            # delta is 0 and the visibility mask zeroes their p)
+            lse2 = lse * 1.4426950408889634
+        else:
+            lse_off = lse_off0 + off_h.to(tl.int64) * stride_lh
+            lse2 = tl.load(Lse + lse_off + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634  # [BM]
+            delta = tl.load(Delta + lse_off + offs_m, mask=row_ok, other=0.0)  # [BM]
         # -- recompute P^T for this tile; dP^T = V dO^T is issued before the exponentials, so that its
         # wgmma runs while they do (issued after, it waited for them: one product idle per step)
         sT, dcap = _scores_and_grad_factor(tl.dot(k, tl.trans(q)), sm_scale, softcap, HAS_SOFTCAP)  # [BN, BM]
@@ -203,7 +217,7 @@ def _bwd_dkdv_inner(
 # per-call integers (lengths, LSE strides, dropout seed) must not trigger a recompile: common.UNSPECIALIZED
 @triton.jit(do_not_specialize=UNSPECIALIZED)
 def _bwd_dkdv(
-    Q, K, V, dO, Q_desc, dO_desc, Lse, Delta, dK, dV, DQacc, cu_seqlens_q, cu_seqlens_k,
+    Q, K, V, dO, Q_desc, dO_desc, Lse, Delta, Lse_desc, Delta_desc, dK, dV, DQacc, cu_seqlens_q, cu_seqlens_k,
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     stride_dob, stride_dom, stride_doh, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
     stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh,
@@ -212,12 +226,13 @@ def _bwd_dkdv(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_VARLEN: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr, USE_TMA: tl.constexpr,
-    IS_GQA: tl.constexpr, TMA_HEAD_MAJOR: tl.constexpr, DIAG_IN_LOOP: tl.constexpr,
+    IS_GQA: tl.constexpr, TMA_HEAD_MAJOR: tl.constexpr, DIAG_IN_LOOP: tl.constexpr, STATS_TMA: tl.constexpr,
 ):
     """Grid ``(cdiv(max_seqlen_k, BLOCK_N), B * Hk)``. dK/dV like K/V; Lse/Delta as in the forward;
     DQacc fp32 like Q, zeroed, only with ``ATOMIC_DQ``. Q_desc/dO_desc: tensor descriptors of Q/dO with
     ``USE_TMA``, else unused; their layout as the forward's K/V descriptors. ``DIAG_IN_LOOP``: one loop with
-    the diagonal inside (``common.diag_in_loop``), else masked head, unmasked middle, masked tail."""
+    the diagonal inside (``common.diag_in_loop``), else masked head, unmasked middle, masked tail.
+    Lse_desc/Delta_desc: with ``STATS_TMA``, descriptors of the LSE and delta rows (``common.stats_pair``)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = pid_bh // n_heads_k
@@ -250,7 +265,9 @@ def _bwd_dkdv(
     acc, tile = (dk, dv), (k, v, offs_n, offs_d)
     q_in, do_in = (Q, stride_qb, stride_qm, stride_qh), (dO, stride_dob, stride_dom, stride_doh)
     dq_out, descs = (DQacc, stride_dqb, stride_dqm, stride_dqh), (Q_desc, dO_desc, q_row0, desc_rows_h)
-    stats, heads = (Lse, Delta, lse_off0, stride_lh), (off_b64, q_start, off_hk, n_groups, seed_b)
+    stat_row0 = off_b * (n_heads_k * n_groups)  # the descriptors' row of head 0 (dense batches only)
+    stats = (Lse, Delta, lse_off0, stride_lh, Lse_desc, Delta_desc, stat_row0)
+    heads = (off_b64, q_start, off_hk, n_groups, seed_b)
     rule, opts = (seqlen_q, seqlen_k, window_left, window_right), (sm_scale, softcap, dropout_p)
     if DIAG_IN_LOOP:
         bounds = (lo, hi)  # one loop over every query block, the diagonal compared inside (DIAG)
@@ -264,6 +281,7 @@ def _bwd_dkdv(
             HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, MASK=SEG != 1 and not DIAG_IN_LOOP, MASK_LEFT=MASK_LEFT,
             MASK_RIGHT=MASK_RIGHT, HAS_SOFTCAP=HAS_SOFTCAP, HAS_DROPOUT=HAS_DROPOUT, ATOMIC_DQ=ATOMIC_DQ,
             USE_TMA=USE_TMA, IS_GQA=IS_GQA, TMA_HEAD_MAJOR=TMA_HEAD_MAJOR, DIAG=DIAG_IN_LOOP,
+            STATS_TMA=STATS_TMA,
         )
     dk, dv = acc
     dk = dk * sm_scale
@@ -440,6 +458,7 @@ def flash_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max
     c = config_dkdv
     _bwd_dkdv[(cdiv(max_seqlen_k, c.block_n), batch * n_heads_k)](
         dK=dk, dV=dv, DQacc=dq_acc, **tma_pair(q, do, varlen, c.block_m, c.tma).kernel_args("Q_desc", "dO_desc"),
+        **stats_pair(lse, delta, varlen, c.block_m, c.tma),
         **_strides(dk, varlen, "dk", "n"), **_strides(dv, varlen, "dv", "n"), **_strides(dq_acc, varlen, "dq", "m"),
         n_heads_k=n_heads_k, BLOCK_M=c.block_m, BLOCK_N=c.block_n, ATOMIC_DQ=atomic, IS_GQA=n_heads != n_heads_k,
         DIAG_IN_LOOP=diag_in_loop(varlen, window, max_seqlen_q, max_seqlen_k, c), **shared, **c.launch_options(),

@@ -346,6 +346,27 @@ def tma_layout(t, varlen: bool) -> TmaLayout | None:
     return TmaLayout(True, stride_b // head_dim, stride_h // head_dim)
 
 
+def stats_pair(lse, delta, varlen: bool, block_rows: int, enabled: bool) -> dict:
+    """The dK/dV kernel's keywords for the LSE and delta rows (``[B, H, L]``, same strides): with ``enabled``
+    (the tile table asks for TMA) on a TMA device, descriptors over their rows as a 2D ``[B * H, L]`` matrix for
+    ``[1, block_rows]`` tiles (columns past ``L`` read as zeros, the rows' padding is never read) and
+    ``STATS_TMA``; else the tensors again, for pointer loads. Dense batches only: a tile's first column must
+    sit on 16 bytes, and a varlen sequence starts anywhere in its ``[H, total]`` row."""
+    rows, width = lse.shape[0] * lse.shape[1], lse.shape[-1]
+    row_stride = lse.stride(-2)
+    use = (enabled and not varlen and tma_device_ok(lse) and lse.stride(-1) == 1
+           and lse.stride(0) == lse.shape[1] * row_stride and row_stride % 4 == 0 and lse.data_ptr() % 16 == 0
+           and delta.data_ptr() % 16 == 0 and delta.stride() == lse.stride())  # fmt: skip
+    if not use:
+        return {"Lse_desc": lse, "Delta_desc": delta, "STATS_TMA": False}
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    def desc(t):
+        return TensorDescriptor(t, [rows, width], [row_stride, 1], [1, block_rows])
+
+    return {"Lse_desc": desc(lse), "Delta_desc": desc(delta), "STATS_TMA": True}
+
+
 @dataclass(frozen=True)
 class TmaPair:
     """The two streamed operands of a kernel (K and V, or Q and dO) as the launcher passes them:

@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[2]
 # the kernels' scalar arguments by type; pointers are the capitalised names (Q, Out, dK, ...)
 _FLOAT_ARGS = {"sm_scale", "softcap", "dropout_p"}
 _INT_PREFIXES = ("stride_", "seqlen_", "n_", "window_", "desc_")
-_FP32_POINTERS = {"Lse", "Delta", "DQacc", "Sinks"}
+_FP32_POINTERS = {"Lse", "Delta", "Lse_desc", "Delta_desc", "DQacc", "Sinks"}
 _INT_POINTERS = {"cu_seqlens_q", "cu_seqlens_k"}
 
 
@@ -97,7 +97,10 @@ def compile_case(case: dict, with_cubin: bool = False, asm: tuple = ()) -> dict:
         # host-side descriptors of one tile each: key blocks (fwd, dq) or query blocks (dkdv) x head dim
         rows = constexprs["BLOCK_M"] if case["kernel"] == "dkdv" else constexprs["BLOCK_N"]
         signature.update({n: f"tensordesc<{case['dtype']}[{rows}, {constexprs['HEAD_DIM']}]>"
-                          for n in names if n.endswith("_desc")})
+                          for n in names if n.endswith("_desc") and n not in ("Lse_desc", "Delta_desc")})
+    if constexprs.get("STATS_TMA"):
+        # the dK/dV kernel's LSE and delta rows: fp32 tiles of one row of BLOCK_M (common.stats_pair)
+        signature.update({n: f"tensordesc<fp32[1, {constexprs['BLOCK_M']}]>" for n in ("Lse_desc", "Delta_desc")})
     # Triton marks 16-byte aligned pointers and strides divisible by 16 at launch (contiguous inputs
     # with D % 8 == 0); give the compiler the same facts so the code matches what runs
     from hf_flash.ops.common import UNSPECIALIZED
@@ -230,6 +233,8 @@ def _case(chip: str, kernel: str, head_dim: int, flags: str, dtype: str = "fp16"
         constexprs["DELTA_HERE"] = True  # the dQ kernel computes delta whenever it runs (backward.flash_bwd)
     if kernel == "dkdv":
         constexprs["ATOMIC_DQ"] = atomic_dq
+        # the LSE and delta rows through TMA where Q and dO are (common.stats_pair)
+        constexprs["STATS_TMA"] = c.tma and TARGETS[chip] >= 90 and head_dim == block_d and not constexprs["IS_VARLEN"]
         constexprs["IS_GQA"] = False  # the flattened head loop of GQA groups: a register budget like MHA's
     # the launchers read tiles through TMA where the table asks and the chip and head dim allow
     constexprs["USE_TMA"] = c.tma and TARGETS[chip] >= 90 and head_dim == block_d
