@@ -456,9 +456,12 @@ def flash_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max
         )
     dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if atomic else dq
     c = config_dkdv
+    q_do = tma_pair(q, do, varlen, c.block_m, c.tma)
     _bwd_dkdv[(cdiv(max_seqlen_k, c.block_n), batch * n_heads_k)](
-        dK=dk, dV=dv, DQacc=dq_acc, **tma_pair(q, do, varlen, c.block_m, c.tma).kernel_args("Q_desc", "dO_desc"),
-        **stats_pair(lse, delta, varlen, c.block_m, c.tma),
+        dK=dk, dV=dv, DQacc=dq_acc, **q_do.kernel_args("Q_desc", "dO_desc"),
+        # the LSE/delta descriptors only beside Q/dO's: with pointer loads of Q/dO (head dims that are not a power
+        # of two) Triton 3.6's ptxas crashes (SIGSEGV) on the non-causal kernel at D40/80/96 (LOG, 2026-12-06)
+        **stats_pair(lse, delta, varlen, c.block_m, q_do.use),
         **_strides(dk, varlen, "dk", "n"), **_strides(dv, varlen, "dv", "n"), **_strides(dq_acc, varlen, "dq", "m"),
         n_heads_k=n_heads_k, BLOCK_M=c.block_m, BLOCK_N=c.block_n, ATOMIC_DQ=atomic, IS_GQA=n_heads != n_heads_k,
         DIAG_IN_LOOP=diag_in_loop(varlen, window, max_seqlen_q, max_seqlen_k, c), **shared, **c.launch_options(),

@@ -183,6 +183,27 @@ def test_tma_head_major(which, device, force_tma, monkeypatch):
         assert_close_rel(name, grad, ref, pt, 3)
 
 
+@pytest.mark.parametrize("head_dim, expected", [(32, True), (24, False)], ids=["D32", "D24"])
+def test_stats_descriptors_only_beside_q_do(head_dim, expected, device, force_tma, monkeypatch):
+    """The dK/dV kernel reads LSE and delta through descriptors only where it reads Q and dO through them: with
+    pointer loads of Q/dO (a head dim that is not a power of two) Triton 3.6's ptxas crashes on the non-causal
+    kernel at D40/80/96 (sm90), so the launcher must not combine the two."""
+    chosen = []
+    real = hf_flash.ops.backward.stats_pair
+
+    def record(*args):
+        kwargs = real(*args)
+        chosen.append(kwargs["STATS_TMA"])
+        return kwargs
+
+    monkeypatch.setattr(hf_flash.ops.backward, "stats_pair", record)
+    case = Case(2, 24, 24, 2, 2, head_dim, deterministic=True)
+    q, k, v, dout = make_inputs(case, device, seed=5)
+    ours = functools.partial(flash_attn_func, **case.kwargs)
+    assert_matches_oracle(ours, oracle_for(case), (q, k, v), dout)
+    assert chosen == [expected], f"STATS_TMA {chosen} at D{head_dim}, expected [{expected}]"
+
+
 @pytest.mark.parametrize(
     "shape, view, varlen, expected",
     [
