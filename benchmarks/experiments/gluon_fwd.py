@@ -30,31 +30,37 @@ from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 LOG2E = 1.4426950408889634
+# Triton 3.9 renamed the TMA copies (3.6 has only the old names, 3.9 only the new)
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+_tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
 
 
 @gluon.jit
-def _loader(descs, smem, bars, coords, n_blocks, BLOCK_N: gl.constexpr):
+def _loader(descs, smem, bars, coords, n_blocks, BLOCK_N: gl.constexpr, SPLIT: gl.constexpr):
     """1 warp: Q's two 64-row halves once, then K and V block by block into the stage ring."""
     q_desc, k_desc, v_desc, o_desc = descs
     q_smem, k_smem, v_smem = smem
-    q_bars, k_ready, v_ready, kv_empty, turn = bars
+    q_bars, k_ready, v_ready, kv_empty, turn, k_empty = bars
     q_row, q_col, kv_row, kv_col = coords
     SPLIT_M: gl.constexpr = q_desc.block_type.shape[0]
     STAGES: gl.constexpr = k_smem.type.shape[0]
     for g in gl.static_range(2):
         mbarrier.expect(q_bars.index(g), q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [q_row + g * SPLIT_M, q_col], q_bars.index(g), q_smem.index(g))
+        _tma_load(q_desc, [q_row + g * SPLIT_M, q_col], q_bars.index(g), q_smem.index(g))
     for j in range(n_blocks):
         stage = j % STAGES
         phase = (j // STAGES) & 1
         # a fresh mbarrier counts as having completed phase 1: the first round does not wait
-        mbarrier.wait(kv_empty.index(stage), phase ^ 1)
+        if SPLIT:  # K's buffer is free once both groups have S, V's once both have P V
+            mbarrier.wait(k_empty.index(stage), phase ^ 1)
+        else:
+            mbarrier.wait(kv_empty.index(stage), phase ^ 1)
         mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [kv_row + j * BLOCK_N, kv_col], k_ready.index(stage),
-                                        k_smem.index(stage))
+        _tma_load(k_desc, [kv_row + j * BLOCK_N, kv_col], k_ready.index(stage), k_smem.index(stage))
+        if SPLIT:
+            mbarrier.wait(kv_empty.index(stage), phase ^ 1)
         mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [kv_row + j * BLOCK_N, kv_col], v_ready.index(stage),
-                                        v_smem.index(stage))
+        _tma_load(v_desc, [kv_row + j * BLOCK_N, kv_col], v_ready.index(stage), v_smem.index(stage))
 
 
 @gluon.jit
@@ -109,12 +115,13 @@ def _pass_turn(turn, g, PINGPONG: gl.constexpr):
 
 @gluon.jit
 def _step(j, g, q_buf, smem, bars, p16, m_i, l_i, acc, offs_m, qk_scale, zero_s, MASKED: gl.constexpr,
-          CAUSAL: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr, o_layout: gl.constexpr):
+          CAUSAL: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr, SPLIT: gl.constexpr,
+          o_layout: gl.constexpr):
     """Key block j. Plain: S_j, softmax, P_j V_j, each waited for. OVERLAP: S_j is issued before the previous
     block's P V (p16 is P_{j-1}), and the softmax of S_j runs while that product is in flight; PINGPONG (with
     OVERLAP) issues both in this group's turn."""
     q_smem, k_smem, v_smem = smem
-    q_bars, k_ready, v_ready, kv_empty, turn = bars
+    q_bars, k_ready, v_ready, kv_empty, turn, k_empty = bars
     STAGES: gl.constexpr = k_smem.type.shape[0]
     BLOCK_N: gl.constexpr = k_smem.type.shape[1]
     s_layout: gl.constexpr = zero_s.type.layout
@@ -127,6 +134,8 @@ def _step(j, g, q_buf, smem, bars, p16, m_i, l_i, acc, offs_m, qk_scale, zero_s,
         s = warpgroup_mma_wait(1, deps=[s])  # S_j done; P_{j-1} V_{j-1} may still run
     else:
         s = warpgroup_mma_wait(0, deps=[s])
+        if SPLIT:
+            mbarrier.arrive(k_empty.index(j % STAGES), count=1)
     p, m_i, l_i, alpha = _softmax(s, m_i, l_i, j * BLOCK_N, offs_m, qk_scale, MASKED, CAUSAL, s_layout)
     p16 = gl.convert_layout(p.to(k_smem.dtype), p_layout)
     if OVERLAP:
@@ -141,10 +150,10 @@ def _step(j, g, q_buf, smem, bars, p16, m_i, l_i, acc, offs_m, qk_scale, zero_s,
 
 @gluon.jit
 def _consume(smem, bars, q_buf_index, o_desc, o_row, o_col, lse_ptr, lse_off, q_first, n_full, n_blocks,
-             qk_scale, CAUSAL: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr):
+             qk_scale, CAUSAL: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr, SPLIT: gl.constexpr):
     """4 warps (one warpgroup): 64 query rows against every key block the loader streams."""
     q_smem, k_smem, v_smem = smem
-    q_bars, k_ready, v_ready, kv_empty, turn = bars
+    q_bars, k_ready, v_ready, kv_empty, turn, k_empty = bars
     g = q_buf_index
     STAGES: gl.constexpr = k_smem.type.shape[0]
     BLOCK_N: gl.constexpr = k_smem.type.shape[1]
@@ -180,10 +189,10 @@ def _consume(smem, bars, q_buf_index, o_desc, o_row, o_col, lse_ptr, lse_off, q_
         first = 1
     for j in range(first, gl.minimum(n_full, n_blocks)):
         p16, m_i, l_i, acc = _step(j, g, q_buf, smem, bars, p16, m_i, l_i, acc, offs_m, qk_scale, zero_s, False,
-                                   CAUSAL, OVERLAP, PINGPONG, o_layout)
+                                   CAUSAL, OVERLAP, PINGPONG, SPLIT, o_layout)
     for j in range(gl.maximum(n_full, first), n_blocks):
         p16, m_i, l_i, acc = _step(j, g, q_buf, smem, bars, p16, m_i, l_i, acc, offs_m, qk_scale, zero_s, True,
-                                   CAUSAL, OVERLAP, PINGPONG, o_layout)
+                                   CAUSAL, OVERLAP, PINGPONG, SPLIT, o_layout)
     if OVERLAP:  # the last block's P V
         _take_turn(turn, g, n_blocks, PINGPONG)
         acc = _pv(p16, v_smem, v_ready, n_blocks - 1, acc)
@@ -199,39 +208,40 @@ def _consume(smem, bars, q_buf_index, o_desc, o_row, o_col, lse_ptr, lse_off, q_
     # Q's buffer is free once every block is done: it carries O to the TMA store
     q_buf.store(out.to(dtype))
     fence_async_shared()
-    tma.async_copy_shared_to_global(o_desc, [o_row, o_col], q_buf)
+    _tma_store(o_desc, [o_row, o_col], q_buf)
     tma.store_wait(0)
 
 
 @gluon.jit
 def _consumer_default(descs, smem, bars, coords, lse_ptr, lse_base, q_start, n_full0, n_blocks, qk_scale,
-                      CAUSAL: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr):
+                      CAUSAL: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr, SPLIT: gl.constexpr):
     q_desc, k_desc, v_desc, o_desc = descs
     q_row, q_col, kv_row, kv_col = coords
     _consume(smem, bars, 0, o_desc, q_row, q_col, lse_ptr, lse_base, q_start, n_full0, n_blocks, qk_scale,
-             CAUSAL, OVERLAP, PINGPONG)
+             CAUSAL, OVERLAP, PINGPONG, SPLIT)
 
 
 @gluon.jit
 def _consumer_worker(descs, smem, bars, coords, lse_ptr, lse_base, q_start, n_full1, n_blocks, qk_scale,
-                     CAUSAL: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr):
+                     CAUSAL: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr, SPLIT: gl.constexpr):
     q_desc, k_desc, v_desc, o_desc = descs
     q_row, q_col, kv_row, kv_col = coords
     SPLIT_M: gl.constexpr = q_desc.block_type.shape[0]
     _consume(smem, bars, 1, o_desc, q_row + SPLIT_M, q_col, lse_ptr, lse_base + SPLIT_M, q_start + SPLIT_M,
-             n_full1, n_blocks, qk_scale, CAUSAL, OVERLAP, PINGPONG)
+             n_full1, n_blocks, qk_scale, CAUSAL, OVERLAP, PINGPONG, SPLIT)
 
 
 @gluon.jit
 def _loader_worker(descs, smem, bars, coords, lse_ptr, lse_base, q_start, n_full1, n_blocks, qk_scale,
-                   CAUSAL: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr):
+                   CAUSAL: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr, SPLIT: gl.constexpr):
     k_desc = descs[1]
-    _loader(descs, smem, bars, coords, n_blocks, k_desc.block_type.shape[0])
+    _loader(descs, smem, bars, coords, n_blocks, k_desc.block_type.shape[0], SPLIT)
 
 
 @gluon.jit
 def _fwd_ws_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, seqlen, n_heads, n_groups, qk_scale,
-                   CAUSAL: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr):
+                   CAUSAL: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr,
+                   SPLIT: gl.constexpr):
     """q/o_desc: [B * L, H * D] in [64, D] tiles; k/v_desc: [B * L, Hk * D] in [BLOCK_N, D] tiles;
     lse: fp32 [B, H, L]. Grid (B * H, L / 128): x the head (fastest), y the query block, heaviest first."""
     SPLIT_M: gl.constexpr = q_desc.block_type.shape[0]
@@ -264,24 +274,26 @@ def _fwd_ws_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, seqlen, n_heads, n_g
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for g in gl.static_range(2):
         mbarrier.init(q_bars.index(g), count=1)
         mbarrier.init(turn.index(g), count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(kv_empty.index(i), count=2)  # both consumer groups release a stage
+        mbarrier.init(kv_empty.index(i), count=2)  # both consumer groups release a stage (its V with SPLIT)
+        mbarrier.init(k_empty.index(i), count=2)
 
     descs = (q_desc, k_desc, v_desc, o_desc)
     smem = (q_smem, k_smem, v_smem)
-    bars = (q_bars, k_ready, v_ready, kv_empty, turn)
+    bars = (q_bars, k_ready, v_ready, kv_empty, turn, k_empty)
     gl.warp_specialize([
         (_consumer_default, (descs, smem, bars, coords, lse_ptr, lse_base, q_start, n_full0, n_blocks, qk_scale,
-                             CAUSAL, OVERLAP, PINGPONG)),
+                             CAUSAL, OVERLAP, PINGPONG, SPLIT)),
         (_consumer_worker, (descs, smem, bars, coords, lse_ptr, lse_base, q_start, n_full1, n_blocks, qk_scale,
-                            CAUSAL, OVERLAP, PINGPONG)),
+                            CAUSAL, OVERLAP, PINGPONG, SPLIT)),
         (_loader_worker, (descs, smem, bars, coords, lse_ptr, lse_base, q_start, n_full1, n_blocks, qk_scale,
-                          CAUSAL, OVERLAP, PINGPONG)),
+                          CAUSAL, OVERLAP, PINGPONG, SPLIT)),
     ], [4, 4], [240, 24])
 
 
@@ -306,11 +318,13 @@ def gluon_forward(q, k, v, causal, out=None, lse=None, variant="ws", block_n=128
     assert head_dim in (64, 128) and q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
     out = torch.empty_like(q) if out is None else out
     lse = torch.empty(batch, n_heads, seqlen, device=q.device, dtype=torch.float32) if lse is None else lse
-    stages = stages or (2 if head_dim == 128 else 3)
+    # D128: 2 stages of K and V, or 3 (224 KB with Q's two halves, of the 227 KB a program may have)
+    stages = stages or (3 if head_dim == 64 or "-s3" in variant else 2)
     grid = (batch * n_heads, seqlen // 128)
     _fwd_ws_kernel[grid](*descriptors(q, k, v, out, block_n), lse, seqlen, n_heads, n_heads // k.shape[2],
                          LOG2E / math.sqrt(head_dim), CAUSAL=causal, STAGES=stages,
                          OVERLAP=variant in ("ws-overlap", "ws-pp"), PINGPONG=variant == "ws-pp",
+                         SPLIT=variant.endswith("-split"),
                          num_warps=4, maxnreg=168)
     return out, lse
 
@@ -376,7 +390,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--head-dims", default="128,64")
     p.add_argument("--seqlens", default="4096,16384,1024,2048")
-    p.add_argument("--variants", default="ws,ws-pp", help="ws, ws-overlap, ws-pp (overlap and ping-pong)")
+    p.add_argument("--variants", default="ws,ws-s3,ws-s3-split",
+                   help="ws, ws-overlap, ws-pp (overlap and ping-pong); -s3: 3 stages at D128; -split: K and V "
+                   "released apart")
     a = p.parse_args()
     variants = a.variants.split(",")
     print(torch.cuda.get_device_name(), "| torch", torch.__version__, "| triton", triton.__version__)
