@@ -2,15 +2,17 @@
 L 4k-16k, H100) before any Hopper-only path is built.
 
     python benchmarks/experiments/gluon_fwd.py                  # check, then time against hf_flash's forward
-    python benchmarks/experiments/gluon_fwd.py --seqlens 4096 --head-dims 128 --variants ws,ws-overlap
+    python benchmarks/experiments/gluon_fwd.py --seqlens 4096 --head-dims 128 --variants ws,ws-persistent
 
 Structure (FlashAttention-3's, written out by hand: Triton 3.6's automatic warp specialization hangs with two
-consumer groups, benchmarks/results/LOG.md 2026-11-29): one CTA per 128 query rows of one head; a 1-warp
+consumer groups, benchmarks/results/LOG.md 2026-11-29): a tile is 128 query rows of one head; a 1-warp
 loader partition streams K and V tiles through TMA into a ring of shared-memory stages; two 4-warp consumer
 partitions each own 64 query rows and run Q K^T, the online softmax and P V with wgmma, releasing a stage
 when both have used it. The warp schedulers interleave one group's softmax with the other's matmuls, which
-the plain kernel (every warp doing everything, in lockstep) cannot. ``OVERLAP`` also issues the next block's
-Q K^T before this block's P V completes (FlashAttention-3's intra-warpgroup overlap).
+the plain kernel (every warp doing everything, in lockstep) cannot. Each program walks tiles (heaviest first):
+one each (``ws``), or as many programs as SMs (``-persistent``), so that the loader fetches the next tile's
+K/V while the consumers finish this one. Variants that lost (FA3's intra-warpgroup overlap, ping-pong turns,
+K/V released apart; LOG 2026-12-06 fourth session) are in commit 6ac0228.
 
 Prototype limits (asserted by the launcher): dense [B, L, H, D] bf16/fp16, L a multiple of 128, Lq == Lk,
 D 64 or 128, no window/softcap/dropout/sinks. LSE is written in hf_flash's layout ([B, H, L], natural log).
@@ -37,31 +39,63 @@ _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_globa
 
 
 @gluon.jit
-def _loader(descs, smem, bars, coords, n_blocks, BLOCK_N: gl.constexpr, SPLIT: gl.constexpr):
-    """1 warp: Q's two 64-row halves once, then K and V block by block into the stage ring."""
+def _tile(t, seqlen, n_heads, n_groups, n_bh, CAUSAL: gl.constexpr, SPLIT_M: gl.constexpr, BLOCK_N: gl.constexpr,
+          HEAD_DIM: gl.constexpr):
+    """Tile t (heaviest first: query blocks from the last, all heads of one block before the next): the rows
+    and columns of Q/O and K/V in the [B * L, H * D] views, the tile's first query, its key blocks and, per
+    consumer group, the blocks every one of its rows sees in full (no mask)."""
+    n_m = seqlen // (2 * SPLIT_M)
+    pid_m = n_m - 1 - t // n_bh
+    bh = t % n_bh
+    b = bh // n_heads
+    h = bh % n_heads
+    q_start = pid_m * (2 * SPLIT_M)
+    if CAUSAL:
+        n_blocks = gl.cdiv(gl.minimum(seqlen, q_start + 2 * SPLIT_M), BLOCK_N)
+        n_full0 = (q_start + 1) // BLOCK_N
+        n_full1 = (q_start + SPLIT_M + 1) // BLOCK_N
+    else:
+        n_blocks = gl.cdiv(seqlen, BLOCK_N)
+        n_full0 = seqlen // BLOCK_N
+        n_full1 = n_full0
+    return (b * seqlen + q_start, h * HEAD_DIM, b * seqlen, (h // n_groups) * HEAD_DIM, q_start, n_blocks, n_full0,
+            n_full1, bh.to(gl.int64) * seqlen + q_start)
+
+
+@gluon.jit
+def _loader(descs, smem, bars, problem, CAUSAL: gl.constexpr):
+    """1 warp: per tile, Q's two 64-row halves once their buffers are free, then K and V block by block into
+    the stage ring (its position runs on across tiles)."""
     q_desc, k_desc, v_desc, o_desc = descs
     q_smem, k_smem, v_smem = smem
-    q_bars, k_ready, v_ready, kv_empty, turn, k_empty = bars
-    q_row, q_col, kv_row, kv_col = coords
+    q_ready, q_empty, k_ready, v_ready, kv_empty = bars
+    seqlen, n_heads, n_groups, n_bh, n_tiles = problem
     SPLIT_M: gl.constexpr = q_desc.block_type.shape[0]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
     STAGES: gl.constexpr = k_smem.type.shape[0]
-    for g in gl.static_range(2):
-        mbarrier.expect(q_bars.index(g), q_desc.block_type.nbytes)
-        _tma_load(q_desc, [q_row + g * SPLIT_M, q_col], q_bars.index(g), q_smem.index(g))
-    for j in range(n_blocks):
-        stage = j % STAGES
-        phase = (j // STAGES) & 1
-        # a fresh mbarrier counts as having completed phase 1: the first round does not wait
-        if SPLIT:  # K's buffer is free once both groups have S, V's once both have P V
-            mbarrier.wait(k_empty.index(stage), phase ^ 1)
-        else:
-            mbarrier.wait(kv_empty.index(stage), phase ^ 1)
-        mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
-        _tma_load(k_desc, [kv_row + j * BLOCK_N, kv_col], k_ready.index(stage), k_smem.index(stage))
-        if SPLIT:
-            mbarrier.wait(kv_empty.index(stage), phase ^ 1)
-        mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
-        _tma_load(v_desc, [kv_row + j * BLOCK_N, kv_col], v_ready.index(stage), v_smem.index(stage))
+    c = 0  # K/V blocks loaded so far
+    i = 0  # tiles of this program so far
+    for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+        q_row, q_col, kv_row, kv_col, q_start, n_blocks, n_full0, n_full1, lse_base = _tile(
+            t, seqlen, n_heads, n_groups, n_bh, CAUSAL, SPLIT_M, BLOCK_N, HEAD_DIM)
+        for j in range(n_blocks):
+            stage = c % STAGES
+            # a fresh mbarrier counts as having completed phase 1: the first round does not wait
+            mbarrier.wait(kv_empty.index(stage), ((c // STAGES) & 1) ^ 1)
+            mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
+            _tma_load(k_desc, [kv_row + j * BLOCK_N, kv_col], k_ready.index(stage), k_smem.index(stage))
+            mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
+            _tma_load(v_desc, [kv_row + j * BLOCK_N, kv_col], v_ready.index(stage), v_smem.index(stage))
+            c += 1
+            if j == 0:
+                # Q after the first K/V block: that block's load overlaps the previous tile's last steps, while
+                # Q's buffers wait for the consumers to have stored the previous tile's O from them
+                for g in gl.static_range(2):
+                    mbarrier.wait(q_empty.index(g), (i & 1) ^ 1)
+                    mbarrier.expect(q_ready.index(g), q_desc.block_type.nbytes)
+                    _tma_load(q_desc, [q_row + g * SPLIT_M, q_col], q_ready.index(g), q_smem.index(g))
+        i += 1
 
 
 @gluon.jit
@@ -84,79 +118,37 @@ def _softmax(s, m_i, l_i, k_start, offs_m, qk_scale, MASKED: gl.constexpr, CAUSA
 
 
 @gluon.jit
-def _qk(q_buf, k_smem, k_ready, j, zero_s):
-    """Issue S = Q K_j^T (asynchronous) once K_j has landed."""
-    STAGES: gl.constexpr = k_smem.type.shape[0]
-    mbarrier.wait(k_ready.index(j % STAGES), (j // STAGES) & 1)
-    return warpgroup_mma(q_buf, k_smem.index(j % STAGES).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-
-
-@gluon.jit
-def _pv(p16, v_smem, v_ready, j, acc):
-    """Issue acc += P V_j (asynchronous) once V_j has landed."""
-    STAGES: gl.constexpr = v_smem.type.shape[0]
-    mbarrier.wait(v_ready.index(j % STAGES), (j // STAGES) & 1)
-    return warpgroup_mma(p16, v_smem.index(j % STAGES), acc, is_async=True)
-
-
-@gluon.jit
-def _take_turn(turn, g, t, PINGPONG: gl.constexpr):
-    """PINGPONG: the two consumer groups issue their matmuls by turns (group 0 first), so that one group's
-    softmax runs while the other's matmuls do. Turn t of group g waits for the other group's turn t (g = 1)
-    or t - 1 (g = 0); a fresh mbarrier counts as having completed phase 1, so group 0's turn 0 passes."""
-    if PINGPONG:
-        mbarrier.wait(turn.index(g), (t & 1) ^ (1 - g))
-
-
-@gluon.jit
-def _pass_turn(turn, g, PINGPONG: gl.constexpr):
-    if PINGPONG:
-        mbarrier.arrive(turn.index(1 - g), count=1)
-
-
-@gluon.jit
-def _step(j, g, q_buf, smem, bars, p16, m_i, l_i, acc, offs_m, qk_scale, zero_s, MASKED: gl.constexpr,
-          CAUSAL: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr, SPLIT: gl.constexpr,
-          o_layout: gl.constexpr):
-    """Key block j. Plain: S_j, softmax, P_j V_j, each waited for. OVERLAP: S_j is issued before the previous
-    block's P V (p16 is P_{j-1}), and the softmax of S_j runs while that product is in flight; PINGPONG (with
-    OVERLAP) issues both in this group's turn."""
+def _step(j, c, q_buf, smem, bars, m_i, l_i, acc, offs_m, qk_scale, zero_s, MASKED: gl.constexpr,
+          CAUSAL: gl.constexpr, o_layout: gl.constexpr):
+    """Key block j, in stage-ring position c: S = Q K_j^T, the softmax, acc += P V_j, each waited for; the
+    stage is released after."""
     q_smem, k_smem, v_smem = smem
-    q_bars, k_ready, v_ready, kv_empty, turn, k_empty = bars
+    q_ready, q_empty, k_ready, v_ready, kv_empty = bars
     STAGES: gl.constexpr = k_smem.type.shape[0]
     BLOCK_N: gl.constexpr = k_smem.type.shape[1]
     s_layout: gl.constexpr = zero_s.type.layout
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    _take_turn(turn, g, j, PINGPONG)
-    s = _qk(q_buf, k_smem, k_ready, j, zero_s)
-    if OVERLAP:
-        acc = _pv(p16, v_smem, v_ready, j - 1, acc)
-        _pass_turn(turn, g, PINGPONG)
-        s = warpgroup_mma_wait(1, deps=[s])  # S_j done; P_{j-1} V_{j-1} may still run
-    else:
-        s = warpgroup_mma_wait(0, deps=[s])
-        if SPLIT:
-            mbarrier.arrive(k_empty.index(j % STAGES), count=1)
+    stage = c % STAGES
+    phase = (c // STAGES) & 1
+    mbarrier.wait(k_ready.index(stage), phase)
+    s = warpgroup_mma(q_buf, k_smem.index(stage).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    s = warpgroup_mma_wait(0, deps=[s])
     p, m_i, l_i, alpha = _softmax(s, m_i, l_i, j * BLOCK_N, offs_m, qk_scale, MASKED, CAUSAL, s_layout)
     p16 = gl.convert_layout(p.to(k_smem.dtype), p_layout)
-    if OVERLAP:
-        acc = warpgroup_mma_wait(0, deps=[acc])
-        mbarrier.arrive(kv_empty.index((j - 1) % STAGES), count=1)
     acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
-    if not OVERLAP:
-        acc = warpgroup_mma_wait(0, deps=[_pv(p16, v_smem, v_ready, j, acc)])
-        mbarrier.arrive(kv_empty.index(j % STAGES), count=1)
-    return p16, m_i, l_i, acc
+    mbarrier.wait(v_ready.index(stage), phase)
+    acc = warpgroup_mma_wait(0, deps=[warpgroup_mma(p16, v_smem.index(stage), acc, is_async=True)])
+    mbarrier.arrive(kv_empty.index(stage), count=1)
+    return m_i, l_i, acc
 
 
 @gluon.jit
-def _consume(smem, bars, q_buf_index, o_desc, o_row, o_col, lse_ptr, lse_off, q_first, n_full, n_blocks,
-             qk_scale, CAUSAL: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr, SPLIT: gl.constexpr):
-    """4 warps (one warpgroup): 64 query rows against every key block the loader streams."""
+def _consume(g: gl.constexpr, descs, smem, bars, problem, lse_ptr, qk_scale, CAUSAL: gl.constexpr):
+    """4 warps (one warpgroup): rows g * 64 ... g * 64 + 63 of every tile of this program."""
+    q_desc, k_desc, v_desc, o_desc = descs
     q_smem, k_smem, v_smem = smem
-    q_bars, k_ready, v_ready, kv_empty, turn, k_empty = bars
-    g = q_buf_index
-    STAGES: gl.constexpr = k_smem.type.shape[0]
+    q_ready, q_empty, k_ready, v_ready, kv_empty = bars
+    seqlen, n_heads, n_groups, n_bh, n_tiles = problem
     BLOCK_N: gl.constexpr = k_smem.type.shape[1]
     HEAD_DIM: gl.constexpr = k_smem.type.shape[2]
     SPLIT_M: gl.constexpr = q_smem.type.shape[1]
@@ -165,137 +157,87 @@ def _consume(smem, bars, q_buf_index, o_desc, o_row, o_col, lse_ptr, lse_off, q_
                                                        instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, HEAD_DIM, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-
-    q_buf = q_smem.index(q_buf_index)
-    mbarrier.wait(q_bars.index(q_buf_index), 0)
-    offs_m = q_first + gl.arange(0, SPLIT_M, layout=row_s)
-    m_i = gl.full([SPLIT_M], -float("inf"), gl.float32, row_s)
-    l_i = gl.full([SPLIT_M], 0.0, gl.float32, row_s)
-    acc = gl.zeros([SPLIT_M, HEAD_DIM], gl.float32, o_layout)
     zero_s = gl.zeros([SPLIT_M, BLOCK_N], gl.float32, s_layout)
-    p16 = gl.zeros([SPLIT_M, BLOCK_N], dtype, p_layout)
-    first = 0
-    if OVERLAP:  # block 0 alone: there is no earlier P V to overlap with
-        _take_turn(turn, g, 0, PINGPONG)
-        s = _qk(q_buf, k_smem, k_ready, 0, zero_s)
-        _pass_turn(turn, g, PINGPONG)
-        s = warpgroup_mma_wait(0, deps=[s])
-        if n_full > 0:
-            p, m_i, l_i, alpha = _softmax(s, m_i, l_i, 0, offs_m, qk_scale, False, CAUSAL, s_layout)
-        else:
-            p, m_i, l_i, alpha = _softmax(s, m_i, l_i, 0, offs_m, qk_scale, True, CAUSAL, s_layout)
-        p16 = gl.convert_layout(p.to(dtype), p_layout)
-        first = 1
-    for j in range(first, gl.minimum(n_full, n_blocks)):
-        p16, m_i, l_i, acc = _step(j, g, q_buf, smem, bars, p16, m_i, l_i, acc, offs_m, qk_scale, zero_s, False,
-                                   CAUSAL, OVERLAP, PINGPONG, SPLIT, o_layout)
-    for j in range(gl.maximum(n_full, first), n_blocks):
-        p16, m_i, l_i, acc = _step(j, g, q_buf, smem, bars, p16, m_i, l_i, acc, offs_m, qk_scale, zero_s, True,
-                                   CAUSAL, OVERLAP, PINGPONG, SPLIT, o_layout)
-    if OVERLAP:  # the last block's P V
-        _take_turn(turn, g, n_blocks, PINGPONG)
-        acc = _pv(p16, v_smem, v_ready, n_blocks - 1, acc)
-        _pass_turn(turn, g, PINGPONG)
-        acc = warpgroup_mma_wait(0, deps=[acc])
-        mbarrier.arrive(kv_empty.index((n_blocks - 1) % STAGES), count=1)
-
-    # rows with no visible key at all (not reachable with Lq == Lk causal) would give l = 0: keep them 0 / +inf
-    l_safe = gl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / gl.expand_dims(gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout)), 1)
-    lse = gl.where(l_i == 0.0, float("inf"), (m_i + gl.log2(l_safe)) / 1.4426950408889634)
-    gl.store(lse_ptr + lse_off + gl.arange(0, SPLIT_M, layout=row_s), lse)
-    # Q's buffer is free once every block is done: it carries O to the TMA store
-    q_buf.store(out.to(dtype))
-    fence_async_shared()
-    _tma_store(o_desc, [o_row, o_col], q_buf)
-    tma.store_wait(0)
+    q_buf = q_smem.index(g)
+    c = 0  # stage-ring position, as the loader's
+    i = 0
+    for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+        q_row, q_col, kv_row, kv_col, q_start, n_blocks, n_full0, n_full1, lse_base = _tile(
+            t, seqlen, n_heads, n_groups, n_bh, CAUSAL, SPLIT_M, BLOCK_N, HEAD_DIM)
+        n_full = gl.minimum(n_full0 if g == 0 else n_full1, n_blocks)
+        mbarrier.wait(q_ready.index(g), i & 1)
+        offs_m = q_start + g * SPLIT_M + gl.arange(0, SPLIT_M, layout=row_s)
+        m_i = gl.full([SPLIT_M], -float("inf"), gl.float32, row_s)
+        l_i = gl.full([SPLIT_M], 0.0, gl.float32, row_s)
+        acc = gl.zeros([SPLIT_M, HEAD_DIM], gl.float32, o_layout)
+        for j in range(0, n_full):
+            m_i, l_i, acc = _step(j, c + j, q_buf, smem, bars, m_i, l_i, acc, offs_m, qk_scale, zero_s, False,
+                                  CAUSAL, o_layout)
+        for j in range(n_full, n_blocks):
+            m_i, l_i, acc = _step(j, c + j, q_buf, smem, bars, m_i, l_i, acc, offs_m, qk_scale, zero_s, True,
+                                  CAUSAL, o_layout)
+        c += n_blocks
+        # rows with no visible key (not reachable with Lq == Lk causal) would give l = 0: keep them 0 / +inf
+        l_safe = gl.where(l_i == 0.0, 1.0, l_i)
+        out = acc / gl.expand_dims(gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout)), 1)
+        lse = gl.where(l_i == 0.0, float("inf"), (m_i + gl.log2(l_safe)) / 1.4426950408889634)
+        gl.store(lse_ptr + lse_base + g * SPLIT_M + gl.arange(0, SPLIT_M, layout=row_s), lse)
+        # Q's buffer is free once every block is done: it carries O to the TMA store, then takes the next Q
+        q_buf.store(out.to(dtype))
+        fence_async_shared()
+        _tma_store(o_desc, [q_row + g * SPLIT_M, q_col], q_buf)
+        tma.store_wait(0)
+        mbarrier.arrive(q_empty.index(g), count=1)
+        i += 1
 
 
 @gluon.jit
-def _consumer_default(descs, smem, bars, coords, lse_ptr, lse_base, q_start, n_full0, n_blocks, qk_scale,
-                      CAUSAL: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr, SPLIT: gl.constexpr):
-    q_desc, k_desc, v_desc, o_desc = descs
-    q_row, q_col, kv_row, kv_col = coords
-    _consume(smem, bars, 0, o_desc, q_row, q_col, lse_ptr, lse_base, q_start, n_full0, n_blocks, qk_scale,
-             CAUSAL, OVERLAP, PINGPONG, SPLIT)
+def _consumer0(descs, smem, bars, problem, lse_ptr, qk_scale, CAUSAL: gl.constexpr):
+    _consume(0, descs, smem, bars, problem, lse_ptr, qk_scale, CAUSAL)
 
 
 @gluon.jit
-def _consumer_worker(descs, smem, bars, coords, lse_ptr, lse_base, q_start, n_full1, n_blocks, qk_scale,
-                     CAUSAL: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr, SPLIT: gl.constexpr):
-    q_desc, k_desc, v_desc, o_desc = descs
-    q_row, q_col, kv_row, kv_col = coords
-    SPLIT_M: gl.constexpr = q_desc.block_type.shape[0]
-    _consume(smem, bars, 1, o_desc, q_row + SPLIT_M, q_col, lse_ptr, lse_base + SPLIT_M, q_start + SPLIT_M,
-             n_full1, n_blocks, qk_scale, CAUSAL, OVERLAP, PINGPONG, SPLIT)
+def _consumer1(descs, smem, bars, problem, lse_ptr, qk_scale, CAUSAL: gl.constexpr):
+    _consume(1, descs, smem, bars, problem, lse_ptr, qk_scale, CAUSAL)
 
 
 @gluon.jit
-def _loader_worker(descs, smem, bars, coords, lse_ptr, lse_base, q_start, n_full1, n_blocks, qk_scale,
-                   CAUSAL: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr, SPLIT: gl.constexpr):
-    k_desc = descs[1]
-    _loader(descs, smem, bars, coords, n_blocks, k_desc.block_type.shape[0], SPLIT)
+def _loader_partition(descs, smem, bars, problem, lse_ptr, qk_scale, CAUSAL: gl.constexpr):
+    _loader(descs, smem, bars, problem, CAUSAL)
 
 
 @gluon.jit
-def _fwd_ws_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, seqlen, n_heads, n_groups, qk_scale,
-                   CAUSAL: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr,
-                   SPLIT: gl.constexpr):
+def _fwd_ws_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, seqlen, n_heads, n_groups, n_bh, qk_scale,
+                   CAUSAL: gl.constexpr, STAGES: gl.constexpr):
     """q/o_desc: [B * L, H * D] in [64, D] tiles; k/v_desc: [B * L, Hk * D] in [BLOCK_N, D] tiles;
-    lse: fp32 [B, H, L]. Grid (B * H, L / 128): x the head (fastest), y the query block, heaviest first."""
+    lse: fp32 [B, H, L]; n_bh = B * H. Grid (programs,): program p takes tiles p, p + programs, ... of the
+    L / 128 * B * H (``_tile``)."""
     SPLIT_M: gl.constexpr = q_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
     HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
     dtype: gl.constexpr = k_desc.dtype
-    bh = gl.program_id(0)
-    pid_m = gl.num_programs(1) - 1 - gl.program_id(1)
-    b = bh // n_heads
-    h = bh % n_heads
-    q_start = pid_m * (2 * SPLIT_M)
-    if CAUSAL:
-        hi = gl.minimum(seqlen, q_start + 2 * SPLIT_M)
-        # key blocks every row of a group sees in full: below its first row
-        n_full0 = (q_start + 1) // BLOCK_N
-        n_full1 = (q_start + SPLIT_M + 1) // BLOCK_N
-    else:
-        hi = seqlen
-        n_full0 = seqlen // BLOCK_N
-        n_full1 = n_full0
-    n_blocks = gl.cdiv(hi, BLOCK_N)
-    coords = (b * seqlen + q_start, h * HEAD_DIM, b * seqlen, (h // n_groups) * HEAD_DIM)
-    lse_base = bh.to(gl.int64) * seqlen + q_start
-
+    n_tiles = seqlen // (2 * SPLIT_M) * n_bh
     q_smem = gl.allocate_shared_memory(dtype, [2, SPLIT_M, HEAD_DIM], q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
-    q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for g in gl.static_range(2):
-        mbarrier.init(q_bars.index(g), count=1)
-        mbarrier.init(turn.index(g), count=1)
+        mbarrier.init(q_ready.index(g), count=1)
+        mbarrier.init(q_empty.index(g), count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(kv_empty.index(i), count=2)  # both consumer groups release a stage (its V with SPLIT)
-        mbarrier.init(k_empty.index(i), count=2)
+        mbarrier.init(kv_empty.index(i), count=2)  # both consumer groups release a stage
 
-    descs = (q_desc, k_desc, v_desc, o_desc)
-    smem = (q_smem, k_smem, v_smem)
-    bars = (q_bars, k_ready, v_ready, kv_empty, turn, k_empty)
-    gl.warp_specialize([
-        (_consumer_default, (descs, smem, bars, coords, lse_ptr, lse_base, q_start, n_full0, n_blocks, qk_scale,
-                             CAUSAL, OVERLAP, PINGPONG, SPLIT)),
-        (_consumer_worker, (descs, smem, bars, coords, lse_ptr, lse_base, q_start, n_full1, n_blocks, qk_scale,
-                            CAUSAL, OVERLAP, PINGPONG, SPLIT)),
-        (_loader_worker, (descs, smem, bars, coords, lse_ptr, lse_base, q_start, n_full1, n_blocks, qk_scale,
-                          CAUSAL, OVERLAP, PINGPONG, SPLIT)),
-    ], [4, 4], [240, 24])
+    args = ((q_desc, k_desc, v_desc, o_desc), (q_smem, k_smem, v_smem),
+            (q_ready, q_empty, k_ready, v_ready, kv_empty), (seqlen, n_heads, n_groups, n_bh, n_tiles), lse_ptr,
+            qk_scale, CAUSAL)
+    gl.warp_specialize([(_consumer0, args), (_consumer1, args), (_loader_partition, args)], [4, 4], [240, 24])
 
 
 def descriptors(q, k, v, out, block_n):
@@ -321,12 +263,12 @@ def gluon_forward(q, k, v, causal, out=None, lse=None, variant="ws", block_n=128
     lse = torch.empty(batch, n_heads, seqlen, device=q.device, dtype=torch.float32) if lse is None else lse
     # D128: 2 stages of K and V, or 3 (224 KB with Q's two halves, of the 227 KB a program may have)
     stages = stages or (3 if head_dim == 64 or "-s3" in variant else 2)
-    grid = (batch * n_heads, seqlen // 128)
-    _fwd_ws_kernel[grid](*descriptors(q, k, v, out, block_n), lse, seqlen, n_heads, n_heads // k.shape[2],
-                         LOG2E / math.sqrt(head_dim), CAUSAL=causal, STAGES=stages,
-                         OVERLAP=variant in ("ws-overlap", "ws-pp"), PINGPONG=variant == "ws-pp",
-                         SPLIT=variant.endswith("-split"),
-                         num_warps=4, maxnreg=168)
+    tiles = seqlen // 128 * batch * n_heads
+    programs = min(tiles, torch.cuda.get_device_properties(q.device).multi_processor_count) if (
+        "-persistent" in variant) else tiles
+    _fwd_ws_kernel[(programs,)](*descriptors(q, k, v, out, block_n), lse, seqlen, n_heads, n_heads // k.shape[2],
+                                batch * n_heads, LOG2E / math.sqrt(head_dim), CAUSAL=causal, STAGES=stages,
+                                num_warps=4, maxnreg=168)
     return out, lse
 
 
@@ -346,12 +288,14 @@ def check(head_dim, causal, kv_heads, variant):
     from hf_flash.ops.forward import flash_fwd
 
     torch.manual_seed(0)
-    q = torch.randn(2, 1024, 8, head_dim, device="cuda", dtype=torch.bfloat16)
-    k, v = (torch.randn(2, 1024, kv_heads, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    # 2 x 8 heads x 2048 rows: 256 tiles, so that a persistent program (one per SM) walks two of them
+    batch, seqlen, heads = 2, 2048, 8
+    q = torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(batch, seqlen, kv_heads, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     ref, ref_lse = reference(q, k, v, causal)
     out, lse = gluon_forward(q, k, v, causal, variant=variant)
-    base, base_lse = torch.empty_like(q), torch.empty(2, 8, 1024, device="cuda")
-    flash_fwd(q, k, v, base, base_lse, None, None, 1024, 1024, 1 / math.sqrt(head_dim), (-1, 0 if causal else -1),
+    base, base_lse = torch.empty_like(q), torch.empty(batch, heads, seqlen, device="cuda")
+    flash_fwd(q, k, v, base, base_lse, None, None, seqlen, seqlen, 1 / math.sqrt(head_dim), (-1, 0 if causal else -1),
               0.0, 0.0, 0, forward_config(head_dim, q.device))
     err, base_err = (out.float() - ref).abs().max().item(), (base.float() - ref).abs().max().item()
     lse_err = (lse - ref_lse).abs().max().item()
@@ -398,9 +342,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--head-dims", default="128,64")
     p.add_argument("--seqlens", default="4096,16384,1024,2048")
-    p.add_argument("--variants", default="ws,ws-s3,ws-s3-split",
-                   help="ws, ws-overlap, ws-pp (overlap and ping-pong); -s3: 3 stages at D128; -split: K and V "
-                   "released apart")
+    p.add_argument("--variants", default="ws,ws-persistent,ws-s3-persistent",
+                   help="ws, plus -s3 (3 K/V stages at D128) and -persistent (as many programs as SMs)")
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds per cell (median ratio, its range)")
     a = p.parse_args()
     variants = a.variants.split(",")
