@@ -39,11 +39,14 @@ _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_globa
 
 
 @gluon.jit
-def _tile(t, seqlen, n_heads, n_groups, n_bh, CAUSAL: gl.constexpr, SPLIT_M: gl.constexpr, BLOCK_N: gl.constexpr,
-          HEAD_DIM: gl.constexpr):
+def _tile(t, problem, descs, CAUSAL: gl.constexpr):
     """Tile t (heaviest first: query blocks from the last, all heads of one block before the next): the rows
     and columns of Q/O and K/V in the [B * L, H * D] views, the tile's first query, its key blocks and, per
     consumer group, the blocks every one of its rows sees in full (no mask)."""
+    seqlen, n_heads, n_groups, n_bh, n_tiles = problem
+    SPLIT_M: gl.constexpr = descs[0].block_type.shape[0]
+    BLOCK_N: gl.constexpr = descs[1].block_type.shape[0]
+    HEAD_DIM: gl.constexpr = descs[1].block_type.shape[1]
     n_m = seqlen // (2 * SPLIT_M)
     pid_m = n_m - 1 - t // n_bh
     bh = t % n_bh
@@ -69,16 +72,13 @@ def _loader(descs, smem, bars, problem, CAUSAL: gl.constexpr):
     q_desc, k_desc, v_desc, o_desc = descs
     q_smem, k_smem, v_smem = smem
     q_ready, q_empty, k_ready, v_ready, kv_empty = bars
-    seqlen, n_heads, n_groups, n_bh, n_tiles = problem
     SPLIT_M: gl.constexpr = q_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
-    HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
     STAGES: gl.constexpr = k_smem.type.shape[0]
     c = 0  # K/V blocks loaded so far
     i = 0  # tiles of this program so far
-    for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-        q_row, q_col, kv_row, kv_col, q_start, n_blocks, n_full0, n_full1, lse_base = _tile(
-            t, seqlen, n_heads, n_groups, n_bh, CAUSAL, SPLIT_M, BLOCK_N, HEAD_DIM)
+    for t in range(gl.program_id(0), problem[4], gl.num_programs(0)):
+        q_row, q_col, kv_row, kv_col, q_start, n_blocks, n_full0, n_full1, lse_base = _tile(t, problem, descs, CAUSAL)
         for j in range(n_blocks):
             stage = c % STAGES
             # a fresh mbarrier counts as having completed phase 1: the first round does not wait
@@ -145,10 +145,9 @@ def _step(j, c, q_buf, smem, bars, m_i, l_i, acc, offs_m, qk_scale, zero_s, MASK
 @gluon.jit
 def _consume(g: gl.constexpr, descs, smem, bars, problem, lse_ptr, qk_scale, CAUSAL: gl.constexpr):
     """4 warps (one warpgroup): rows g * 64 ... g * 64 + 63 of every tile of this program."""
-    q_desc, k_desc, v_desc, o_desc = descs
+    o_desc = descs[3]
     q_smem, k_smem, v_smem = smem
     q_ready, q_empty, k_ready, v_ready, kv_empty = bars
-    seqlen, n_heads, n_groups, n_bh, n_tiles = problem
     BLOCK_N: gl.constexpr = k_smem.type.shape[1]
     HEAD_DIM: gl.constexpr = k_smem.type.shape[2]
     SPLIT_M: gl.constexpr = q_smem.type.shape[1]
@@ -162,9 +161,8 @@ def _consume(g: gl.constexpr, descs, smem, bars, problem, lse_ptr, qk_scale, CAU
     q_buf = q_smem.index(g)
     c = 0  # stage-ring position, as the loader's
     i = 0
-    for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-        q_row, q_col, kv_row, kv_col, q_start, n_blocks, n_full0, n_full1, lse_base = _tile(
-            t, seqlen, n_heads, n_groups, n_bh, CAUSAL, SPLIT_M, BLOCK_N, HEAD_DIM)
+    for t in range(gl.program_id(0), problem[4], gl.num_programs(0)):
+        q_row, q_col, kv_row, kv_col, q_start, n_blocks, n_full0, n_full1, lse_base = _tile(t, problem, descs, CAUSAL)
         n_full = gl.minimum(n_full0 if g == 0 else n_full1, n_blocks)
         mbarrier.wait(q_ready.index(g), i & 1)
         offs_m = q_start + g * SPLIT_M + gl.arange(0, SPLIT_M, layout=row_s)
