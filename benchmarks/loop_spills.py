@@ -136,9 +136,12 @@ def main():
                     case = case_for(kernel, head_dim, causal, layout, overrides, tile)
                     r = test_chips.compile_case(case, with_cubin=True)
                     cx = r["constexprs"]
+                    # no ptxas log: Triton's cache answered, i.e. the same compiled kernel as a line above
+                    totals = (f"{r['regs']} registers, {r['spill_bytes']} B spilled" if r["regs"] is not None
+                              else "the same kernel as a line above (cached: ptxas did not run)")
                     print(f"{kernel} D{head_dim} causal={causal} {layout} ({cx['BLOCK_M']}x{cx['BLOCK_N']}, "
-                          f"{r['num_warps']} warps, {r['num_stages']} stages): {r['regs']} registers, "
-                          f"{r['spill_bytes']} B spilled, {r['shared']} B shared, {programs_per_sm(r)} programs per SM")
+                          f"{r['num_warps']} warps, {r['num_stages']} stages): {totals}, {r['shared']} B shared, "
+                          f"{programs_per_sm(r)} programs per SM")
                     for loop in (loop for loop in loops(disassemble(r["cubin"])) if loop["hgmma"]):
                         print(f"    loop of {loop['size']:5d} instructions: HGMMA {loop['hgmma']:3d}, "
                               f"LDL {loop['ldl']:4d}, STL {loop['stl']:4d}, MUFU {loop['mufu']:3d}")
