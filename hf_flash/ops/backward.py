@@ -459,8 +459,6 @@ def flash_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max
     q_do = tma_pair(q, do, varlen, c.block_m, c.tma)
     _bwd_dkdv[(cdiv(max_seqlen_k, c.block_n), batch * n_heads_k)](
         dK=dk, dV=dv, DQacc=dq_acc, **q_do.kernel_args("Q_desc", "dO_desc"),
-        # the LSE/delta descriptors only beside Q/dO's: with pointer loads of Q/dO (head dims that are not a power
-        # of two) Triton 3.6's ptxas crashes (SIGSEGV) on the non-causal kernel at D40/80/96 (LOG, 2026-12-06)
         **stats_pair(lse, delta, varlen, c.block_m, q_do.use),
         **_strides(dk, varlen, "dk", "n"), **_strides(dv, varlen, "dv", "n"), **_strides(dq_acc, varlen, "dq", "m"),
         n_heads_k=n_heads_k, BLOCK_M=c.block_m, BLOCK_N=c.block_n, ATOMIC_DQ=atomic, IS_GQA=n_heads != n_heads_k,

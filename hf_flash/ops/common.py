@@ -346,15 +346,17 @@ def tma_layout(t, varlen: bool) -> TmaLayout | None:
     return TmaLayout(True, stride_b // head_dim, stride_h // head_dim)
 
 
-def stats_pair(lse, delta, varlen: bool, block_rows: int, enabled: bool) -> dict:
-    """The dK/dV kernel's keywords for the LSE and delta rows (``[B, H, L]``, same strides): with ``enabled``
-    (the tile table asks for TMA) on a TMA device, descriptors over their rows as a 2D ``[B * H, L]`` matrix for
-    ``[1, block_rows]`` tiles (columns past ``L`` read as zeros, the rows' padding is never read) and
-    ``STATS_TMA``; else the tensors again, for pointer loads. Dense batches only: a tile's first column must
-    sit on 16 bytes, and a varlen sequence starts anywhere in its ``[H, total]`` row."""
+def stats_pair(lse, delta, varlen: bool, block_rows: int, beside_q_do: bool) -> dict:
+    """The dK/dV kernel's keywords for the LSE and delta rows (``[B, H, L]``, same strides): with ``beside_q_do``
+    (the kernel reads Q and dO through descriptors, ``TmaPair.use``, which implies a TMA device), descriptors over
+    their rows as a 2D ``[B * H, L]`` matrix for ``[1, block_rows]`` tiles (columns past ``L`` read as zeros, the
+    rows' padding is never read) and ``STATS_TMA``; else the tensors again, for pointer loads. Only beside Q/dO's
+    descriptors: with pointer loads of Q/dO (head dims that are not a power of two) Triton 3.6's ptxas crashes
+    (SIGSEGV) on the non-causal kernel at D40/80/96 (LOG, 2026-12-06). Dense batches only: a tile's first column
+    must sit on 16 bytes, and a varlen sequence starts anywhere in its ``[H, total]`` row."""
     rows, width = lse.shape[0] * lse.shape[1], lse.shape[-1]
     row_stride = lse.stride(-2)
-    use = (enabled and not varlen and tma_device_ok(lse) and lse.stride(-1) == 1
+    use = (beside_q_do and not varlen and lse.stride(-1) == 1
            and lse.stride(0) == lse.shape[1] * row_stride and row_stride % 4 == 0 and lse.data_ptr() % 16 == 0
            and delta.data_ptr() % 16 == 0 and delta.stride() == lse.stride())  # fmt: skip
     if not use:
