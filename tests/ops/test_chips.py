@@ -233,11 +233,12 @@ def _case(chip: str, kernel: str, head_dim: int, flags: str, dtype: str = "fp16"
         constexprs["DELTA_HERE"] = True  # the dQ kernel computes delta whenever it runs (backward.flash_bwd)
     if kernel == "dkdv":
         constexprs["ATOMIC_DQ"] = atomic_dq
-        # the LSE and delta rows through TMA where Q and dO are (common.stats_pair)
-        constexprs["STATS_TMA"] = c.tma and TARGETS[chip] >= 90 and head_dim == block_d and not constexprs["IS_VARLEN"]
         constexprs["IS_GQA"] = False  # the flattened head loop of GQA groups: a register budget like MHA's
     # the launchers read tiles through TMA where the table asks and the chip and head dim allow
     constexprs["USE_TMA"] = c.tma and TARGETS[chip] >= 90 and head_dim == block_d
+    if kernel == "dkdv":
+        # the LSE and delta rows through TMA only beside Q and dO's descriptors, dense (common.stats_pair)
+        constexprs["STATS_TMA"] = constexprs["USE_TMA"] and not constexprs["IS_VARLEN"]
     constexprs["TMA_HEAD_MAJOR"] = False  # descriptors over [B, L, H, D] (the KV cache's [B, H, L, D]: True)
     if kernel.startswith("fwd"):
         constexprs["HAS_SINKS"] = flags == "all"  # attention sinks change only the forward's row init
