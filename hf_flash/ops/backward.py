@@ -47,7 +47,6 @@ from hf_flash.ops.common import (
     strides_blh as _strides,
     desc_head,
     desc_row0,
-    flat_row0,
     diag_in_loop,
     dropout_keep,
     head_ptr,
@@ -59,7 +58,6 @@ from hf_flash.ops.common import (
     seq_bounds,
     stats_pair,
     tanh,
-    tma_descriptor,
     tma_pair,
     visible,
 )
@@ -109,7 +107,7 @@ def _bwd_dkdv_inner(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr, MASK_LEFT: tl.constexpr,
     MASK_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
     USE_TMA: tl.constexpr, IS_GQA: tl.constexpr, TMA_HEAD_MAJOR: tl.constexpr, DIAG: tl.constexpr,
-    STATS_TMA: tl.constexpr, DQ_TMA: tl.constexpr,
+    STATS_TMA: tl.constexpr,
 ):
     """Add the contribution of query blocks ``[start, end)`` of every query head of the GQA group to
     ``acc`` = (dk, dv) ``[BLOCK_N, BLOCK_D]`` (fp32) and return it; with ``ATOMIC_DQ`` add ``dS K`` into the
@@ -122,9 +120,7 @@ def _bwd_dkdv_inner(
 
     What the kernel passes in groups (the same for every segment):
     tile: the key block on chip (k, v [BLOCK_N, BLOCK_D], offs_n [BLOCK_N], offs_d [BLOCK_D]);
-    q_in, do_in: Q and dO, each with its (batch, row, head) strides;
-    dq_out: the dQ accumulator with its strides, its descriptor and the descriptor's row of this sequence's
-    query 0 (``DQ_TMA``: the additions go through TMA instead of per-element atomics);
+    q_in, do_in, dq_out: Q, dO and the dQ accumulator, each with its (batch, row, head) strides;
     descs: (q_desc, do_desc, q_row0, desc_rows_h), Q/dO's descriptors with ``USE_TMA`` and their coordinates;
     stats: (Lse, Delta, lse_off0, stride_lh, Lse_desc, Delta_desc, stat_row0), the rows' log-sum-exp and
     delta, from this sequence's row 0; with ``STATS_TMA`` read through their descriptors instead, at row
@@ -137,7 +133,7 @@ def _bwd_dkdv_inner(
     k, v, offs_n, offs_d = tile
     Q, stride_qb, stride_qm, stride_qh = q_in
     dO, stride_dob, stride_dom, stride_doh = do_in
-    DQacc, stride_dqb, stride_dqm, stride_dqh, DQ_desc, dq_row0 = dq_out
+    DQacc, stride_dqb, stride_dqm, stride_dqh = dq_out
     q_desc, do_desc, q_row0, desc_rows_h = descs
     Lse, Delta, lse_off0, stride_lh, Lse_desc, Delta_desc, stat_row0 = stats
     off_b64, q_start, off_hk, n_groups, seed_b = heads
@@ -206,15 +202,9 @@ def _bwd_dkdv_inner(
         dk = tl.dot(dsT, q, dk)
         if ATOMIC_DQ:
             # the order of these fp32 additions varies run to run: not bitwise reproducible
-            dq_part = tl.dot(tl.trans(dsT), k)  # [BM, BD]; times sm_scale when the sum is converted
-            if DQ_TMA:
-                # one bulk reduction from shared memory, issued by one thread and finished in the background
-                # (the next step's store to that buffer waits for it): per-element atomics cost what the two
-                # saved products gained (LOG, 2026-11-25). Rows past the sequence add zeros (p is 0 there)
-                DQ_desc.atomic_add([dq_row0 + start_m, off_h * HEAD_DIM], dq_part)
-            else:
-                dq_head = head_ptr(DQacc, off_b64, stride_dqb, off_h, stride_dqh, q_start, stride_dqm)
-                tl.atomic_add(dq_head + rows * stride_dqm + offs_d[None, :], dq_part, mask=q_ok, sem="relaxed")
+            dq_part = tl.dot(tl.trans(dsT), k) * sm_scale  # [BM, BD]
+            dq_head = head_ptr(DQacc, off_b64, stride_dqb, off_h, stride_dqh, q_start, stride_dqm)
+            tl.atomic_add(dq_head + rows * stride_dqm + offs_d[None, :], dq_part, mask=q_ok, sem="relaxed")
         if IS_GQA:
             # -- the next block; past the segment's end, the next head's first block
             start_m += BLOCK_M
@@ -227,7 +217,7 @@ def _bwd_dkdv_inner(
 # per-call integers (lengths, LSE strides, dropout seed) must not trigger a recompile: common.UNSPECIALIZED
 @triton.jit(do_not_specialize=UNSPECIALIZED)
 def _bwd_dkdv(
-    Q, K, V, dO, Q_desc, dO_desc, Lse, Delta, Lse_desc, Delta_desc, dK, dV, DQacc, DQ_desc, cu_seqlens_q, cu_seqlens_k,
+    Q, K, V, dO, Q_desc, dO_desc, Lse, Delta, Lse_desc, Delta_desc, dK, dV, DQacc, cu_seqlens_q, cu_seqlens_k,
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     stride_dob, stride_dom, stride_doh, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
     stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh,
@@ -237,15 +227,12 @@ def _bwd_dkdv(
     IS_VARLEN: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr, USE_TMA: tl.constexpr,
     IS_GQA: tl.constexpr, TMA_HEAD_MAJOR: tl.constexpr, DIAG_IN_LOOP: tl.constexpr, STATS_TMA: tl.constexpr,
-    DQ_TMA: tl.constexpr,
 ):
     """Grid ``(cdiv(max_seqlen_k, BLOCK_N), B * Hk)``. dK/dV like K/V; Lse/Delta as in the forward;
     DQacc fp32 like Q, zeroed, only with ``ATOMIC_DQ``. Q_desc/dO_desc: tensor descriptors of Q/dO with
     ``USE_TMA``, else unused; their layout as the forward's K/V descriptors. ``DIAG_IN_LOOP``: one loop with
     the diagonal inside (``common.diag_in_loop``), else masked head, unmasked middle, masked tail.
-    Lse_desc/Delta_desc: with ``STATS_TMA``, descriptors of the LSE and delta rows (``common.stats_pair``).
-    DQ_desc: with ``DQ_TMA`` (``ATOMIC_DQ`` on a TMA device), a descriptor of DQacc (contiguous, heads side by
-    side) for ``[BLOCK_M, HEAD_DIM]`` tiles, else unused."""
+    Lse_desc/Delta_desc: with ``STATS_TMA``, descriptors of the LSE and delta rows (``common.stats_pair``)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = pid_bh // n_heads_k
@@ -277,9 +264,7 @@ def _bwd_dkdv(
     seed_b = seed + off_b * (n_heads_k * n_groups)  # plus the head: the forward's per-(batch, head) seed
     acc, tile = (dk, dv), (k, v, offs_n, offs_d)
     q_in, do_in = (Q, stride_qb, stride_qm, stride_qh), (dO, stride_dob, stride_dom, stride_doh)
-    dq_row0 = flat_row0(q_start, off_b, seqlen_q_arg, IS_VARLEN)  # DQacc is [B, L, H, D] or [total, H, D]
-    dq_out = (DQacc, stride_dqb, stride_dqm, stride_dqh, DQ_desc, dq_row0)
-    descs = (Q_desc, dO_desc, q_row0, desc_rows_h)
+    dq_out, descs = (DQacc, stride_dqb, stride_dqm, stride_dqh), (Q_desc, dO_desc, q_row0, desc_rows_h)
     stat_row0 = off_b * (n_heads_k * n_groups)  # the descriptors' row of head 0 (dense batches only)
     stats = (Lse, Delta, lse_off0, stride_lh, Lse_desc, Delta_desc, stat_row0)
     heads = (off_b64, q_start, off_hk, n_groups, seed_b)
@@ -296,7 +281,7 @@ def _bwd_dkdv(
             HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, MASK=SEG != 1 and not DIAG_IN_LOOP, MASK_LEFT=MASK_LEFT,
             MASK_RIGHT=MASK_RIGHT, HAS_SOFTCAP=HAS_SOFTCAP, HAS_DROPOUT=HAS_DROPOUT, ATOMIC_DQ=ATOMIC_DQ,
             USE_TMA=USE_TMA, IS_GQA=IS_GQA, TMA_HEAD_MAJOR=TMA_HEAD_MAJOR, DIAG=DIAG_IN_LOOP,
-            STATS_TMA=STATS_TMA, DQ_TMA=DQ_TMA,
+            STATS_TMA=STATS_TMA,
         )
     dk, dv = acc
     dk = dk * sm_scale
@@ -472,17 +457,13 @@ def flash_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max
     dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if atomic else dq
     c = config_dkdv
     q_do = tma_pair(q, do, varlen, c.block_m, c.tma)
-    # the dQ additions through TMA wherever Q and dO come through descriptors (a power-of-two head dim on a
-    # TMA device); dq_acc is contiguous, so its descriptor never needs Q's layout
-    dq_tma = atomic and q_do.use
     _bwd_dkdv[(cdiv(max_seqlen_k, c.block_n), batch * n_heads_k)](
-        dK=dk, dV=dv, DQacc=dq_acc, DQ_desc=tma_descriptor(dq_acc, varlen, c.block_m) if dq_tma else dq_acc,
-        DQ_TMA=dq_tma, **q_do.kernel_args("Q_desc", "dO_desc"),
+        dK=dk, dV=dv, DQacc=dq_acc, **q_do.kernel_args("Q_desc", "dO_desc"),
         **stats_pair(lse, delta, varlen, c.block_m, q_do.use),
         **_strides(dk, varlen, "dk", "n"), **_strides(dv, varlen, "dv", "n"), **_strides(dq_acc, varlen, "dq", "m"),
         n_heads_k=n_heads_k, BLOCK_M=c.block_m, BLOCK_N=c.block_n, ATOMIC_DQ=atomic, IS_GQA=n_heads != n_heads_k,
         DIAG_IN_LOOP=diag_in_loop(varlen, window, max_seqlen_q, max_seqlen_k, c), **shared, **c.launch_options(),
     )
     if atomic:
-        torch.mul(dq_acc, softmax_scale, out=dq)  # the scale once per element, not once per key block
+        dq.copy_(dq_acc)
     return delta

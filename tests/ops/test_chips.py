@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[2]
 # the kernels' scalar arguments by type; pointers are the capitalised names (Q, Out, dK, ...)
 _FLOAT_ARGS = {"sm_scale", "softcap", "dropout_p"}
 _INT_PREFIXES = ("stride_", "seqlen_", "n_", "window_", "desc_")
-_FP32_POINTERS = {"Lse", "Delta", "Lse_desc", "Delta_desc", "DQacc", "DQ_desc", "Sinks"}
+_FP32_POINTERS = {"Lse", "Delta", "Lse_desc", "Delta_desc", "DQacc", "Sinks"}
 _INT_POINTERS = {"cu_seqlens_q", "cu_seqlens_k"}
 
 
@@ -97,10 +97,7 @@ def compile_case(case: dict, with_cubin: bool = False, asm: tuple = ()) -> dict:
         # host-side descriptors of one tile each: key blocks (fwd, dq) or query blocks (dkdv) x head dim
         rows = constexprs["BLOCK_M"] if case["kernel"] == "dkdv" else constexprs["BLOCK_N"]
         signature.update({n: f"tensordesc<{case['dtype']}[{rows}, {constexprs['HEAD_DIM']}]>"
-                          for n in names if n.endswith("_desc") and n not in ("Lse_desc", "Delta_desc", "DQ_desc")})
-    if constexprs.get("DQ_TMA"):
-        # the dK/dV kernel's dQ additions: fp32 tiles of the query block (backward.flash_bwd)
-        signature["DQ_desc"] = f"tensordesc<fp32[{constexprs['BLOCK_M']}, {constexprs['HEAD_DIM']}]>"
+                          for n in names if n.endswith("_desc") and n not in ("Lse_desc", "Delta_desc")})
     if constexprs.get("STATS_TMA"):
         # the dK/dV kernel's LSE and delta rows: fp32 tiles of one row of BLOCK_M (common.stats_pair)
         signature.update({n: f"tensordesc<fp32[1, {constexprs['BLOCK_M']}]>" for n in ("Lse_desc", "Delta_desc")})
@@ -242,8 +239,6 @@ def _case(chip: str, kernel: str, head_dim: int, flags: str, dtype: str = "fp16"
     if kernel == "dkdv":
         # the LSE and delta rows through TMA only beside Q and dO's descriptors, dense (common.stats_pair)
         constexprs["STATS_TMA"] = constexprs["USE_TMA"] and not constexprs["IS_VARLEN"]
-        # the dQ additions through TMA wherever Q and dO come through descriptors
-        constexprs["DQ_TMA"] = atomic_dq and constexprs["USE_TMA"]
     constexprs["TMA_HEAD_MAJOR"] = False  # descriptors over [B, L, H, D] (the KV cache's [B, H, L, D]: True)
     if kernel.startswith("fwd"):
         constexprs["HAS_SINKS"] = flags == "all"  # attention sinks change only the forward's row init

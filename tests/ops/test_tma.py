@@ -43,32 +43,11 @@ def force_tma(monkeypatch):
 
     monkeypatch.setattr(hf_flash.ops.config, "_pick", with_tma)
     monkeypatch.setattr(hf_flash.ops.common, "tma_device_ok", lambda t: True)
-    _interpret_descriptor_add(monkeypatch)
 
     def off():
         monkeypatch.setattr(hf_flash.ops.config, "_pick", pick)
 
     return off
-
-
-def _interpret_descriptor_add(monkeypatch):
-    """Triton's interpreter (3.6, 3.9) has no descriptor reduction, which the atomic dQ path issues through
-    Q's descriptors (``tensor_descriptor.atomic_add``): run it as the per-element atomic add of the tile the
-    descriptor addresses, out-of-bounds elements dropped as TMA drops them. The coordinates are ours to test."""
-    from triton._C.libtriton import ir
-    from triton.runtime import interpreter
-
-    builder = interpreter.InterpreterBuilder
-    if hasattr(builder, "create_descriptor_reduce"):
-        return
-
-    def create_descriptor_reduce(self, kind, desc, value, indices):
-        assert kind == ir.DESCRIPTOR_REDUCE_KIND.ADD, f"only the add reduction is interpreted here, got {kind}"
-        ptrs, mask = desc.materialize_pointers(indices)
-        return self.create_atomic_rmw(ir.ATOMIC_OP.FADD, ptrs, value, mask, ir.MEM_SEMANTIC.RELAXED,
-                                      ir.MEM_SYNC_SCOPE.GPU)
-
-    monkeypatch.setattr(builder, "create_descriptor_reduce", create_descriptor_reduce, raising=False)
 
 
 TMA_CASES = [
@@ -83,16 +62,6 @@ TMA_CASES = [
 def test_tma_dense(case, device, force_tma):
     q, k, v, dout = make_inputs(case, device, seed=3)
     ours = functools.partial(flash_attn_func, **case.kwargs)
-    assert_matches_oracle(ours, oracle_for(case), (q, k, v), dout)
-
-
-@pytest.mark.parametrize("case", TMA_CASES[:2] + [Case(2, 37, 37, 4, 2, 32)], ids=lambda c: c.id)
-def test_tma_atomic_dq(case, device, force_tma, monkeypatch):
-    """dQ added by descriptor reductions from the dK/dV kernel: a tile past a dense sequence's end adds its
-    (zero) rows into the next batch element's first rows, or past the tensor, where TMA drops them."""
-    monkeypatch.setattr(hf_flash.ops.function, "ATOMIC_DQ_MIN_HEAD_DIM", 1)
-    q, k, v, dout = make_inputs(case, device, seed=7)
-    ours = functools.partial(flash_attn_func, **dict(case.kwargs, deterministic=False))
     assert_matches_oracle(ours, oracle_for(case), (q, k, v), dout)
 
 
