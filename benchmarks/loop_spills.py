@@ -108,6 +108,14 @@ def case_for(kernel: str, head_dim: int, causal: bool, layout: str, overrides: d
     case["constexprs"].update(overrides)
     if layout == "varlen":
         case["constexprs"]["IS_VARLEN"] = True
+        if kernel == "dkdv" and not tile:  # the table's varlen tile where it has one (ChipTable.dkdv_varlen)
+            from hf_flash.ops import config
+
+            c = config.SM90.config("dkdv", head_dim, varlen=True)
+            case["constexprs"].update(BLOCK_M=c.block_m, BLOCK_N=c.block_n)
+            case.update(c.launch_options())
+            if c.maxnreg is None:
+                case.pop("maxnreg", None)
         if case["constexprs"].get("STATS_TMA"):
             case["constexprs"]["STATS_TMA"] = False  # common.stats_pair: dense batches only
     return case

@@ -162,8 +162,8 @@ def launch_worker(out_file: str) -> None:
 
     from hf_flash.ops import config
 
-    config._pick = lambda kernel, head_dim, device, max_seqlen_q=None: config.SM90.config(kernel, head_dim,
-                                                                                          max_seqlen_q)
+    config._pick = lambda kernel, head_dim, device, max_seqlen_q=None, varlen=False: config.SM90.config(
+        kernel, head_dim, max_seqlen_q, varlen)
     log = []
 
     def describe(value):

@@ -72,9 +72,11 @@ def _paths(device: torch.device, dot_on: str, chip: tuple[config.ChipTable, str]
 
 def _tiles(table: config.ChipTable) -> dict[str, dict[str, str]]:
     """head-dim class -> kernel -> "block_m x block_n, warps, stages" (+ " tma" where tiles stream through TMA
-    descriptors); "fwd_short" is the forward up to ``config.SHORT_SEQLEN`` queries, where it differs."""
+    descriptors, " maxnreg N" under a register cap); "fwd_short" is the forward up to ``config.SHORT_SEQLEN``
+    queries and "dkdv_varlen" the dK/dV kernel of varlen calls, where they differ."""
     def describe(c: config.KernelConfig) -> str:
-        return f"{c.block_m}x{c.block_n} w{c.num_warps} s{c.num_stages}" + (" tma" if c.tma else "")
+        return (f"{c.block_m}x{c.block_n} w{c.num_warps} s{c.num_stages}" + (" tma" if c.tma else "")
+                + (f" maxnreg {c.maxnreg}" if c.maxnreg else ""))
 
     out = {}
     for head_class in sorted(table.fwd):
@@ -82,6 +84,9 @@ def _tiles(table: config.ChipTable) -> dict[str, dict[str, str]]:
         short = describe(table.config("fwd", head_class, config.SHORT_SEQLEN))
         if short != row["fwd"]:
             row["fwd_short"] = short
+        varlen = describe(table.config("dkdv", head_class, varlen=True))
+        if varlen != row["dkdv"]:
+            row["dkdv_varlen"] = varlen
         out[f"D<={head_class}"] = row
     return out
 

@@ -34,11 +34,6 @@ VARIANTS=(
   # common.UNSPECIALIZED: what keeping them out of the specialization (no recompile per new length) costs.
   # Time with SEQLENS="1024 4096 16384" and VARLEN=... (the varlen layouts are where new lengths come from)
   "specialize-lengths|specialize-lengths.patch|"
-  # D64 dK/dV capped at 128 registers on dense batches (4 programs per SM instead of 3). Offline (Triton 3.6, sm90,
-  # with the LSE/delta descriptors): the GQA causal merged loop 153 -> 128 registers, 312 -> 328 instructions,
-  # 4 B spilled (1 LDL + 1 STL a step); non-causal and ragged loops spill-free, +9% instructions. The LoRA shape
-  # (Llama-3.2-1B: GQA 32/8 D64 causal). Time with KV_HEADS=8 HEAD_DIMS=64 SEQLENS="4096 16384"
-  "d64-dkdv-4-per-sm|d64-dkdv-4-per-sm.patch|"
   # A patch that no longer applies to main leaves this folder for the branch experiments-archive, e.g.
   # segment-loop.patch (main now does the same); one that lost leaves it too, its commit named in the LOG
   # (fwd-overlap-d128.patch / fwd-overlap-all.patch: `git show 804544b:benchmarks/experiments/NAME`),

@@ -218,22 +218,25 @@ class ChipTable:
     # forward tiles for short queries (max_seqlen_q <= SHORT_SEQLEN), where smaller query blocks give the
     # grid more programs than big ones; a class missing here uses ``fwd``
     fwd_short: Tiles = field(default_factory=dict)
-    # register caps of the dK/dV kernel per head-dim class: one more program per SM where the compiler's
-    # own choice sits just above a threshold
-    dkdv_maxnreg: dict = field(default_factory=dict)
+    # dK/dV tiles of varlen calls (segment bounds read from cu_seqlens take registers the dense kernel does
+    # not need); a class missing here uses ``dkdv``
+    dkdv_varlen: Tiles = field(default_factory=dict)
 
-    def config(self, kernel: str, head_dim: int, max_seqlen_q: int | None = None) -> KernelConfig:
-        """``kernel``: "fwd", "dkdv" or "dq". A tile is (block_m, block_n, num_warps, num_stages) with an
-        optional fifth entry: read the streamed tiles through TMA (default False)."""
+    def config(self, kernel: str, head_dim: int, max_seqlen_q: int | None = None, varlen: bool = False) -> KernelConfig:
+        """``kernel``: "fwd", "dkdv" or "dq". A tile is (block_m, block_n, num_warps, num_stages) with two
+        optional entries: read the streamed tiles through TMA (default False), and a register cap per thread
+        (default none: the compiler's choice). ``varlen``: the call has cu_seqlens."""
         tiles = getattr(self, kernel)
         block_d = block_d_for(head_dim)
         head_class = min(c for c in tiles if c >= block_d)
         tile = tiles[head_class]
         if kernel == "fwd" and max_seqlen_q is not None and max_seqlen_q <= SHORT_SEQLEN:
             tile = self.fwd_short.get(head_class, tile)
-        block_m, block_n, num_warps, num_stages, *tma = tile
-        maxnreg = self.dkdv_maxnreg.get(head_class) if kernel == "dkdv" else None
-        return KernelConfig(block_m, block_n, block_d, num_warps, num_stages, bool(tma and tma[0]), maxnreg)
+        if kernel == "dkdv" and varlen:
+            tile = self.dkdv_varlen.get(head_class, tile)
+        block_m, block_n, num_warps, num_stages, *extra = tile
+        tma, maxnreg = extra + [False, None][len(extra):]
+        return KernelConfig(block_m, block_n, block_d, num_warps, num_stages, bool(tma), maxnreg)
 
 
 TMA = True  # the fifth entry of a tile: stream K/V (forward, dQ) or Q/dO (dK/dV) through TMA descriptors
@@ -245,12 +248,14 @@ SM90 = ChipTable(
     # head dims; others read through pointers with the same tiles.
     fwd={64: (128, 64, 8, 3, TMA), 128: (128, 128, 8, 3, TMA), 256: (64, 64, 4, 3)},
     fwd_short={64: (64, 64, 4, 3, TMA), 128: (64, 64, 4, 3, TMA)},
-    dkdv={64: (32, 64, 4, 3, TMA), 128: (64, 128, 8, 3, TMA), 256: (32, 32, 4, 2)},
+    # D64 dK/dV, dense: 64 query rows a step (203-217 registers, 2 programs per SM, no spills on Triton 3.6)
+    # beat 32 rows by 3-7% (H100, LOG 2026-12-06 fifth session: MHA and GQA 32/8, 4k and 16k)
+    dkdv={64: (64, 64, 4, 3, TMA), 128: (64, 128, 8, 3, TMA), 256: (32, 32, 4, 2)},
     dq={64: (128, 64, 8, 3, TMA), 128: (128, 64, 8, 3, TMA), 256: (64, 32, 4, 3)},
     source="swept on an H100",
-    # D64 dK/dV: the ragged and varlen specialisations take 176-198 registers at 4 warps (2 programs per
-    # SM); capped at 168, 3 fit and the loops stay spill-free (cross-compiled with Triton 3.6, MHA and GQA)
-    dkdv_maxnreg={64: 168},
+    # D64 dK/dV, varlen: 32 rows capped at 168 registers, 3 programs per SM with spill-free loops (uncapped
+    # 176-198, 2 per SM), measured +5-13% on GQA 32/8 (docs/DESIGN.md); 64 rows take 237-250 there, untimed
+    dkdv_varlen={64: (32, 64, 4, 3, TMA, 168)},
 )
 
 SM80 = ChipTable(
@@ -305,27 +310,31 @@ def chip_table(device: torch.device | str | None = None) -> ChipTable:
 _INTERPRETER = (16, 16, 4, 1)
 
 
-def _pick(kernel: str, head_dim: int, device: torch.device, max_seqlen_q: int | None = None) -> KernelConfig:
+def _pick(kernel: str, head_dim: int, device: torch.device, max_seqlen_q: int | None = None,
+          varlen: bool = False) -> KernelConfig:
     if device.type != "cuda":
         block_m, block_n, num_warps, num_stages = _INTERPRETER
         return KernelConfig(block_m, block_n, block_d_for(head_dim), num_warps, num_stages)
     capability, smem, _ = device_facts(device)
     # only whether the queries are short changes the answer, so that is all the cache key holds of them
-    return _config_cached(kernel, head_dim, capability, smem, max_seqlen_q is not None and max_seqlen_q <= SHORT_SEQLEN)
+    short = max_seqlen_q is not None and max_seqlen_q <= SHORT_SEQLEN
+    return _config_cached(kernel, head_dim, capability, smem, short, varlen)
 
 
 @functools.lru_cache(maxsize=256)
-def _config_cached(kernel: str, head_dim: int, capability: tuple[int, int], smem: int, short: bool) -> KernelConfig:
+def _config_cached(kernel: str, head_dim: int, capability: tuple[int, int], smem: int, short: bool,
+                   varlen: bool) -> KernelConfig:
     # asked on every launch: the table walk and the dataclass construction, microseconds each, which
-    # short sequences feel, are done once per (kernel, head dim, chip, short)
-    return table_for(capability, smem).config(kernel, head_dim, SHORT_SEQLEN if short else None)
+    # short sequences feel, are done once per (kernel, head dim, chip, short, varlen)
+    return table_for(capability, smem).config(kernel, head_dim, SHORT_SEQLEN if short else None, varlen)
 
 
 def forward_config(head_dim: int, device: torch.device, max_seqlen_q: int | None = None) -> KernelConfig:
     return _pick("fwd", head_dim, device, max_seqlen_q)
 
 
-def backward_config(head_dim: int, device: torch.device) -> tuple[KernelConfig, KernelConfig]:
+def backward_config(head_dim: int, device: torch.device, varlen: bool = False) -> tuple[KernelConfig, KernelConfig]:
     """Configs of the two backward kernels: dK/dV (key blocks of ``block_n`` walking query blocks of
-    ``block_m``) and dQ (query blocks of ``block_m`` walking key blocks of ``block_n``)."""
-    return _pick("dkdv", head_dim, device), _pick("dq", head_dim, device)
+    ``block_m``) and dQ (query blocks of ``block_m`` walking key blocks of ``block_n``). ``varlen``: the call
+    has cu_seqlens."""
+    return _pick("dkdv", head_dim, device, varlen=varlen), _pick("dq", head_dim, device)

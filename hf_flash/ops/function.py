@@ -111,7 +111,7 @@ def _bwd_impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
         dk.zero_()
         dv.zero_()
     elif k.numel() > 0:
-        config_dkdv, config_dq = backward_config(q.shape[-1], q.device)
+        config_dkdv, config_dq = backward_config(q.shape[-1], q.device, cu_seqlens_q is not None)
         deterministic = deterministic or q.shape[-1] < ATOMIC_DQ_MIN_HEAD_DIM
         delta = flash_bwd(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                           max_seqlen_k, softmax_scale, (window_left, window_right), softcap, dropout_p,

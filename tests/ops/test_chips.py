@@ -221,7 +221,7 @@ def _case(chip: str, kernel: str, head_dim: int, flags: str, dtype: str = "fp16"
         return {**case, "constexprs": constexprs, "num_warps": 4, "num_stages": 3}
     # "fwd_short": the forward's tiles for short sequences (ChipTable.fwd_short), same kernel
     short = config.SHORT_SEQLEN if kernel.endswith("_short") else None
-    c = table.config(kernel.removesuffix("_short"), head_dim, short)
+    c = table.config(kernel.removesuffix("_short"), head_dim, short, FLAG_SETS[flags].get("IS_VARLEN", False))
     constexprs = {"HEAD_DIM": head_dim, "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_D": c.block_d}
     constexprs.update(dict.fromkeys(("IS_VARLEN", "MASK_LEFT", "MASK_RIGHT", "HAS_SOFTCAP", "HAS_DROPOUT"), False))
     constexprs.update(FLAG_SETS[flags])
@@ -402,6 +402,19 @@ def test_tables_cover_every_head_dim(name):
             for block in (c.block_m, c.block_n):
                 assert block >= 16 and block & (block - 1) == 0  # tl.dot needs powers of two >= 16
     assert table.config("fwd", 80) == table.config("fwd", 128)
+
+
+def test_varlen_calls_take_the_varlen_dkdv_tile(fake_gpu):
+    """sm90's D64 dK/dV: 64 query rows for dense batches, 32 rows under a 168-register cap for varlen ones
+    (config.SM90.dkdv_varlen); other kernels and head dims do not depend on varlen."""
+    from hf_flash.ops import config
+
+    device = fake_gpu((9, 0), name="NVIDIA H100")
+    dense, varlen = config.backward_config(64, device), config.backward_config(64, device, varlen=True)
+    assert (dense[0].block_m, dense[0].maxnreg) == (64, None)
+    assert (varlen[0].block_m, varlen[0].maxnreg) == (32, 168) and varlen[0].tma
+    assert dense[1] == varlen[1]
+    assert config.backward_config(128, device) == config.backward_config(128, device, varlen=True)
 
 
 def test_configs_follow_the_gpu(fake_gpu):

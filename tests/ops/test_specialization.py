@@ -76,8 +76,8 @@ def launches(monkeypatch):
 
     for name, (module, attr) in KERNELS.items():
         monkeypatch.setattr(module, attr, Recorder(name))
-    monkeypatch.setattr(config, "_pick", lambda kernel, head_dim, device, max_seqlen_q=None:
-                        config.SM90.config(kernel, head_dim, max_seqlen_q))  # fmt: skip
+    monkeypatch.setattr(config, "_pick", lambda kernel, head_dim, device, max_seqlen_q=None, varlen=False:
+                        config.SM90.config(kernel, head_dim, max_seqlen_q, varlen))  # fmt: skip
     return log
 
 

@@ -38,8 +38,8 @@ def force_tma(monkeypatch):
     layout rules still apply. Returns a function that turns it back off, for pointer-path baselines."""
     pick = hf_flash.ops.config._pick
 
-    def with_tma(kernel, head_dim, device, max_seqlen_q=None):
-        return dataclasses.replace(pick(kernel, head_dim, device, max_seqlen_q), tma=True)
+    def with_tma(kernel, head_dim, device, max_seqlen_q=None, varlen=False):
+        return dataclasses.replace(pick(kernel, head_dim, device, max_seqlen_q, varlen), tma=True)
 
     monkeypatch.setattr(hf_flash.ops.config, "_pick", with_tma)
     monkeypatch.setattr(hf_flash.ops.common, "tma_device_ok", lambda t: True)
