@@ -264,21 +264,27 @@ def option_args(softmax_scale, window, softcap, dropout_p, seed) -> dict:
     }  # fmt: skip
 
 
-def tma_descriptor(t, varlen: bool, block_rows: int, layout: "TmaLayout | None" = None):
-    """A tensor descriptor over ``t`` (``[B, L, H, D]``, or varlen ``[total, H, D]``) for tiles of
-    ``[block_rows, D]``. Heads side by side (the default ``layout``): the 2D ``[rows, H * D]`` matrix whose
-    row ``r`` is token ``r`` of the flattened batch. Head-major: the storage as rows of ``D`` elements, each
-    (batch, head) sequence on its own rows (:class:`TmaLayout`). Callers check :func:`tma_layout` first."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
+def tma_view(t, varlen: bool, layout: "TmaLayout | None" = None) -> tuple[list, list]:
+    """(shape, strides) of the 2D matrix a descriptor reads ``t`` (``[B, L, H, D]``, or varlen ``[total, H, D]``)
+    as. Heads side by side (the default ``layout``): ``[rows, H * D]``, row ``r`` being token ``r`` of the
+    flattened batch. Head-major: the storage as rows of ``D`` elements, each (batch, head) sequence on its own
+    rows (:class:`TmaLayout`). Callers check :func:`tma_layout` first."""
     head_dim = t.shape[-1]
     if layout is not None and layout.head_major:
         # rows up to the last token of the last (batch, head); the hardware zero-fills past them
         rows = (t.shape[0] - 1) * layout.rows_b + (t.shape[2] - 1) * layout.rows_h + t.shape[1]
-        return TensorDescriptor(t, [rows, head_dim], [head_dim, 1], [block_rows, head_dim])
+        return [rows, head_dim], [head_dim, 1]
     rows = t.shape[0] if varlen else t.shape[0] * t.shape[1]
     row_stride = t.stride(0) if varlen else t.stride(1)
-    return TensorDescriptor(t, [rows, t.shape[-2] * head_dim], [row_stride, 1], [block_rows, head_dim])
+    return [rows, t.shape[-2] * head_dim], [row_stride, 1]
+
+
+def tma_descriptor(t, varlen: bool, block_rows: int, layout: "TmaLayout | None" = None):
+    """A tensor descriptor over ``t`` (as :func:`tma_view` reads it) for tiles of ``[block_rows, D]``."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    shape, strides = tma_view(t, varlen, layout)
+    return TensorDescriptor(t, shape, strides, [block_rows, t.shape[-1]])
 
 
 def tma_device_ok(t) -> bool:

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from hf_flash.ops import checks
+from hf_flash.ops import checks, hopper_fwd
 from hf_flash.ops.backward import flash_bwd
 from hf_flash.ops.config import backward_config, explain_launch_error, forward_config
 from hf_flash.ops.forward import flash_fwd
@@ -56,11 +56,14 @@ def _fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s
     lse = _new_lse(q, varlen, batch)
     # the seed comes from torch's default generator, so torch.manual_seed makes dropout reproducible
     seed = int(torch.randint(0, 2**30, (1,)).item()) if dropout_p > 0 else 0
-    if out.numel() > 0:
+    window = (window_left, window_right)
+    if out.numel() > 0 and hopper_fwd.takes(q, k, v, varlen, window, softcap, dropout_p, sinks):
+        hopper_fwd.flash_fwd_hopper(q, k, v, out, lse, softmax_scale, causal=window_right == 0)
+    elif out.numel() > 0:
         config = forward_config(q.shape[-1], q.device, max_seqlen_q)
         try:  # free unless a launch fails; the first launch of a call is always this one
             flash_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                      (window_left, window_right), softcap, dropout_p, seed, config, sinks)
+                      window, softcap, dropout_p, seed, config, sinks)
         except (RuntimeError, ValueError) as exc:
             explain_launch_error(exc, q.device)
             raise

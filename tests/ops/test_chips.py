@@ -58,8 +58,33 @@ def _arg_type(name: str, dtype: str) -> str:
 def _kernel(name: str):
     from hf_flash.ops import backward, forward
 
+    if name == "hopper_fwd":  # Gluon: imported only where asked for (Triton without Gluon has no such kernel)
+        from hf_flash.ops import _hopper_fwd_kernel
+
+        return _hopper_fwd_kernel._fwd_hopper
     return {"fwd": forward._fwd_kernel, "fwd_short": forward._fwd_kernel, "dkdv": backward._bwd_dkdv,
             "dq": backward._bwd_dq, "delta": backward._bwd_delta}[name]
+
+
+def _hopper_source(fn, case: dict):
+    """The Gluon source of the Hopper forward (``case``: dtype, constexprs CAUSAL and STAGES): its descriptors
+    carry their shared-memory layouts, as ``_hopper_fwd_kernel._descriptor`` builds them."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from hf_flash.ops import hopper_fwd
+
+    dtype, d = case["dtype"], hopper_fwd.HEAD_DIM
+    gl_dtype = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
+
+    def desc(rows):
+        return f"tensordesc<{dtype}[{rows},{d}],{gl.NVMMASharedLayout.get_default_for([rows, d], gl_dtype)!r}>"
+
+    tiles = {"q_desc": desc(hopper_fwd.SPLIT_M), "o_desc": desc(hopper_fwd.SPLIT_M), "k_desc": desc(hopper_fwd.BLOCK_N),
+             "v_desc": desc(hopper_fwd.BLOCK_N), "lse_ptr": "*fp32", "qk_scale": "fp32"}
+    signature = {n: "constexpr" if n in case["constexprs"] else tiles.get(n, "i32") for n in fn.arg_names}
+    lse = list(fn.arg_names).index("lse_ptr")
+    return GluonASTSource(fn, signature, constexprs=dict(case["constexprs"]), attrs={(lse,): [["tt.divisibility", 16]]})
 
 
 def _resources(ptxas_log: str) -> dict:
@@ -85,6 +110,8 @@ def compile_case(case: dict, with_cubin: bool = False, asm: tuple = ()) -> dict:
     from triton.compiler import ASTSource
 
     fn = _kernel(case["kernel"])
+    if case["kernel"] == "hopper_fwd":
+        return _compiled(_hopper_source(fn, case), case, with_cubin, asm)
     constexprs = case["constexprs"]
     names = list(fn.arg_names)
     declared = {p.name for p in fn.params if p.is_constexpr}
@@ -107,7 +134,14 @@ def compile_case(case: dict, with_cubin: bool = False, asm: tuple = ()) -> dict:
 
     aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in UNSPECIALIZED and (
                signature[n].startswith("*") or n.startswith("stride_") or n in case.get("divisible", ()))}
-    source = ASTSource(fn=fn, signature=signature, constexprs=dict(constexprs), attrs=aligned)
+    return _compiled(ASTSource(fn=fn, signature=signature, constexprs=dict(constexprs), attrs=aligned), case,
+                     with_cubin, asm)
+
+
+def _compiled(source, case: dict, with_cubin: bool, asm: tuple) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+
     log = io.StringIO()
     start = time.perf_counter()
     with contextlib.redirect_stdout(log):
@@ -179,7 +213,7 @@ def run_workers(cases: list[dict], processes: int = 2, timeout: float = 1800) ->
 def _cost(case: dict) -> int:
     # compile time grows with the tile, and FMA code (sm75) unrolls every multiply-add
     c = case["constexprs"]
-    work = c["BLOCK_M"] * c.get("BLOCK_N", 16) * c["BLOCK_D"] // (case["num_warps"] * 32)
+    work = c.get("BLOCK_M", 128) * c.get("BLOCK_N", 16) * c.get("BLOCK_D", 128) // (case["num_warps"] * 32)
     return work * (4 if case["cc"] < 80 else 1) * (2 if case["flags"] == "all" else 1)
 
 

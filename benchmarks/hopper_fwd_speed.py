@@ -1,0 +1,67 @@
+#!/usr/bin/env python
+"""The Hopper forward (Gluon, ``hf_flash/ops/hopper_fwd.py``) against the portable forward, per length, on an sm90 GPU.
+
+    python benchmarks/hopper_fwd_speed.py                                  # D128, L 1k-32k, causal and not
+    python benchmarks/hopper_fwd_speed.py --seqlens 2048,3072,4096 --rounds 7
+
+Both launchers are called directly on the same tensors (16k tokens per batch, hidden 2048, bf16), whatever
+``hopper_fwd.MIN_SEQLEN`` says, so the table shows where the Hopper kernel starts to pay. The two alternate
+over ``--rounds`` rounds (the same cell drifted by up to 0.19x between device calls, and a kernel timed once
+after another can ride a drift); each round gives a ratio, and the line prints the median TFLOP/s of each and
+the median ratio with its range. ``MIN_SEQLEN`` is set from these lines (docs/DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+
+import torch
+import triton
+
+from hf_flash.ops import hopper_fwd
+from hf_flash.ops.config import forward_config
+from hf_flash.ops.forward import flash_fwd
+
+
+def time_case(causal: bool, seqlen: int, rounds: int, kv_heads: int) -> str:
+    head_dim = hopper_fwd.HEAD_DIM
+    batch, heads = max(1, 16384 // seqlen), 2048 // head_dim
+    q = torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(batch, seqlen, kv_heads or heads, head_dim, device="cuda", dtype=torch.bfloat16)
+            for _ in range(2))
+    out, lse = torch.empty_like(q), torch.empty(batch, heads, seqlen, device="cuda")
+    scale, window = 1 / math.sqrt(head_dim), (-1, 0 if causal else -1)
+    config = forward_config(head_dim, q.device, seqlen)
+    runs = {
+        "portable": lambda: flash_fwd(q, k, v, out, lse, None, None, seqlen, seqlen, scale, window, 0.0, 0.0, 0, config),
+        "hopper": lambda: hopper_fwd.flash_fwd_hopper(q, k, v, out, lse, scale, causal),
+    }
+    flops = 4 * batch * heads * seqlen**2 * head_dim / (2 if causal else 1)
+    speeds = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            speeds[name].append(flops / triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e-9)
+    ratios = sorted(h / p for h, p in zip(speeds["hopper"], speeds["portable"]))
+    return (f"D{head_dim} {'causal ' if causal else ''}L={seqlen} kv_heads={kv_heads or heads}: portable "
+            f"{statistics.median(speeds['portable']):.0f}, hopper {statistics.median(speeds['hopper']):.0f} TFLOP/s: "
+            f"{statistics.median(ratios):.2f}x ({ratios[0]:.2f}-{ratios[-1]:.2f})")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seqlens", default="1024,2048,3072,4096,8192,16384,32768")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--kv-heads", type=int, default=0, help="GQA: K/V heads (0: as many as query heads)")
+    a = p.parse_args()
+    if hopper_fwd.unavailable_reason() or torch.cuda.get_device_capability() != (9, 0):
+        raise SystemExit(hopper_fwd.unavailable_reason() or "the Hopper forward needs an sm90 GPU")
+    print(torch.cuda.get_device_name(), "| torch", torch.__version__, "| triton", triton.__version__, flush=True)
+    for seqlen in map(int, a.seqlens.split(",")):
+        for causal in (False, True):
+            print(time_case(causal, seqlen, a.rounds, a.kv_heads), flush=True)
+
+
+if __name__ == "__main__":
+    main()

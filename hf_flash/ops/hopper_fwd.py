@@ -1,0 +1,106 @@
+"""The forward on Hopper (sm90) at head dim 128: warp-specialized, written in Gluon.
+
+The portable forward (``forward.py``) runs every warp through the same steps in lockstep, so the softmax of a
+block waits for its ``Q K^T`` and the next ``Q K^T`` waits for the softmax. This kernel splits a program the
+way FlashAttention-3 does: a 1-warp loader partition streams K and V blocks through TMA into a ring of
+shared-memory stages guarded by mbarriers, and two 4-warp consumer partitions own 64 query rows each, running
+``Q K^T``, the online softmax and ``P V`` with ``wgmma``. The SM's warp schedulers then interleave one
+group's softmax with the other group's products. Triton 3.6's automatic warp specialization hangs with two
+consumer groups (``docs/DESIGN.md``), hence Gluon, where the partitions, barriers and layouts are explicit.
+On an H100 it ran the D128 forward at 1.15-1.27x the portable kernel from 4k tokens (LOG, 2026-12-06 fifth
+session); at D64 the 64-wide ``P V`` product is too small to hide a softmax behind (0.9-1.0x), and below 4k
+one 224 KB program per SM leaves nothing to hide a program's start and end behind (0.8x at 2k).
+
+So it takes only what it was measured on, and the portable kernel everything else (:func:`takes` decides):
+dense batches on an sm90 GPU, head dim 128, ``Lq == Lk`` a multiple of 128 and at least ``MIN_SEQLEN``, causal
+or not, no window, softcap, dropout or sinks, fp16/bf16, Q/K/V/O readable by TMA (heads side by side, or
+head-major as Transformers' ``[B, H, L, D]`` tensors are). ``HF_FLASH_HOPPER_FWD=0`` turns it off. It writes
+the same O and LSE (``[B, H, L]``, natural log) as the portable forward, which the backward reads.
+
+Layout of a tensor in its descriptor: the 2D view whose row ``b * rows_b + h * rows_h + l`` holds token ``l``
+of (batch ``b``, head ``h``) at column ``h * col_h``: heads side by side have ``rows_h = 0, col_h = D``,
+head-major ones ``col_h = 0`` (``common.TmaLayout``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from hf_flash.ops.common import TmaLayout, tma_layout
+from hf_flash.ops.config import device_facts
+
+MIN_SEQLEN = 4096  # measured faster from here on (H100, D128): 1.15-1.27x at 4k and 16k, 0.8x at 2k
+HEAD_DIM = 128
+SPLIT_M = 64  # query rows of one consumer group; a program's tile is 2 * SPLIT_M rows
+BLOCK_N = 128  # keys per stage
+STAGES = 2  # K/V stages: 2 x (2 x 32 KB) + Q's 2 x 16 KB = 160 KB of the 227 KB a program may have
+ENV = "HF_FLASH_HOPPER_FWD"
+LOG2E = 1.4426950408889634
+
+
+@functools.cache
+def unavailable_reason() -> str | None:
+    """None when this Triton has the Gluon pieces the kernel uses (Triton 3.6 to 3.9 were compiled), else why."""
+    try:
+        from triton.experimental import gluon  # noqa: F401
+        from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma  # noqa: F401
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor  # noqa: F401
+    except ImportError as exc:
+        return f"this Triton has no Gluon Hopper language ({exc})"
+    return None
+
+
+if unavailable_reason() is None:
+    from hf_flash.ops._hopper_fwd_kernel import launch as _launch
+else:
+    _launch = None
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV, "1") not in ("0", "", "false", "False")
+
+
+def takes(q, k, v, varlen, window, softcap, dropout_p, sinks) -> bool:
+    """Whether this forward runs the call (arguments as ``forward.flash_fwd`` gets them): :func:`fits`, on an
+    sm90 GPU (a forced arch other than sm90 brings its own table), with the kernel available and not turned
+    off. Runs on every forward call: the cheap checks come first."""
+    if not fits(q, k, v, varlen, window, softcap, dropout_p, sinks) or _launch is None or not enabled():
+        return False
+    return q.device.type == "cuda" and device_facts(q.device)[0] == (9, 0)
+
+
+def fits(q, k, v, varlen, window, softcap, dropout_p, sinks) -> bool:
+    """The calls the kernel computes and was measured faster on (module docstring), whatever the device:
+    dense, causal or not, no window, softcap, dropout or sinks; head dim 128, fp16/bf16; ``Lq == Lk``, a
+    multiple of 128 and at least ``MIN_SEQLEN``; Q and K/V each readable in one TMA layout."""
+    if varlen or sinks is not None or softcap > 0 or dropout_p > 0 or window[0] != -1 or window[1] not in (-1, 0):
+        return False
+    if q.shape[-1] != HEAD_DIM or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    seqlen = q.shape[1]
+    if seqlen != k.shape[1] or seqlen < MIN_SEQLEN or seqlen % (2 * SPLIT_M):
+        return False
+    kv_layout = tma_layout(k, False)
+    return tma_layout(q, False) is not None and kv_layout is not None and kv_layout == tma_layout(v, False)
+
+
+def _rows(layout: TmaLayout, t: torch.Tensor) -> tuple[int, int, int]:
+    """(rows_b, rows_h, col_h) of ``t`` ``[B, L, H, D]`` in its descriptor's 2D view (module docstring)."""
+    if layout.head_major:
+        return layout.rows_b, layout.rows_h, 0
+    return t.shape[1], 0, t.shape[3]
+
+
+def flash_fwd_hopper(q, k, v, out, lse, softmax_scale: float, causal: bool) -> None:
+    """Launch the forward for a call that :func:`takes`. q/out ``[B, L, H, 128]``, k/v ``[B, L, Hk, 128]``
+    (``H % Hk == 0``); out written in q's layout (``torch.empty_like(q)``), lse fp32 ``[B, H, L]`` written."""
+    batch, seqlen, n_heads, _ = q.shape
+    q_layout, kv_layout = tma_layout(q, False), tma_layout(k, False)
+    if tma_layout(out, False) != q_layout:
+        raise ValueError("out must have q's layout (torch.empty_like(q)) for the Hopper forward")
+    _launch(q=q, k=k, v=v, out=out, lse=lse, q_rows=_rows(q_layout, q), kv_rows=_rows(kv_layout, k),
+            q_layout=q_layout, kv_layout=kv_layout, qk_scale=softmax_scale * LOG2E, causal=causal,
+            split_m=SPLIT_M, block_n=BLOCK_N, stages=STAGES)

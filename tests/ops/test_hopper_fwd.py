@@ -1,0 +1,151 @@
+"""The Hopper forward (``hf_flash/ops/hopper_fwd.py``, Gluon): which calls it takes, that it compiles for sm90
+with this Triton (no GPU needed), and on an sm90 GPU that it matches the fp32 oracle, backward included (the
+backward reads its LSE).
+
+On the GPU the kernel only takes ``L >= MIN_SEQLEN`` (4096); the tests lower that bound so that small shapes
+run it, and check that it ran."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from flash_oracle import Case, assert_matches_oracle, make_inputs, oracle_for
+
+from hf_flash.ops import hopper_fwd
+
+L = hopper_fwd.MIN_SEQLEN
+
+
+def _dense(batch=2, seqlen=L, heads=4, kv_heads=2, head_dim=128, dtype=torch.bfloat16, device="cpu"):
+    q = torch.empty(batch, seqlen, heads, head_dim, dtype=dtype, device=device)
+    k, v = (torch.empty(batch, seqlen, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(2))
+    return q, k, v
+
+
+def _fits(q, k, v, varlen=False, window=(-1, 0), softcap=0.0, dropout_p=0.0, sinks=None):
+    return hopper_fwd.fits(q, k, v, varlen, window, softcap, dropout_p, sinks)
+
+
+def test_fits_the_measured_calls_only():
+    q, k, v = _dense()
+    assert _fits(q, k, v) and _fits(q, k, v, window=(-1, -1))
+    assert _fits(*_dense(dtype=torch.float16))
+    # Transformers' [B, H, L, D] tensors seen as [B, L, H, D]: head-major descriptors
+    hm = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v)]
+    assert _fits(*hm)
+    assert not _fits(q, k, v, varlen=True)
+    assert not _fits(q, k, v, window=(8, 0)) and not _fits(q, k, v, window=(-1, 4))
+    assert not _fits(q, k, v, softcap=30.0) and not _fits(q, k, v, dropout_p=0.1)
+    assert not _fits(q, k, v, sinks=torch.zeros(4))
+    assert not _fits(*_dense(head_dim=64)) and not _fits(*_dense(head_dim=96))
+    assert not _fits(*_dense(dtype=torch.float32))
+    assert not _fits(*_dense(seqlen=L - 128)) and not _fits(*_dense(seqlen=L + 64))
+    q2, k2, v2 = _dense(seqlen=2 * L)
+    assert not _fits(q, k2, v2), "Lq != Lk"
+    assert not _fits(q, k, hm[2]), "K and V in different layouts"
+    assert not _fits(q[..., ::2, :], k, v), "heads neither side by side nor whole rows apart"
+
+
+def test_takes_only_cuda_tensors_and_can_be_turned_off(fake_gpu, monkeypatch):
+    q, k, v = _dense()
+    args = (False, (-1, 0), 0.0, 0.0, None)
+    fake_gpu((9, 0), name="NVIDIA H100")
+    assert _fits(q, k, v) and not hopper_fwd.takes(q, k, v, *args), "CPU tensors run the interpreter's kernels"
+    monkeypatch.setenv(hopper_fwd.ENV, "0")
+    assert not hopper_fwd.enabled()
+    monkeypatch.setenv(hopper_fwd.ENV, "1")
+    assert hopper_fwd.enabled()
+
+
+def test_compiles_for_sm90_without_spills():
+    """The kernel compiles for sm90 with this Triton (CI's is not the device's), within the launch's 168
+    registers a thread (the consumers then raise theirs to 240), without spills, in the 227 KB of shared memory
+    a program may have: causal or not, bf16 and fp16 (in fresh processes, as test_chips compiles)."""
+    from test_chips import _cross_compile_unavailable, run_workers
+
+    reason = hopper_fwd.unavailable_reason() or _cross_compile_unavailable()
+    if reason:
+        pytest.skip(reason)
+    cases = [{"kernel": "hopper_fwd", "cc": 90, "dtype": dtype, "flags": "plain", "num_warps": 4, "num_stages": 1,
+              "maxnreg": 168, "constexprs": {"CAUSAL": causal, "STAGES": hopper_fwd.STAGES}}
+             for causal in (False, True) for dtype in ("bf16", "fp16")]  # fmt: skip
+    for r in run_workers(cases, processes=2, timeout=600):
+        name = f"causal={r['constexprs']['CAUSAL']} {r['dtype']}"
+        assert "error" not in r, f"{name}: {r.get('error')}"
+        assert r["regs"] is not None and r["regs"] <= 168, f"{name}: {r['regs']} registers"
+        assert r["spill_bytes"] == 0, f"{name}: {r['spill_bytes']} bytes spilled"
+        assert r["shared"] <= 227 * 1024, f"{name}: {r['shared']} B of shared memory"
+
+
+# -- on an sm90 GPU ---------------------------------------------------------------------------------------------
+
+GPU_CASES = [
+    Case(2, 256, 256, 4, 2, 128, causal=True, dtype=torch.bfloat16),
+    Case(1, 384, 384, 4, 4, 128, dtype=torch.bfloat16),
+    Case(2, 512, 512, 8, 1, 128, causal=True, dtype=torch.float16),
+    Case(3, 128, 128, 2, 2, 128, dtype=torch.float16),
+]
+
+
+@pytest.fixture
+def hopper_calls(monkeypatch):
+    """Lowers the length bound to 128 and counts the kernel's launches; skips off sm90."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs an sm90 GPU (H100/H200)")
+    if hopper_fwd.unavailable_reason():
+        pytest.skip(hopper_fwd.unavailable_reason())
+    monkeypatch.setattr(hopper_fwd, "MIN_SEQLEN", 128)
+    calls = []
+    launch = hopper_fwd.flash_fwd_hopper
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(hopper_fwd, "flash_fwd_hopper", counted)
+    return calls
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_major", [False, True], ids=["blhd", "bhld"])
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.id)
+def test_matches_oracle_on_sm90(case, head_major, hopper_calls):
+    from hf_flash import flash_attn_func
+
+    q, k, v, dout = make_inputs(case, "cuda", seed=11)
+    if head_major:  # as Transformers hands them over: [B, H, L, D] storage seen as [B, L, H, D]
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    ours = functools.partial(flash_attn_func, **case.kwargs)
+    assert_matches_oracle(ours, oracle_for(case), (q, k, v), dout)
+    assert hopper_calls, "the Hopper forward did not run"
+
+
+@pytest.mark.gpu
+def test_lse_and_output_match_the_portable_forward(hopper_calls, monkeypatch):
+    """Same O (within rounding) and the same LSE, which the backward relies on, as the portable kernel."""
+    from hf_flash import flash_attn_func
+
+    case = Case(2, 1024, 1024, 8, 2, 128, causal=True, dtype=torch.bfloat16)
+    q, k, v, _ = make_inputs(case, "cuda", seed=12)
+    out, lse, _ = flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    assert hopper_calls
+    monkeypatch.setenv(hopper_fwd.ENV, "0")
+    base, base_lse, _ = flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    assert len(hopper_calls) == 1, f"{hopper_fwd.ENV}=0 must turn the kernel off"
+    torch.testing.assert_close(lse, base_lse, atol=1e-4, rtol=0)
+    torch.testing.assert_close(out.float(), base.float(), atol=2e-2, rtol=0)
+
+
+@pytest.mark.gpu
+def test_other_calls_take_the_portable_forward(hopper_calls):
+    from hf_flash import flash_attn_func
+
+    for case in (Case(1, 200, 200, 2, 2, 128), Case(1, 256, 256, 2, 2, 64), Case(1, 256, 384, 2, 2, 128)):
+        q, k, v, _ = make_inputs(case, "cuda")
+        flash_attn_func(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=False)
+    q, k, v, _ = make_inputs(Case(1, 256, 256, 2, 2, 128, dtype=torch.bfloat16), "cuda")
+    flash_attn_func(q, k, v, causal=True, window_size=(64, 0))
+    flash_attn_func(q, k, v, softcap=20.0)
+    assert not hopper_calls, hopper_calls
