@@ -17,7 +17,7 @@ import sys
 import torch
 
 from hf_flash import dispatch
-from hf_flash.ops import config
+from hf_flash.ops import config, hopper_fwd
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FALLBACK = "PyTorch SDPA"  # what the Transformers integration runs instead (hf_flash.fallback)
@@ -114,7 +114,19 @@ def _gpu(index: int) -> dict:
         "paths": _paths(device, "tensor cores" if table.tensor_cores else "CUDA cores (FMA), see tl.dot above",
                         (table, props.name)),
         "tiles": _tiles(table),
+        "hopper_forward": _hopper_forward(capability),
     }
+
+
+def _hopper_forward(capability: tuple[int, int]) -> str:
+    """Whether the D128 forward runs the Hopper kernel on this GPU (``hf_flash/ops/hopper_fwd.py``), and why not."""
+    if capability != (9, 0):
+        return "off: sm90 only (wgmma)"
+    reason = hopper_fwd.unavailable_reason() or (None if hopper_fwd.enabled() else f"{hopper_fwd.ENV}=0")
+    if reason:
+        return f"off: {reason}"
+    return (f"on for head dim {hopper_fwd.HEAD_DIM}, dense, Lq == Lk a multiple of 128 from {hopper_fwd.MIN_SEQLEN} "
+            "tokens, causal or not, no window/softcap/dropout/sinks (Gluon, warp-specialized)")
 
 
 def report() -> dict:
@@ -165,6 +177,7 @@ def format_report(r: dict) -> str:
             f"  tl.dot on {gpu['matmuls']}",
         ]
         lines += _format_paths(gpu["paths"])
+        lines.append(f"  Hopper forward: {gpu['hopper_forward']}")
         lines.append("  tiles (block_m x block_n, warps, stages; tma: loads through TMA descriptors):")
         for head_class, row in gpu["tiles"].items():
             short = f"; forward up to {config.SHORT_SEQLEN} queries {row['fwd_short']}" if "fwd_short" in row else ""

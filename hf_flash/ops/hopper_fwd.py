@@ -7,9 +7,9 @@ shared-memory stages guarded by mbarriers, and two 4-warp consumer partitions ow
 ``Q K^T``, the online softmax and ``P V`` with ``wgmma``. The SM's warp schedulers then interleave one
 group's softmax with the other group's products. Triton 3.6's automatic warp specialization hangs with two
 consumer groups (``docs/DESIGN.md``), hence Gluon, where the partitions, barriers and layouts are explicit.
-On an H100 it ran the D128 forward at 1.15-1.27x the portable kernel from 4k tokens (LOG, 2026-12-06 fifth
-session); at D64 the 64-wide ``P V`` product is too small to hide a softmax behind (0.9-1.0x), and below 4k
-one 224 KB program per SM leaves nothing to hide a program's start and end behind (0.8x at 2k).
+On an H100 it ran the D128 forward at 1.14-1.28x the portable kernel from 3k tokens to 16k (LOG, 2026-12-06
+fifth session); at D64 the 64-wide ``P V`` product is too small to hide a softmax behind (0.9-1.0x), and at 2k
+and below it is slower (0.73-0.79x against the portable kernel's short-sequence tiles).
 
 So it takes only what it was measured on, and the portable kernel everything else (:func:`takes` decides):
 dense batches on an sm90 GPU, head dim 128, ``Lq == Lk`` a multiple of 128 and at least ``MIN_SEQLEN``, causal
@@ -32,7 +32,7 @@ import torch
 from hf_flash.ops.common import TmaLayout, tma_layout
 from hf_flash.ops.config import device_facts
 
-MIN_SEQLEN = 4096  # measured faster from here on (H100, D128): 1.15-1.27x at 4k and 16k, 0.8x at 2k
+MIN_SEQLEN = 3072  # measured faster from here on (H100, D128): 1.14-1.28x from 3k to 16k, 0.73-0.79x at 1k-2k
 HEAD_DIM = 128
 SPLIT_M = 64  # query rows of one consumer group; a program's tile is 2 * SPLIT_M rows
 BLOCK_N = 128  # keys per stage

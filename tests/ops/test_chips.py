@@ -536,6 +536,22 @@ def test_info_on_a_t4_says_cuda_cores_and_bf16_fallback(fake_gpu):
         assert needle in text, (needle, text)
 
 
+def test_info_says_where_the_hopper_forward_runs(fake_gpu, monkeypatch):
+    from hf_flash.info import info, report
+    from hf_flash.ops import hopper_fwd
+
+    fake_gpu((9, 0), name="NVIDIA H100")
+    expected = "off: " + hopper_fwd.unavailable_reason() if hopper_fwd.unavailable_reason() else "on for head dim 128"
+    assert report()["gpus"][0]["hopper_forward"].startswith(expected)
+    out = io.StringIO()
+    info(file=out)
+    assert "Hopper forward: " + expected in out.getvalue()
+    monkeypatch.setenv(hopper_fwd.ENV, "0")
+    assert report()["gpus"][0]["hopper_forward"] in (f"off: {hopper_fwd.ENV}=0", expected)
+    fake_gpu((8, 0), name="NVIDIA A100")
+    assert report()["gpus"][0]["hopper_forward"] == "off: sm90 only (wgmma)"
+
+
 def test_info_shows_a_forced_arch(fake_gpu):
     from hf_flash.info import report
     from hf_flash.ops import config

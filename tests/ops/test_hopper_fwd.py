@@ -2,7 +2,7 @@
 with this Triton (no GPU needed), and on an sm90 GPU that it matches the fp32 oracle, backward included (the
 backward reads its LSE).
 
-On the GPU the kernel only takes ``L >= MIN_SEQLEN`` (4096); the tests lower that bound so that small shapes
+On the GPU the kernel only takes ``L >= MIN_SEQLEN`` (3072); the tests lower that bound so that small shapes
 run it, and check that it ran."""
 
 from __future__ import annotations
