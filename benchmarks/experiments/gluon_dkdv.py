@@ -36,7 +36,8 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 LOG2E = 1.4426950408889634
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
-ROWS = gl.constexpr(64)  # query rows of a step, and keys of a consumer group
+_ROWS = 64  # query rows of a step, and keys of a consumer group
+ROWS = gl.constexpr(_ROWS)
 
 
 @gluon.jit
@@ -203,8 +204,8 @@ def _dkdv_ws_kernel(q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, lse_ptr, 
 def _desc(t):
     dtype = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
     flat = t.view(t.shape[0] * t.shape[1], t.shape[2] * t.shape[3])
-    return TensorDescriptor.from_tensor(flat, [ROWS, t.shape[3]], gl.NVMMASharedLayout.get_default_for(
-        [ROWS, t.shape[3]], dtype))
+    return TensorDescriptor.from_tensor(flat, [_ROWS, t.shape[3]], gl.NVMMASharedLayout.get_default_for(
+        [_ROWS, t.shape[3]], dtype))
 
 
 def gluon_dkdv(q, k, v, do, lse, delta, dk, dv, causal, stages=2):
@@ -293,18 +294,19 @@ def time_case(head_dim, causal, seqlen, kv_heads, stages_list, rounds):
                 for _ in range(10):
                     fn()
                 torch.cuda.synchronize()
-            times = {}
-            for e in prof.key_averages():
-                if e.device_type == torch.autograd.DeviceType.CUDA and e.count:
-                    times[e.key] = e.device_time_total / 1e3 / 10  # ms per call
+            # kernels by name (host-side entries carry no device time), ms per call
+            times = {e.key: e.device_time_total / 1e3 / 10 for e in prof.key_averages() if e.device_time_total}
             kernel_ms[name].append(times)
+    if "_bwd_dkdv" not in kernel_ms["portable"][0]:
+        print("kernels seen by the profiler:", sorted(kernel_ms["portable"][0]), sorted(kernel_ms[name][0]), flush=True)
+        return
     dq_ms = statistics.median(t.get("_bwd_dq", 0.0) for t in kernel_ms["portable"])
     dkdv_ms = statistics.median(t.get("_bwd_dkdv", 0.0) for t in kernel_ms["portable"])
     cells = [f"portable dkdv {dkdv_ms:.3f} ms + dq {dq_ms:.3f} ms: {flops / (dkdv_ms + dq_ms) * 1e-9:.0f}"]
     for name in runs:
         if name == "portable":
             continue
-        ms = statistics.median(sum(v for key, v in t.items() if "dkdv_ws" in key) for t in kernel_ms[name])
+        ms = statistics.median(sum(v for key, v in t.items() if "dkdv_ws" in key) for t in kernel_ms[name]) or 1e-9
         cells.append(f"{name} dkdv {ms:.3f} ms ({dkdv_ms / ms:.2f}x): {flops / (ms + dq_ms) * 1e-9:.0f}")
     print(f"D{head_dim} causal={causal} L={seqlen} kv_heads={kv_heads or heads} backward TFLOP/s: " + "; ".join(cells),
           flush=True)
