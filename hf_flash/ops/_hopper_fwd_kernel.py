@@ -244,13 +244,24 @@ def _descriptor(t, layout, block_rows: int) -> TensorDescriptor:
     return TensorDescriptor(t, shape, strides, [block_rows, t.shape[-1]], smem)
 
 
-def launch(*, q, k, v, out, lse, q_rows, kv_rows, q_layout, kv_layout, qk_scale, causal, split_m, block_n, stages):
-    """One program per tile (a persistent grid, one program per SM, measured slower: LOG 2026-12-06)."""
+def launch_args(*, q, k, v, out, lse, q_rows, kv_rows, q_layout, kv_layout, qk_scale, causal, split_m, block_n,
+                stages) -> dict:
+    """The kernel's keyword arguments (descriptors built here) and its launch options."""
     batch, seqlen, n_heads, _ = q.shape
-    tiles = seqlen // (2 * split_m) * batch * n_heads
-    _fwd_hopper[(tiles,)](
-        _descriptor(q, q_layout, split_m), _descriptor(k, kv_layout, block_n), _descriptor(v, kv_layout, block_n),
-        _descriptor(out, q_layout, split_m), lse, seqlen, n_heads, n_heads // k.shape[2], batch * n_heads,
-        *q_rows, *kv_rows, lse.stride(0), lse.stride(1), qk_scale, CAUSAL=causal, STAGES=stages,
-        num_warps=4, maxnreg=168,
-    )
+    (q_rows_b, q_rows_h, q_col_h), (kv_rows_b, kv_rows_h, kv_col_h) = q_rows, kv_rows
+    return dict(
+        q_desc=_descriptor(q, q_layout, split_m), k_desc=_descriptor(k, kv_layout, block_n),
+        v_desc=_descriptor(v, kv_layout, block_n), o_desc=_descriptor(out, q_layout, split_m), lse_ptr=lse,
+        seqlen=seqlen, n_heads=n_heads, n_groups=n_heads // k.shape[2], n_bh=batch * n_heads,
+        q_rows_b=q_rows_b, q_rows_h=q_rows_h, q_col_h=q_col_h, kv_rows_b=kv_rows_b, kv_rows_h=kv_rows_h,
+        kv_col_h=kv_col_h, stride_lb=lse.stride(0), stride_lh=lse.stride(1), qk_scale=qk_scale,
+        CAUSAL=causal, STAGES=stages, num_warps=4, maxnreg=168,
+    )  # fmt: skip
+
+
+def launch(**kwargs):
+    """One program per tile (a persistent grid, one program per SM, measured slower: LOG 2026-12-06).
+    Arguments as :func:`launch_args`."""
+    q, split_m = kwargs["q"], kwargs["split_m"]
+    tiles = q.shape[1] // (2 * split_m) * q.shape[0] * q.shape[2]
+    _fwd_hopper[(tiles,)](**launch_args(**kwargs))

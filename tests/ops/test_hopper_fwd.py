@@ -79,6 +79,28 @@ def test_compiles_for_sm90_without_spills():
         assert r["shared"] <= 227 * 1024, f"{name}: {r['shared']} B of shared memory"
 
 
+def test_launch_names_every_kernel_argument():
+    """The launch passes the kernel's arguments by keyword (CPU tensors: the descriptors are host-side data)."""
+    if hopper_fwd.unavailable_reason():
+        pytest.skip(hopper_fwd.unavailable_reason())
+    from hf_flash.ops import _hopper_fwd_kernel as K
+    from hf_flash.ops.common import tma_layout
+
+    q, k, v = (torch.zeros(t.shape, dtype=t.dtype) for t in _dense())
+    q, k, v = q, k.transpose(1, 2).contiguous().transpose(1, 2), v.transpose(1, 2).contiguous().transpose(1, 2)
+    out, lse = torch.empty_like(q), torch.empty(q.shape[0], q.shape[2], q.shape[1])
+    q_layout, kv_layout = tma_layout(q, False), tma_layout(k, False)
+    args = K.launch_args(q=q, k=k, v=v, out=out, lse=lse, q_rows=hopper_fwd._rows(q_layout, q),
+                         kv_rows=hopper_fwd._rows(kv_layout, k), q_layout=q_layout, kv_layout=kv_layout, qk_scale=1.0,
+                         causal=True, split_m=hopper_fwd.SPLIT_M, block_n=hopper_fwd.BLOCK_N, stages=hopper_fwd.STAGES)
+    options = {"num_warps", "maxnreg"}
+    assert set(args) - options == set(K._fwd_hopper.arg_names)
+    # K/V head-major: row = b * rows_b + hk * rows_h, column 0; Q heads side by side: row = b * L, column h * D
+    assert (args["kv_rows_b"], args["kv_rows_h"], args["kv_col_h"]) == (2 * L, L, 0)
+    assert (args["q_rows_b"], args["q_rows_h"], args["q_col_h"]) == (L, 0, 128)
+    assert args["n_groups"] == 2 and args["n_bh"] == 8
+
+
 # -- on an sm90 GPU ---------------------------------------------------------------------------------------------
 
 GPU_CASES = [
