@@ -114,13 +114,13 @@ def _gpu(index: int) -> dict:
         "paths": _paths(device, "tensor cores" if table.tensor_cores else "CUDA cores (FMA), see tl.dot above",
                         (table, props.name)),
         "tiles": _tiles(table),
-        "hopper_forward": _hopper_forward(capability),
+        "hopper_forward": _hopper_forward(device),
     }
 
 
-def _hopper_forward(capability: tuple[int, int]) -> str:
+def _hopper_forward(device: torch.device) -> str:
     """Whether the D128 forward runs the Hopper kernel on this GPU (``hf_flash/ops/hopper_fwd.py``), and why not."""
-    if capability != (9, 0):
+    if not hopper_fwd.on_sm90(device):
         return "off: sm90 only (wgmma)"
     reason = hopper_fwd.unavailable_reason() or (None if hopper_fwd.enabled() else f"{hopper_fwd.ENV}=0")
     if reason:

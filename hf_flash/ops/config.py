@@ -137,6 +137,12 @@ def device_facts(device: torch.device | str | int | None = None) -> tuple[tuple[
     return capability, smem, name
 
 
+def own_capability(device: torch.device | str | int | None = None) -> tuple[int, int]:
+    """The compute capability of the GPU itself (cached), whatever :func:`force_arch` says."""
+    device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+    return _device_facts(cuda_index(device))[0]
+
+
 def kernels_unavailable_reason(device: torch.device | str, dtype: torch.dtype) -> str | None:
     """None when the kernels can run on tensors of ``device``/``dtype``, else a one-line reason."""
     device = torch.device(device)

@@ -30,7 +30,7 @@ import os
 import torch
 
 from hf_flash.ops.common import TmaLayout, tma_layout
-from hf_flash.ops.config import cuda_index, device_facts
+from hf_flash.ops.config import device_facts, own_capability
 
 MIN_SEQLEN = 3072  # measured faster from here on (H100, D128): 1.14-1.28x from 3k to 16k, 0.73-0.79x at 1k-2k
 HEAD_DIM = 128
@@ -75,12 +75,7 @@ def takes(q, k, v, varlen, window, softcap, dropout_p, sinks) -> bool:
 def on_sm90(device: torch.device) -> bool:
     """Whether ``device`` (CUDA) is an sm90 GPU that hf_flash treats as one: a forced older arch brings its own
     table, and HF_FLASH_ARCH=sm90 on another chip brings sm90's tiles, not its ``wgmma``."""
-    return device_facts(device)[0] == (9, 0) and _is_sm90(cuda_index(device))
-
-
-@functools.cache
-def _is_sm90(index: int) -> bool:
-    return torch.cuda.get_device_capability(index) == (9, 0)
+    return device_facts(device)[0] == (9, 0) and own_capability(device) == (9, 0)
 
 
 def fits(q, k, v, varlen, window, softcap, dropout_p, sinks) -> bool:
