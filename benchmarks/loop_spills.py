@@ -97,27 +97,16 @@ def case_for(kernel: str, head_dim: int, causal: bool, layout: str, overrides: d
     """``kernel``: as ``test_chips._case`` names them ("fwd_short": the forward's short-sequence tiles);
     ``tile``: (block_m, block_n, num_warps, num_stages) in place of the table's."""
     case = test_chips._case("sm90", kernel, head_dim, "causal" if causal else "plain", dtype="bf16",
-                            atomic_dq=False)
+                            atomic_dq=False, varlen=layout == "varlen")
     if tile:
         case["constexprs"].update(BLOCK_M=tile[0], BLOCK_N=tile[1])
         case.update(num_warps=tile[2], num_stages=tile[3])
+        case.pop("maxnreg", None)  # a candidate tile runs without the table's register cap
     if layout != "dense" and "DIAG_IN_LOOP" in case["constexprs"]:
         # the causal diagonal joins the main loop only for dense lengths that are multiples of the blocks
         # (backward._diag_in_loop); a length Triton does not see as a multiple of 16 is not one
         case["constexprs"]["DIAG_IN_LOOP"] = False
     case["constexprs"].update(overrides)
-    if layout == "varlen":
-        case["constexprs"]["IS_VARLEN"] = True
-        if kernel == "dkdv" and not tile:  # the table's varlen tile where it has one (ChipTable.dkdv_varlen)
-            from hf_flash.ops import config
-
-            c = config.SM90.config("dkdv", head_dim, varlen=True)
-            case["constexprs"].update(BLOCK_M=c.block_m, BLOCK_N=c.block_n)
-            case.update(c.launch_options())
-            if c.maxnreg is None:
-                case.pop("maxnreg", None)
-        if case["constexprs"].get("STATS_TMA"):
-            case["constexprs"]["STATS_TMA"] = False  # common.stats_pair: dense batches only
     return case
 
 

@@ -240,10 +240,12 @@ SPILL_BUDGET = {"plain": 4096, "causal": 4096, "window-varlen": 4096, "all": 819
 SPILL_CHECKED = {"sm75", "sm80", "sm89"}
 
 
-def _case(chip: str, kernel: str, head_dim: int, flags: str, dtype: str = "fp16", atomic_dq: bool = True) -> dict:
+def _case(chip: str, kernel: str, head_dim: int, flags: str, dtype: str = "fp16", atomic_dq: bool = True,
+          varlen: bool = False) -> dict:
     """The specialisation the launchers build for this chip's table (forward.flash_fwd, backward.flash_bwd).
     ``atomic_dq``: the dK/dV kernel also adds dQ by atomics (what ``deterministic=False`` runs for head
-    dims above ``function.ATOMIC_DQ_MIN_HEAD_DIM``); else the dQ kernel computes it."""
+    dims above ``function.ATOMIC_DQ_MIN_HEAD_DIM``); else the dQ kernel computes it. ``varlen``: lengths from
+    cu_seqlens on top of ``flags`` (the flag sets named "varlen" have them already)."""
     from hf_flash.ops import config
 
     table = config.table_for(config.parse_arch(chip))
@@ -255,10 +257,11 @@ def _case(chip: str, kernel: str, head_dim: int, flags: str, dtype: str = "fp16"
         return {**case, "constexprs": constexprs, "num_warps": 4, "num_stages": 3}
     # "fwd_short": the forward's tiles for short sequences (ChipTable.fwd_short), same kernel
     short = config.SHORT_SEQLEN if kernel.endswith("_short") else None
-    c = table.config(kernel.removesuffix("_short"), head_dim, short, FLAG_SETS[flags].get("IS_VARLEN", False))
+    varlen = varlen or FLAG_SETS[flags].get("IS_VARLEN", False)
+    c = table.config(kernel.removesuffix("_short"), head_dim, short, varlen)
     constexprs = {"HEAD_DIM": head_dim, "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_D": c.block_d}
     constexprs.update(dict.fromkeys(("IS_VARLEN", "MASK_LEFT", "MASK_RIGHT", "HAS_SOFTCAP", "HAS_DROPOUT"), False))
-    constexprs.update(FLAG_SETS[flags])
+    constexprs.update(FLAG_SETS[flags], IS_VARLEN=varlen)
     if kernel != "delta":
         # "causal" stands for dense block-aligned lengths, whose diagonal blocks join the main loop
         # (common.diag_in_loop); ragged causal lengths split the loop like the varlen sets do
