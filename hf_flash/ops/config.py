@@ -137,9 +137,8 @@ def device_facts(device: torch.device | str | int | None = None) -> tuple[tuple[
     return capability, smem, name
 
 
-def own_capability(device: torch.device | str | int | None = None) -> tuple[int, int]:
-    """The compute capability of the GPU itself (cached), whatever :func:`force_arch` says."""
-    device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+def own_capability(device: torch.device) -> tuple[int, int]:
+    """The compute capability of the CUDA ``device`` itself (cached), whatever :func:`force_arch` says."""
     return _device_facts(cuda_index(device))[0]
 
 
