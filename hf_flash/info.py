@@ -119,14 +119,14 @@ def _gpu(index: int) -> dict:
 
 
 def _hopper_forward(device: torch.device) -> str:
-    """Whether the D128 forward runs the Hopper kernel on this GPU (``hf_flash/ops/hopper_fwd.py``), and why not."""
+    """Whether the forward runs the Hopper kernel on this GPU (``hf_flash/ops/hopper_fwd.py``), where, and why not."""
     if not hopper_fwd.on_sm90(device):
         return "off: sm90 only (wgmma)"
     reason = hopper_fwd.unavailable_reason() or (None if hopper_fwd.enabled() else f"{hopper_fwd.ENV}=0")
     if reason:
         return f"off: {reason}"
-    return (f"on for head dim {hopper_fwd.HEAD_DIM}, dense, Lq == Lk a multiple of 128 from {hopper_fwd.MIN_SEQLEN} "
-            "tokens, causal or not, no window/softcap/dropout/sinks (Gluon, warp-specialized)")
+    return (f"on for {hopper_fwd.coverage()}, dense, Lq == Lk a multiple of {hopper_fwd.SPLIT_M}, no "
+            "window/softcap/dropout/sinks (Gluon, warp-specialized)")
 
 
 def report() -> dict:

@@ -1,13 +1,17 @@
 """Gluon kernel of the Hopper forward and its launch (imported by ``hopper_fwd`` only where Triton has Gluon).
 
-A program computes one tile: 128 query rows of one (batch, head), ``2 * SPLIT_M``. Tiles are numbered heaviest
-first (causal: the last query blocks, which see the most keys, all heads of one block before the next), so
-the short tiles fill the machine's tail. Partitions of a program (``gl.warp_specialize``):
+A program computes one tile: ``GROUPS * SPLIT_M`` query rows of one (batch, head) (``GROUPS`` consumer groups of
+64 rows: 2 at D128, 3 at D64, as FlashAttention-3 splits them). Tiles are numbered heaviest first (causal: the
+last query blocks, which see the most keys, all heads of one block before the next), so the short tiles fill
+the machine's tail. Partitions of a program (``gl.warp_specialize``):
 
-* loader, 1 warp: per tile, K and V blocks into a ring of ``STAGES`` shared-memory stages (each stage waits
-  until both consumer groups have released it), and Q's two 64-row halves after the first K/V block;
-* two consumers, 4 warps each: rows ``g * 64 .. g * 64 + 63``, ``S = Q K^T`` and ``O += P V`` with ``wgmma``
-  (P from registers), the online softmax between; the O tile leaves through Q's buffer and a TMA store.
+* loader (one warpgroup, one warp of it busy): per tile, K and V blocks into a ring of ``STAGES``
+  shared-memory stages (each stage waits until every consumer group has released it), and Q's 64-row parts
+  after the first K/V block;
+* ``GROUPS`` consumers, 4 warps each: rows ``g * 64 .. g * 64 + 63``, ``S = Q K^T`` and ``O += P V`` with
+  ``wgmma`` (P from registers), the online softmax between; the O tile leaves through Q's buffer and a TMA
+  store. A group whose rows start at or past the sequence's end (the last tile when ``L`` is not a multiple
+  of the tile) only releases the stages.
 
 Shapes in comments: ``[rows, columns]`` of one consumer group (SPLIT_M = 64 rows).
 """
@@ -29,36 +33,32 @@ _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_globa
 
 
 @gluon.jit
-def _tile(t, problem, CAUSAL: gl.constexpr, SPLIT_M: gl.constexpr, BLOCK_N: gl.constexpr):
-    """Tile ``t``: the descriptors' rows of its Q block and of its K/V head, their columns, the first query,
-    its key blocks, per consumer group the blocks that every row sees in full (no mask), and its LSE offset.
+def _tile(t, problem, CAUSAL: gl.constexpr, TILE_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    """Tile ``t`` (``TILE_M`` query rows): the descriptors' rows of its Q block and of its K/V head, their
+    columns, the first query, its key blocks and its LSE offset.
     ``problem``: (seqlen, n_heads, n_groups, n_bh, n_tiles, q_rows, kv_rows, lse_strides) with ``*_rows`` =
     (rows_b, rows_h, col_h) of the module docstring of ``hopper_fwd`` and ``lse_strides`` = (batch, head)."""
     seqlen, n_heads, n_groups, n_bh, n_tiles, q_rows, kv_rows, lse_strides = problem
-    n_m = seqlen // (2 * SPLIT_M)
+    n_m = gl.cdiv(seqlen, TILE_M)
     pid_m = n_m - 1 - t // n_bh
     bh = t % n_bh
     b = bh // n_heads
     h = bh % n_heads
     hk = h // n_groups
-    q_start = pid_m * (2 * SPLIT_M)
+    q_start = pid_m * TILE_M
     if CAUSAL:
-        n_blocks = gl.cdiv(gl.minimum(seqlen, q_start + 2 * SPLIT_M), BLOCK_N)
-        n_full0 = (q_start + 1) // BLOCK_N
-        n_full1 = (q_start + SPLIT_M + 1) // BLOCK_N
+        n_blocks = gl.cdiv(gl.minimum(seqlen, q_start + TILE_M), BLOCK_N)
     else:
         n_blocks = gl.cdiv(seqlen, BLOCK_N)
-        n_full0 = seqlen // BLOCK_N
-        n_full1 = n_full0
     q_row = b * q_rows[0] + h * q_rows[1] + q_start
     kv_row = b * kv_rows[0] + hk * kv_rows[1]
     lse_off = b.to(gl.int64) * lse_strides[0] + h.to(gl.int64) * lse_strides[1] + q_start
-    return q_row, h * q_rows[2], kv_row, hk * kv_rows[2], q_start, n_blocks, n_full0, n_full1, lse_off
+    return q_row, h * q_rows[2], kv_row, hk * kv_rows[2], q_start, n_blocks, lse_off
 
 
 @gluon.jit
 def _loader(descs, smem, bars, problem, CAUSAL: gl.constexpr):
-    """1 warp: K and V block by block into the stage ring (its position runs on across tiles), Q's two halves
+    """1 warp: K and V block by block into the stage ring (its position runs on across tiles), Q's 64-row parts
     once their buffers are free."""
     q_desc, k_desc, v_desc, o_desc = descs
     q_smem, k_smem, v_smem = smem
@@ -66,11 +66,12 @@ def _loader(descs, smem, bars, problem, CAUSAL: gl.constexpr):
     SPLIT_M: gl.constexpr = q_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
     STAGES: gl.constexpr = k_smem.type.shape[0]
+    GROUPS: gl.constexpr = q_smem.type.shape[0]
     c = 0  # K/V blocks loaded so far
     i = 0  # tiles of this program so far
     for t in range(gl.program_id(0), problem[4], gl.num_programs(0)):
-        q_row, q_col, kv_row, kv_col, q_start, n_blocks, n_full0, n_full1, lse_off = _tile(
-            t, problem, CAUSAL, SPLIT_M, BLOCK_N)
+        q_row, q_col, kv_row, kv_col, q_start, n_blocks, lse_off = _tile(t, problem, CAUSAL, GROUPS * SPLIT_M,
+                                                                         BLOCK_N)
         for j in range(n_blocks):
             stage = c % STAGES
             # a fresh mbarrier counts as having completed phase 1: the first round does not wait
@@ -83,7 +84,7 @@ def _loader(descs, smem, bars, problem, CAUSAL: gl.constexpr):
             if j == 0:
                 # Q after the first K/V block, whose load then overlaps the previous tile's last steps while Q's
                 # buffers wait for the consumers to have stored that tile's O from them
-                for g in gl.static_range(2):
+                for g in gl.static_range(GROUPS):
                     mbarrier.wait(q_empty.index(g), (i & 1) ^ 1)
                     mbarrier.expect(q_ready.index(g), q_desc.block_type.nbytes)
                     _tma_load(q_desc, [q_row + g * SPLIT_M, q_col], q_ready.index(g), q_smem.index(g))
@@ -91,15 +92,19 @@ def _loader(descs, smem, bars, problem, CAUSAL: gl.constexpr):
 
 
 @gluon.jit
-def _softmax(s, m_i, l_i, k_start, offs_m, qk_scale, MASKED: gl.constexpr, CAUSAL: gl.constexpr,
+def _softmax(s, m_i, l_i, k_start, offs_m, seqlen, qk_scale, MASKED: gl.constexpr, CAUSAL: gl.constexpr,
              s_layout: gl.constexpr):
     """One block's online softmax on S ``[64, BLOCK_N]`` (fp32, wgmma layout): P (fp32), the new running max
-    m and sum l (base 2, scaled), and alpha, the factor that rescales the accumulator to the new max."""
+    m and sum l (base 2, scaled), and alpha, the factor that rescales the accumulator to the new max.
+    ``MASKED``: causal, keys past the row; else keys past ``seqlen`` (the last block when ``BLOCK_N`` does not
+    divide L: the descriptor's 2D view has the next head's rows there, not zeros)."""
     BLOCK_N: gl.constexpr = s.type.shape[1]
     if MASKED:
+        offs_n = k_start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         if CAUSAL:
-            offs_n = k_start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
             s = gl.where(gl.expand_dims(offs_n, 0) <= gl.expand_dims(offs_m, 1), s, -float("inf"))
+        else:
+            s = gl.where(gl.expand_dims(offs_n < seqlen, 0), s, -float("inf"))
     m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
     if MASKED:
         m_new = gl.where(m_new == -float("inf"), 0.0, m_new)  # a row with no visible key yet: -inf - -inf = NaN
@@ -110,7 +115,7 @@ def _softmax(s, m_i, l_i, k_start, offs_m, qk_scale, MASKED: gl.constexpr, CAUSA
 
 
 @gluon.jit
-def _step(j, c, q_buf, smem, bars, m_i, l_i, acc, offs_m, qk_scale, zero_s, MASKED: gl.constexpr,
+def _step(j, c, q_buf, smem, bars, m_i, l_i, acc, offs_m, seqlen, qk_scale, zero_s, MASKED: gl.constexpr,
           CAUSAL: gl.constexpr, o_layout: gl.constexpr):
     """Key block j in stage-ring position c: S = Q K_j^T, the softmax, acc += P V_j; the stage is released
     after its two products."""
@@ -125,7 +130,7 @@ def _step(j, c, q_buf, smem, bars, m_i, l_i, acc, offs_m, qk_scale, zero_s, MASK
     mbarrier.wait(k_ready.index(stage), phase)
     s = warpgroup_mma(q_buf, k_smem.index(stage).permute((1, 0)), zero_s, use_acc=False, is_async=True)
     s = warpgroup_mma_wait(0, deps=[s])  # [64, BLOCK_N]
-    p, m_i, l_i, alpha = _softmax(s, m_i, l_i, j * BLOCK_N, offs_m, qk_scale, MASKED, CAUSAL, s_layout)
+    p, m_i, l_i, alpha = _softmax(s, m_i, l_i, j * BLOCK_N, offs_m, seqlen, qk_scale, MASKED, CAUSAL, s_layout)
     p16 = gl.convert_layout(p.to(k_smem.dtype), p_layout)
     acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
     mbarrier.wait(v_ready.index(stage), phase)
@@ -140,9 +145,11 @@ def _consume(g: gl.constexpr, descs, smem, bars, problem, lse_ptr, qk_scale, CAU
     o_desc = descs[3]
     q_smem, k_smem, v_smem = smem
     q_ready, q_empty, k_ready, v_ready, kv_empty = bars
+    GROUPS: gl.constexpr = q_smem.type.shape[0]
+    SPLIT_M: gl.constexpr = q_smem.type.shape[1]
+    STAGES: gl.constexpr = k_smem.type.shape[0]
     BLOCK_N: gl.constexpr = k_smem.type.shape[1]
     HEAD_DIM: gl.constexpr = k_smem.type.shape[2]
-    SPLIT_M: gl.constexpr = q_smem.type.shape[1]
     dtype: gl.constexpr = k_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -151,36 +158,50 @@ def _consume(g: gl.constexpr, descs, smem, bars, problem, lse_ptr, qk_scale, CAU
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     zero_s = gl.zeros([SPLIT_M, BLOCK_N], gl.float32, s_layout)
     q_buf = q_smem.index(g)
+    seqlen = problem[0]
     c = 0  # stage-ring position, as the loader's
     i = 0
     for t in range(gl.program_id(0), problem[4], gl.num_programs(0)):
-        q_row, q_col, kv_row, kv_col, q_start, n_blocks, n_full0, n_full1, lse_off = _tile(
-            t, problem, CAUSAL, SPLIT_M, BLOCK_N)
-        n_full = gl.minimum(n_full0 if g == 0 else n_full1, n_blocks)
+        q_row, q_col, kv_row, kv_col, q_start, n_blocks, lse_off = _tile(t, problem, CAUSAL, GROUPS * SPLIT_M,
+                                                                         BLOCK_N)
+        row0 = q_start + g * SPLIT_M
+        # the blocks that every row of the group sees in full (no mask); causal: up to the group's first row
+        if CAUSAL:
+            n_full = gl.minimum((row0 + 1) // BLOCK_N, n_blocks)
+        else:
+            n_full = seqlen // BLOCK_N
         mbarrier.wait(q_ready.index(g), i & 1)
-        offs_m = q_start + g * SPLIT_M + gl.arange(0, SPLIT_M, layout=row_s)
-        m_i = gl.full([SPLIT_M], -float("inf"), gl.float32, row_s)
-        l_i = gl.full([SPLIT_M], 0.0, gl.float32, row_s)
-        acc = gl.zeros([SPLIT_M, HEAD_DIM], gl.float32, o_layout)
-        # -- the blocks every row of the group sees in full, then those that cross the causal diagonal
-        for j in range(0, n_full):
-            m_i, l_i, acc = _step(j, c + j, q_buf, smem, bars, m_i, l_i, acc, offs_m, qk_scale, zero_s, False,
-                                  CAUSAL, o_layout)
-        for j in range(n_full, n_blocks):
-            m_i, l_i, acc = _step(j, c + j, q_buf, smem, bars, m_i, l_i, acc, offs_m, qk_scale, zero_s, True,
-                                  CAUSAL, o_layout)
+        if row0 < seqlen:
+            offs_m = row0 + gl.arange(0, SPLIT_M, layout=row_s)
+            m_i = gl.full([SPLIT_M], -float("inf"), gl.float32, row_s)
+            l_i = gl.full([SPLIT_M], 0.0, gl.float32, row_s)
+            acc = gl.zeros([SPLIT_M, HEAD_DIM], gl.float32, o_layout)
+            # -- the blocks every row of the group sees in full, then those that cross the causal diagonal (or
+            # the sequence's end)
+            for j in range(0, n_full):
+                m_i, l_i, acc = _step(j, c + j, q_buf, smem, bars, m_i, l_i, acc, offs_m, seqlen, qk_scale, zero_s,
+                                      False, CAUSAL, o_layout)
+            for j in range(n_full, n_blocks):
+                m_i, l_i, acc = _step(j, c + j, q_buf, smem, bars, m_i, l_i, acc, offs_m, seqlen, qk_scale, zero_s,
+                                      True, CAUSAL, o_layout)
+            # -- O = acc / l; LSE = (m + log2 l) / log2(e). Every row sees a key (Lq == Lk), so l > 0; the guard
+            # keeps the portable forward's convention (O = 0, LSE = +inf) should one not
+            l_safe = gl.where(l_i == 0.0, 1.0, l_i)
+            out = acc / gl.expand_dims(gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout)), 1)
+            lse = gl.where(l_i == 0.0, float("inf"), (m_i + gl.log2(l_safe)) / 1.4426950408889634)
+            gl.store(lse_ptr + lse_off + g * SPLIT_M + gl.arange(0, SPLIT_M, layout=row_s), lse)
+            # Q's buffer is free once every block is done: it carries O to the TMA store, then takes the next Q
+            q_buf.store(out.to(dtype))
+            fence_async_shared()
+            _tma_store(o_desc, [q_row + g * SPLIT_M, q_col], q_buf)
+            tma.store_wait(0)
+        else:
+            # rows past the end (L is a multiple of 64, so a group is all in or all out): nothing to compute or
+            # store, but every stage waits for all groups, so release each once it has arrived
+            for j in range(n_blocks):
+                mbarrier.wait(k_ready.index((c + j) % STAGES), ((c + j) // STAGES) & 1)
+                mbarrier.arrive(kv_empty.index((c + j) % STAGES), count=1)
         c += n_blocks
-        # -- O = acc / l; LSE = (m + log2 l) / log2(e). Every row sees a key (Lq == Lk), so l > 0; the guard
-        # keeps the portable forward's convention (O = 0, LSE = +inf) should one not
-        l_safe = gl.where(l_i == 0.0, 1.0, l_i)
-        out = acc / gl.expand_dims(gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout)), 1)
-        lse = gl.where(l_i == 0.0, float("inf"), (m_i + gl.log2(l_safe)) / 1.4426950408889634)
-        gl.store(lse_ptr + lse_off + g * SPLIT_M + gl.arange(0, SPLIT_M, layout=row_s), lse)
-        # Q's buffer is free once every block is done: it carries O to the TMA store, then takes the next Q
-        q_buf.store(out.to(dtype))
-        fence_async_shared()
-        _tma_store(o_desc, [q_row + g * SPLIT_M, q_col], q_buf)
-        tma.store_wait(0)
         mbarrier.arrive(q_empty.index(g), count=1)
         i += 1
 
@@ -196,6 +217,11 @@ def _consumer1(descs, smem, bars, problem, lse_ptr, qk_scale, CAUSAL: gl.constex
 
 
 @gluon.jit
+def _consumer2(descs, smem, bars, problem, lse_ptr, qk_scale, CAUSAL: gl.constexpr):
+    _consume(2, descs, smem, bars, problem, lse_ptr, qk_scale, CAUSAL)
+
+
+@gluon.jit
 def _loader_partition(descs, smem, bars, problem, lse_ptr, qk_scale, CAUSAL: gl.constexpr):
     _loader(descs, smem, bars, problem, CAUSAL)
 
@@ -204,37 +230,44 @@ def _loader_partition(descs, smem, bars, problem, lse_ptr, qk_scale, CAUSAL: gl.
 def _fwd_hopper(
     q_desc, k_desc, v_desc, o_desc, lse_ptr, seqlen, n_heads, n_groups, n_bh, q_rows_b, q_rows_h, q_col_h,
     kv_rows_b, kv_rows_h, kv_col_h, stride_lb, stride_lh, qk_scale, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
+    GROUPS: gl.constexpr,
 ):
     """q/o_desc: Q and O in ``[SPLIT_M, D]`` tiles, k/v_desc: K and V in ``[BLOCK_N, D]`` tiles, over the 2D
     views of ``hopper_fwd`` (rows and columns from ``*_rows_b``, ``*_rows_h``, ``*_col_h``); lse: fp32 with
-    (batch, head) strides ``stride_lb, stride_lh``; n_bh = B * H; qk_scale = softmax scale * log2(e).
-    Grid ``(programs,)``: program p takes tiles p, p + programs, ... of the ``L / (2 SPLIT_M) * B * H``."""
+    (batch, head) strides ``stride_lb, stride_lh``; n_bh = B * H; qk_scale = softmax scale * log2(e); L a
+    multiple of SPLIT_M. Grid ``(programs,)``: program p takes tiles p, p + programs, ... of the
+    ``cdiv(L, GROUPS * SPLIT_M) * B * H``."""
     SPLIT_M: gl.constexpr = q_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
     HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
     dtype: gl.constexpr = k_desc.dtype
-    n_tiles = seqlen // (2 * SPLIT_M) * n_bh
-    q_smem = gl.allocate_shared_memory(dtype, [2, SPLIT_M, HEAD_DIM], q_desc.layout)
+    n_tiles = gl.cdiv(seqlen, GROUPS * SPLIT_M) * n_bh
+    q_smem = gl.allocate_shared_memory(dtype, [GROUPS, SPLIT_M, HEAD_DIM], q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
-    q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    q_ready = gl.allocate_shared_memory(gl.int64, [GROUPS, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [GROUPS, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for g in gl.static_range(2):
+    for g in gl.static_range(GROUPS):
         mbarrier.init(q_ready.index(g), count=1)
         mbarrier.init(q_empty.index(g), count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(kv_empty.index(i), count=2)  # both consumer groups release a stage
+        mbarrier.init(kv_empty.index(i), count=GROUPS)  # every consumer group releases a stage
     problem = (seqlen, n_heads, n_groups, n_bh, n_tiles, (q_rows_b, q_rows_h, q_col_h),
                (kv_rows_b, kv_rows_h, kv_col_h), (stride_lb, stride_lh))
     args = ((q_desc, k_desc, v_desc, o_desc), (q_smem, k_smem, v_smem),
             (q_ready, q_empty, k_ready, v_ready, kv_empty), problem, lse_ptr, qk_scale, CAUSAL)
-    # consumers get 240 registers a thread, the loader 24 (setmaxnreg; the launch's 168 is what both start at)
-    gl.warp_specialize([(_consumer0, args), (_consumer1, args), (_loader_partition, args)], [4, 4], [240, 24])
+    # setmaxnreg: the loader's warpgroup drops to 24 registers a thread, the consumers take the rest of the
+    # SM's 64K (FlashAttention-3's split: 2 groups 240, 3 groups 160; the launch's maxnreg is what all start at)
+    if GROUPS == 3:
+        gl.warp_specialize([(_consumer0, args), (_consumer1, args), (_consumer2, args), (_loader_partition, args)],
+                           [4, 4, 4], [160, 160, 24])
+    else:
+        gl.warp_specialize([(_consumer0, args), (_consumer1, args), (_loader_partition, args)], [4, 4], [240, 24])
 
 
 def _descriptor(t, layout, block_rows: int) -> TensorDescriptor:
@@ -244,24 +277,29 @@ def _descriptor(t, layout, block_rows: int) -> TensorDescriptor:
     return TensorDescriptor(t, shape, strides, [block_rows, t.shape[-1]], smem)
 
 
-def launch_args(*, q, k, v, out, lse, q_rows, kv_rows, q_layout, kv_layout, qk_scale, causal, split_m, block_n,
-                stages) -> dict:
-    """The kernel's keyword arguments (descriptors built here) and its launch options."""
+def max_registers(groups: int) -> int:
+    """The launch's registers a thread: all of the 64K that ``groups`` consumer warpgroups and the loader's share."""
+    return 65536 // (128 * (groups + 1)) // 8 * 8
+
+
+def launch_args(*, q, k, v, out, lse, q_rows, kv_rows, q_layout, kv_layout, qk_scale, causal, tile) -> dict:
+    """The kernel's keyword arguments (descriptors built here) and its launch options; ``tile``:
+    ``hopper_fwd.Tile`` (groups, split_m, block_n, stages)."""
     batch, seqlen, n_heads, _ = q.shape
     (q_rows_b, q_rows_h, q_col_h), (kv_rows_b, kv_rows_h, kv_col_h) = q_rows, kv_rows
     return dict(
-        q_desc=_descriptor(q, q_layout, split_m), k_desc=_descriptor(k, kv_layout, block_n),
-        v_desc=_descriptor(v, kv_layout, block_n), o_desc=_descriptor(out, q_layout, split_m), lse_ptr=lse,
-        seqlen=seqlen, n_heads=n_heads, n_groups=n_heads // k.shape[2], n_bh=batch * n_heads,
+        q_desc=_descriptor(q, q_layout, tile.split_m), k_desc=_descriptor(k, kv_layout, tile.block_n),
+        v_desc=_descriptor(v, kv_layout, tile.block_n), o_desc=_descriptor(out, q_layout, tile.split_m),
+        lse_ptr=lse, seqlen=seqlen, n_heads=n_heads, n_groups=n_heads // k.shape[2], n_bh=batch * n_heads,
         q_rows_b=q_rows_b, q_rows_h=q_rows_h, q_col_h=q_col_h, kv_rows_b=kv_rows_b, kv_rows_h=kv_rows_h,
         kv_col_h=kv_col_h, stride_lb=lse.stride(0), stride_lh=lse.stride(1), qk_scale=qk_scale,
-        CAUSAL=causal, STAGES=stages, num_warps=4, maxnreg=168,
+        CAUSAL=causal, STAGES=tile.stages, GROUPS=tile.groups, num_warps=4, maxnreg=max_registers(tile.groups),
     )  # fmt: skip
 
 
 def launch(**kwargs):
     """One program per tile (a persistent grid, one program per SM, measured slower: LOG 2026-12-06).
     Arguments as :func:`launch_args`."""
-    q, split_m = kwargs["q"], kwargs["split_m"]
-    tiles = q.shape[1] // (2 * split_m) * q.shape[0] * q.shape[2]
+    q, tile = kwargs["q"], kwargs["tile"]
+    tiles = -(-q.shape[1] // (tile.groups * tile.split_m)) * q.shape[0] * q.shape[2]
     _fwd_hopper[(tiles,)](**launch_args(**kwargs))

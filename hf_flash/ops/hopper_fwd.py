@@ -1,21 +1,22 @@
-"""The forward on Hopper (sm90) at head dim 128: warp-specialized, written in Gluon.
+"""The forward on Hopper (sm90) at head dims 64 and 128: warp-specialized, written in Gluon.
 
 The portable forward (``forward.py``) runs every warp through the same steps in lockstep, so the softmax of a
 block waits for its ``Q K^T`` and the next ``Q K^T`` waits for the softmax. This kernel splits a program the
-way FlashAttention-3 does: a 1-warp loader partition streams K and V blocks through TMA into a ring of
-shared-memory stages guarded by mbarriers, and two 4-warp consumer partitions own 64 query rows each, running
-``Q K^T``, the online softmax and ``P V`` with ``wgmma``. The SM's warp schedulers then interleave one
-group's softmax with the other group's products. Triton 3.6's automatic warp specialization hangs with two
+way FlashAttention-3 does: a loader partition streams K and V blocks through TMA into a ring of shared-memory
+stages guarded by mbarriers, and two (D128) or three (D64) 4-warp consumer partitions own 64 query rows each,
+running ``Q K^T``, the online softmax and ``P V`` with ``wgmma``. The SM's warp schedulers then interleave one
+group's softmax with the other groups' products. Triton 3.6's automatic warp specialization hangs with two
 consumer groups (``docs/DESIGN.md``), hence Gluon, where the partitions, barriers and layouts are explicit.
-On an H100 it ran the D128 forward at 1.14-1.28x the portable kernel from 3k tokens to 16k (LOG, 2026-12-06
-fifth session); at D64 the 64-wide ``P V`` product is too small to hide a softmax behind (0.9-1.0x), and at 2k
-and below it is slower (0.73-0.79x against the portable kernel's short-sequence tiles).
+On an H100 it ran the D128 forward at 1.13-1.28x the portable kernel from 3k tokens to 16k and the D64 forward
+at 1.08-1.25x from 4k to 32k (LOG, 2026-12-06); shorter sequences are slower there (0.73-0.80x against the
+portable kernel's short-sequence tiles): :data:`TILES` holds each tile and the length it starts at.
 
 So it takes only what it was measured on, and the portable kernel everything else (:func:`takes` decides):
-dense batches on an sm90 GPU, head dim 128, ``Lq == Lk`` a multiple of 128 and at least ``MIN_SEQLEN``, causal
-or not, no window, softcap, dropout or sinks, fp16/bf16, Q/K/V/O readable by TMA (heads side by side, or
-head-major as Transformers' ``[B, H, L, D]`` tensors are). ``HF_FLASH_HOPPER_FWD=0`` turns it off. It writes
-the same O and LSE (``[B, H, L]``, natural log) as the portable forward, which the backward reads.
+dense batches on an sm90 GPU, head dim 64 or 128, ``Lq == Lk`` a multiple of 64 and at least the tile's
+``min_seqlen``, causal or not, no window, softcap, dropout or sinks, fp16/bf16, Q/K/V/O readable by TMA (heads
+side by side, or head-major as Transformers' ``[B, H, L, D]`` tensors are). ``HF_FLASH_HOPPER_FWD=0`` turns it
+off. It writes the same O and LSE (``[B, H, L]``, natural log) as the portable forward, which the backward
+reads.
 
 Layout of a tensor in its descriptor: the 2D view whose row ``b * rows_b + h * rows_h + l`` holds token ``l``
 of (batch ``b``, head ``h``) at column ``h * col_h``: heads side by side have ``rows_h = 0, col_h = D``,
@@ -26,18 +27,53 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 
 from hf_flash.ops.common import TmaLayout, tma_layout
 from hf_flash.ops.config import device_facts, own_capability
 
-MIN_SEQLEN = 3072  # measured faster from here on (H100, D128): 1.14-1.28x from 3k to 16k, 0.73-0.79x at 1k-2k
-HEAD_DIM = 128
-SPLIT_M = 64  # query rows of one consumer group; a program's tile is 2 * SPLIT_M rows
-BLOCK_N = 128  # keys per stage
-STAGES = 2  # K/V stages: 2 x (2 x 32 KB) + Q's 2 x 16 KB = 160 KB of the 227 KB a program may have
+SPLIT_M = 64  # query rows of one consumer group (one warpgroup's wgmma rows)
+
+
+class Tile(NamedTuple):
+    """A program's tile: ``groups`` consumer warpgroups of ``split_m`` query rows, ``block_n`` keys per stage,
+    ``stages`` K/V stages in shared memory; ``min_seqlen``: the shortest L it was measured faster at."""
+
+    groups: int
+    block_n: int
+    stages: int
+    min_seqlen: int
+    split_m: int = SPLIT_M
+
+
+# (head dim, causal) -> tile, FlashAttention-3's split of rows (H100, hopper_fwd_speed.py: LOG 2026-12-06).
+# D128: 2 x 64 rows, 128 keys, 2 stages = 2 x (2 x 32 KB) + Q's 2 x 16 KB = 160 KB of the 227 KB a program may
+# have; 1.13-1.28x the portable forward from 3k to 16k, 0.73-0.79x at 1k-2k.
+# D64: 3 x 64 rows (the softmax of a 64-wide head outweighs its products, so a third group keeps the tensor
+# cores fed: 2 groups read 0.86-1.08x), 128 keys, 2 stages (3 measured no faster), 88 KB; 1.08-1.25x from 4k
+# to 32k, MHA and GQA 32/8; at 2k 1.02x (non-causal) and 0.80x (causal).
+TILES = {
+    (128, False): Tile(groups=2, block_n=128, stages=2, min_seqlen=3072),
+    (128, True): Tile(groups=2, block_n=128, stages=2, min_seqlen=3072),
+    (64, False): Tile(groups=3, block_n=128, stages=2, min_seqlen=4096),
+    (64, True): Tile(groups=3, block_n=128, stages=2, min_seqlen=4096),
+}
 ENV = "HF_FLASH_HOPPER_FWD"
+
+
+def coverage() -> str:
+    """The calls :data:`TILES` covers, in words: ``head dim 128 from 3072 tokens (causal: 3072)``."""
+    parts = []
+    for d in sorted({d for d, _ in TILES}, reverse=True):
+        plain, causal = TILES.get((d, False)), TILES.get((d, True))
+        if plain and causal and plain.min_seqlen == causal.min_seqlen:
+            parts.append(f"head dim {d} from {plain.min_seqlen} tokens")
+        else:
+            parts.append(f"head dim {d} " + ", ".join(f"{name} from {t.min_seqlen} tokens" for name, t in
+                                                      (("non-causal", plain), ("causal", causal)) if t))
+    return "; ".join(parts)
 LOG2E = 1.4426950408889634
 
 
@@ -80,14 +116,16 @@ def on_sm90(device: torch.device) -> bool:
 
 def fits(q, k, v, varlen, window, softcap, dropout_p, sinks) -> bool:
     """The calls the kernel computes and was measured faster on (module docstring), whatever the device:
-    dense, causal or not, no window, softcap, dropout or sinks; head dim 128, fp16/bf16; ``Lq == Lk``, a
-    multiple of 128 and at least ``MIN_SEQLEN``; Q and K/V each readable in one TMA layout."""
+    dense, causal or not, no window, softcap, dropout or sinks; a head dim of :data:`TILES`, fp16/bf16;
+    ``Lq == Lk``, a multiple of 64 and at least the tile's ``min_seqlen``; Q and K/V each readable in one TMA
+    layout."""
     if varlen or sinks is not None or softcap > 0 or dropout_p > 0 or window[0] != -1 or window[1] not in (-1, 0):
         return False
-    if q.shape[-1] != HEAD_DIM or q.dtype not in (torch.float16, torch.bfloat16):
+    tile = TILES.get((q.shape[-1], window[1] == 0))
+    if tile is None or q.dtype not in (torch.float16, torch.bfloat16):
         return False
     seqlen = q.shape[1]
-    if seqlen != k.shape[1] or seqlen < MIN_SEQLEN or seqlen % (2 * SPLIT_M):
+    if seqlen != k.shape[1] or seqlen < tile.min_seqlen or seqlen % tile.split_m:
         return False
     kv_layout = tma_layout(k, False)
     return tma_layout(q, False) is not None and kv_layout is not None and kv_layout == tma_layout(v, False)
@@ -100,13 +138,14 @@ def _rows(layout: TmaLayout, t: torch.Tensor) -> tuple[int, int, int]:
     return t.shape[1], 0, t.shape[3]
 
 
-def flash_fwd_hopper(q, k, v, out, lse, softmax_scale: float, causal: bool) -> None:
-    """Launch the forward for a call that :func:`takes`. q/out ``[B, L, H, 128]``, k/v ``[B, L, Hk, 128]``
-    (``H % Hk == 0``); out written in q's layout (``torch.empty_like(q)``), lse fp32 ``[B, H, L]`` written."""
+def flash_fwd_hopper(q, k, v, out, lse, softmax_scale: float, causal: bool, tile: Tile | None = None) -> None:
+    """Launch the forward for a call that :func:`takes`. q/out ``[B, L, H, D]``, k/v ``[B, L, Hk, D]``
+    (``H % Hk == 0``); out written in q's layout (``torch.empty_like(q)``), lse fp32 ``[B, H, L]`` written.
+    ``tile``: the table's for (D, causal) unless given (``benchmarks/hopper_fwd_speed.py`` times others)."""
     batch, seqlen, n_heads, _ = q.shape
     q_layout, kv_layout = tma_layout(q, False), tma_layout(k, False)
     if tma_layout(out, False) != q_layout:
         raise ValueError("out must have q's layout (torch.empty_like(q)) for the Hopper forward")
     _launch(q=q, k=k, v=v, out=out, lse=lse, q_rows=_rows(q_layout, q), kv_rows=_rows(kv_layout, k),
             q_layout=q_layout, kv_layout=kv_layout, qk_scale=softmax_scale * LOG2E, causal=causal,
-            split_m=SPLIT_M, block_n=BLOCK_N, stages=STAGES)
+            tile=tile or TILES[q.shape[-1], causal])

@@ -67,21 +67,22 @@ def _kernel(name: str):
 
 
 def _hopper_source(fn, case: dict):
-    """The Gluon source of the Hopper forward (``case``: dtype, constexprs CAUSAL and STAGES): its descriptors
-    carry their shared-memory layouts, as ``_hopper_fwd_kernel._descriptor`` builds them."""
+    """The Gluon source of the Hopper forward (``case``: dtype, head_dim, block_n, constexprs CAUSAL, STAGES and
+    GROUPS): its descriptors carry their shared-memory layouts, as ``_hopper_fwd_kernel._descriptor`` builds
+    them."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from hf_flash.ops import hopper_fwd
 
-    dtype, d = case["dtype"], hopper_fwd.HEAD_DIM
+    dtype, d = case["dtype"], case["head_dim"]
     gl_dtype = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
 
     def desc(rows):
         return f"tensordesc<{dtype}[{rows},{d}],{gl.NVMMASharedLayout.get_default_for([rows, d], gl_dtype)!r}>"
 
-    tiles = {"q_desc": desc(hopper_fwd.SPLIT_M), "o_desc": desc(hopper_fwd.SPLIT_M), "k_desc": desc(hopper_fwd.BLOCK_N),
-             "v_desc": desc(hopper_fwd.BLOCK_N), "lse_ptr": "*fp32", "qk_scale": "fp32"}
+    tiles = {"q_desc": desc(hopper_fwd.SPLIT_M), "o_desc": desc(hopper_fwd.SPLIT_M), "k_desc": desc(case["block_n"]),
+             "v_desc": desc(case["block_n"]), "lse_ptr": "*fp32", "qk_scale": "fp32"}
     signature = {n: "constexpr" if n in case["constexprs"] else tiles.get(n, "i32") for n in fn.arg_names}
     lse = list(fn.arg_names).index("lse_ptr")
     return GluonASTSource(fn, signature, constexprs=dict(case["constexprs"]), attrs={(lse,): [["tt.divisibility", 16]]})

@@ -15,7 +15,7 @@ from flash_oracle import Case, assert_matches_oracle, make_inputs, oracle_for
 
 from hf_flash.ops import hopper_fwd
 
-L = hopper_fwd.MIN_SEQLEN
+L = hopper_fwd.TILES[128, True].min_seqlen
 
 
 def _dense(batch=2, seqlen=L, heads=4, kv_heads=2, head_dim=128, dtype=torch.bfloat16, device="cpu"):
@@ -39,9 +39,12 @@ def test_fits_the_measured_calls_only():
     assert not _fits(q, k, v, window=(8, 0)) and not _fits(q, k, v, window=(-1, 4))
     assert not _fits(q, k, v, softcap=30.0) and not _fits(q, k, v, dropout_p=0.1)
     assert not _fits(q, k, v, sinks=torch.zeros(4))
-    assert not _fits(*_dense(head_dim=64)) and not _fits(*_dense(head_dim=96))
+    d64 = hopper_fwd.TILES[64, True].min_seqlen
+    assert _fits(*_dense(head_dim=64, seqlen=d64)) and not _fits(*_dense(head_dim=64, seqlen=d64 - 64))
+    assert not _fits(*_dense(head_dim=96)) and not _fits(*_dense(head_dim=256))
     assert not _fits(*_dense(dtype=torch.float32))
-    assert not _fits(*_dense(seqlen=L - 128)) and not _fits(*_dense(seqlen=L + 64))
+    assert not _fits(*_dense(seqlen=L - 64)) and not _fits(*_dense(seqlen=L + 32))
+    assert _fits(*_dense(seqlen=L + 64)), "a last tile of one 64-row group"
     q2, k2, v2 = _dense(seqlen=2 * L)
     assert not _fits(q, k2, v2), "Lq != Lk"
     assert not _fits(q, k, hm[2]), "K and V in different layouts"
@@ -71,22 +74,32 @@ def test_only_a_real_sm90_gpu_runs_it(fake_gpu, monkeypatch):
     assert not hopper_fwd.on_sm90(device)
 
 
+def hopper_cases(tiles: dict) -> list[dict]:
+    """test_chips compile cases of the Hopper forward for ``tiles`` ((head dim, causal) -> ``hopper_fwd.Tile``),
+    bf16 and fp16."""
+    from hf_flash.ops._hopper_fwd_kernel import max_registers
+
+    return [{"kernel": "hopper_fwd", "cc": 90, "dtype": dtype, "flags": "plain", "num_warps": 4, "num_stages": 1,
+             "maxnreg": max_registers(t.groups), "head_dim": d, "block_n": t.block_n,
+             "constexprs": {"CAUSAL": causal, "STAGES": t.stages, "GROUPS": t.groups}}
+            for (d, causal), t in tiles.items() for dtype in ("bf16", "fp16")]  # fmt: skip
+
+
 def test_compiles_for_sm90_without_spills():
-    """The kernel compiles for sm90 with this Triton (CI's is not the device's), within the launch's 168
-    registers a thread (the consumers then raise theirs to 240), without spills, in the 227 KB of shared memory
-    a program may have: causal or not, bf16 and fp16 (in fresh processes, as test_chips compiles)."""
+    """The kernel compiles for sm90 with this Triton (CI's is not the device's) for every tile of the table,
+    within the launch's registers a thread (the consumers then raise theirs: ``setmaxnreg``), without spills, in
+    the 227 KB of shared memory a program may have: causal or not, bf16 and fp16 (in fresh processes, as
+    test_chips compiles)."""
     from test_chips import _cross_compile_unavailable, run_workers
 
     reason = hopper_fwd.unavailable_reason() or _cross_compile_unavailable()
     if reason:
         pytest.skip(reason)
-    cases = [{"kernel": "hopper_fwd", "cc": 90, "dtype": dtype, "flags": "plain", "num_warps": 4, "num_stages": 1,
-              "maxnreg": 168, "constexprs": {"CAUSAL": causal, "STAGES": hopper_fwd.STAGES}}
-             for causal in (False, True) for dtype in ("bf16", "fp16")]  # fmt: skip
-    for r in run_workers(cases, processes=2, timeout=600):
-        name = f"causal={r['constexprs']['CAUSAL']} {r['dtype']}"
+    for r in run_workers(hopper_cases(hopper_fwd.TILES), processes=2, timeout=600):
+        c = r["constexprs"]
+        name = f"D{r['head_dim']} causal={c['CAUSAL']} groups={c['GROUPS']} {r['dtype']}"
         assert "error" not in r, f"{name}: {r.get('error')}"
-        assert r["regs"] is not None and r["regs"] <= 168, f"{name}: {r['regs']} registers"
+        assert r["regs"] is not None and r["regs"] <= r["maxnreg"], f"{name}: {r['regs']} registers"
         assert r["spill_bytes"] == 0, f"{name}: {r['spill_bytes']} bytes spilled"
         assert r["shared"] <= 227 * 1024, f"{name}: {r['shared']} B of shared memory"
 
@@ -104,7 +117,7 @@ def test_launch_names_every_kernel_argument():
     q_layout, kv_layout = tma_layout(q, False), tma_layout(k, False)
     args = K.launch_args(q=q, k=k, v=v, out=out, lse=lse, q_rows=hopper_fwd._rows(q_layout, q),
                          kv_rows=hopper_fwd._rows(kv_layout, k), q_layout=q_layout, kv_layout=kv_layout, qk_scale=1.0,
-                         causal=True, split_m=hopper_fwd.SPLIT_M, block_n=hopper_fwd.BLOCK_N, stages=hopper_fwd.STAGES)
+                         causal=True, tile=hopper_fwd.TILES[128, True])
     options = {"num_warps", "maxnreg"}
     assert set(args) - options == set(K._fwd_hopper.arg_names)
     # K/V head-major: row = b * rows_b + hk * rows_h, column 0; Q heads side by side: row = b * L, column h * D
@@ -120,17 +133,24 @@ GPU_CASES = [
     Case(1, 384, 384, 4, 4, 128, dtype=torch.bfloat16),
     Case(2, 512, 512, 8, 1, 128, causal=True, dtype=torch.float16),
     Case(3, 128, 128, 2, 2, 128, dtype=torch.float16),
+    # L not a multiple of the 128-row tile: the last tile's second group has no rows
+    Case(2, 320, 320, 4, 2, 128, causal=True, dtype=torch.bfloat16),
+    Case(1, 320, 320, 4, 4, 128, dtype=torch.float16),
+    # D64: 192-row tiles (3 groups); 256 and 448 end in a tile of one group, 384 in whole tiles
+    Case(2, 256, 256, 4, 2, 64, causal=True, dtype=torch.bfloat16),
+    Case(1, 448, 448, 8, 1, 64, dtype=torch.bfloat16),
+    Case(2, 384, 384, 4, 4, 64, causal=True, dtype=torch.float16),
 ]
 
 
 @pytest.fixture
 def hopper_calls(monkeypatch):
-    """Lowers the length bound to 128 and counts the kernel's launches; skips off sm90."""
+    """Lowers the tiles' length bounds to 128 and counts the kernel's launches; skips off sm90."""
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("needs an sm90 GPU (H100/H200)")
     if hopper_fwd.unavailable_reason():
         pytest.skip(hopper_fwd.unavailable_reason())
-    monkeypatch.setattr(hopper_fwd, "MIN_SEQLEN", 128)
+    monkeypatch.setattr(hopper_fwd, "TILES", {key: t._replace(min_seqlen=128) for key, t in hopper_fwd.TILES.items()})
     calls = []
     launch = hopper_fwd.flash_fwd_hopper
 
@@ -157,11 +177,12 @@ def test_matches_oracle_on_sm90(case, head_major, hopper_calls):
 
 
 @pytest.mark.gpu
-def test_lse_and_output_match_the_portable_forward(hopper_calls, monkeypatch):
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_lse_and_output_match_the_portable_forward(head_dim, hopper_calls, monkeypatch):
     """Same O (within rounding) and the same LSE, which the backward relies on, as the portable kernel."""
     from hf_flash import flash_attn_func
 
-    case = Case(2, 1024, 1024, 8, 2, 128, causal=True, dtype=torch.bfloat16)
+    case = Case(2, 1024, 1024, 8, 2, head_dim, causal=True, dtype=torch.bfloat16)
     q, k, v, _ = make_inputs(case, "cuda", seed=12)
     out, lse, _ = flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
     assert hopper_calls
@@ -176,7 +197,8 @@ def test_lse_and_output_match_the_portable_forward(hopper_calls, monkeypatch):
 def test_other_calls_take_the_portable_forward(hopper_calls):
     from hf_flash import flash_attn_func
 
-    for case in (Case(1, 200, 200, 2, 2, 128), Case(1, 256, 256, 2, 2, 64), Case(1, 256, 384, 2, 2, 128)):
+    for case in (Case(1, 200, 200, 2, 2, 128), Case(1, 232, 232, 2, 2, 64), Case(1, 256, 256, 2, 2, 96),
+                 Case(1, 256, 384, 2, 2, 128)):
         q, k, v, _ = make_inputs(case, "cuda")
         flash_attn_func(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=False)
     q, k, v, _ = make_inputs(Case(1, 256, 256, 2, 2, 128, dtype=torch.bfloat16), "cuda")
