@@ -11,7 +11,9 @@ over ``--rounds`` rounds (the same cell drifted by up to 0.19x between device ca
 after another can ride a drift); each round gives a ratio, and the line prints the median TFLOP/s of each and
 the median ratio with its range. ``--tiles`` times other tiles than the table's (``g<groups>n<block_n>s<stages>``,
 ``hopper_fwd.Tile``), each against the portable kernel; every one's output is first checked against the portable
-kernel's (max |diff| of O and of the LSE). The tiles' ``min_seqlen`` is set from these lines (docs/DESIGN.md).
+kernel's (max |diff| of O and of the LSE). ``--orders`` times tile numberings: ``wave`` (the launcher's
+``hopper_fwd.head_group``), ``all`` (every (batch, head) pair in one group: all heads of a query block before
+the next block) or a number of pairs per group. The tiles' ``min_seqlen`` is set from these lines (docs/DESIGN.md).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ def parse_tile(name: str) -> hopper_fwd.Tile:
     return hopper_fwd.Tile(groups=groups, block_n=block_n, stages=stages, min_seqlen=0)
 
 
-def time_case(causal: bool, seqlen: int, rounds: int, kv_heads: int, head_dim: int, tiles: dict) -> list[str]:
+def time_case(causal: bool, seqlen: int, rounds: int, kv_heads: int, head_dim: int, tiles: dict,
+              orders: list[str]) -> list[str]:
     batch, heads = max(1, 16384 // seqlen), 2048 // head_dim
     q = torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(batch, seqlen, kv_heads or heads, head_dim, device="cuda", dtype=torch.bfloat16)
@@ -46,8 +49,15 @@ def time_case(causal: bool, seqlen: int, rounds: int, kv_heads: int, head_dim: i
     tiles = tiles or {"hopper": hopper_fwd.TILES[head_dim, causal]}
     runs = {"portable": lambda: flash_fwd(q, k, v, out, lse, None, None, seqlen, seqlen, scale, window, 0.0, 0.0, 0,
                                           config)}
-    runs.update({name: functools.partial(hopper_fwd.flash_fwd_hopper, q, k, v, out, lse, scale, causal, tile=t)
-                 for name, t in tiles.items()})
+    groups = {"wave": None, "all": batch * heads}
+    variants = {}
+    for name, t in tiles.items():
+        for order in orders:
+            label = name if orders == ["wave"] else f"{name}/{order}"
+            variants[label] = t
+            runs[label] = functools.partial(hopper_fwd.flash_fwd_hopper, q, k, v, out, lse, scale, causal, tile=t,
+                                            group=groups[order] if order in groups else int(order))
+    tiles = variants
     runs["portable"]()
     base, base_lse = out.clone(), lse.clone()
     errors = {}
@@ -78,6 +88,7 @@ def main():
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--tiles", default="", help="comma-separated g<groups>n<block_n>s<stages> (default: the table's)")
     p.add_argument("--causal", default="both", choices=["both", "causal", "plain"])
+    p.add_argument("--orders", default="wave", help="comma-separated tile numberings: wave, all, or pairs per group")
     a = p.parse_args()
     if hopper_fwd.unavailable_reason() or torch.cuda.get_device_capability() != (9, 0):
         raise SystemExit(hopper_fwd.unavailable_reason() or "the Hopper forward needs an sm90 GPU")
@@ -85,7 +96,7 @@ def main():
     tiles = {name: parse_tile(name) for name in a.tiles.split(",") if name}
     for seqlen in map(int, a.seqlens.split(",")):
         for causal in {"both": (False, True), "causal": (True,), "plain": (False,)}[a.causal]:
-            for line in time_case(causal, seqlen, a.rounds, a.kv_heads, a.head_dim, tiles):
+            for line in time_case(causal, seqlen, a.rounds, a.kv_heads, a.head_dim, tiles, a.orders.split(",")):
                 print(line, flush=True)
 
 

@@ -1,9 +1,11 @@
 """Gluon kernel of the Hopper forward and its launch (imported by ``hopper_fwd`` only where Triton has Gluon).
 
 A program computes one tile: ``GROUPS * SPLIT_M`` query rows of one (batch, head) (``GROUPS`` consumer groups of
-64 rows: 2 at D128, 3 at D64, as FlashAttention-3 splits them). Tiles are numbered heaviest first (causal: the
-last query blocks, which see the most keys, all heads of one block before the next), so the short tiles fill
-the machine's tail. Partitions of a program (``gl.warp_specialize``):
+64 rows: 2 at D128, 3 at D64, as FlashAttention-3 splits them). Tiles are numbered in groups of ``head_group``
+(batch, head) pairs, and within a group heaviest first (causal: the last query blocks, which see the most keys,
+all heads of the group for one block before the next), so the short tiles fill the tail. The programs running at
+once then share the K/V of few heads, which L2 serves (all heads of one block first had every program stream its
+own K/V from DRAM at short L). Partitions of a program (``gl.warp_specialize``):
 
 * loader (one warpgroup, one warp of it busy): per tile, K and V blocks into a ring of ``STAGES``
   shared-memory stages (each stage waits until every consumer group has released it), and Q's 64-row parts
@@ -36,12 +38,18 @@ _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_globa
 def _tile(t, problem, CAUSAL: gl.constexpr, TILE_M: gl.constexpr, BLOCK_N: gl.constexpr):
     """Tile ``t`` (``TILE_M`` query rows): the descriptors' rows of its Q block and of its K/V head, their
     columns, the first query, its key blocks and its LSE offset.
-    ``problem``: (seqlen, n_heads, n_groups, n_bh, n_tiles, q_rows, kv_rows, lse_strides) with ``*_rows`` =
-    (rows_b, rows_h, col_h) of the module docstring of ``hopper_fwd`` and ``lse_strides`` = (batch, head)."""
-    seqlen, n_heads, n_groups, n_bh, n_tiles, q_rows, kv_rows, lse_strides = problem
+    ``problem``: (seqlen, n_heads, n_groups, n_bh, n_tiles, q_rows, kv_rows, lse_strides, head_group) with
+    ``*_rows`` = (rows_b, rows_h, col_h) of the module docstring of ``hopper_fwd`` and ``lse_strides`` =
+    (batch, head)."""
+    seqlen, n_heads, n_groups, n_bh, n_tiles, q_rows, kv_rows, lse_strides, head_group = problem
     n_m = gl.cdiv(seqlen, TILE_M)
-    pid_m = n_m - 1 - t // n_bh
-    bh = t % n_bh
+    # group of head_group (batch, head) pairs (the last one may be smaller), heaviest query block first within
+    group = t // (head_group * n_m)
+    first_bh = group * head_group
+    size = gl.minimum(head_group, n_bh - first_bh)
+    within = t - group * (head_group * n_m)
+    pid_m = n_m - 1 - within // size
+    bh = first_bh + within % size
     b = bh // n_heads
     h = bh % n_heads
     hk = h // n_groups
@@ -229,14 +237,14 @@ def _loader_partition(descs, smem, bars, problem, lse_ptr, qk_scale, CAUSAL: gl.
 @gluon.jit
 def _fwd_hopper(
     q_desc, k_desc, v_desc, o_desc, lse_ptr, seqlen, n_heads, n_groups, n_bh, q_rows_b, q_rows_h, q_col_h,
-    kv_rows_b, kv_rows_h, kv_col_h, stride_lb, stride_lh, qk_scale, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
-    GROUPS: gl.constexpr,
+    kv_rows_b, kv_rows_h, kv_col_h, stride_lb, stride_lh, qk_scale, head_group, CAUSAL: gl.constexpr,
+    STAGES: gl.constexpr, GROUPS: gl.constexpr,
 ):
     """q/o_desc: Q and O in ``[SPLIT_M, D]`` tiles, k/v_desc: K and V in ``[BLOCK_N, D]`` tiles, over the 2D
     views of ``hopper_fwd`` (rows and columns from ``*_rows_b``, ``*_rows_h``, ``*_col_h``); lse: fp32 with
     (batch, head) strides ``stride_lb, stride_lh``; n_bh = B * H; qk_scale = softmax scale * log2(e); L a
-    multiple of SPLIT_M. Grid ``(programs,)``: program p takes tiles p, p + programs, ... of the
-    ``cdiv(L, GROUPS * SPLIT_M) * B * H``."""
+    multiple of SPLIT_M; head_group: (batch, head) pairs whose tiles are numbered together (module docstring).
+    Grid ``(programs,)``: program p takes tiles p, p + programs, ... of the ``cdiv(L, GROUPS * SPLIT_M) * B * H``."""
     SPLIT_M: gl.constexpr = q_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
     HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
@@ -258,7 +266,7 @@ def _fwd_hopper(
         mbarrier.init(v_ready.index(i), count=1)
         mbarrier.init(kv_empty.index(i), count=GROUPS)  # every consumer group releases a stage
     problem = (seqlen, n_heads, n_groups, n_bh, n_tiles, (q_rows_b, q_rows_h, q_col_h),
-               (kv_rows_b, kv_rows_h, kv_col_h), (stride_lb, stride_lh))
+               (kv_rows_b, kv_rows_h, kv_col_h), (stride_lb, stride_lh), head_group)
     args = ((q_desc, k_desc, v_desc, o_desc), (q_smem, k_smem, v_smem),
             (q_ready, q_empty, k_ready, v_ready, kv_empty), problem, lse_ptr, qk_scale, CAUSAL)
     # setmaxnreg: the loader's warpgroup drops to 24 registers a thread, the consumers take the rest of the
@@ -282,7 +290,8 @@ def max_registers(groups: int) -> int:
     return 65536 // (128 * (groups + 1)) // 8 * 8
 
 
-def launch_args(*, q, k, v, out, lse, q_rows, kv_rows, q_layout, kv_layout, qk_scale, causal, tile) -> dict:
+def launch_args(*, q, k, v, out, lse, q_rows, kv_rows, q_layout, kv_layout, qk_scale, causal, tile,
+                head_group) -> dict:
     """The kernel's keyword arguments (descriptors built here) and its launch options; ``tile``:
     ``hopper_fwd.Tile`` (groups, split_m, block_n, stages)."""
     batch, seqlen, n_heads, _ = q.shape
@@ -293,7 +302,7 @@ def launch_args(*, q, k, v, out, lse, q_rows, kv_rows, q_layout, kv_layout, qk_s
         lse_ptr=lse, seqlen=seqlen, n_heads=n_heads, n_groups=n_heads // k.shape[2], n_bh=batch * n_heads,
         q_rows_b=q_rows_b, q_rows_h=q_rows_h, q_col_h=q_col_h, kv_rows_b=kv_rows_b, kv_rows_h=kv_rows_h,
         kv_col_h=kv_col_h, stride_lb=lse.stride(0), stride_lh=lse.stride(1), qk_scale=qk_scale,
-        CAUSAL=causal, STAGES=tile.stages, GROUPS=tile.groups, num_warps=4, maxnreg=max_registers(tile.groups),
+        head_group=head_group, CAUSAL=causal, STAGES=tile.stages, GROUPS=tile.groups, num_warps=4, maxnreg=max_registers(tile.groups),
     )  # fmt: skip
 
 

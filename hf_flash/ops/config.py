@@ -121,6 +121,12 @@ def _device_facts(index: int) -> tuple[tuple[int, int], int, str]:
     return capability, int(smem), props.name
 
 
+@functools.cache
+def sm_count(index: int) -> int:
+    """Streaming multiprocessors of CUDA device ``index``."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def cuda_index(device: torch.device) -> int:
     """The index of a CUDA ``device``; the current device for a bare ``cuda``."""
     return device.index if device.index is not None else torch.cuda.current_device()

@@ -32,7 +32,7 @@ from typing import NamedTuple
 import torch
 
 from hf_flash.ops.common import TmaLayout, tma_layout
-from hf_flash.ops.config import device_facts, own_capability
+from hf_flash.ops.config import cuda_index, device_facts, own_capability, sm_count
 
 SPLIT_M = 64  # query rows of one consumer group (one warpgroup's wgmma rows)
 
@@ -138,14 +138,23 @@ def _rows(layout: TmaLayout, t: torch.Tensor) -> tuple[int, int, int]:
     return t.shape[1], 0, t.shape[3]
 
 
-def flash_fwd_hopper(q, k, v, out, lse, softmax_scale: float, causal: bool, tile: Tile | None = None) -> None:
+def head_group(seqlen: int, tile: Tile, sms: int) -> int:
+    """(batch, head) pairs whose tiles the kernel numbers together: as many as make one wave of ``sms``
+    programs (at least 1), so the programs running at once read the K/V of few heads, from L2."""
+    return max(1, sms // -(-seqlen // (tile.groups * tile.split_m)))
+
+
+def flash_fwd_hopper(q, k, v, out, lse, softmax_scale: float, causal: bool, tile: Tile | None = None,
+                     group: int | None = None) -> None:
     """Launch the forward for a call that :func:`takes`. q/out ``[B, L, H, D]``, k/v ``[B, L, Hk, D]``
     (``H % Hk == 0``); out written in q's layout (``torch.empty_like(q)``), lse fp32 ``[B, H, L]`` written.
-    ``tile``: the table's for (D, causal) unless given (``benchmarks/hopper_fwd_speed.py`` times others)."""
-    batch, seqlen, n_heads, _ = q.shape
+    ``tile`` and ``group`` (:func:`head_group`): the table's for (D, causal) and the one-wave group unless given
+    (``benchmarks/hopper_fwd_speed.py`` times others)."""
+    seqlen = q.shape[1]
+    tile = tile or TILES[q.shape[-1], causal]
     q_layout, kv_layout = tma_layout(q, False), tma_layout(k, False)
     if tma_layout(out, False) != q_layout:
         raise ValueError("out must have q's layout (torch.empty_like(q)) for the Hopper forward")
     _launch(q=q, k=k, v=v, out=out, lse=lse, q_rows=_rows(q_layout, q), kv_rows=_rows(kv_layout, k),
             q_layout=q_layout, kv_layout=kv_layout, qk_scale=softmax_scale * LOG2E, causal=causal,
-            tile=tile or TILES[q.shape[-1], causal])
+            tile=tile, head_group=group or head_group(seqlen, tile, sm_count(cuda_index(q.device))))

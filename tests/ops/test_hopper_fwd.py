@@ -104,6 +104,14 @@ def test_compiles_for_sm90_without_spills():
         assert r["shared"] <= 227 * 1024, f"{name}: {r['shared']} B of shared memory"
 
 
+def test_head_group_makes_one_wave():
+    """The tiles of as many (batch, head) pairs as fill the SMs once are numbered together, at least one pair."""
+    d128, d64 = hopper_fwd.TILES[128, True], hopper_fwd.TILES[64, True]
+    assert hopper_fwd.head_group(2048, d128, 132) == 8  # 16 tiles of 128 rows a head
+    assert hopper_fwd.head_group(4096, d64, 132) == 6  # 22 tiles of 192 rows, the last one of 64
+    assert hopper_fwd.head_group(16384, d128, 132) == 1 and hopper_fwd.head_group(32768, d64, 132) == 1
+
+
 def test_launch_names_every_kernel_argument():
     """The launch passes the kernel's arguments by keyword (CPU tensors: the descriptors are host-side data)."""
     if hopper_fwd.unavailable_reason():
@@ -117,13 +125,13 @@ def test_launch_names_every_kernel_argument():
     q_layout, kv_layout = tma_layout(q, False), tma_layout(k, False)
     args = K.launch_args(q=q, k=k, v=v, out=out, lse=lse, q_rows=hopper_fwd._rows(q_layout, q),
                          kv_rows=hopper_fwd._rows(kv_layout, k), q_layout=q_layout, kv_layout=kv_layout, qk_scale=1.0,
-                         causal=True, tile=hopper_fwd.TILES[128, True])
+                         causal=True, tile=hopper_fwd.TILES[128, True], head_group=4)
     options = {"num_warps", "maxnreg"}
     assert set(args) - options == set(K._fwd_hopper.arg_names)
     # K/V head-major: row = b * rows_b + hk * rows_h, column 0; Q heads side by side: row = b * L, column h * D
     assert (args["kv_rows_b"], args["kv_rows_h"], args["kv_col_h"]) == (2 * L, L, 0)
     assert (args["q_rows_b"], args["q_rows_h"], args["q_col_h"]) == (L, 0, 128)
-    assert args["n_groups"] == 2 and args["n_bh"] == 8
+    assert args["n_groups"] == 2 and args["n_bh"] == 8 and args["head_group"] == 4
 
 
 # -- on an sm90 GPU ---------------------------------------------------------------------------------------------
@@ -191,6 +199,21 @@ def test_lse_and_output_match_the_portable_forward(head_dim, hopper_calls, monke
     assert len(hopper_calls) == 1, f"{hopper_fwd.ENV}=0 must turn the kernel off"
     torch.testing.assert_close(lse, base_lse, atol=1e-4, rtol=0)
     torch.testing.assert_close(out.float(), base.float(), atol=2e-2, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_every_tile_order_computes_the_same(head_dim, hopper_calls):
+    """Any number of (batch, head) pairs per group of tiles, a last group smaller than the others included,
+    gives the same bits: each tile's arithmetic does not depend on the order."""
+    q, k, v, _ = make_inputs(Case(3, 384, 384, 4, 2, head_dim, causal=True, dtype=torch.bfloat16), "cuda", seed=13)
+    out, lse = torch.empty_like(q), torch.empty(3, 4, 384, device="cuda")
+    results = []
+    for group in (None, 1, 5, 12):  # 12 pairs: the one-wave default; 5: groups of 5, 5 and 2
+        hopper_fwd.flash_fwd_hopper(q, k, v, out, lse, 0.125, True, group=group)
+        results.append((out.clone(), lse.clone()))
+    for o, s in results[1:]:
+        assert torch.equal(o, results[0][0]) and torch.equal(s, results[0][1])
 
 
 @pytest.mark.gpu
