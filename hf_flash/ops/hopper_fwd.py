@@ -55,10 +55,10 @@ class Tile(NamedTuple):
 # cores fed: 2 groups read 0.86-1.08x), 128 keys, 2 stages (3 measured no faster), 88 KB; 1.08-1.25x from 4k
 # to 32k, MHA and GQA 32/8; at 2k 1.02x (non-causal) and 0.80x (causal).
 TILES = {
-    (128, False): Tile(groups=2, block_n=128, stages=2, min_seqlen=3072),
-    (128, True): Tile(groups=2, block_n=128, stages=2, min_seqlen=3072),
-    (64, False): Tile(groups=3, block_n=128, stages=2, min_seqlen=4096),
-    (64, True): Tile(groups=3, block_n=128, stages=2, min_seqlen=4096),
+    (128, False): Tile(groups=2, block_n=128, stages=2, min_seqlen=2048),
+    (128, True): Tile(groups=2, block_n=128, stages=2, min_seqlen=2048),
+    (64, False): Tile(groups=3, block_n=128, stages=2, min_seqlen=2048),
+    (64, True): Tile(groups=3, block_n=128, stages=2, min_seqlen=3072),
 }
 ENV = "HF_FLASH_HOPPER_FWD"
 
