@@ -7,9 +7,9 @@ stages guarded by mbarriers, and two (D128) or three (D64) 4-warp consumer parti
 running ``Q K^T``, the online softmax and ``P V`` with ``wgmma``. The SM's warp schedulers then interleave one
 group's softmax with the other groups' products. Triton 3.6's automatic warp specialization hangs with two
 consumer groups (``docs/DESIGN.md``), hence Gluon, where the partitions, barriers and layouts are explicit.
-On an H100 it ran the D128 forward at 1.13-1.28x the portable kernel from 3k tokens to 16k and the D64 forward
-at 1.08-1.25x from 4k to 32k (LOG, 2026-12-06); shorter sequences are slower there (0.73-0.80x against the
-portable kernel's short-sequence tiles): :data:`TILES` holds each tile and the length it starts at.
+On an H100 it ran the forward at 1.06-1.35x the portable kernel from 2k tokens (D64 causal: 3k) to 16k (GQA D64
+causal to 32k; LOG, 2026-12-06, sixth session); shorter sequences are not faster there (0.72-1.03x against the portable kernel's
+short-sequence tiles): :data:`TILES` holds each tile and the length it starts at.
 
 So it takes only what it was measured on, and the portable kernel everything else (:func:`takes` decides):
 dense batches on an sm90 GPU, head dim 64 or 128, ``Lq == Lk`` a multiple of 64 and at least the tile's
@@ -48,12 +48,12 @@ class Tile(NamedTuple):
     split_m: int = SPLIT_M
 
 
-# (head dim, causal) -> tile, FlashAttention-3's split of rows (H100, hopper_fwd_speed.py: LOG 2026-12-06).
+# (head dim, causal) -> tile, FlashAttention-3's split of rows (H100, hopper_fwd_speed.py; docs/DESIGN.md).
 # D128: 2 x 64 rows, 128 keys, 2 stages = 2 x (2 x 32 KB) + Q's 2 x 16 KB = 160 KB of the 227 KB a program may
-# have; 1.13-1.28x the portable forward from 3k to 16k, 0.73-0.79x at 1k-2k.
-# D64: 3 x 64 rows (the softmax of a 64-wide head outweighs its products, so a third group keeps the tensor
-# cores fed: 2 groups read 0.86-1.08x), 128 keys, 2 stages (3 measured no faster), 88 KB; 1.08-1.25x from 4k
-# to 32k, MHA and GQA 32/8; at 2k 1.02x (non-causal) and 0.80x (causal).
+# have. D64: 3 x 64 rows (the softmax of a 64-wide head outweighs its products, so a third group keeps the tensor
+# cores fed: 2 groups read 0.86-1.08x), 128 keys, 2 stages (3 measured no faster), 88 KB. With one-wave head
+# groups: 1.06-1.35x the portable forward from min_seqlen to 16k (GQA 32/8 D64 causal to 32k); below, D128
+# 0.98-1.03x at 1k, D64 0.72-0.99x at 1k and 0.86x causal at 2k.
 TILES = {
     (128, False): Tile(groups=2, block_n=128, stages=2, min_seqlen=2048),
     (128, True): Tile(groups=2, block_n=128, stages=2, min_seqlen=2048),
@@ -64,7 +64,8 @@ ENV = "HF_FLASH_HOPPER_FWD"
 
 
 def coverage() -> str:
-    """The calls :data:`TILES` covers, in words: ``head dim 128 from 3072 tokens (causal: 3072)``."""
+    """The calls :data:`TILES` covers, in words: ``head dim 128 from 2048 tokens; head dim 64 non-causal from
+    2048 tokens, causal from 3072 tokens``."""
     parts = []
     for d in sorted({d for d, _ in TILES}, reverse=True):
         plain, causal = TILES.get((d, False)), TILES.get((d, True))
