@@ -3,21 +3,19 @@ hopper_fwd.py``, applied to the kernel that takes ~60% of the backward). Not wir
 
     python benchmarks/experiments/gluon_dkdv.py                  # check against the portable kernel, then time
     python benchmarks/experiments/gluon_dkdv.py --seqlens 4096 --stages 2,3
-    python benchmarks/experiments/gluon_dkdv.py --head-dims 64 --groups 2,3   # 128 or 192 keys a program
 
-A program owns ``GROUPS * 64`` keys of one (batch, kv head) and walks the query blocks (64 rows) that see them,
-for every query head of the GQA group. Partitions:
+A program owns 128 keys of one (batch, kv head) and walks the query blocks (64 rows) that see them, for every
+query head of the GQA group. Partitions:
 
-* loader, 1 warp: K and V once (``GROUPS`` 64-row parts each), then Q and dO of each query block into a ring of
-  stages;
-* ``GROUPS`` consumers (2, or 3 at D64 as the Hopper forward's D64 tile), 4 warps each: group g owns keys
-  g*64 .. g*64+63 and their dK, dV accumulators ([64, D] fp32 in registers). Per query block: S^T = K_g Q^T and dP^T = V_g dO^T (wgmma from shared memory), P^T = exp2(S^T *
+* loader, 1 warp: K and V once (two 64-row halves each), then Q and dO of each query block into a ring of stages;
+* two consumers, 4 warps each: group g owns keys g*64 .. g*64+63 and their dK, dV accumulators ([64, D] fp32 in
+  registers). Per query block: S^T = K_g Q^T and dP^T = V_g dO^T (wgmma from shared memory), P^T = exp2(S^T *
   scale * log2 e - LSE * log2 e), dS^T = P^T (dP^T - delta), then dV_g += P^T dO and dK_g += dS^T Q with P^T
   and dS^T straight from registers (the accumulator layout of S^T is the A operand's, no shuffle).
 
 The LSE and delta of a query block are read by the consumers from global memory (64 floats, L2-resident); dQ
 and delta come from the portable dQ kernel, which runs first as in ``backward.flash_bwd``.
-Limits (asserted): dense [B, L, H, D], L a multiple of GROUPS * 64, Lq == Lk, D 64 or 128, causal or not, no window,
+Limits (asserted): dense [B, L, H, D], L a multiple of 128, Lq == Lk, D 64 or 128, causal or not, no window,
 softcap or dropout; bf16/fp16, contiguous.
 """
 
@@ -43,14 +41,14 @@ ROWS = gl.constexpr(_ROWS)
 
 
 @gluon.jit
-def _schedule(problem, CAUSAL: gl.constexpr, GROUPS: gl.constexpr):
+def _schedule(problem, CAUSAL: gl.constexpr):
     """This program's key block and what it walks: (kv row of its first key, its first key n0, the first query
     block, steps per head, total steps). ``problem``: (seqlen, n_heads_k, n_groups)."""
     seqlen, n_heads_k, n_groups = problem
     pid_n = gl.program_id(0)
     bh = gl.program_id(1)
     b = bh // n_heads_k
-    n0 = pid_n * (GROUPS * ROWS)
+    n0 = pid_n * (2 * ROWS)
     q_lo = n0 if CAUSAL else 0  # causal: queries before the key block see none of it
     per_head = (seqlen - q_lo) // ROWS
     return b, bh % n_heads_k, n0, q_lo, per_head, per_head * n_groups
@@ -63,12 +61,11 @@ def _loader(descs, smem, bars, problem, CAUSAL: gl.constexpr):
     kv_ready, qdo_ready, qdo_empty = bars
     STAGES: gl.constexpr = q_smem.type.shape[0]
     HEAD_DIM: gl.constexpr = q_smem.type.shape[2]
-    GROUPS: gl.constexpr = k_smem.type.shape[0]
     seqlen, n_heads_k, n_groups = problem
-    b, hk, n0, q_lo, per_head, n_steps = _schedule(problem, CAUSAL, GROUPS)
+    b, hk, n0, q_lo, per_head, n_steps = _schedule(problem, CAUSAL)
     kv_row = b * seqlen + n0
-    mbarrier.expect(kv_ready, 2 * GROUPS * k_desc.block_type.nbytes)
-    for g in gl.static_range(GROUPS):
+    mbarrier.expect(kv_ready, 4 * k_desc.block_type.nbytes)
+    for g in gl.static_range(2):
         _tma_load(k_desc, [kv_row + g * ROWS, hk * HEAD_DIM], kv_ready, k_smem.index(g))
         _tma_load(v_desc, [kv_row + g * ROWS, hk * HEAD_DIM], kv_ready, v_smem.index(g))
     for j in range(n_steps):
@@ -127,10 +124,9 @@ def _consume(g: gl.constexpr, descs, smem, bars, problem, stats, qk_scale, sm_sc
     kv_ready, qdo_ready, qdo_empty = bars
     lse_ptr, delta_ptr, stride_lb, stride_lh = stats
     HEAD_DIM: gl.constexpr = q_smem.type.shape[2]
-    GROUPS: gl.constexpr = k_smem.type.shape[0]
     dtype: gl.constexpr = q_smem.dtype
     seqlen, n_heads_k, n_groups = problem
-    b, hk, n0, q_lo, per_head, n_steps = _schedule(problem, CAUSAL, GROUPS)
+    b, hk, n0, q_lo, per_head, n_steps = _schedule(problem, CAUSAL)
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, ROWS, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -143,7 +139,7 @@ def _consume(g: gl.constexpr, descs, smem, bars, problem, stats, qk_scale, sm_sc
     v_g = v_smem.index(g)
     offs_key = n0 + g * ROWS + gl.arange(0, ROWS, layout=row_s)
     stats = (lse_ptr, delta_ptr, b.to(gl.int64) * stride_lb, stride_lh)
-    n_diag = GROUPS if CAUSAL else 0  # causal: the first GROUPS query blocks of a head cross the key block's diagonal
+    n_diag = 2 if CAUSAL else 0  # causal: the first two query blocks of a head cross the key block's diagonal
     mbarrier.wait(kv_ready, 0)
     c = 0
     for hh in range(n_groups):
@@ -178,24 +174,18 @@ def _consumer1(descs, smem, bars, problem, stats, qk_scale, sm_scale, CAUSAL: gl
 
 
 @gluon.jit
-def _consumer2(descs, smem, bars, problem, stats, qk_scale, sm_scale, CAUSAL: gl.constexpr):
-    _consume(2, descs, smem, bars, problem, stats, qk_scale, sm_scale, CAUSAL)
-
-
-@gluon.jit
 def _loader_partition(descs, smem, bars, problem, stats, qk_scale, sm_scale, CAUSAL: gl.constexpr):
     _loader(descs, smem, bars, problem, CAUSAL)
 
 
 @gluon.jit
 def _dkdv_ws_kernel(q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, lse_ptr, delta_ptr, stride_lb, stride_lh,
-                    seqlen, n_heads_k, n_groups, qk_scale, sm_scale, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
-                    GROUPS: gl.constexpr):
-    """Descriptors over the [B * L, H(k) * D] views in [64, D] tiles. Grid (L / (GROUPS * 64), B * Hk)."""
+                    seqlen, n_heads_k, n_groups, qk_scale, sm_scale, CAUSAL: gl.constexpr, STAGES: gl.constexpr):
+    """Descriptors over the [B * L, H(k) * D] views in [64, D] tiles. Grid (L / 128, B * Hk)."""
     HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
     dtype: gl.constexpr = q_desc.dtype
-    k_smem = gl.allocate_shared_memory(dtype, [GROUPS, ROWS, HEAD_DIM], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(dtype, [GROUPS, ROWS, HEAD_DIM], v_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [2, ROWS, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [2, ROWS, HEAD_DIM], v_desc.layout)
     q_smem = gl.allocate_shared_memory(dtype, [STAGES, ROWS, HEAD_DIM], q_desc.layout)
     do_smem = gl.allocate_shared_memory(dtype, [STAGES, ROWS, HEAD_DIM], do_desc.layout)
     kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -204,15 +194,11 @@ def _dkdv_ws_kernel(q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, lse_ptr, 
     mbarrier.init(kv_ready, count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(qdo_ready.index(i), count=1)
-        mbarrier.init(qdo_empty.index(i), count=GROUPS)  # every consumer group releases a stage
+        mbarrier.init(qdo_empty.index(i), count=2)  # both consumer groups release a stage
     args = ((q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc), (k_smem, v_smem, q_smem, do_smem),
             (kv_ready, qdo_ready, qdo_empty), (seqlen, n_heads_k, n_groups),
             (lse_ptr, delta_ptr, stride_lb, stride_lh), qk_scale, sm_scale, CAUSAL)
-    if GROUPS == 3:  # the Hopper forward's D64 split: 3 consumer warpgroups and the loader's share 64K registers
-        gl.warp_specialize([(_consumer0, args), (_consumer1, args), (_consumer2, args), (_loader_partition, args)],
-                           [4, 4, 4], [160, 160, 24])
-    else:
-        gl.warp_specialize([(_consumer0, args), (_consumer1, args), (_loader_partition, args)], [4, 4], [240, 24])
+    gl.warp_specialize([(_consumer0, args), (_consumer1, args), (_loader_partition, args)], [4, 4], [240, 24])
 
 
 def _desc(t):
@@ -222,17 +208,15 @@ def _desc(t):
         [_ROWS, t.shape[3]], dtype))
 
 
-def gluon_dkdv(q, k, v, do, lse, delta, dk, dv, causal, stages=2, groups=2):
+def gluon_dkdv(q, k, v, do, lse, delta, dk, dv, causal, stages=2):
     """q/do [B, L, H, D], k/v/dk/dv [B, L, Hk, D] contiguous; lse/delta fp32 [B, H, L] (any row stride)."""
     batch, seqlen, n_heads, head_dim = q.shape
-    assert seqlen % (groups * 64) == 0 and k.shape[1] == seqlen and head_dim in (64, 128)
-    assert groups == 2 or head_dim == 64, "3 groups hold their dK/dV in 160 registers a thread: D64 only"
-    grid = (seqlen // (groups * 64), batch * k.shape[2])
+    assert seqlen % 128 == 0 and k.shape[1] == seqlen and head_dim in (64, 128)
+    grid = (seqlen // 128, batch * k.shape[2])
     scale = 1 / math.sqrt(head_dim)
     _dkdv_ws_kernel[grid](_desc(q), _desc(do), _desc(k), _desc(v), _desc(dk), _desc(dv), lse, delta, lse.stride(0),
                           lse.stride(1), seqlen, k.shape[2], n_heads // k.shape[2], scale * LOG2E, scale,
-                          CAUSAL=causal, STAGES=stages, GROUPS=groups, num_warps=4,
-                          maxnreg=65536 // (128 * (groups + 1)) // 8 * 8)
+                          CAUSAL=causal, STAGES=stages, num_warps=4, maxnreg=168)
 
 
 def _portable(q, k, v, causal):
@@ -257,14 +241,14 @@ def _portable(q, k, v, causal):
     return out, lse, delta, dq, dk, dv, do, bwd
 
 
-def check(head_dim, causal, kv_heads, stages, groups=2):
+def check(head_dim, causal, kv_heads, stages):
     torch.manual_seed(0)
-    batch, seqlen, heads = 2, 1536, 8
+    batch, seqlen, heads = 2, 1024, 8
     q = torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(batch, seqlen, kv_heads, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     out, lse, delta, dq, dk, dv, do, _ = _portable(q, k, v, causal)
     gdk, gdv = torch.empty_like(dk), torch.empty_like(dv)
-    gluon_dkdv(q, k, v, do, lse, delta, gdk, gdv, causal, stages, groups)
+    gluon_dkdv(q, k, v, do, lse, delta, gdk, gdv, causal, stages)
     torch.cuda.synchronize()
     # fp32 reference of dK/dV
     qf, kf, vf, dof = (t.float().transpose(1, 2) for t in (q, k, v, do))
@@ -284,12 +268,12 @@ def check(head_dim, causal, kv_heads, stages, groups=2):
         err, base_err = (ours.float() - ref).abs().max().item(), (base.float() - ref).abs().max().item()
         good = err <= 2 * base_err + 1e-5
         ok &= good
-        print(f"check D{head_dim} causal={causal} kv_heads={kv_heads} stages={stages} groups={groups} {name}: err {err:.2e} "
+        print(f"check D{head_dim} causal={causal} kv_heads={kv_heads} stages={stages} {name}: err {err:.2e} "
               f"(portable {base_err:.2e}) -> {'ok' if good else 'WRONG'}", flush=True)
     return ok
 
 
-def time_case(head_dim, causal, seqlen, kv_heads, variants, rounds):
+def time_case(head_dim, causal, seqlen, kv_heads, stages_list, rounds):
     """Whole backward: the portable one, and the portable dQ kernel + the Gluon dK/dV kernel (kernel times from
     the profiler, the dQ kernel's shared by both)."""
     batch, heads = max(1, 16384 // seqlen), 2048 // head_dim
@@ -299,9 +283,8 @@ def time_case(head_dim, causal, seqlen, kv_heads, variants, rounds):
     out, lse, delta, dq, dk, dv, do, bwd = _portable(q, k, v, causal)
     flops = 2.5 * 4 * batch * heads * seqlen**2 * head_dim / (2 if causal else 1)
     runs = {"portable": bwd}
-    for st, g in variants:
-        runs[f"gluon-s{st}-g{g}"] = (lambda st, g: lambda: gluon_dkdv(q, k, v, do, lse, delta, dk, dv, causal, st, g))(
-            st, g)
+    for st in stages_list:
+        runs[f"gluon-s{st}"] = (lambda st: lambda: gluon_dkdv(q, k, v, do, lse, delta, dk, dv, causal, st))(st)
     kernel_ms = {name: [] for name in runs}
     for _ in range(rounds):
         for name, fn in runs.items():
@@ -336,19 +319,16 @@ def main():
     p.add_argument("--stages", default="2,3")
     p.add_argument("--kv-heads", type=int, default=0)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--groups", default="2", help="consumer groups of 64 keys: 2, or 3 (D64 only)")
     a = p.parse_args()
     print(torch.cuda.get_device_name(), "| torch", torch.__version__, "| triton", triton.__version__, flush=True)
-    variants = [(int(st), int(g)) for st in a.stages.split(",") for g in a.groups.split(",")]
-    head_dims = list(map(int, a.head_dims.split(",")))
-    good = [(st, g) for st, g in variants if all([check(d, c, kvh, st, g) for d in head_dims if g == 2 or d == 64
-                                                  for c in (True, False) for kvh in (8, 2)])]
-    for d in head_dims:
+    stages = [int(s) for s in a.stages.split(",")]
+    good = [st for st in stages if all([check(d, c, kvh, st) for d in map(int, a.head_dims.split(","))
+                                        for c in (True, False) for kvh in (8, 2)])]
+    for d in map(int, a.head_dims.split(",")):
         for seqlen in map(int, a.seqlens.split(",")):
             for causal in (False, True):
-                ok = [(st, g) for st, g in good if g == 2 or d == 64]
-                if ok:
-                    time_case(d, causal, seqlen, a.kv_heads, ok, a.rounds)
+                if good:
+                    time_case(d, causal, seqlen, a.kv_heads, good, a.rounds)
 
 
 if __name__ == "__main__":
