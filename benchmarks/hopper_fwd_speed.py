@@ -38,8 +38,8 @@ def parse_tile(name: str) -> hopper_fwd.Tile:
 
 
 def time_case(causal: bool, seqlen: int, rounds: int, kv_heads: int, head_dim: int, tiles: dict,
-              orders: list[str]) -> list[str]:
-    batch, heads = max(1, 16384 // seqlen), 2048 // head_dim
+              orders: list[str], batch: int = 0, heads: int = 0) -> list[str]:
+    batch, heads = batch or max(1, 16384 // seqlen), heads or 2048 // head_dim
     q = torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(batch, seqlen, kv_heads or heads, head_dim, device="cuda", dtype=torch.bfloat16)
             for _ in range(2))
@@ -73,7 +73,8 @@ def time_case(causal: bool, seqlen: int, rounds: int, kv_heads: int, head_dim: i
     lines = []
     for name in tiles:
         ratios = sorted(h / p for h, p in zip(speeds[name], speeds["portable"]))
-        lines.append(f"D{head_dim} {'causal ' if causal else ''}L={seqlen} kv_heads={kv_heads or heads} {name}: portable "
+        shape = f"D{head_dim} {'causal ' if causal else ''}B{batch} L={seqlen} H{heads}/{kv_heads or heads}"
+        lines.append(f"{shape} {name}: portable "
                      f"{statistics.median(speeds['portable']):.0f}, {name} {statistics.median(speeds[name]):.0f} TFLOP/s: "
                      f"{statistics.median(ratios):.2f}x ({ratios[0]:.2f}-{ratios[-1]:.2f}); max |dO| {errors[name][0]:.2e}, "
                      f"|dLSE| {errors[name][1]:.2e}")
@@ -86,6 +87,8 @@ def main():
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--kv-heads", type=int, default=0, help="GQA: K/V heads (0: as many as query heads)")
     p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--batch", type=int, default=0, help="sequences per batch (0: 16k tokens per batch)")
+    p.add_argument("--heads", type=int, default=0, help="query heads (0: hidden 2048)")
     p.add_argument("--tiles", default="", help="comma-separated g<groups>n<block_n>s<stages> (default: the table's)")
     p.add_argument("--causal", default="both", choices=["both", "causal", "plain"])
     p.add_argument("--orders", default="wave", help="comma-separated tile numberings: wave, all, or pairs per group")
@@ -96,7 +99,8 @@ def main():
     tiles = {name: parse_tile(name) for name in a.tiles.split(",") if name}
     for seqlen in map(int, a.seqlens.split(",")):
         for causal in {"both": (False, True), "causal": (True,), "plain": (False,)}[a.causal]:
-            for line in time_case(causal, seqlen, a.rounds, a.kv_heads, a.head_dim, tiles, a.orders.split(",")):
+            for line in time_case(causal, seqlen, a.rounds, a.kv_heads, a.head_dim, tiles, a.orders.split(","),
+                                  a.batch, a.heads):
                 print(line, flush=True)
 
 
