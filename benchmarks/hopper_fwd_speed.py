@@ -74,10 +74,11 @@ def time_case(causal: bool, seqlen: int, rounds: int, kv_heads: int, head_dim: i
     for name in tiles:
         ratios = sorted(h / p for h, p in zip(speeds[name], speeds["portable"]))
         shape = f"D{head_dim} {'causal ' if causal else ''}B{batch} L={seqlen} H{heads}/{kv_heads or heads}"
-        lines.append(f"{shape} {name}: portable "
-                     f"{statistics.median(speeds['portable']):.0f}, {name} {statistics.median(speeds[name]):.0f} TFLOP/s: "
-                     f"{statistics.median(ratios):.2f}x ({ratios[0]:.2f}-{ratios[-1]:.2f}); max |dO| {errors[name][0]:.2e}, "
-                     f"|dLSE| {errors[name][1]:.2e}")
+        portable, ours = statistics.median(speeds["portable"]), statistics.median(speeds[name])
+        d_out, d_lse = errors[name]
+        lines.append(f"{shape} {name}: portable {portable:.0f}, {name} {ours:.0f} TFLOP/s: "
+                     f"{statistics.median(ratios):.2f}x ({ratios[0]:.2f}-{ratios[-1]:.2f}); max |dO| {d_out:.2e}, "
+                     f"|dLSE| {d_lse:.2e}")
     return lines
 
 

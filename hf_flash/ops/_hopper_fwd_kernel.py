@@ -302,7 +302,8 @@ def launch_args(*, q, k, v, out, lse, q_rows, kv_rows, q_layout, kv_layout, qk_s
         lse_ptr=lse, seqlen=seqlen, n_heads=n_heads, n_groups=n_heads // k.shape[2], n_bh=batch * n_heads,
         q_rows_b=q_rows_b, q_rows_h=q_rows_h, q_col_h=q_col_h, kv_rows_b=kv_rows_b, kv_rows_h=kv_rows_h,
         kv_col_h=kv_col_h, stride_lb=lse.stride(0), stride_lh=lse.stride(1), qk_scale=qk_scale,
-        head_group=head_group, CAUSAL=causal, STAGES=tile.stages, GROUPS=tile.groups, num_warps=4, maxnreg=max_registers(tile.groups),
+        head_group=head_group, CAUSAL=causal, STAGES=tile.stages, GROUPS=tile.groups, num_warps=4,
+        maxnreg=max_registers(tile.groups),
     )  # fmt: skip
 
 

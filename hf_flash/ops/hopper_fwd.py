@@ -8,8 +8,8 @@ running ``Q K^T``, the online softmax and ``P V`` with ``wgmma``. The SM's warp 
 group's softmax with the other groups' products. Triton 3.6's automatic warp specialization hangs with two
 consumer groups (``docs/DESIGN.md``), hence Gluon, where the partitions, barriers and layouts are explicit.
 On an H100 it ran the forward at 1.06-1.35x the portable kernel from 2k tokens (D64 causal: 3k) to 16k (GQA D64
-causal to 32k; LOG, 2026-12-06, sixth session); shorter sequences are not faster there (0.72-1.03x against the portable kernel's
-short-sequence tiles): :data:`TILES` holds each tile and the length it starts at.
+causal to 32k; LOG, 2026-12-06, sixth session); shorter sequences are not faster there (0.72-1.03x against the
+portable kernel's short-sequence tiles): :data:`TILES` holds each tile and the length it starts at.
 
 So it takes only what it was measured on, and the portable kernel everything else (:func:`takes` decides):
 dense batches on an sm90 GPU, head dim 64 or 128, ``Lq == Lk`` a multiple of 64 and at least the tile's
