@@ -49,6 +49,9 @@ _KNOWN = frozenset(
 )  # fmt: skip
 
 
+_served: str | None = None  # the attention implementation whose calls are packed (install's name)
+
+
 def _wants(module, kwargs: dict, name: str) -> bool:
     value = kwargs.get(name)
     return bool(value if value is not None else getattr(module.config, name, False))
@@ -56,9 +59,7 @@ def _wants(module, kwargs: dict, name: str) -> bool:
 
 def skip_reason(module: torch.nn.Module, kwargs: dict) -> str | None:
     """Why this call of a decoder base model keeps its padded layout (None: it is packed). Reads no tensor."""
-    from hf_flash.integrations.transformers import NAME
-
-    if getattr(module.config, "_attn_implementation", None) != NAME:
+    if _served is None or getattr(module.config, "_attn_implementation", None) != _served:
         return "another attention implementation"
     if os.environ.get(ENV, "1") == "0":
         return f"{ENV}=0"
@@ -152,9 +153,13 @@ def hook(model: torch.nn.Module) -> bool:
     return True
 
 
-def install() -> bool:
+def install(name: str) -> bool:
     """Hook every decoder base model that Transformers builds from now on (wraps ``PreTrainedModel.post_init``,
-    which every model's ``__init__`` ends with). Idempotent; False where Transformers has no post_init."""
+    which every model's ``__init__`` ends with), packing the calls of models whose attention implementation is
+    ``name`` (the integration's registered name: given here, so this module needs nothing from the integration).
+    Idempotent; False where Transformers has no post_init."""
+    global _served
+    _served = name
     try:
         from transformers.modeling_utils import PreTrainedModel
     except ImportError:

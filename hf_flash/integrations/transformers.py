@@ -548,7 +548,7 @@ def register() -> None:
     if not _registered:
         _teach_flash_loader()
         _count_among_compatible_flash_implementations()
-        padding_free.install()
+        padding_free.install(NAME)
     _registered = True
 
 
