@@ -6,7 +6,7 @@
     python benchmarks/hopper_fwd_speed.py --head-dim 64 --tiles g3n128s2,g2n128s3 --kv-heads 8
 
 Both launchers are called directly on the same tensors (16k tokens per batch, hidden 2048, bf16), whatever
-``hopper_fwd.MIN_SEQLEN`` says, so the table shows where the Hopper kernel starts to pay. The two alternate
+``hopper_fwd.TILES`` says, so the table shows where the Hopper kernel starts to pay. The two alternate
 over ``--rounds`` rounds (the same cell drifted by up to 0.19x between device calls, and a kernel timed once
 after another can ride a drift); each round gives a ratio, and the line prints the median TFLOP/s of each and
 the median ratio with its range. ``--tiles`` times other tiles than the table's (``g<groups>n<block_n>s<stages>``,

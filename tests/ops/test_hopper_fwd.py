@@ -2,8 +2,8 @@
 with this Triton (no GPU needed), and on an sm90 GPU that it matches the fp32 oracle, backward included (the
 backward reads its LSE).
 
-On the GPU the kernel only takes ``L >= MIN_SEQLEN`` (3072); the tests lower that bound so that small shapes
-run it, and check that it ran."""
+On the GPU the kernel only takes ``L`` from its tile's ``min_seqlen`` (2048 or 3072); the tests lower that bound
+so that small shapes run it, and check that it ran."""
 
 from __future__ import annotations
 
