@@ -311,5 +311,5 @@ def launch(**kwargs):
     """One program per tile (a persistent grid, one program per SM, measured slower: LOG 2026-12-06).
     Arguments as :func:`launch_args`."""
     q, tile = kwargs["q"], kwargs["tile"]
-    tiles = -(-q.shape[1] // (tile.groups * tile.split_m)) * q.shape[0] * q.shape[2]
+    tiles = tile.per_head(q.shape[1]) * q.shape[0] * q.shape[2]
     _fwd_hopper[(tiles,)](**launch_args(**kwargs))

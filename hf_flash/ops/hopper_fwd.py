@@ -47,6 +47,10 @@ class Tile(NamedTuple):
     min_seqlen: int
     split_m: int = SPLIT_M
 
+    def per_head(self, seqlen: int) -> int:
+        """Tiles of one (batch, head) at length ``seqlen``: the last one may be partly past L."""
+        return -(-seqlen // (self.groups * self.split_m))
+
 
 # (head dim, causal) -> tile, FlashAttention-3's split of rows (H100, hopper_fwd_speed.py; docs/DESIGN.md).
 # D128: 2 x 64 rows, 128 keys, 2 stages = 2 x (2 x 32 KB) + Q's 2 x 16 KB = 160 KB of the 227 KB a program may
@@ -61,6 +65,7 @@ TILES = {
     (64, True): Tile(groups=3, block_n=128, stages=2, min_seqlen=3072),
 }
 ENV = "HF_FLASH_HOPPER_FWD"
+LOG2E = 1.4426950408889634
 
 
 def coverage() -> str:
@@ -75,7 +80,6 @@ def coverage() -> str:
             parts.append(f"head dim {d} " + ", ".join(f"{name} from {t.min_seqlen} tokens" for name, t in
                                                       (("non-causal", plain), ("causal", causal)) if t))
     return "; ".join(parts)
-LOG2E = 1.4426950408889634
 
 
 @functools.cache
@@ -142,7 +146,7 @@ def _rows(layout: TmaLayout, t: torch.Tensor) -> tuple[int, int, int]:
 def head_group(seqlen: int, tile: Tile, sms: int) -> int:
     """(batch, head) pairs whose tiles the kernel numbers together: as many as make one wave of ``sms``
     programs (at least 1), so the programs running at once read the K/V of few heads, from L2."""
-    return max(1, sms // -(-seqlen // (tile.groups * tile.split_m)))
+    return max(1, sms // tile.per_head(seqlen))
 
 
 def flash_fwd_hopper(q, k, v, out, lse, softmax_scale: float, causal: bool, tile: Tile | None = None,
