@@ -61,7 +61,7 @@ from hf_flash.ops.common import (
     tma_pair,
     visible,
 )
-from hf_flash.ops.config import cdiv
+from hf_flash.ops.config import block_d_for, cdiv
 
 
 @triton.jit(do_not_specialize=UNSPECIALIZED)
@@ -413,6 +413,19 @@ def _bwd_dq(
     tl.store(dq_head + rows * stride_dqm + offs_d[None, :], dq.to(dQ.dtype.element_ty), mask=q_ok)
 
 
+def flash_delta(out, do, lse, delta, cu_seqlens_q, max_seqlen_q) -> None:
+    """``delta = rowsum(dO * O)`` (fp32) into ``delta``, laid out as ``lse``: ``[B, H, Lq]``, or varlen ``[H,
+    total_q]`` with ``cu_seqlens_q``. out/do ``[B, Lq, H, D]`` or ``[total_q, H, D]``."""
+    varlen = cu_seqlens_q is not None
+    batch = cu_seqlens_q.numel() - 1 if varlen else out.shape[0]
+    n_heads, head_dim = out.shape[-2], out.shape[-1]
+    _bwd_delta[(cdiv(max_seqlen_q, 64), batch * n_heads)](
+        Out=out, dO=do, Delta=delta, cu_seqlens_q=cu_seqlens_q if varlen else lse, **_strides(out, varlen, "o", "m"),
+        **_strides(do, varlen, "do", "m"), **lse_strides(lse, varlen), seqlen_q_arg=max_seqlen_q, n_heads=n_heads,
+        HEAD_DIM=head_dim, BLOCK_M=64, BLOCK_D=block_d_for(head_dim), IS_VARLEN=varlen,
+    )  # fmt: skip
+
+
 def flash_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
               softmax_scale, window, softcap, dropout_p, seed, config_dkdv, config_dq, deterministic=True):
     """Launch the backward kernels: dQ then dK/dV, or delta then dK/dV with atomic dQ. Tensors as in
@@ -434,8 +447,6 @@ def flash_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max
     # what the launches share: shapes and layout, the LSE/delta rows, the lengths
     shared = dict(HEAD_DIM=head_dim, BLOCK_D=config_dq.block_d, IS_VARLEN=varlen, cu_seqlens_q=cu_seqlens_q,
                   **lse_strides(lse, varlen), seqlen_q_arg=max_seqlen_q)  # fmt: skip
-    delta_args = dict(shared, Out=out, dO=do, Delta=delta, **_strides(out, varlen, "o", "m"),
-                      **_strides(do, varlen, "do", "m"), n_heads=n_heads, BLOCK_M=64)  # fmt: skip
     # ... and what the dK/dV and dQ kernels share
     shared.update(Q=q, K=k, V=v, dO=do, Lse=lse, Delta=delta, cu_seqlens_k=cu_seqlens_k, seqlen_k_arg=max_seqlen_k,
                   n_groups=n_heads // n_heads_k, **option_args(softmax_scale, window, softcap, dropout_p, seed),
@@ -444,7 +455,7 @@ def flash_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max
     atomic = not deterministic
     if atomic:
         # no dQ kernel to compute delta on the way: its own small launch
-        _bwd_delta[(cdiv(max_seqlen_q, 64), batch * n_heads)](**delta_args)
+        flash_delta(out, do, lse, delta, cu_seqlens_q if varlen else None, max_seqlen_q)
     else:
         # dQ first: it stores delta, which the dK/dV kernel reads
         c = config_dq

@@ -12,8 +12,8 @@ from typing import Optional
 
 import torch
 
-from hf_flash.ops import checks, hopper_fwd
-from hf_flash.ops.backward import flash_bwd
+from hf_flash.ops import checks, hopper_bwd, hopper_fwd
+from hf_flash.ops.backward import flash_bwd, flash_delta
 from hf_flash.ops.config import backward_config, explain_launch_error, forward_config
 from hf_flash.ops.forward import flash_fwd
 
@@ -113,6 +113,11 @@ def _bwd_impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
     if k.numel() > 0 and q.numel() == 0:
         dk.zero_()
         dv.zero_()
+    elif k.numel() > 0 and hopper_bwd.takes(q, k, v, out, dout, lse, cu_seqlens_q is not None,
+                                            (window_left, window_right), softcap, dropout_p, sinks, deterministic):
+        delta = torch.empty_strided(lse.shape, lse.stride(), dtype=lse.dtype, device=lse.device)
+        flash_delta(out, dout, lse, delta, None, max_seqlen_q)
+        hopper_bwd.flash_bwd_hopper(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scale, causal=window_right == 0)
     elif k.numel() > 0:
         config_dkdv, config_dq = backward_config(q.shape[-1], q.device, cu_seqlens_q is not None)
         deterministic = deterministic or q.shape[-1] < ATOMIC_DQ_MIN_HEAD_DIM
@@ -245,8 +250,10 @@ def flash_attn_func(
         deterministic: True makes the backward bitwise reproducible run to run: dQ comes from a kernel of its
             own. False (default) does the same below head dim 129 (``ATOMIC_DQ_MIN_HEAD_DIM``), where that
             kernel is as fast, so those head dims are reproducible either way; from 129 on it adds dQ with fp32
-            atomics inside the dK/dV kernel, faster there but not bitwise reproducible. The sinks' gradient is
-            always reproducible.
+            atomics inside the dK/dV kernel, faster there but not bitwise reproducible. On an sm90 GPU (H100,
+            H200), False takes the Hopper backward where it applies (``hopper_bwd``: dense, head dim 64 or 128,
+            equal lengths from its ``MIN_SEQLEN``, a multiple of 128), which adds dQ with atomics too: faster,
+            not bitwise reproducible. The sinks' gradient is always reproducible.
         return_attn_probs: also return ``softmax_lse`` ``[B, H, Lq]`` (fp32, ``+inf`` on rows that see no key)
             and ``None`` in place of flash-attn's debugging score matrix.
         sinks: attention sinks (gpt-oss's ``s_aux``), ``[H]``, one logit per query head, any float dtype

@@ -62,14 +62,18 @@ def _kernel(name: str):
         from hf_flash.ops import _hopper_fwd_kernel
 
         return _hopper_fwd_kernel._fwd_hopper
+    if name == "hopper_bwd":
+        from hf_flash.ops import _hopper_bwd_kernel
+
+        return _hopper_bwd_kernel._bwd_hopper
     return {"fwd": forward._fwd_kernel, "fwd_short": forward._fwd_kernel, "dkdv": backward._bwd_dkdv,
             "dq": backward._bwd_dq, "delta": backward._bwd_delta}[name]
 
 
 def _hopper_source(fn, case: dict):
-    """The Gluon source of the Hopper forward (``case``: dtype, head_dim, block_n, constexprs CAUSAL, STAGES and
-    GROUPS): its descriptors carry their shared-memory layouts, as ``_hopper_fwd_kernel._descriptor`` builds
-    them."""
+    """The Gluon source of the Hopper forward or backward (``case``: dtype, head_dim, block_n (forward) and the
+    kernel's constexprs): its descriptors carry their shared-memory layouts, as ``_hopper_fwd_kernel._descriptor``
+    builds them."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -81,11 +85,22 @@ def _hopper_source(fn, case: dict):
     def desc(rows):
         return f"tensordesc<{dtype}[{rows},{d}],{gl.NVMMASharedLayout.get_default_for([rows, d], gl_dtype)!r}>"
 
-    tiles = {"q_desc": desc(hopper_fwd.SPLIT_M), "o_desc": desc(hopper_fwd.SPLIT_M), "k_desc": desc(case["block_n"]),
-             "v_desc": desc(case["block_n"]), "lse_ptr": "*fp32", "qk_scale": "fp32"}
+    if case["kernel"] == "hopper_bwd":
+        from hf_flash.ops import _hopper_bwd_kernel as K
+
+        stat = f"tensordesc<fp32[{K.ROWS}],{K._STAT_LAYOUT!r}>"
+        tiles = {**{n: desc(K.ROWS) for n in fn.arg_names if n.endswith("_desc")}, "lse_desc": stat,
+                 "delta_desc": stat, "dq_ptr": "*fp32", "qk_scale": "fp32", "sm_scale": "fp32"}
+        pointer = "dq_ptr"
+    else:
+        tiles = {"q_desc": desc(hopper_fwd.SPLIT_M), "o_desc": desc(hopper_fwd.SPLIT_M),
+                 "k_desc": desc(case["block_n"]), "v_desc": desc(case["block_n"]), "lse_ptr": "*fp32",
+                 "qk_scale": "fp32"}
+        pointer = "lse_ptr"
     signature = {n: "constexpr" if n in case["constexprs"] else tiles.get(n, "i32") for n in fn.arg_names}
-    lse = list(fn.arg_names).index("lse_ptr")
-    return GluonASTSource(fn, signature, constexprs=dict(case["constexprs"]), attrs={(lse,): [["tt.divisibility", 16]]})
+    aligned = list(fn.arg_names).index(pointer)
+    return GluonASTSource(fn, signature, constexprs=dict(case["constexprs"]),
+                          attrs={(aligned,): [["tt.divisibility", 16]]})
 
 
 def _resources(ptxas_log: str) -> dict:
@@ -111,7 +126,7 @@ def compile_case(case: dict, with_cubin: bool = False, asm: tuple = ()) -> dict:
     from triton.compiler import ASTSource
 
     fn = _kernel(case["kernel"])
-    if case["kernel"] == "hopper_fwd":
+    if case["kernel"] in ("hopper_fwd", "hopper_bwd"):
         return _compiled(_hopper_source(fn, case), case, with_cubin, asm)
     constexprs = case["constexprs"]
     names = list(fn.arg_names)

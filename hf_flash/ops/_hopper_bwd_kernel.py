@@ -1,0 +1,363 @@
+"""Gluon kernel of the Hopper backward and its launch (imported by ``hopper_bwd`` only where Triton has Gluon).
+
+A program owns 128 keys of one (batch, kv head) and walks the 64-row query blocks that see them, for every query
+head of the GQA group (causal: from its own diagonal on; otherwise each key block starts at its own query block
+and wraps around, so the programs running at once add into different dQ rows). Partitions
+(``gl.warp_specialize``):
+
+* loader, 4 warps: K and V once; per step Q, dO and the rows' LSE and delta through TMA into a ring of
+  ``STAGES`` stages; and, between the loads, the dQ reductions: the fp32 part the consumers left in shared
+  memory, added into the fp32 dQ buffer with ``red.global.add.v4.f32`` (the atomics of FlashAttention-2 and -3;
+  FA3 reduces with a TMA instruction that Gluon in Triton 3.6 does not have);
+* two consumers, 4 warps each: group g owns keys g*64 .. g*64+63 and their dK, dV accumulators ([64, D] fp32 in
+  registers). Per step: S^T = K_g Q^T and dP^T = V_g dO^T (wgmma from shared memory), P^T = exp2(S^T * scale *
+  log2 e - LSE * log2 e), dS^T = P^T (dP^T - delta); dV_g += P^T dO and dK_g += dS^T Q (P^T, dS^T as register
+  A operands); dS^T to shared memory, and dQ = dS K, five products in all where the portable split computes
+  seven (``backward.py``). ``SPLIT_DQ`` (D128): group g computes the g-th half of dQ's columns over both groups'
+  keys (one mbarrier turn a step between the groups: each needs the other's dS^T); else (D64) each group computes
+  all of dQ's columns over its own keys and the loader adds the two parts before its atomics.
+
+Shapes in comments: ``[rows, columns]`` of one consumer group.
+"""
+
+from __future__ import annotations
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
+from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from hf_flash.ops._hopper_fwd_kernel import _descriptor, _tma_load, _tma_store
+
+ROWS = 64  # query rows of a step, and keys of a consumer group
+_ROWS = gl.constexpr(ROWS)
+BLOCK_N = 2 * ROWS  # keys of a program
+# the LSE and delta rows, read in [64] tiles of one flat fp32 tensor
+_STAT_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)
+
+
+@gluon.jit
+def _schedule(problem, CAUSAL: gl.constexpr):
+    """This program's (batch, kv head, first key n0, first query q_lo, steps per head, steps in all).
+    ``problem``: (seqlen, n_heads_k, n_groups, q_rows, do_rows, kv_rows, stat_stride), ``*_rows`` = (rows_b,
+    rows_h, col_h) as in ``hopper_fwd``."""
+    seqlen, n_heads_k, n_groups = problem[0], problem[1], problem[2]
+    bh = gl.program_id(1)
+    n0 = gl.program_id(0) * (2 * _ROWS)
+    q_lo = n0 if CAUSAL else 0  # causal: queries before the key block see none of it
+    per_head = (seqlen - q_lo) // _ROWS
+    return bh // n_heads_k, bh % n_heads_k, n0, q_lo, per_head, per_head * n_groups
+
+
+@gluon.jit
+def _q_block(i, per_head, n0, q_lo, CAUSAL: gl.constexpr):
+    """First query of step ``i`` of a head: causal from the diagonal on (the first two blocks cross it),
+    otherwise from the key block's own query block, wrapping around."""
+    if CAUSAL:
+        return q_lo + i * _ROWS
+    else:
+        return ((i + n0 // _ROWS) % per_head) * _ROWS
+
+
+@gluon.jit
+def _red_add(ptrs, vals):
+    """``*ptrs += vals`` (fp32, relaxed, no result), 4 neighbouring elements of a thread per instruction: sm90's
+    ``red.global.add.v4.f32``, which Triton 3.6 does not emit for ``gl.atomic_add`` (4x the instructions)."""
+    gl.inline_asm_elementwise(
+        "red.relaxed.gpu.global.add.v4.f32 [$4], {$8, $9, $10, $11};\n\t"
+        "mov.b32 $0, 0;\n\tmov.b32 $1, 0;\n\tmov.b32 $2, 0;\n\tmov.b32 $3, 0;",
+        "=r,=r,=r,=r,l,l,l,l,f,f,f,f", [ptrs.to(gl.int64, bitcast=True), vals], dtype=gl.int32, is_pure=False,
+        pack=4)
+
+
+@gluon.jit
+def _reduce(j, problem, dq_out, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr):
+    """The loader's 4 warps add step ``j``'s dQ parts (both groups') into the fp32 dQ buffer ``[B * L, H * D]``.
+    ``dq_out``: (parts [2, 64, DQ_N] fp32 in shared memory, ready, empty, dQ buffer, its row stride)."""
+    dq_smem, dq_ready, dq_empty, dq_ptr, dq_stride = dq_out
+    DQ_N: gl.constexpr = dq_smem.type.shape[2]
+    SPLIT: gl.constexpr = DQ_N != HEAD_DIM
+    TPR: gl.constexpr = DQ_N // 4  # threads per row, 4 floats each
+    CHUNK: gl.constexpr = 32 // TPR * 4  # rows per pass of the 4 warps
+    layout: gl.constexpr = gl.BlockedLayout([1, 4], [32 // TPR, TPR], [4, 1], [1, 0])
+    seqlen, n_groups = problem[0], problem[2]
+    b, hk, n0, q_lo, per_head, n_steps = _schedule(problem, CAUSAL)
+    h = hk * n_groups + j // per_head
+    q_start = _q_block(j % per_head, per_head, n0, q_lo, CAUSAL)
+    rows = gl.arange(0, CHUNK, layout=gl.SliceLayout(1, layout))
+    cols = gl.arange(0, DQ_N, layout=gl.SliceLayout(0, layout))
+    offs = gl.expand_dims(rows, 1) * dq_stride + gl.expand_dims(cols, 0)
+    base = dq_ptr + (b * seqlen + q_start).to(gl.int64) * dq_stride + h * HEAD_DIM
+    mbarrier.wait(dq_ready, j & 1)
+    for r in gl.static_range(0, _ROWS, CHUNK):
+        if SPLIT:  # each group's half of the columns
+            for g in gl.static_range(2):
+                part = dq_smem.index(g).slice(r, CHUNK, 0).load(layout)
+                _red_add(base + r * dq_stride + g * DQ_N + offs, part)
+        else:  # each group's part over its own keys: summed here, one atomic per element
+            part = dq_smem.index(0).slice(r, CHUNK, 0).load(layout) + dq_smem.index(1).slice(r, CHUNK, 0).load(layout)
+            _red_add(base + r * dq_stride + offs, part)
+    mbarrier.arrive(dq_empty, count=1)
+
+
+@gluon.jit
+def _loader(descs, smem, bars, problem, stats, dq_out, CAUSAL: gl.constexpr):
+    """4 warps (one issues the copies): K, V once, then Q, dO, LSE and delta of each step into the stage ring;
+    between the loads, the dQ reduction of the step that released its stage (``_reduce``)."""
+    q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc = descs
+    k_smem, v_smem, q_smem, do_smem, ds_smem = smem
+    kv_ready, qdo_ready, qdo_empty, ds_ready = bars
+    lse_smem, delta_smem, lse_desc, delta_desc = stats
+    STAGES: gl.constexpr = q_smem.type.shape[0]
+    HEAD_DIM: gl.constexpr = q_smem.type.shape[2]
+    seqlen, n_heads_k, n_groups, q_rows, do_rows, kv_rows, stat_stride = problem
+    b, hk, n0, q_lo, per_head, n_steps = _schedule(problem, CAUSAL)
+    kv_row = b * kv_rows[0] + hk * kv_rows[1] + n0
+    mbarrier.expect(kv_ready, 4 * k_desc.block_type.nbytes)
+    for g in gl.static_range(2):
+        _tma_load(k_desc, [kv_row + g * _ROWS, hk * kv_rows[2]], kv_ready, k_smem.index(g))
+        _tma_load(v_desc, [kv_row + g * _ROWS, hk * kv_rows[2]], kv_ready, v_smem.index(g))
+    for j in range(n_steps):
+        h = hk * n_groups + j // per_head
+        q_start = _q_block(j % per_head, per_head, n0, q_lo, CAUSAL)
+        stage = j % STAGES
+        mbarrier.wait(qdo_empty.index(stage), ((j // STAGES) & 1) ^ 1)
+        mbarrier.expect(qdo_ready.index(stage), 2 * q_desc.block_type.nbytes + 2 * lse_desc.block_type.nbytes)
+        _tma_load(q_desc, [b * q_rows[0] + h * q_rows[1] + q_start, h * q_rows[2]], qdo_ready.index(stage),
+                  q_smem.index(stage))
+        _tma_load(do_desc, [b * do_rows[0] + h * do_rows[1] + q_start, h * do_rows[2]], qdo_ready.index(stage),
+                  do_smem.index(stage))
+        stat = (b * (n_heads_k * n_groups) + h) * stat_stride + q_start
+        _tma_load(lse_desc, [stat], qdo_ready.index(stage), lse_smem.index(stage))
+        _tma_load(delta_desc, [stat], qdo_ready.index(stage), delta_smem.index(stage))
+        if j >= STAGES:
+            _reduce(j - STAGES, problem, dq_out, CAUSAL, HEAD_DIM)
+    for j in range(gl.maximum(n_steps - STAGES, 0), n_steps):
+        _reduce(j, problem, dq_out, CAUSAL, HEAD_DIM)
+
+
+@gluon.jit
+def _step(c, q_start, g: gl.constexpr, smem, bars, acc, offs_key, stats, dq_out, qk_scale, dq_scale, zero_s,
+          MASKED: gl.constexpr, a_layout: gl.constexpr, dq_layout: gl.constexpr):
+    """One query block (rows ``q_start`` ...) in stage-ring position ``c``; returns (dk, dv). ``MASKED``: the
+    block crosses the causal diagonal."""
+    k_smem, v_smem, q_smem, do_smem, ds_smem = smem
+    kv_ready, qdo_ready, qdo_empty, ds_ready = bars
+    lse_smem, delta_smem = stats
+    dq_smem, dq_ready, dq_empty = dq_out
+    dk, dv = acc
+    k_g = k_smem.index(g)
+    v_g = v_smem.index(g)
+    STAGES: gl.constexpr = q_smem.type.shape[0]
+    dtype: gl.constexpr = q_smem.dtype
+    DQ_N: gl.constexpr = dq_smem.type.shape[2]
+    SPLIT: gl.constexpr = DQ_N != q_smem.type.shape[2]
+    col_s: gl.constexpr = gl.SliceLayout(0, zero_s.type.layout)
+    stage = c % STAGES
+    mbarrier.wait(qdo_ready.index(stage), (c // STAGES) & 1)
+    q_s = q_smem.index(stage)
+    do_s = do_smem.index(stage)
+    # -- S^T = K_g Q^T and dP^T = V_g dO^T, both issued before the exponentials
+    st = warpgroup_mma(k_g, q_s.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    dpt = warpgroup_mma(v_g, do_s.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    st = warpgroup_mma_wait(1, deps=[st])  # [64 keys, 64 queries]
+    # the LSE and delta came with Q and dO: read here, where they are used, they hold no registers across the
+    # products' waits (loaded per thread at the step's start, they pushed the split kernel into spills)
+    lse2 = lse_smem.index(stage).load(col_s) * 1.4426950408889634
+    pt = gl.exp2(st * qk_scale - gl.expand_dims(lse2, 0))
+    if MASKED:  # query i sees keys <= i
+        offs_q = q_start + gl.arange(0, _ROWS, layout=col_s)
+        pt = gl.where(gl.expand_dims(offs_key, 1) <= gl.expand_dims(offs_q, 0), pt, 0.0)
+    dpt = warpgroup_mma_wait(0, deps=[dpt])
+    delta = delta_smem.index(stage).load(col_s)
+    dst = (pt * (dpt - gl.expand_dims(delta, 0))).to(dtype)
+    # -- dS^T to shared memory: read back transposed as the A operand of dQ = dS K
+    ds_buf = c % 2
+    ds_smem.index(ds_buf * 2 + g).store(dst)
+    fence_async_shared()
+    if SPLIT:
+        mbarrier.arrive(ds_ready.index(ds_buf), count=1)
+    # -- dV_g += P^T dO, dK_g += dS^T Q (P^T, dS^T as A operands from registers)
+    pt16 = gl.convert_layout(pt.to(dtype), a_layout)
+    dst16 = gl.convert_layout(dst, a_layout)
+    dv = warpgroup_mma(pt16, do_s, dv, is_async=True)
+    dk = warpgroup_mma(dst16, q_s, dk, is_async=True)
+    # dK/dV's products finish first: their register operands (P^T, dS^T) die before dQ's accumulator lives
+    dv, dk = warpgroup_mma_wait(0, deps=[dv, dk])
+    mbarrier.arrive(qdo_empty.index(stage), count=1)
+    zero_q = gl.zeros([_ROWS, DQ_N], gl.float32, dq_layout)
+    if SPLIT:
+        mbarrier.wait(ds_ready.index(ds_buf), (c // 2) & 1)  # the other group's dS^T is there too
+        dq = warpgroup_mma(ds_smem.index(ds_buf * 2).permute((1, 0)), k_smem.index(0).slice(g * DQ_N, DQ_N, 1),
+                           zero_q, use_acc=False, is_async=True)
+        dq = warpgroup_mma(ds_smem.index(ds_buf * 2 + 1).permute((1, 0)), k_smem.index(1).slice(g * DQ_N, DQ_N, 1),
+                           dq, is_async=True)
+    else:
+        dq = warpgroup_mma(ds_smem.index(ds_buf * 2 + g).permute((1, 0)), k_g, zero_q, use_acc=False, is_async=True)
+    dq = warpgroup_mma_wait(0, deps=[dq])
+    # -- the fp32 part to shared memory, for the loader's atomics
+    mbarrier.wait(dq_empty, (c & 1) ^ 1)
+    dq_smem.index(g).store(dq * dq_scale)
+    mbarrier.arrive(dq_ready, count=1)
+    return dk, dv
+
+
+@gluon.jit
+def _consume(g: gl.constexpr, descs, smem, bars, problem, stats, dq_out, qk_scale, sm_scale, CAUSAL: gl.constexpr):
+    """4 warps: keys n0 + g*64 ... of this program, every query block of every head of the group, then dK and dV
+    out through K/V's buffers and TMA stores."""
+    q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc = descs
+    k_smem, v_smem, q_smem, do_smem, ds_smem = smem
+    kv_ready, qdo_ready, qdo_empty, ds_ready = bars
+    dq_smem = dq_out[0]
+    HEAD_DIM: gl.constexpr = q_smem.type.shape[2]
+    DQ_N: gl.constexpr = dq_smem.type.shape[2]
+    SPLIT: gl.constexpr = DQ_N != HEAD_DIM
+    dtype: gl.constexpr = q_smem.dtype
+    kv_rows = problem[5]
+    b, hk, n0, q_lo, per_head, n_steps = _schedule(problem, CAUSAL)
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, _ROWS, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, DQ_N, 16])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    zero_s = gl.zeros([_ROWS, _ROWS], gl.float32, s_layout)
+    acc = (gl.zeros([_ROWS, HEAD_DIM], gl.float32, o_layout), gl.zeros([_ROWS, HEAD_DIM], gl.float32, o_layout))
+    offs_key = n0 + g * _ROWS + gl.arange(0, _ROWS, layout=gl.SliceLayout(1, s_layout))
+    stats = (stats[0], stats[1])
+    dq_out = (dq_out[0], dq_out[1], dq_out[2])
+    n_diag = 2 if CAUSAL else 0  # causal: the first two query blocks of a head cross the key block's diagonal
+    mbarrier.wait(kv_ready, 0)
+    c = 0
+    for hh in range(problem[2]):
+        for i in range(0, n_diag):
+            acc = _step(c, q_lo + i * _ROWS, g, smem, bars, acc, offs_key, stats, dq_out, qk_scale, sm_scale,
+                        zero_s, True, a_layout, dq_layout)
+            c += 1
+        for i in range(n_diag, per_head):
+            acc = _step(c, _q_block(i, per_head, n0, q_lo, CAUSAL), g, smem, bars, acc, offs_key, stats, dq_out,
+                        qk_scale, sm_scale, zero_s, False, a_layout, dq_layout)
+            c += 1
+    dk, dv = acc
+    if SPLIT:
+        # the other group may still read this group's K half for its dQ: both pass one more turn first
+        mbarrier.arrive(ds_ready.index(c % 2), count=1)
+        mbarrier.wait(ds_ready.index(c % 2), (c // 2) & 1)
+    k_g = k_smem.index(g)
+    v_g = v_smem.index(g)
+    kv_row = b * kv_rows[0] + hk * kv_rows[1] + n0 + g * _ROWS
+    k_g.store((dk * sm_scale).to(dtype))
+    v_g.store(dv.to(dtype))
+    fence_async_shared()
+    _tma_store(dk_desc, [kv_row, hk * kv_rows[2]], k_g)
+    _tma_store(dv_desc, [kv_row, hk * kv_rows[2]], v_g)
+    tma.store_wait(0)
+
+
+# the partitions: constexprs passed through gl.warp_specialize arrive as runtime values, so the tile's constants
+# travel in shared-memory shapes (the dQ parts' buffer gives DQ_N) and CAUSAL only picks branches
+@gluon.jit
+def _consumer0(descs, smem, bars, problem, stats, dq_out, qk_scale, sm_scale, CAUSAL: gl.constexpr):
+    _consume(0, descs, smem, bars, problem, stats, dq_out, qk_scale, sm_scale, CAUSAL)
+
+
+@gluon.jit
+def _consumer1(descs, smem, bars, problem, stats, dq_out, qk_scale, sm_scale, CAUSAL: gl.constexpr):
+    _consume(1, descs, smem, bars, problem, stats, dq_out, qk_scale, sm_scale, CAUSAL)
+
+
+@gluon.jit
+def _loader_partition(descs, smem, bars, problem, stats, dq_out, qk_scale, sm_scale, CAUSAL: gl.constexpr):
+    _loader(descs, smem, bars, problem, stats, dq_out, CAUSAL)
+
+
+# lengths and head counts are plain integers: a new length compiles nothing new
+@gluon.jit(do_not_specialize=["seqlen", "n_heads_k", "n_groups", "stat_stride"])
+def _bwd_hopper(
+    q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, lse_desc, delta_desc, dq_ptr, dq_stride, seqlen, n_heads_k,
+    n_groups, q_rows_b, q_rows_h, q_col_h, do_rows_b, do_rows_h, do_col_h, kv_rows_b, kv_rows_h, kv_col_h,
+    stat_stride, qk_scale, sm_scale, CAUSAL: gl.constexpr, STAGES: gl.constexpr, SPLIT_DQ: gl.constexpr,
+):
+    """q/do_desc: Q and dO in ``[64, D]`` tiles, k/v/dk/dv_desc: K, V, dK, dV in ``[64, D]`` tiles, over the 2D
+    views of ``hopper_fwd`` (rows and columns from ``*_rows_b``, ``*_rows_h``, ``*_col_h``); lse/delta_desc: the
+    flat fp32 LSE and delta, row (b, h) at ``(b * H + h) * stat_stride``, in [64] tiles; dq_ptr: fp32 ``[B * L,
+    H * D]`` with rows ``dq_stride`` apart, zeroed (gets scale * dS K added); L a multiple of 128; qk_scale =
+    scale * log2(e). Grid ``(L / 128, B * Hk)``."""
+    HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
+    dtype: gl.constexpr = q_desc.dtype
+    k_smem = gl.allocate_shared_memory(dtype, [2, _ROWS, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [2, _ROWS, HEAD_DIM], v_desc.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES, _ROWS, HEAD_DIM], q_desc.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES, _ROWS, HEAD_DIM], do_desc.layout)
+    lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, _ROWS], lse_desc.layout)
+    delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, _ROWS], delta_desc.layout)
+    # dS^T of both groups, double-buffered: [buffer * 2 + group]
+    ds_smem = gl.allocate_shared_memory(dtype, [4, _ROWS, _ROWS], gl.NVMMASharedLayout.get_default_for(
+        [_ROWS, _ROWS], dtype))
+    # the fp32 dQ parts, [group]: with SPLIT_DQ half of the columns each, else all of them (its last dimension
+    # is how the partitions tell the two apart)
+    DQ_N: gl.constexpr = HEAD_DIM // 2 if SPLIT_DQ else HEAD_DIM
+    dq_smem = gl.allocate_shared_memory(gl.float32, [2, _ROWS, DQ_N], gl.SwizzledSharedLayout(4, 1, 8, [1, 0]))
+    kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    qdo_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    qdo_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    dq_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    dq_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_ready, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(qdo_ready.index(i), count=1)
+        mbarrier.init(qdo_empty.index(i), count=2)  # both consumer groups release a stage
+    for i in gl.static_range(2):
+        mbarrier.init(ds_ready.index(i), count=2)  # both groups' dS^T stored
+    mbarrier.init(dq_ready, count=2)  # both groups' dQ parts stored
+    mbarrier.init(dq_empty, count=1)  # the loader has read them
+    problem = (seqlen, n_heads_k, n_groups, (q_rows_b, q_rows_h, q_col_h), (do_rows_b, do_rows_h, do_col_h),
+               (kv_rows_b, kv_rows_h, kv_col_h), stat_stride)
+    args = ((q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc), (k_smem, v_smem, q_smem, do_smem, ds_smem),
+            (kv_ready, qdo_ready, qdo_empty, ds_ready), problem, (lse_smem, delta_smem, lse_desc, delta_desc),
+            (dq_smem, dq_ready, dq_empty, dq_ptr, dq_stride), qk_scale, sm_scale, CAUSAL)
+    # setmaxnreg: the consumers 232 registers a thread (their loops compile without spills), the loader's
+    # warpgroup 40 (its dQ reductions spilled at 24): 2 * 232 + 40 = 3 * 168, the launch's
+    gl.warp_specialize([(_consumer0, args), (_consumer1, args), (_loader_partition, args)], [4, 4], [232, 40])
+
+
+def _stat_descriptor(t) -> TensorDescriptor:
+    """``[B, H, L]`` fp32 whose (batch, head) rows are evenly spaced by a multiple of 4 elements (``function.
+    _new_lse``) as one flat tensor in [64] tiles; :func:`hopper_bwd.fits` checks the strides."""
+    flat = torch.as_strided(t, (t.shape[0] * t.stride(0),), (1,))
+    return TensorDescriptor.from_tensor(flat, [ROWS], _STAT_LAYOUT)
+
+
+MAX_REGISTERS = 168  # 64K registers over the three warpgroups
+
+
+def launch_args(*, q, k, v, do, dk, dv, lse, delta, dq_acc, rows, layouts, softmax_scale, causal, stages,
+                split_dq) -> dict:
+    """The kernel's keyword arguments (descriptors built here) and launch options. ``rows``: (rows_b, rows_h,
+    col_h) of q, do and k (``hopper_fwd._rows``); ``layouts``: the TMA layouts of q, do and k (v, dk, dv share
+    k's)."""
+    q_rows, do_rows, kv_rows = rows
+    q_layout, do_layout, kv_layout = layouts
+    return dict(
+        q_desc=_descriptor(q, q_layout, ROWS), do_desc=_descriptor(do, do_layout, ROWS),
+        k_desc=_descriptor(k, kv_layout, ROWS), v_desc=_descriptor(v, kv_layout, ROWS),
+        dk_desc=_descriptor(dk, kv_layout, ROWS), dv_desc=_descriptor(dv, kv_layout, ROWS),
+        lse_desc=_stat_descriptor(lse), delta_desc=_stat_descriptor(delta), dq_ptr=dq_acc,
+        dq_stride=dq_acc.shape[2] * dq_acc.shape[3], seqlen=q.shape[1], n_heads_k=k.shape[2],
+        n_groups=q.shape[2] // k.shape[2], q_rows_b=q_rows[0], q_rows_h=q_rows[1], q_col_h=q_rows[2],
+        do_rows_b=do_rows[0], do_rows_h=do_rows[1], do_col_h=do_rows[2], kv_rows_b=kv_rows[0],
+        kv_rows_h=kv_rows[1], kv_col_h=kv_rows[2], stat_stride=lse.stride(1),
+        qk_scale=softmax_scale * 1.4426950408889634, sm_scale=softmax_scale, CAUSAL=causal, STAGES=stages,
+        SPLIT_DQ=split_dq, num_warps=4, maxnreg=MAX_REGISTERS,
+    )  # fmt: skip
+
+
+def launch(**kwargs):
+    """One program per (128-key block, batch, kv head). Arguments as :func:`launch_args`."""
+    q, k = kwargs["q"], kwargs["k"]
+    _bwd_hopper[(q.shape[1] // BLOCK_N, q.shape[0] * k.shape[2])](**launch_args(**kwargs))

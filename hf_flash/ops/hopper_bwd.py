@@ -1,0 +1,82 @@
+"""The backward on Hopper (sm90) at head dims 64 and 128: dQ from the dK/dV program, warp-specialized, in Gluon.
+
+The portable backward (``backward.py``) runs two kernels, dQ and dK/dV, so it computes ``Q K^T`` and ``dO V^T``
+twice: seven products where the gradients need five. Both already run near the tensor cores' practical rate,
+so the split itself caps it (DESIGN, "The backward"). This kernel computes all three gradients in the dK/dV
+program, as FlashAttention-2 and -3 do: ``dQ = dS K`` per step, its fp32 part added into a zeroed fp32 buffer
+with atomics by the loader's warps while the consumers go on (``_hopper_bwd_kernel``). The additions' order
+varies run to run, so the call is not bitwise reproducible: flash-attn's contract for ``deterministic=False``,
+which is the default; ``deterministic=True`` keeps the portable backward.
+
+It takes what it was measured on (:func:`takes`): dense batches on an sm90 GPU, head dim 64 or 128, ``Lq == Lk``
+a multiple of 128 and at least :data:`MIN_SEQLEN`, causal or not, no window, softcap, dropout or sinks, fp16/bf16,
+Q/dO/K/V readable by TMA (heads side by side or head-major, as in ``hopper_fwd``), the LSE of ``function._new_lse``.
+``HF_FLASH_HOPPER_BWD=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from hf_flash.ops.common import tma_layout
+from hf_flash.ops.hopper_fwd import _rows, on_sm90, unavailable_reason
+
+BLOCK_N = 128  # keys of a program: two consumer groups of 64
+# head dim -> (stages of Q/dO, dQ split across the groups by columns); the shortest L it takes
+TILES = {128: (2, True), 64: (2, False)}
+MIN_SEQLEN = 1024
+ENV = "HF_FLASH_HOPPER_BWD"
+
+if unavailable_reason() is None:
+    from hf_flash.ops._hopper_bwd_kernel import launch as _launch
+else:
+    _launch = None
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV, "1") not in ("0", "", "false", "False")
+
+
+def fits(q, k, v, out, do, lse, varlen, window, softcap, dropout_p, sinks, deterministic) -> bool:
+    """The calls the kernel computes and was measured faster on (module docstring), whatever the device."""
+    if deterministic or varlen or sinks is not None or softcap > 0 or dropout_p > 0:
+        return False
+    if window[0] != -1 or window[1] not in (-1, 0) or q.shape[-1] not in TILES:
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16) or not all(t.dtype == q.dtype for t in (k, v, do)):
+        return False
+    seqlen = q.shape[1]
+    if seqlen != k.shape[1] or seqlen < MIN_SEQLEN or seqlen % BLOCK_N:
+        return False
+    # the LSE (and delta, made like it) read as one flat tensor: rows evenly spaced, 16-byte aligned
+    if lse.stride(2) != 1 or lse.stride(0) != lse.shape[1] * lse.stride(1) or lse.stride(1) % 4 or lse.data_ptr() % 16:
+        return False
+    kv_layout = tma_layout(k, False)
+    return (tma_layout(q, False) is not None and tma_layout(do, False) is not None and kv_layout is not None
+            and kv_layout == tma_layout(v, False))  # fmt: skip
+
+
+def takes(q, k, v, out, do, lse, varlen, window, softcap, dropout_p, sinks, deterministic) -> bool:
+    """Whether this backward runs the call: :func:`fits`, on an sm90 GPU, the kernel available and not turned
+    off. Runs on every backward call: the cheap checks come first."""
+    if not fits(q, k, v, out, do, lse, varlen, window, softcap, dropout_p, sinks, deterministic):
+        return False
+    return _launch is not None and enabled() and q.device.type == "cuda" and on_sm90(q.device)
+
+
+def flash_bwd_hopper(do, q, k, v, lse, delta, dq, dk, dv, softmax_scale: float, causal: bool) -> None:
+    """Launch the backward for a call that :func:`takes`. q/do/dq ``[B, L, H, D]``, k/v/dk/dv ``[B, L, Hk, D]``;
+    lse and delta fp32 ``[B, H, L]`` alike (delta = rowsum(dO * O), computed by the caller); dq, dk, dv written
+    (dk/dv in k's layout: ``torch.empty_like(k)``)."""
+    kv_layout, q_layout, do_layout = tma_layout(k, False), tma_layout(q, False), tma_layout(do, False)
+    if tma_layout(dk, False) != kv_layout or tma_layout(dv, False) != kv_layout:
+        raise ValueError("dk and dv must have k's layout (torch.empty_like(k)) for the Hopper backward")
+    stages, split_dq = TILES[q.shape[-1]]
+    dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+    _launch(q=q, k=k, v=v, do=do, dk=dk, dv=dv, lse=lse, delta=delta, dq_acc=dq_acc,
+            rows=(_rows(q_layout, q), _rows(do_layout, do), _rows(kv_layout, k)),
+            layouts=(q_layout, do_layout, kv_layout), softmax_scale=softmax_scale, causal=causal, stages=stages,
+            split_dq=split_dq)
+    dq.copy_(dq_acc)
