@@ -41,8 +41,8 @@ _STAT_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, r
 @gluon.jit
 def _schedule(problem, CAUSAL: gl.constexpr):
     """This program's (batch, kv head, first key n0, first query q_lo, steps per head, steps in all).
-    ``problem``: (seqlen, n_heads_k, n_groups, q_rows, do_rows, kv_rows, stat_stride), ``*_rows`` = (rows_b,
-    rows_h, col_h) as in ``hopper_fwd``."""
+    ``problem``: (seqlen, n_heads_k, n_groups, q_rows, do_rows, kv_rows, stat_stride, dkv_rows), ``*_rows`` =
+    (rows_b, rows_h, col_h) as in ``hopper_fwd``."""
     seqlen, n_heads_k, n_groups = problem[0], problem[1], problem[2]
     bh = gl.program_id(1)
     n0 = gl.program_id(0) * (2 * _ROWS)
@@ -112,7 +112,7 @@ def _loader(descs, smem, bars, problem, stats, dq_out, CAUSAL: gl.constexpr):
     lse_smem, delta_smem, lse_desc, delta_desc = stats
     STAGES: gl.constexpr = q_smem.type.shape[0]
     HEAD_DIM: gl.constexpr = q_smem.type.shape[2]
-    seqlen, n_heads_k, n_groups, q_rows, do_rows, kv_rows, stat_stride = problem
+    seqlen, n_heads_k, n_groups, q_rows, do_rows, kv_rows, stat_stride, dkv_rows = problem
     b, hk, n0, q_lo, per_head, n_steps = _schedule(problem, CAUSAL)
     kv_row = b * kv_rows[0] + hk * kv_rows[1] + n0
     mbarrier.expect(kv_ready, 4 * k_desc.block_type.nbytes)
@@ -216,7 +216,7 @@ def _consume(g: gl.constexpr, descs, smem, bars, problem, stats, dq_out, qk_scal
     DQ_N: gl.constexpr = dq_smem.type.shape[2]
     SPLIT: gl.constexpr = DQ_N != HEAD_DIM
     dtype: gl.constexpr = q_smem.dtype
-    kv_rows = problem[5]
+    dkv_rows = problem[7]
     b, hk, n0, q_lo, per_head, n_steps = _schedule(problem, CAUSAL)
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, _ROWS, 16])
@@ -249,12 +249,12 @@ def _consume(g: gl.constexpr, descs, smem, bars, problem, stats, dq_out, qk_scal
         mbarrier.wait(ds_ready.index(c % 2), (c // 2) & 1)
     k_g = k_smem.index(g)
     v_g = v_smem.index(g)
-    kv_row = b * kv_rows[0] + hk * kv_rows[1] + n0 + g * _ROWS
+    dkv_row = b * dkv_rows[0] + hk * dkv_rows[1] + n0 + g * _ROWS
     k_g.store((dk * sm_scale).to(dtype))
     v_g.store(dv.to(dtype))
     fence_async_shared()
-    _tma_store(dk_desc, [kv_row, hk * kv_rows[2]], k_g)
-    _tma_store(dv_desc, [kv_row, hk * kv_rows[2]], v_g)
+    _tma_store(dk_desc, [dkv_row, hk * dkv_rows[2]], k_g)
+    _tma_store(dv_desc, [dkv_row, hk * dkv_rows[2]], v_g)
     tma.store_wait(0)
 
 
@@ -280,10 +280,11 @@ def _loader_partition(descs, smem, bars, problem, stats, dq_out, qk_scale, sm_sc
 def _bwd_hopper(
     q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, lse_desc, delta_desc, dq_ptr, dq_stride, seqlen, n_heads_k,
     n_groups, q_rows_b, q_rows_h, q_col_h, do_rows_b, do_rows_h, do_col_h, kv_rows_b, kv_rows_h, kv_col_h,
-    stat_stride, qk_scale, sm_scale, CAUSAL: gl.constexpr, STAGES: gl.constexpr, SPLIT_DQ: gl.constexpr,
+    dkv_rows_b, dkv_rows_h, dkv_col_h, stat_stride, qk_scale, sm_scale, CAUSAL: gl.constexpr, STAGES: gl.constexpr, SPLIT_DQ: gl.constexpr,
 ):
     """q/do_desc: Q and dO in ``[64, D]`` tiles, k/v/dk/dv_desc: K, V, dK, dV in ``[64, D]`` tiles, over the 2D
-    views of ``hopper_fwd`` (rows and columns from ``*_rows_b``, ``*_rows_h``, ``*_col_h``); lse/delta_desc: the
+    views of ``hopper_fwd`` (rows and columns from ``*_rows_b``, ``*_rows_h``, ``*_col_h``; K and V share
+    ``kv_*``, dK and dV ``dkv_*``); lse/delta_desc: the
     flat fp32 LSE and delta, row (b, h) at ``(b * H + h) * stat_stride``, in [64] tiles; dq_ptr: fp32 ``[B * L,
     H * D]`` with rows ``dq_stride`` apart, zeroed (gets scale * dS K added); L a multiple of 128; qk_scale =
     scale * log2(e). Grid ``(L / 128, B * Hk)``."""
@@ -317,7 +318,7 @@ def _bwd_hopper(
     mbarrier.init(dq_ready, count=2)  # both groups' dQ parts stored
     mbarrier.init(dq_empty, count=1)  # the loader has read them
     problem = (seqlen, n_heads_k, n_groups, (q_rows_b, q_rows_h, q_col_h), (do_rows_b, do_rows_h, do_col_h),
-               (kv_rows_b, kv_rows_h, kv_col_h), stat_stride)
+               (kv_rows_b, kv_rows_h, kv_col_h), stat_stride, (dkv_rows_b, dkv_rows_h, dkv_col_h))
     args = ((q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc), (k_smem, v_smem, q_smem, do_smem, ds_smem),
             (kv_ready, qdo_ready, qdo_empty, ds_ready), problem, (lse_smem, delta_smem, lse_desc, delta_desc),
             (dq_smem, dq_ready, dq_empty, dq_ptr, dq_stride), qk_scale, sm_scale, CAUSAL)
@@ -339,19 +340,20 @@ MAX_REGISTERS = 168  # 64K registers over the three warpgroups
 def launch_args(*, q, k, v, do, dk, dv, lse, delta, dq_acc, rows, layouts, softmax_scale, causal, stages,
                 split_dq) -> dict:
     """The kernel's keyword arguments (descriptors built here) and launch options. ``rows``: (rows_b, rows_h,
-    col_h) of q, do and k (``hopper_fwd._rows``); ``layouts``: the TMA layouts of q, do and k (v, dk, dv share
-    k's)."""
-    q_rows, do_rows, kv_rows = rows
-    q_layout, do_layout, kv_layout = layouts
+    col_h) of q, do, k and dk (``hopper_fwd._rows``); ``layouts``: the TMA layouts of q, do, k (v shares it) and
+    dk (dv shares it)."""
+    q_rows, do_rows, kv_rows, dkv_rows = rows
+    q_layout, do_layout, kv_layout, dkv_layout = layouts
     return dict(
         q_desc=_descriptor(q, q_layout, ROWS), do_desc=_descriptor(do, do_layout, ROWS),
         k_desc=_descriptor(k, kv_layout, ROWS), v_desc=_descriptor(v, kv_layout, ROWS),
-        dk_desc=_descriptor(dk, kv_layout, ROWS), dv_desc=_descriptor(dv, kv_layout, ROWS),
+        dk_desc=_descriptor(dk, dkv_layout, ROWS), dv_desc=_descriptor(dv, dkv_layout, ROWS),
         lse_desc=_stat_descriptor(lse), delta_desc=_stat_descriptor(delta), dq_ptr=dq_acc,
         dq_stride=dq_acc.shape[2] * dq_acc.shape[3], seqlen=q.shape[1], n_heads_k=k.shape[2],
         n_groups=q.shape[2] // k.shape[2], q_rows_b=q_rows[0], q_rows_h=q_rows[1], q_col_h=q_rows[2],
         do_rows_b=do_rows[0], do_rows_h=do_rows[1], do_col_h=do_rows[2], kv_rows_b=kv_rows[0],
-        kv_rows_h=kv_rows[1], kv_col_h=kv_rows[2], stat_stride=lse.stride(1),
+        kv_rows_h=kv_rows[1], kv_col_h=kv_rows[2], dkv_rows_b=dkv_rows[0], dkv_rows_h=dkv_rows[1],
+        dkv_col_h=dkv_rows[2], stat_stride=lse.stride(1),
         qk_scale=softmax_scale * 1.4426950408889634, sm_scale=softmax_scale, CAUSAL=causal, STAGES=stages,
         SPLIT_DQ=split_dq, num_warps=4, maxnreg=MAX_REGISTERS,
     )  # fmt: skip

@@ -69,14 +69,14 @@ def takes(q, k, v, out, do, lse, varlen, window, softcap, dropout_p, sinks, dete
 def flash_bwd_hopper(do, q, k, v, lse, delta, dq, dk, dv, softmax_scale: float, causal: bool) -> None:
     """Launch the backward for a call that :func:`takes`. q/do/dq ``[B, L, H, D]``, k/v/dk/dv ``[B, L, Hk, D]``;
     lse and delta fp32 ``[B, H, L]`` alike (delta = rowsum(dO * O), computed by the caller); dq, dk, dv written
-    (dk/dv in k's layout: ``torch.empty_like(k)``)."""
-    kv_layout, q_layout, do_layout = tma_layout(k, False), tma_layout(q, False), tma_layout(do, False)
-    if tma_layout(dk, False) != kv_layout or tma_layout(dv, False) != kv_layout:
-        raise ValueError("dk and dv must have k's layout (torch.empty_like(k)) for the Hopper backward")
+    (dk and dv in one layout, as ``torch.empty_like`` makes them; dq any)."""
+    q_layout, do_layout, kv_layout, dkv_layout = (tma_layout(t, False) for t in (q, do, k, dk))
+    if dkv_layout is None or tma_layout(dv, False) != dkv_layout:
+        raise ValueError("dk and dv must share one TMA-readable layout (torch.empty_like(k)) for the Hopper backward")
     stages, split_dq = TILES[q.shape[-1]]
     dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
     _launch(q=q, k=k, v=v, do=do, dk=dk, dv=dv, lse=lse, delta=delta, dq_acc=dq_acc,
-            rows=(_rows(q_layout, q), _rows(do_layout, do), _rows(kv_layout, k)),
-            layouts=(q_layout, do_layout, kv_layout), softmax_scale=softmax_scale, causal=causal, stages=stages,
-            split_dq=split_dq)
+            rows=(_rows(q_layout, q), _rows(do_layout, do), _rows(kv_layout, k), _rows(dkv_layout, dk)),
+            layouts=(q_layout, do_layout, kv_layout, dkv_layout), softmax_scale=softmax_scale, causal=causal,
+            stages=stages, split_dq=split_dq)
     dq.copy_(dq_acc)

@@ -107,15 +107,17 @@ def test_launch_names_every_kernel_argument():
 
     q, k, v, out, do, lse = _call()
     k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v))
-    layouts = (tma_layout(q, False), tma_layout(do, False), tma_layout(k, False))
-    args = K.launch_args(q=q, k=k, v=v, do=do, dk=torch.empty_like(k), dv=torch.empty_like(v), lse=lse,
+    dk = torch.empty(k.shape, dtype=k.dtype)  # heads side by side where K is head-major
+    layouts = tuple(tma_layout(t, False) for t in (q, do, k, dk))
+    args = K.launch_args(q=q, k=k, v=v, do=do, dk=dk, dv=torch.empty_like(dk), lse=lse,
                          delta=torch.empty_like(lse), dq_acc=torch.zeros(q.shape), layouts=layouts,
-                         rows=(_rows(layouts[0], q), _rows(layouts[1], do), _rows(layouts[2], k)),
+                         rows=tuple(_rows(lay, t) for lay, t in zip(layouts, (q, do, k, dk))),
                          softmax_scale=0.125, causal=True, stages=2, split_dq=True)
     assert set(args) - {"num_warps", "maxnreg"} == set(K._bwd_hopper.arg_names)
     # K/V head-major: row = b * rows_b + hk * rows_h, column 0; Q heads side by side: row = b * L, column h * D
     assert (args["kv_rows_b"], args["kv_rows_h"], args["kv_col_h"]) == (2 * L, L, 0)
     assert (args["q_rows_b"], args["q_rows_h"], args["q_col_h"]) == (L, 0, 128)
+    assert (args["dkv_rows_b"], args["dkv_rows_h"], args["dkv_col_h"]) == (L, 0, 128)
     assert args["n_groups"] == 2 and args["stat_stride"] == lse.stride(1) and args["dq_stride"] == 4 * 128
 
 
