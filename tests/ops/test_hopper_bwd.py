@@ -143,6 +143,7 @@ def hopper_bwd_calls(monkeypatch):
     if hopper_bwd.unavailable_reason():
         pytest.skip(hopper_bwd.unavailable_reason())
     monkeypatch.setattr(hopper_bwd, "MIN_SEQLEN", 128)
+    monkeypatch.setenv(hopper_bwd.ENV, "1")
     calls = []
     launch = hopper_bwd.flash_bwd_hopper
 
