@@ -68,7 +68,9 @@ def _q_block(i, per_head, n0, q_lo, ROTATE: gl.constexpr):
 def _red_add(ptrs, vals, VEC: gl.constexpr):
     """``*ptrs += vals`` (fp32, relaxed, no result). ``VEC``: 4 neighbouring elements of a thread per instruction
     (sm90's ``red.global.add.v4.f32``, which Triton 3.6 does not emit for ``atomic_add``)."""
-    if VEC:
+    if VEC == 2:  # "nored": no reduction at all (what the atomics cost)
+        pass
+    elif VEC == 1:
         gl.inline_asm_elementwise(
             "red.relaxed.gpu.global.add.v4.f32 [$4], {$8, $9, $10, $11};\n\t"
             "mov.b32 $0, 0;\n\tmov.b32 $1, 0;\n\tmov.b32 $2, 0;\n\tmov.b32 $3, 0;",
@@ -414,12 +416,14 @@ def _portable(q, k, v, causal):
 
 def _variants(stages_list, modes):
     """Variant name -> (stages, dq_mode, rotate, vec). Mode "dkdv": the portable dQ kernel beside; "split"/"own":
-    dQ from this kernel (``_step``); "-rot": the non-causal rotation; "-vec": 4-wide reductions."""
+    dQ from this kernel (``_step``); "-rot": the non-causal rotation; "-vec": 4-wide reductions; "-nored": none
+    (dQ is then wrong: a timing of what the atomics cost, its checks fail)."""
     out = {}
     for st in stages_list:
         for m in modes:
             parts = m.split("-")
-            out[f"{m}-s{st}"] = (st, {"dkdv": 0, "split": 1, "own": 2}[parts[0]], "rot" in parts, "vec" in parts)
+            vec = 2 if "nored" in parts else int("vec" in parts)
+            out[f"{m}-s{st}"] = (st, {"dkdv": 0, "split": 1, "own": 2}[parts[0]], "rot" in parts, vec)
     return out
 
 
@@ -534,7 +538,9 @@ def main():
         good = {n for n, v in variants.items() if not (d == 128 and v[1] == 2)}
         for c in causals:
             for kvh in (8, 2):
-                good &= set(check(d, c, kvh, {n: variants[n] for n in good}))
+                good &= set(check(d, c, kvh, {n: variants[n] for n in good if variants[n][3] != 2}))
+        # "nored" computes no dQ: timed without its check
+        good |= {n for n, v in variants.items() if v[3] == 2 and not (d == 128 and v[1] == 2)}
         for seqlen in map(int, a.seqlens.split(",")):
             for c in causals:
                 if good:
