@@ -1,4 +1,5 @@
-"""Gluon kernel of the Hopper backward and its launch (imported by ``hopper_bwd`` only where Triton has Gluon).
+"""Gluon kernel of the Hopper backward at head dim 128 and its launch (imported by ``hopper_bwd`` only where Triton
+has Gluon).
 
 A program owns 128 keys of one (batch, kv head) and walks the 64-row query blocks that see them, for every query
 head of the GQA group (causal: from its own diagonal on; otherwise each key block starts at its own query block
@@ -13,9 +14,8 @@ and wraps around, so the programs running at once add into different dQ rows). P
   registers). Per step: S^T = K_g Q^T and dP^T = V_g dO^T (wgmma from shared memory), P^T = exp2(S^T * scale *
   log2 e - LSE * log2 e), dS^T = P^T (dP^T - delta); dV_g += P^T dO and dK_g += dS^T Q (P^T, dS^T as register
   A operands); dS^T to shared memory, and dQ = dS K, five products in all where the portable split computes
-  seven (``backward.py``). ``SPLIT_DQ`` (D128): group g computes the g-th half of dQ's columns over both groups'
-  keys (one mbarrier turn a step between the groups: each needs the other's dS^T); else (D64) each group computes
-  all of dQ's columns over its own keys and the loader adds the two parts before its atomics.
+  seven (``backward.py``). Group g computes the g-th half of dQ's columns over both groups' keys (one mbarrier
+  turn a step between the groups: each needs the other's dS^T), as FlashAttention-3 splits it at D128.
 
 Shapes in comments: ``[rows, columns]`` of one consumer group.
 """
@@ -73,13 +73,13 @@ def _red_add(ptrs, vals):
 
 
 @gluon.jit
-def _reduce(j, problem, dq_out, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr):
-    """The loader's 4 warps add step ``j``'s dQ parts (both groups') into the fp32 dQ buffer ``[B * L, H * D]``.
-    ``dq_out``: (parts [2, 64, DQ_N] fp32 in shared memory, ready, empty, dQ buffer, its row stride)."""
+def _reduce(j, problem, dq_out, CAUSAL: gl.constexpr):
+    """The loader's 4 warps add step ``j``'s dQ parts (each group's half of the columns) into the fp32 dQ buffer
+    ``[B * L, H * D]``. ``dq_out``: (parts [2, 64, D / 2] fp32 in shared memory, ready, empty, dQ buffer, its row
+    stride)."""
     dq_smem, dq_ready, dq_empty, dq_ptr, dq_stride = dq_out
-    DQ_N: gl.constexpr = dq_smem.type.shape[2]
-    SPLIT: gl.constexpr = DQ_N != HEAD_DIM
-    TPR: gl.constexpr = DQ_N // 4  # threads per row, 4 floats each
+    HALF: gl.constexpr = dq_smem.type.shape[2]
+    TPR: gl.constexpr = HALF // 4  # threads per row, 4 floats each
     CHUNK: gl.constexpr = 32 // TPR * 4  # rows per pass of the 4 warps
     layout: gl.constexpr = gl.BlockedLayout([1, 4], [32 // TPR, TPR], [4, 1], [1, 0])
     seqlen, n_groups = problem[0], problem[2]
@@ -87,18 +87,14 @@ def _reduce(j, problem, dq_out, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr):
     h = hk * n_groups + j // per_head
     q_start = _q_block(j % per_head, per_head, n0, q_lo, CAUSAL)
     rows = gl.arange(0, CHUNK, layout=gl.SliceLayout(1, layout))
-    cols = gl.arange(0, DQ_N, layout=gl.SliceLayout(0, layout))
+    cols = gl.arange(0, HALF, layout=gl.SliceLayout(0, layout))
     offs = gl.expand_dims(rows, 1) * dq_stride + gl.expand_dims(cols, 0)
-    base = dq_ptr + (b * seqlen + q_start).to(gl.int64) * dq_stride + h * HEAD_DIM
+    base = dq_ptr + (b * seqlen + q_start).to(gl.int64) * dq_stride + h * (2 * HALF)
     mbarrier.wait(dq_ready, j & 1)
     for r in gl.static_range(0, _ROWS, CHUNK):
-        if SPLIT:  # each group's half of the columns
-            for g in gl.static_range(2):
-                part = dq_smem.index(g).slice(r, CHUNK, 0).load(layout)
-                _red_add(base + r * dq_stride + g * DQ_N + offs, part)
-        else:  # each group's part over its own keys: summed here, one atomic per element
-            part = dq_smem.index(0).slice(r, CHUNK, 0).load(layout) + dq_smem.index(1).slice(r, CHUNK, 0).load(layout)
-            _red_add(base + r * dq_stride + offs, part)
+        for g in gl.static_range(2):
+            part = dq_smem.index(g).slice(r, CHUNK, 0).load(layout)
+            _red_add(base + r * dq_stride + g * HALF + offs, part)
     mbarrier.arrive(dq_empty, count=1)
 
 
@@ -111,7 +107,6 @@ def _loader(descs, smem, bars, problem, stats, dq_out, CAUSAL: gl.constexpr):
     kv_ready, qdo_ready, qdo_empty, ds_ready = bars
     lse_smem, delta_smem, lse_desc, delta_desc = stats
     STAGES: gl.constexpr = q_smem.type.shape[0]
-    HEAD_DIM: gl.constexpr = q_smem.type.shape[2]
     seqlen, n_heads_k, n_groups, q_rows, do_rows, kv_rows, stat_stride, dkv_rows = problem
     b, hk, n0, q_lo, per_head, n_steps = _schedule(problem, CAUSAL)
     kv_row = b * kv_rows[0] + hk * kv_rows[1] + n0
@@ -133,9 +128,9 @@ def _loader(descs, smem, bars, problem, stats, dq_out, CAUSAL: gl.constexpr):
         _tma_load(lse_desc, [stat], qdo_ready.index(stage), lse_smem.index(stage))
         _tma_load(delta_desc, [stat], qdo_ready.index(stage), delta_smem.index(stage))
         if j >= STAGES:
-            _reduce(j - STAGES, problem, dq_out, CAUSAL, HEAD_DIM)
+            _reduce(j - STAGES, problem, dq_out, CAUSAL)
     for j in range(gl.maximum(n_steps - STAGES, 0), n_steps):
-        _reduce(j, problem, dq_out, CAUSAL, HEAD_DIM)
+        _reduce(j, problem, dq_out, CAUSAL)
 
 
 @gluon.jit
@@ -152,8 +147,7 @@ def _step(c, q_start, g: gl.constexpr, smem, bars, acc, offs_key, stats, dq_out,
     v_g = v_smem.index(g)
     STAGES: gl.constexpr = q_smem.type.shape[0]
     dtype: gl.constexpr = q_smem.dtype
-    DQ_N: gl.constexpr = dq_smem.type.shape[2]
-    SPLIT: gl.constexpr = DQ_N != q_smem.type.shape[2]
+    HALF: gl.constexpr = dq_smem.type.shape[2]
     col_s: gl.constexpr = gl.SliceLayout(0, zero_s.type.layout)
     stage = c % STAGES
     mbarrier.wait(qdo_ready.index(stage), (c // STAGES) & 1)
@@ -164,7 +158,7 @@ def _step(c, q_start, g: gl.constexpr, smem, bars, acc, offs_key, stats, dq_out,
     dpt = warpgroup_mma(v_g, do_s.permute((1, 0)), zero_s, use_acc=False, is_async=True)
     st = warpgroup_mma_wait(1, deps=[st])  # [64 keys, 64 queries]
     # the LSE and delta came with Q and dO: read here, where they are used, they hold no registers across the
-    # products' waits (loaded per thread at the step's start, they pushed the split kernel into spills)
+    # products' waits (loaded per thread at the step's start, they pushed the kernel into spills)
     lse2 = lse_smem.index(stage).load(col_s) * 1.4426950408889634
     pt = gl.exp2(st * qk_scale - gl.expand_dims(lse2, 0))
     if MASKED:  # query i sees keys <= i
@@ -177,8 +171,7 @@ def _step(c, q_start, g: gl.constexpr, smem, bars, acc, offs_key, stats, dq_out,
     ds_buf = c % 2
     ds_smem.index(ds_buf * 2 + g).store(dst)
     fence_async_shared()
-    if SPLIT:
-        mbarrier.arrive(ds_ready.index(ds_buf), count=1)
+    mbarrier.arrive(ds_ready.index(ds_buf), count=1)
     # -- dV_g += P^T dO, dK_g += dS^T Q (P^T, dS^T as A operands from registers)
     pt16 = gl.convert_layout(pt.to(dtype), a_layout)
     dst16 = gl.convert_layout(dst, a_layout)
@@ -187,15 +180,13 @@ def _step(c, q_start, g: gl.constexpr, smem, bars, acc, offs_key, stats, dq_out,
     # dK/dV's products finish first: their register operands (P^T, dS^T) die before dQ's accumulator lives
     dv, dk = warpgroup_mma_wait(0, deps=[dv, dk])
     mbarrier.arrive(qdo_empty.index(stage), count=1)
-    zero_q = gl.zeros([_ROWS, DQ_N], gl.float32, dq_layout)
-    if SPLIT:
-        mbarrier.wait(ds_ready.index(ds_buf), (c // 2) & 1)  # the other group's dS^T is there too
-        dq = warpgroup_mma(ds_smem.index(ds_buf * 2).permute((1, 0)), k_smem.index(0).slice(g * DQ_N, DQ_N, 1),
-                           zero_q, use_acc=False, is_async=True)
-        dq = warpgroup_mma(ds_smem.index(ds_buf * 2 + 1).permute((1, 0)), k_smem.index(1).slice(g * DQ_N, DQ_N, 1),
-                           dq, is_async=True)
-    else:
-        dq = warpgroup_mma(ds_smem.index(ds_buf * 2 + g).permute((1, 0)), k_g, zero_q, use_acc=False, is_async=True)
+    zero_q = gl.zeros([_ROWS, HALF], gl.float32, dq_layout)
+    mbarrier.wait(ds_ready.index(ds_buf), (c // 2) & 1)  # the other group's dS^T is there too
+    # dQ[:, g-th half] = dS K[:, g-th half] over both groups' keys
+    dq = warpgroup_mma(ds_smem.index(ds_buf * 2).permute((1, 0)), k_smem.index(0).slice(g * HALF, HALF, 1), zero_q,
+                       use_acc=False, is_async=True)
+    dq = warpgroup_mma(ds_smem.index(ds_buf * 2 + 1).permute((1, 0)), k_smem.index(1).slice(g * HALF, HALF, 1), dq,
+                       is_async=True)
     dq = warpgroup_mma_wait(0, deps=[dq])
     # -- the fp32 part to shared memory, for the loader's atomics
     mbarrier.wait(dq_empty, (c & 1) ^ 1)
@@ -213,8 +204,7 @@ def _consume(g: gl.constexpr, descs, smem, bars, problem, stats, dq_out, qk_scal
     kv_ready, qdo_ready, qdo_empty, ds_ready = bars
     dq_smem = dq_out[0]
     HEAD_DIM: gl.constexpr = q_smem.type.shape[2]
-    DQ_N: gl.constexpr = dq_smem.type.shape[2]
-    SPLIT: gl.constexpr = DQ_N != HEAD_DIM
+    HALF: gl.constexpr = dq_smem.type.shape[2]
     dtype: gl.constexpr = q_smem.dtype
     dkv_rows = problem[7]
     b, hk, n0, q_lo, per_head, n_steps = _schedule(problem, CAUSAL)
@@ -223,7 +213,7 @@ def _consume(g: gl.constexpr, descs, smem, bars, problem, stats, dq_out, qk_scal
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, HEAD_DIM, 16])
     dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, DQ_N, 16])
+                                                        instr_shape=[16, HALF, 16])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     zero_s = gl.zeros([_ROWS, _ROWS], gl.float32, s_layout)
     acc = (gl.zeros([_ROWS, HEAD_DIM], gl.float32, o_layout), gl.zeros([_ROWS, HEAD_DIM], gl.float32, o_layout))
@@ -243,10 +233,9 @@ def _consume(g: gl.constexpr, descs, smem, bars, problem, stats, dq_out, qk_scal
                         qk_scale, sm_scale, zero_s, False, a_layout, dq_layout)
             c += 1
     dk, dv = acc
-    if SPLIT:
-        # the other group may still read this group's K half for its dQ: both pass one more turn first
-        mbarrier.arrive(ds_ready.index(c % 2), count=1)
-        mbarrier.wait(ds_ready.index(c % 2), (c // 2) & 1)
+    # the other group may still read this group's K half for its dQ: both pass one more turn first
+    mbarrier.arrive(ds_ready.index(c % 2), count=1)
+    mbarrier.wait(ds_ready.index(c % 2), (c // 2) & 1)
     k_g = k_smem.index(g)
     v_g = v_smem.index(g)
     dkv_row = b * dkv_rows[0] + hk * dkv_rows[1] + n0 + g * _ROWS
@@ -259,7 +248,7 @@ def _consume(g: gl.constexpr, descs, smem, bars, problem, stats, dq_out, qk_scal
 
 
 # the partitions: constexprs passed through gl.warp_specialize arrive as runtime values, so the tile's constants
-# travel in shared-memory shapes (the dQ parts' buffer gives DQ_N) and CAUSAL only picks branches
+# travel in shared-memory shapes and CAUSAL only picks branches
 @gluon.jit
 def _consumer0(descs, smem, bars, problem, stats, dq_out, qk_scale, sm_scale, CAUSAL: gl.constexpr):
     _consume(0, descs, smem, bars, problem, stats, dq_out, qk_scale, sm_scale, CAUSAL)
@@ -280,7 +269,7 @@ def _loader_partition(descs, smem, bars, problem, stats, dq_out, qk_scale, sm_sc
 def _bwd_hopper(
     q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, lse_desc, delta_desc, dq_ptr, dq_stride, seqlen, n_heads_k,
     n_groups, q_rows_b, q_rows_h, q_col_h, do_rows_b, do_rows_h, do_col_h, kv_rows_b, kv_rows_h, kv_col_h,
-    dkv_rows_b, dkv_rows_h, dkv_col_h, stat_stride, qk_scale, sm_scale, CAUSAL: gl.constexpr, STAGES: gl.constexpr, SPLIT_DQ: gl.constexpr,
+    dkv_rows_b, dkv_rows_h, dkv_col_h, stat_stride, qk_scale, sm_scale, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
 ):
     """q/do_desc: Q and dO in ``[64, D]`` tiles, k/v/dk/dv_desc: K, V, dK, dV in ``[64, D]`` tiles, over the 2D
     views of ``hopper_fwd`` (rows and columns from ``*_rows_b``, ``*_rows_h``, ``*_col_h``; K and V share
@@ -299,10 +288,8 @@ def _bwd_hopper(
     # dS^T of both groups, double-buffered: [buffer * 2 + group]
     ds_smem = gl.allocate_shared_memory(dtype, [4, _ROWS, _ROWS], gl.NVMMASharedLayout.get_default_for(
         [_ROWS, _ROWS], dtype))
-    # the fp32 dQ parts, [group]: with SPLIT_DQ half of the columns each, else all of them (its last dimension
-    # is how the partitions tell the two apart)
-    DQ_N: gl.constexpr = HEAD_DIM // 2 if SPLIT_DQ else HEAD_DIM
-    dq_smem = gl.allocate_shared_memory(gl.float32, [2, _ROWS, DQ_N], gl.SwizzledSharedLayout(4, 1, 8, [1, 0]))
+    # the fp32 dQ parts, [group]: half of the columns each
+    dq_smem = gl.allocate_shared_memory(gl.float32, [2, _ROWS, HEAD_DIM // 2], gl.SwizzledSharedLayout(4, 1, 8, [1, 0]))
     kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     qdo_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     qdo_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -337,8 +324,7 @@ def _stat_descriptor(t) -> TensorDescriptor:
 MAX_REGISTERS = 168  # 64K registers over the three warpgroups
 
 
-def launch_args(*, q, k, v, do, dk, dv, lse, delta, dq_acc, rows, layouts, softmax_scale, causal, stages,
-                split_dq) -> dict:
+def launch_args(*, q, k, v, do, dk, dv, lse, delta, dq_acc, rows, layouts, softmax_scale, causal, stages) -> dict:
     """The kernel's keyword arguments (descriptors built here) and launch options. ``rows``: (rows_b, rows_h,
     col_h) of q, do, k and dk (``hopper_fwd._rows``); ``layouts``: the TMA layouts of q, do, k (v shares it) and
     dk (dv shares it)."""
@@ -355,7 +341,7 @@ def launch_args(*, q, k, v, do, dk, dv, lse, delta, dq_acc, rows, layouts, softm
         kv_rows_h=kv_rows[1], kv_col_h=kv_rows[2], dkv_rows_b=dkv_rows[0], dkv_rows_h=dkv_rows[1],
         dkv_col_h=dkv_rows[2], stat_stride=lse.stride(1),
         qk_scale=softmax_scale * 1.4426950408889634, sm_scale=softmax_scale, CAUSAL=causal, STAGES=stages,
-        SPLIT_DQ=split_dq, num_warps=4, maxnreg=MAX_REGISTERS,
+        num_warps=4, maxnreg=MAX_REGISTERS,
     )  # fmt: skip
 
 

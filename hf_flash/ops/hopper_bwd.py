@@ -1,4 +1,4 @@
-"""The backward on Hopper (sm90) at head dims 64 and 128: dQ from the dK/dV program, warp-specialized, in Gluon.
+"""The backward on Hopper (sm90) at head dim 128: dQ from the dK/dV program, warp-specialized, in Gluon.
 
 The portable backward (``backward.py``) runs two kernels, dQ and dK/dV, so it computes ``Q K^T`` and ``dO V^T``
 twice: seven products where the gradients need five. Both already run near the tensor cores' practical rate,
@@ -11,7 +11,7 @@ which is the default; ``deterministic=True`` keeps the portable backward.
 It takes what it was measured on (:func:`takes`): dense batches on an sm90 GPU, head dim 64 or 128, ``Lq == Lk``
 a multiple of 128 and at least :data:`MIN_SEQLEN`, causal or not, no window, softcap, dropout or sinks, fp16/bf16,
 Q/dO/K/V readable by TMA (heads side by side or head-major, as in ``hopper_fwd``), the LSE of ``function._new_lse``.
-``HF_FLASH_HOPPER_BWD=1`` turns it on: it is off by default until its GPU tests and timings are in (LOG).
+``HF_FLASH_HOPPER_BWD=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -24,11 +24,10 @@ from hf_flash.ops.common import tma_layout
 from hf_flash.ops.hopper_fwd import _rows, on_sm90, unavailable_reason
 
 BLOCK_N = 128  # keys of a program: two consumer groups of 64
-# head dim -> (stages of Q/dO, dQ split across the groups by columns); the shortest L it takes
-TILES = {128: (2, True), 64: (2, False)}
-MIN_SEQLEN = 1024
+HEAD_DIM = 128
+STAGES = 2  # of Q, dO, LSE and delta: 198 KB of shared memory with K, V, dS^T and the dQ parts (3 do not fit)
+MIN_SEQLEN = 8192
 ENV = "HF_FLASH_HOPPER_BWD"
-DEFAULT = "0"  # off until the kernel has passed its GPU tests on an sm90 device
 
 if unavailable_reason() is None:
     from hf_flash.ops._hopper_bwd_kernel import launch as _launch
@@ -37,14 +36,14 @@ else:
 
 
 def enabled() -> bool:
-    return os.environ.get(ENV, DEFAULT) not in ("0", "", "false", "False")
+    return os.environ.get(ENV, "1") not in ("0", "", "false", "False")
 
 
 def fits(q, k, v, out, do, lse, varlen, window, softcap, dropout_p, sinks, deterministic) -> bool:
     """The calls the kernel computes and was measured faster on (module docstring), whatever the device."""
     if deterministic or varlen or sinks is not None or softcap > 0 or dropout_p > 0:
         return False
-    if window[0] != -1 or window[1] not in (-1, 0) or q.shape[-1] not in TILES:
+    if window[0] != -1 or window[1] not in (-1, 0) or q.shape[-1] != HEAD_DIM:
         return False
     if q.dtype not in (torch.float16, torch.bfloat16) or not all(t.dtype == q.dtype for t in (k, v, do)):
         return False
@@ -71,13 +70,14 @@ def flash_bwd_hopper(do, q, k, v, lse, delta, dq, dk, dv, softmax_scale: float, 
     """Launch the backward for a call that :func:`takes`. q/do/dq ``[B, L, H, D]``, k/v/dk/dv ``[B, L, Hk, D]``;
     lse and delta fp32 ``[B, H, L]`` alike (delta = rowsum(dO * O), computed by the caller); dq, dk, dv written
     (dk and dv in one layout, as ``torch.empty_like`` makes them; dq any)."""
+    if q.shape[-1] != HEAD_DIM:
+        raise ValueError(f"the Hopper backward takes head dim {HEAD_DIM}, got {q.shape[-1]}")
     q_layout, do_layout, kv_layout, dkv_layout = (tma_layout(t, False) for t in (q, do, k, dk))
     if dkv_layout is None or tma_layout(dv, False) != dkv_layout:
         raise ValueError("dk and dv must share one TMA-readable layout (torch.empty_like(k)) for the Hopper backward")
-    stages, split_dq = TILES[q.shape[-1]]
     dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
     _launch(q=q, k=k, v=v, do=do, dk=dk, dv=dv, lse=lse, delta=delta, dq_acc=dq_acc,
             rows=(_rows(q_layout, q), _rows(do_layout, do), _rows(kv_layout, k), _rows(dkv_layout, dk)),
             layouts=(q_layout, do_layout, kv_layout, dkv_layout), softmax_scale=softmax_scale, causal=causal,
-            stages=stages, split_dq=split_dq)
+            stages=STAGES)
     dq.copy_(dq_acc)
