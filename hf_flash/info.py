@@ -17,7 +17,7 @@ import sys
 import torch
 
 from hf_flash import dispatch
-from hf_flash.ops import config, hopper_fwd
+from hf_flash.ops import config, hopper_bwd, hopper_fwd
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FALLBACK = "PyTorch SDPA"  # what the Transformers integration runs instead (hf_flash.fallback)
@@ -115,6 +115,7 @@ def _gpu(index: int) -> dict:
                         (table, props.name)),
         "tiles": _tiles(table),
         "hopper_forward": _hopper_forward(device),
+        "hopper_backward": _hopper_backward(device),
     }
 
 
@@ -127,6 +128,17 @@ def _hopper_forward(device: torch.device) -> str:
         return f"off: {reason}"
     return (f"on for {hopper_fwd.coverage()}, dense, Lq == Lk a multiple of {hopper_fwd.SPLIT_M}, no "
             "window/softcap/dropout/sinks (Gluon, warp-specialized)")
+
+
+def _hopper_backward(device: torch.device) -> str:
+    """Whether the backward runs the Hopper kernel on this GPU (``hf_flash/ops/hopper_bwd.py``), where, and why not."""
+    if not hopper_fwd.on_sm90(device):
+        return "off: sm90 only (wgmma)"
+    reason = hopper_bwd.unavailable_reason() or (None if hopper_bwd.enabled() else f"{hopper_bwd.ENV}=0")
+    if reason:
+        return f"off: {reason}"
+    return (f"on for head dim {hopper_bwd.HEAD_DIM} from {hopper_bwd.MIN_SEQLEN} tokens, dense, Lq == Lk a multiple "
+            f"of {hopper_bwd.BLOCK_N}, deterministic=False, no window/softcap/dropout/sinks (Gluon, dQ by atomics)")
 
 
 def report() -> dict:
@@ -178,6 +190,7 @@ def format_report(r: dict) -> str:
         ]
         lines += _format_paths(gpu["paths"])
         lines.append(f"  Hopper forward: {gpu['hopper_forward']}")
+        lines.append(f"  Hopper backward: {gpu['hopper_backward']}")
         lines.append("  tiles (block_m x block_n, warps, stages; tma: loads through TMA descriptors):")
         for head_class, row in gpu["tiles"].items():
             short = f"; forward up to {config.SHORT_SEQLEN} queries {row['fwd_short']}" if "fwd_short" in row else ""

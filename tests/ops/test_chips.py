@@ -571,6 +571,23 @@ def test_info_says_where_the_hopper_forward_runs(fake_gpu, monkeypatch):
     assert report()["gpus"][0]["hopper_forward"] == "off: sm90 only (wgmma)"
 
 
+def test_info_says_where_the_hopper_backward_runs(fake_gpu, monkeypatch):
+    from hf_flash.info import info, report
+    from hf_flash.ops import hopper_bwd
+
+    fake_gpu((9, 0), name="NVIDIA H100")
+    reason = hopper_bwd.unavailable_reason()
+    expected = f"off: {reason}" if reason else f"on for head dim 128 from {hopper_bwd.MIN_SEQLEN} tokens"
+    assert report()["gpus"][0]["hopper_backward"].startswith(expected)
+    out = io.StringIO()
+    info(file=out)
+    assert "Hopper backward: " + expected in out.getvalue()
+    monkeypatch.setenv(hopper_bwd.ENV, "0")
+    assert report()["gpus"][0]["hopper_backward"] in (f"off: {hopper_bwd.ENV}=0", expected)
+    fake_gpu((8, 0), name="NVIDIA A100")
+    assert report()["gpus"][0]["hopper_backward"] == "off: sm90 only (wgmma)"
+
+
 def test_info_shows_a_forced_arch(fake_gpu):
     from hf_flash.info import report
     from hf_flash.ops import config
