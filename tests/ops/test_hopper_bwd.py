@@ -7,11 +7,9 @@ it, and check that it ran."""
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
-from flash_oracle import Case, assert_matches_oracle, make_inputs, oracle_for
+from flash_oracle import Case, make_inputs
 
 from hf_flash.ops import hopper_bwd
 
@@ -139,19 +137,10 @@ GPU_CASES = [
 @pytest.fixture
 def hopper_bwd_calls(monkeypatch):
     """Lowers MIN_SEQLEN to 128 and counts the kernel's launches; skips off sm90."""
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("needs an sm90 GPU (H100/H200)")
-    if hopper_bwd.unavailable_reason():
-        pytest.skip(hopper_bwd.unavailable_reason())
+    from test_hopper_fwd import count_launches
+
+    calls = count_launches(monkeypatch, hopper_bwd, "flash_bwd_hopper", 1)
     monkeypatch.setattr(hopper_bwd, "MIN_SEQLEN", 128)
-    calls = []
-    launch = hopper_bwd.flash_bwd_hopper
-
-    def counted(*args, **kwargs):
-        calls.append(args[1].shape)
-        return launch(*args, **kwargs)
-
-    monkeypatch.setattr(hopper_bwd, "flash_bwd_hopper", counted)
     return calls
 
 
@@ -159,13 +148,9 @@ def hopper_bwd_calls(monkeypatch):
 @pytest.mark.parametrize("head_major", [False, True], ids=["blhd", "bhld"])
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.id)
 def test_matches_oracle_on_sm90(case, head_major, hopper_bwd_calls):
-    from hf_flash import flash_attn_func
+    from test_hopper_fwd import matches_oracle
 
-    q, k, v, dout = make_inputs(case, "cuda", seed=21)
-    if head_major:  # as Transformers hands them over: [B, H, L, D] storage seen as [B, L, H, D]
-        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
-    ours = functools.partial(flash_attn_func, **case.kwargs)
-    assert_matches_oracle(ours, oracle_for(case), (q, k, v), dout)
+    matches_oracle(case, head_major, seed=21)
     assert hopper_bwd_calls, "the Hopper backward did not run"
 
 

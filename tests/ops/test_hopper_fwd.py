@@ -151,22 +151,29 @@ GPU_CASES = [
 ]
 
 
+def count_launches(monkeypatch, module, name: str, shape_arg: int) -> list:
+    """Skips off sm90 or without Gluon; else replaces ``module.name`` (a Hopper launcher) with one that records the
+    shape of its positional argument ``shape_arg`` on every call, and returns that list."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs an sm90 GPU (H100/H200)")
+    if module.unavailable_reason():
+        pytest.skip(module.unavailable_reason())
+    calls = []
+    launch = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls.append(args[shape_arg].shape)
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
 @pytest.fixture
 def hopper_calls(monkeypatch):
     """Lowers the tiles' length bounds to 128 and counts the kernel's launches; skips off sm90."""
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("needs an sm90 GPU (H100/H200)")
-    if hopper_fwd.unavailable_reason():
-        pytest.skip(hopper_fwd.unavailable_reason())
+    calls = count_launches(monkeypatch, hopper_fwd, "flash_fwd_hopper", 0)
     monkeypatch.setattr(hopper_fwd, "TILES", {key: t._replace(min_seqlen=128) for key, t in hopper_fwd.TILES.items()})
-    calls = []
-    launch = hopper_fwd.flash_fwd_hopper
-
-    def counted(*args, **kwargs):
-        calls.append(args[0].shape)
-        return launch(*args, **kwargs)
-
-    monkeypatch.setattr(hopper_fwd, "flash_fwd_hopper", counted)
     return calls
 
 
@@ -174,14 +181,20 @@ def hopper_calls(monkeypatch):
 @pytest.mark.parametrize("head_major", [False, True], ids=["blhd", "bhld"])
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.id)
 def test_matches_oracle_on_sm90(case, head_major, hopper_calls):
+    matches_oracle(case, head_major, seed=11)
+    assert hopper_calls, "the Hopper forward did not run"
+
+
+def matches_oracle(case: Case, head_major: bool, seed: int) -> None:
+    """``flash_attn_func`` on the GPU against the fp32 oracle, forward and backward; ``head_major``: the inputs as
+    Transformers hands them over, ``[B, H, L, D]`` storage seen as ``[B, L, H, D]``."""
     from hf_flash import flash_attn_func
 
-    q, k, v, dout = make_inputs(case, "cuda", seed=11)
-    if head_major:  # as Transformers hands them over: [B, H, L, D] storage seen as [B, L, H, D]
+    q, k, v, dout = make_inputs(case, "cuda", seed=seed)
+    if head_major:
         q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
     ours = functools.partial(flash_attn_func, **case.kwargs)
     assert_matches_oracle(ours, oracle_for(case), (q, k, v), dout)
-    assert hopper_calls, "the Hopper forward did not run"
 
 
 @pytest.mark.gpu
