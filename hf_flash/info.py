@@ -134,7 +134,7 @@ def _hopper_backward(device: torch.device) -> str:
     """Whether the backward runs the Hopper kernel on this GPU (``hf_flash/ops/hopper_bwd.py``), where, and why not."""
     if not hopper_fwd.on_sm90(device):
         return "off: sm90 only (wgmma)"
-    reason = hopper_bwd.unavailable_reason() or (None if hopper_bwd.enabled() else f"{hopper_bwd.ENV}=0")
+    reason = hopper_bwd.unavailable_reason() or (None if hopper_bwd.enabled() else f"opt-in, {hopper_bwd.ENV}=1")
     if reason:
         return f"off: {reason}"
     return (f"on for head dim {hopper_bwd.HEAD_DIM} from {hopper_bwd.MIN_SEQLEN} tokens, dense, Lq == Lk a multiple "

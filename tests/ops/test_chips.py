@@ -576,6 +576,7 @@ def test_info_says_where_the_hopper_backward_runs(fake_gpu, monkeypatch):
     from hf_flash.ops import hopper_bwd
 
     fake_gpu((9, 0), name="NVIDIA H100")
+    monkeypatch.setenv(hopper_bwd.ENV, "1")
     reason = hopper_bwd.unavailable_reason()
     expected = f"off: {reason}" if reason else f"on for head dim 128 from {hopper_bwd.MIN_SEQLEN} tokens"
     assert report()["gpus"][0]["hopper_backward"].startswith(expected)
@@ -583,7 +584,7 @@ def test_info_says_where_the_hopper_backward_runs(fake_gpu, monkeypatch):
     info(file=out)
     assert "Hopper backward: " + expected in out.getvalue()
     monkeypatch.setenv(hopper_bwd.ENV, "0")
-    assert report()["gpus"][0]["hopper_backward"] in (f"off: {hopper_bwd.ENV}=0", expected)
+    assert report()["gpus"][0]["hopper_backward"] in (f"off: opt-in, {hopper_bwd.ENV}=1", expected)
     fake_gpu((8, 0), name="NVIDIA A100")
     assert report()["gpus"][0]["hopper_backward"] == "off: sm90 only (wgmma)"
 

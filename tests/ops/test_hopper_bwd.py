@@ -65,7 +65,7 @@ def test_takes_only_cuda_tensors_and_can_be_turned_off(fake_gpu, monkeypatch):
     monkeypatch.setenv(hopper_bwd.ENV, "1")
     assert hopper_bwd.enabled()
     monkeypatch.delenv(hopper_bwd.ENV)
-    assert hopper_bwd.enabled(), "on unless turned off"
+    assert hopper_bwd.enabled() == (hopper_bwd.DEFAULT == "1")
 
 
 def hopper_bwd_cases() -> list[dict]:
@@ -136,11 +136,12 @@ GPU_CASES = [
 
 @pytest.fixture
 def hopper_bwd_calls(monkeypatch):
-    """Lowers MIN_SEQLEN to 128 and counts the kernel's launches; skips off sm90."""
+    """Lowers MIN_SEQLEN to 128, turns the kernel on and counts its launches; skips off sm90."""
     from test_hopper_fwd import count_launches
 
     calls = count_launches(monkeypatch, hopper_bwd, "flash_bwd_hopper", 1)
     monkeypatch.setattr(hopper_bwd, "MIN_SEQLEN", 128)
+    monkeypatch.setenv(hopper_bwd.ENV, "1")
     return calls
 
 
