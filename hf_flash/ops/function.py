@@ -113,7 +113,7 @@ def _bwd_impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
     if k.numel() > 0 and q.numel() == 0:
         dk.zero_()
         dv.zero_()
-    elif k.numel() > 0 and hopper_bwd.takes(q, k, v, out, dout, lse, cu_seqlens_q is not None,
+    elif k.numel() > 0 and hopper_bwd.takes(q, k, v, dout, lse, cu_seqlens_q is not None,
                                             (window_left, window_right), softcap, dropout_p, sinks, deterministic):
         delta = torch.empty_strided(lse.shape, lse.stride(), dtype=lse.dtype, device=lse.device)
         flash_delta(out, dout, lse, delta, None, max_seqlen_q)

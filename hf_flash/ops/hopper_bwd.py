@@ -42,8 +42,9 @@ def enabled() -> bool:
     return os.environ.get(ENV, DEFAULT) not in ("0", "", "false", "False")
 
 
-def fits(q, k, v, out, do, lse, varlen, window, softcap, dropout_p, sinks, deterministic) -> bool:
-    """The calls the kernel computes and was measured faster on (module docstring), whatever the device."""
+def fits(q, k, v, do, lse, varlen, window, softcap, dropout_p, sinks, deterministic) -> bool:
+    """The calls the kernel computes and was measured faster on (module docstring), whatever the device; arguments
+    as ``function._bwd_impl`` has them (``do``: the output's gradient)."""
     if deterministic or varlen or sinks is not None or softcap > 0 or dropout_p > 0:
         return False
     if window[0] != -1 or window[1] not in (-1, 0) or q.shape[-1] != HEAD_DIM:
@@ -61,10 +62,10 @@ def fits(q, k, v, out, do, lse, varlen, window, softcap, dropout_p, sinks, deter
             and kv_layout == tma_layout(v, False))  # fmt: skip
 
 
-def takes(q, k, v, out, do, lse, varlen, window, softcap, dropout_p, sinks, deterministic) -> bool:
+def takes(q, k, v, do, lse, varlen, window, softcap, dropout_p, sinks, deterministic) -> bool:
     """Whether this backward runs the call: :func:`fits`, on an sm90 GPU, the kernel available and not turned
     off. Runs on every backward call: the cheap checks come first."""
-    if not fits(q, k, v, out, do, lse, varlen, window, softcap, dropout_p, sinks, deterministic):
+    if not fits(q, k, v, do, lse, varlen, window, softcap, dropout_p, sinks, deterministic):
         return False
     return _launch is not None and enabled() and q.device.type == "cuda" and on_sm90(q.device)
 

@@ -17,17 +17,17 @@ L = hopper_bwd.MIN_SEQLEN
 
 
 def _call(batch=2, seqlen=L, heads=4, kv_heads=2, head_dim=128, dtype=torch.bfloat16):
-    """(q, k, v, out, do, lse) of a dense call, the LSE padded as ``function._new_lse`` makes it."""
+    """(q, k, v, do, lse) of a dense call, the LSE padded as ``function._new_lse`` makes it."""
     from hf_flash.ops.function import _new_lse
 
     q = torch.empty(batch, seqlen, heads, head_dim, dtype=dtype)
     k, v = (torch.empty(batch, seqlen, kv_heads, head_dim, dtype=dtype) for _ in range(2))
-    return q, k, v, torch.empty_like(q), torch.empty_like(q), _new_lse(q, False, batch)
+    return q, k, v, torch.empty_like(q), _new_lse(q, False, batch)
 
 
-def _fits(q, k, v, out, do, lse, varlen=False, window=(-1, 0), softcap=0.0, dropout_p=0.0, sinks=None,
+def _fits(q, k, v, do, lse, varlen=False, window=(-1, 0), softcap=0.0, dropout_p=0.0, sinks=None,
           deterministic=False):
-    return hopper_bwd.fits(q, k, v, out, do, lse, varlen, window, softcap, dropout_p, sinks, deterministic)
+    return hopper_bwd.fits(q, k, v, do, lse, varlen, window, softcap, dropout_p, sinks, deterministic)
 
 
 def test_fits_the_measured_calls_only():
@@ -35,9 +35,9 @@ def test_fits_the_measured_calls_only():
     assert _fits(*call) and _fits(*call, window=(-1, -1))
     assert _fits(*_call(dtype=torch.float16)) and _fits(*_call(kv_heads=4)) and _fits(*_call(kv_heads=1))
     # Transformers' [B, H, L, D] tensors seen as [B, L, H, D]: head-major descriptors
-    q, k, v, out, do, lse = call
+    q, k, v, do, lse = call
     hm = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v)]
-    assert _fits(*hm, out, do, lse)
+    assert _fits(*hm, do, lse)
     assert not _fits(*call, deterministic=True), "atomics: only where reproducibility was not asked for"
     assert not _fits(*call, varlen=True)
     assert not _fits(*call, window=(8, 0)) and not _fits(*call, window=(-1, 4))
@@ -49,10 +49,10 @@ def test_fits_the_measured_calls_only():
     assert not _fits(*_call(seqlen=L + 64)), "L a multiple of the program's 128 keys"
     assert not _fits(*_call(seqlen=hopper_bwd.MIN_SEQLEN - 128))
     q2, k2, v2, *_ = _call(seqlen=2 * L)
-    assert not _fits(q, k2, v2, out, do, lse), "Lq != Lk"
-    assert not _fits(q, k, hm[2], out, do, lse), "K and V in different layouts"
+    assert not _fits(q, k2, v2, do, lse), "Lq != Lk"
+    assert not _fits(q, k, hm[2], do, lse), "K and V in different layouts"
     odd = torch.empty(lse.shape[0], lse.shape[1], L + 2)[..., :L]
-    assert not _fits(q, k, v, out, do, odd), "LSE rows not 16 bytes apart"
+    assert not _fits(q, k, v, do, odd), "LSE rows not 16 bytes apart"
 
 
 def test_takes_only_cuda_tensors_and_can_be_turned_off(fake_gpu, monkeypatch):
@@ -105,7 +105,7 @@ def test_launch_names_every_kernel_argument():
     from hf_flash.ops.common import tma_layout
     from hf_flash.ops.hopper_fwd import _rows
 
-    q, k, v, out, do, lse = _call()
+    q, k, v, do, lse = _call()
     k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v))
     dk = torch.empty(k.shape, dtype=k.dtype)  # heads side by side where K is head-major
     layouts = tuple(tma_layout(t, False) for t in (q, do, k, dk))
