@@ -29,7 +29,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from hf_flash.ops._hopper_fwd_kernel import _descriptor, _tma_load, _tma_store
+from hf_flash.ops._hopper_fwd_kernel import descriptor, tma_load, tma_store
 
 ROWS = 64  # query rows of a step, and keys of a consumer group
 _ROWS = gl.constexpr(ROWS)
@@ -112,21 +112,21 @@ def _loader(descs, smem, bars, problem, stats, dq_out, CAUSAL: gl.constexpr):
     kv_row = b * kv_rows[0] + hk * kv_rows[1] + n0
     mbarrier.expect(kv_ready, 4 * k_desc.block_type.nbytes)
     for g in gl.static_range(2):
-        _tma_load(k_desc, [kv_row + g * _ROWS, hk * kv_rows[2]], kv_ready, k_smem.index(g))
-        _tma_load(v_desc, [kv_row + g * _ROWS, hk * kv_rows[2]], kv_ready, v_smem.index(g))
+        tma_load(k_desc, [kv_row + g * _ROWS, hk * kv_rows[2]], kv_ready, k_smem.index(g))
+        tma_load(v_desc, [kv_row + g * _ROWS, hk * kv_rows[2]], kv_ready, v_smem.index(g))
     for j in range(n_steps):
         h = hk * n_groups + j // per_head
         q_start = _q_block(j % per_head, per_head, n0, q_lo, CAUSAL)
         stage = j % STAGES
         mbarrier.wait(qdo_empty.index(stage), ((j // STAGES) & 1) ^ 1)
         mbarrier.expect(qdo_ready.index(stage), 2 * q_desc.block_type.nbytes + 2 * lse_desc.block_type.nbytes)
-        _tma_load(q_desc, [b * q_rows[0] + h * q_rows[1] + q_start, h * q_rows[2]], qdo_ready.index(stage),
+        tma_load(q_desc, [b * q_rows[0] + h * q_rows[1] + q_start, h * q_rows[2]], qdo_ready.index(stage),
                   q_smem.index(stage))
-        _tma_load(do_desc, [b * do_rows[0] + h * do_rows[1] + q_start, h * do_rows[2]], qdo_ready.index(stage),
+        tma_load(do_desc, [b * do_rows[0] + h * do_rows[1] + q_start, h * do_rows[2]], qdo_ready.index(stage),
                   do_smem.index(stage))
         stat = (b * (n_heads_k * n_groups) + h) * stat_stride + q_start
-        _tma_load(lse_desc, [stat], qdo_ready.index(stage), lse_smem.index(stage))
-        _tma_load(delta_desc, [stat], qdo_ready.index(stage), delta_smem.index(stage))
+        tma_load(lse_desc, [stat], qdo_ready.index(stage), lse_smem.index(stage))
+        tma_load(delta_desc, [stat], qdo_ready.index(stage), delta_smem.index(stage))
         if j >= STAGES:
             _reduce(j - STAGES, problem, dq_out, CAUSAL)
     for j in range(gl.maximum(n_steps - STAGES, 0), n_steps):
@@ -242,8 +242,8 @@ def _consume(g: gl.constexpr, descs, smem, bars, problem, stats, dq_out, qk_scal
     k_g.store((dk * sm_scale).to(dtype))
     v_g.store(dv.to(dtype))
     fence_async_shared()
-    _tma_store(dk_desc, [dkv_row, hk * dkv_rows[2]], k_g)
-    _tma_store(dv_desc, [dkv_row, hk * dkv_rows[2]], v_g)
+    tma_store(dk_desc, [dkv_row, hk * dkv_rows[2]], k_g)
+    tma_store(dv_desc, [dkv_row, hk * dkv_rows[2]], v_g)
     tma.store_wait(0)
 
 
@@ -326,14 +326,14 @@ MAX_REGISTERS = 168  # 64K registers over the three warpgroups
 
 def launch_args(*, q, k, v, do, dk, dv, lse, delta, dq_acc, rows, layouts, softmax_scale, causal, stages) -> dict:
     """The kernel's keyword arguments (descriptors built here) and launch options. ``rows``: (rows_b, rows_h,
-    col_h) of q, do, k and dk (``hopper_fwd._rows``); ``layouts``: the TMA layouts of q, do, k (v shares it) and
-    dk (dv shares it)."""
+    col_h) of q, do, k and dk (``hopper_fwd.descriptor_rows``); ``layouts``: the TMA layouts of q, do, k (v shares
+    it) and dk (dv shares it)."""
     q_rows, do_rows, kv_rows, dkv_rows = rows
     q_layout, do_layout, kv_layout, dkv_layout = layouts
     return dict(
-        q_desc=_descriptor(q, q_layout, ROWS), do_desc=_descriptor(do, do_layout, ROWS),
-        k_desc=_descriptor(k, kv_layout, ROWS), v_desc=_descriptor(v, kv_layout, ROWS),
-        dk_desc=_descriptor(dk, dkv_layout, ROWS), dv_desc=_descriptor(dv, dkv_layout, ROWS),
+        q_desc=descriptor(q, q_layout, ROWS), do_desc=descriptor(do, do_layout, ROWS),
+        k_desc=descriptor(k, kv_layout, ROWS), v_desc=descriptor(v, kv_layout, ROWS),
+        dk_desc=descriptor(dk, dkv_layout, ROWS), dv_desc=descriptor(dv, dkv_layout, ROWS),
         lse_desc=_stat_descriptor(lse), delta_desc=_stat_descriptor(delta), dq_ptr=dq_acc,
         dq_stride=dq_acc.shape[2] * dq_acc.shape[3], seqlen=q.shape[1], n_heads_k=k.shape[2],
         n_groups=q.shape[2] // k.shape[2], q_rows_b=q_rows[0], q_rows_h=q_rows[1], q_col_h=q_rows[2],

@@ -30,8 +30,8 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from hf_flash.ops.common import tma_view
 
 # Triton 3.9 renamed the TMA copies (3.6 has only the old names, 3.9 only the new)
-_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
-_tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
 
 
 @gluon.jit
@@ -85,9 +85,9 @@ def _loader(descs, smem, bars, problem, CAUSAL: gl.constexpr):
             # a fresh mbarrier counts as having completed phase 1: the first round does not wait
             mbarrier.wait(kv_empty.index(stage), ((c // STAGES) & 1) ^ 1)
             mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
-            _tma_load(k_desc, [kv_row + j * BLOCK_N, kv_col], k_ready.index(stage), k_smem.index(stage))
+            tma_load(k_desc, [kv_row + j * BLOCK_N, kv_col], k_ready.index(stage), k_smem.index(stage))
             mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
-            _tma_load(v_desc, [kv_row + j * BLOCK_N, kv_col], v_ready.index(stage), v_smem.index(stage))
+            tma_load(v_desc, [kv_row + j * BLOCK_N, kv_col], v_ready.index(stage), v_smem.index(stage))
             c += 1
             if j == 0:
                 # Q after the first K/V block, whose load then overlaps the previous tile's last steps while Q's
@@ -95,7 +95,7 @@ def _loader(descs, smem, bars, problem, CAUSAL: gl.constexpr):
                 for g in gl.static_range(GROUPS):
                     mbarrier.wait(q_empty.index(g), (i & 1) ^ 1)
                     mbarrier.expect(q_ready.index(g), q_desc.block_type.nbytes)
-                    _tma_load(q_desc, [q_row + g * SPLIT_M, q_col], q_ready.index(g), q_smem.index(g))
+                    tma_load(q_desc, [q_row + g * SPLIT_M, q_col], q_ready.index(g), q_smem.index(g))
         i += 1
 
 
@@ -201,7 +201,7 @@ def _consume(g: gl.constexpr, descs, smem, bars, problem, lse_ptr, qk_scale, CAU
             # Q's buffer is free once every block is done: it carries O to the TMA store, then takes the next Q
             q_buf.store(out.to(dtype))
             fence_async_shared()
-            _tma_store(o_desc, [q_row + g * SPLIT_M, q_col], q_buf)
+            tma_store(o_desc, [q_row + g * SPLIT_M, q_col], q_buf)
             tma.store_wait(0)
         else:
             # rows past the end (L is a multiple of 64, so a group is all in or all out): nothing to compute or
@@ -278,7 +278,9 @@ def _fwd_hopper(
         gl.warp_specialize([(_consumer0, args), (_consumer1, args), (_loader_partition, args)], [4, 4], [240, 24])
 
 
-def _descriptor(t, layout, block_rows: int) -> TensorDescriptor:
+def descriptor(t, layout, block_rows: int) -> TensorDescriptor:
+    """A Gluon descriptor over ``t`` (``[B, L, H, D]``) in its 2D view for ``layout`` (``common.tma_view``), in
+    ``[block_rows, D]`` tiles with the default swizzled shared-memory layout (the backward kernel's too)."""
     dtype = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
     shape, strides = tma_view(t, False, layout)
     smem = gl.NVMMASharedLayout.get_default_for([block_rows, t.shape[-1]], dtype)
@@ -297,8 +299,8 @@ def launch_args(*, q, k, v, out, lse, q_rows, kv_rows, q_layout, kv_layout, qk_s
     batch, seqlen, n_heads, _ = q.shape
     (q_rows_b, q_rows_h, q_col_h), (kv_rows_b, kv_rows_h, kv_col_h) = q_rows, kv_rows
     return dict(
-        q_desc=_descriptor(q, q_layout, tile.split_m), k_desc=_descriptor(k, kv_layout, tile.block_n),
-        v_desc=_descriptor(v, kv_layout, tile.block_n), o_desc=_descriptor(out, q_layout, tile.split_m),
+        q_desc=descriptor(q, q_layout, tile.split_m), k_desc=descriptor(k, kv_layout, tile.block_n),
+        v_desc=descriptor(v, kv_layout, tile.block_n), o_desc=descriptor(out, q_layout, tile.split_m),
         lse_ptr=lse, seqlen=seqlen, n_heads=n_heads, n_groups=n_heads // k.shape[2], n_bh=batch * n_heads,
         q_rows_b=q_rows_b, q_rows_h=q_rows_h, q_col_h=q_col_h, kv_rows_b=kv_rows_b, kv_rows_h=kv_rows_h,
         kv_col_h=kv_col_h, stride_lb=lse.stride(0), stride_lh=lse.stride(1), qk_scale=qk_scale,

@@ -23,7 +23,7 @@ import os
 import torch
 
 from hf_flash.ops.common import tma_layout
-from hf_flash.ops.hopper_fwd import _rows, on_sm90, unavailable_reason
+from hf_flash.ops.hopper_fwd import descriptor_rows, on_sm90, unavailable_reason
 
 BLOCK_N = 128  # keys of a program: two consumer groups of 64
 HEAD_DIM = 128
@@ -76,12 +76,11 @@ def flash_bwd_hopper(do, q, k, v, lse, delta, dq, dk, dv, softmax_scale: float, 
     (dk and dv in one layout, as ``torch.empty_like`` makes them; dq any)."""
     if q.shape[-1] != HEAD_DIM:
         raise ValueError(f"the Hopper backward takes head dim {HEAD_DIM}, got {q.shape[-1]}")
-    q_layout, do_layout, kv_layout, dkv_layout = (tma_layout(t, False) for t in (q, do, k, dk))
-    if dkv_layout is None or tma_layout(dv, False) != dkv_layout:
+    layouts = tuple(tma_layout(t, False) for t in (q, do, k, dk))
+    if layouts[3] is None or tma_layout(dv, False) != layouts[3]:
         raise ValueError("dk and dv must share one TMA-readable layout (torch.empty_like(k)) for the Hopper backward")
     dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
-    _launch(q=q, k=k, v=v, do=do, dk=dk, dv=dv, lse=lse, delta=delta, dq_acc=dq_acc,
-            rows=(_rows(q_layout, q), _rows(do_layout, do), _rows(kv_layout, k), _rows(dkv_layout, dk)),
-            layouts=(q_layout, do_layout, kv_layout, dkv_layout), softmax_scale=softmax_scale, causal=causal,
-            stages=STAGES)
+    _launch(q=q, k=k, v=v, do=do, dk=dk, dv=dv, lse=lse, delta=delta, dq_acc=dq_acc, layouts=layouts,
+            rows=tuple(descriptor_rows(lay, t) for lay, t in zip(layouts, (q, do, k, dk))),
+            softmax_scale=softmax_scale, causal=causal, stages=STAGES)
     dq.copy_(dq_acc)

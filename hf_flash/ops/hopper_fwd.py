@@ -136,7 +136,7 @@ def fits(q, k, v, varlen, window, softcap, dropout_p, sinks) -> bool:
     return tma_layout(q, False) is not None and kv_layout is not None and kv_layout == tma_layout(v, False)
 
 
-def _rows(layout: TmaLayout, t: torch.Tensor) -> tuple[int, int, int]:
+def descriptor_rows(layout: TmaLayout, t: torch.Tensor) -> tuple[int, int, int]:
     """(rows_b, rows_h, col_h) of ``t`` ``[B, L, H, D]`` in its descriptor's 2D view (module docstring)."""
     if layout.head_major:
         return layout.rows_b, layout.rows_h, 0
@@ -160,6 +160,7 @@ def flash_fwd_hopper(q, k, v, out, lse, softmax_scale: float, causal: bool, tile
     q_layout, kv_layout = tma_layout(q, False), tma_layout(k, False)
     if tma_layout(out, False) != q_layout:
         raise ValueError("out must have q's layout (torch.empty_like(q)) for the Hopper forward")
-    _launch(q=q, k=k, v=v, out=out, lse=lse, q_rows=_rows(q_layout, q), kv_rows=_rows(kv_layout, k),
+    _launch(q=q, k=k, v=v, out=out, lse=lse, q_rows=descriptor_rows(q_layout, q),
+            kv_rows=descriptor_rows(kv_layout, k),
             q_layout=q_layout, kv_layout=kv_layout, qk_scale=softmax_scale * LOG2E, causal=causal,
             tile=tile, head_group=group or head_group(seqlen, tile, sm_count(cuda_index(q.device))))

@@ -72,7 +72,7 @@ def _kernel(name: str):
 
 def _hopper_source(fn, case: dict):
     """The Gluon source of the Hopper forward or backward (``case``: dtype, head_dim, block_n (forward) and the
-    kernel's constexprs): its descriptors carry their shared-memory layouts, as ``_hopper_fwd_kernel._descriptor``
+    kernel's constexprs): its descriptors carry their shared-memory layouts, as ``_hopper_fwd_kernel.descriptor``
     builds them."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource

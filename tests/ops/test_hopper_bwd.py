@@ -103,7 +103,7 @@ def test_launch_names_every_kernel_argument():
         pytest.skip(hopper_bwd.unavailable_reason())
     from hf_flash.ops import _hopper_bwd_kernel as K
     from hf_flash.ops.common import tma_layout
-    from hf_flash.ops.hopper_fwd import _rows
+    from hf_flash.ops.hopper_fwd import descriptor_rows
 
     q, k, v, do, lse = _call()
     k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v))
@@ -111,7 +111,7 @@ def test_launch_names_every_kernel_argument():
     layouts = tuple(tma_layout(t, False) for t in (q, do, k, dk))
     args = K.launch_args(q=q, k=k, v=v, do=do, dk=dk, dv=torch.empty_like(dk), lse=lse,
                          delta=torch.empty_like(lse), dq_acc=torch.zeros(q.shape), layouts=layouts,
-                         rows=tuple(_rows(lay, t) for lay, t in zip(layouts, (q, do, k, dk))),
+                         rows=tuple(descriptor_rows(lay, t) for lay, t in zip(layouts, (q, do, k, dk))),
                          softmax_scale=0.125, causal=True, stages=2)
     assert set(args) - {"num_warps", "maxnreg"} == set(K._bwd_hopper.arg_names)
     # K/V head-major: row = b * rows_b + hk * rows_h, column 0; Q heads side by side: row = b * L, column h * D

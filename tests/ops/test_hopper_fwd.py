@@ -123,9 +123,9 @@ def test_launch_names_every_kernel_argument():
     q, k, v = q, k.transpose(1, 2).contiguous().transpose(1, 2), v.transpose(1, 2).contiguous().transpose(1, 2)
     out, lse = torch.empty_like(q), torch.empty(q.shape[0], q.shape[2], q.shape[1])
     q_layout, kv_layout = tma_layout(q, False), tma_layout(k, False)
-    args = K.launch_args(q=q, k=k, v=v, out=out, lse=lse, q_rows=hopper_fwd._rows(q_layout, q),
-                         kv_rows=hopper_fwd._rows(kv_layout, k), q_layout=q_layout, kv_layout=kv_layout, qk_scale=1.0,
-                         causal=True, tile=hopper_fwd.TILES[128, True], head_group=4)
+    args = K.launch_args(q=q, k=k, v=v, out=out, lse=lse, q_rows=hopper_fwd.descriptor_rows(q_layout, q),
+                         kv_rows=hopper_fwd.descriptor_rows(kv_layout, k), q_layout=q_layout, kv_layout=kv_layout,
+                         qk_scale=1.0, causal=True, tile=hopper_fwd.TILES[128, True], head_group=4)
     options = {"num_warps", "maxnreg"}
     assert set(args) - options == set(K._fwd_hopper.arg_names)
     # K/V head-major: row = b * rows_b + hk * rows_h, column 0; Q heads side by side: row = b * L, column h * D
