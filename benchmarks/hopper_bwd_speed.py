@@ -5,10 +5,10 @@ GPU.
     python benchmarks/hopper_bwd_speed.py                                  # L 1k-32k, causal and not
     python benchmarks/hopper_bwd_speed.py --kv-heads 8 --causal causal --seqlens 8192,32768
 
-Both paths run on the same tensors (head dim 128, 16k tokens per batch, hidden 2048, bf16) whatever ``hopper_bwd.MIN_SEQLEN``
-says, so the table shows where the Hopper kernel starts to pay: the portable ``flash_bwd`` (dQ kernel, then
-dK/dV) against what ``function._bwd_impl`` runs on the Hopper path (delta, the zeroed fp32 dQ buffer, the kernel,
-dQ's cast), each whole. They alternate over ``--rounds`` rounds; the line prints the median TFLOP/s of each
+Both paths run on the same tensors (head dim 128, 16k tokens per batch, hidden 2048, bf16) whatever
+``hopper_bwd.MIN_SEQLEN`` says, so the table shows where the Hopper kernel starts to pay: the portable ``flash_bwd``
+(dQ kernel, then dK/dV) against what ``function._bwd_impl`` runs on the Hopper path (delta, the zeroed fp32 dQ
+buffer, the kernel, dQ's cast), each whole. They alternate over ``--rounds`` rounds; the line prints the median TFLOP/s of each
 (the backward counted as 2.5x the forward's FLOPs, as the README's tables) and the median ratio with its range,
 and the largest difference of each gradient from the portable one, relative to its largest magnitude.
 """
@@ -29,7 +29,10 @@ from hf_flash.ops.forward import flash_fwd
 from hf_flash.ops.function import _new_lse
 
 
-def time_case(causal: bool, seqlen: int, rounds: int, kv_heads: int, head_dim: int = hopper_bwd.HEAD_DIM) -> str:
+def time_case(causal: bool, seqlen: int, rounds: int, kv_heads: int, head_dim: int = hopper_bwd.HEAD_DIM,
+              backward=hopper_bwd.flash_bwd_hopper, name: str = "hopper") -> str:
+    """One line: the portable backward against ``backward`` (``hopper_bwd.flash_bwd_hopper``'s arguments; a
+    prototype's, e.g. ``experiments/gluon_bwd_d64.py``), with its delta launch, same tensors."""
     batch, heads = max(1, 16384 // seqlen), 2048 // head_dim
     q, do = (torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     k, v = (torch.randn(batch, seqlen, kv_heads or heads, head_dim, device="cuda", dtype=torch.bfloat16)
@@ -38,7 +41,7 @@ def time_case(causal: bool, seqlen: int, rounds: int, kv_heads: int, head_dim: i
     scale, window = 1 / math.sqrt(head_dim), (-1, 0 if causal else -1)
     flash_fwd(q, k, v, out, lse, None, None, seqlen, seqlen, scale, window, 0.0, 0.0, 0,
               forward_config(head_dim, q.device, seqlen))
-    grads = {name: (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)) for name in ("portable", "hopper")}
+    grads = {n: (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)) for n in ("portable", name)}
     configs = backward_config(head_dim, q.device)
 
     def portable():
@@ -48,22 +51,22 @@ def time_case(causal: bool, seqlen: int, rounds: int, kv_heads: int, head_dim: i
     def hopper():
         delta = torch.empty_strided(lse.shape, lse.stride(), dtype=lse.dtype, device=lse.device)
         flash_delta(out, do, lse, delta, None, seqlen)
-        hopper_bwd.flash_bwd_hopper(do, q, k, v, lse, delta, *grads["hopper"], scale, causal)
+        backward(do, q, k, v, lse, delta, *grads[name], scale, causal)
 
-    runs = {"portable": portable, "hopper": hopper}
+    runs = {"portable": portable, name: hopper}
     for fn in runs.values():
         fn()
     errors = [((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
-              for a, b in zip(grads["hopper"], grads["portable"])]
+              for a, b in zip(grads[name], grads["portable"])]
     flops = 2.5 * 4 * batch * heads * seqlen**2 * head_dim / (2 if causal else 1)
-    speeds = {name: [] for name in runs}
+    speeds = {n: [] for n in runs}
     for _ in range(rounds):
-        for name, fn in runs.items():
-            speeds[name].append(flops / triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e-9)
-    ratios = sorted(h / p for h, p in zip(speeds["hopper"], speeds["portable"]))
+        for n, fn in runs.items():
+            speeds[n].append(flops / triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e-9)
+    ratios = sorted(h / p for h, p in zip(speeds[name], speeds["portable"]))
     shape = f"D{head_dim} {'causal ' if causal else ''}B{batch} L={seqlen} H{heads}/{kv_heads or heads}"
-    return (f"{shape}: portable {statistics.median(speeds['portable']):.0f}, hopper "
-            f"{statistics.median(speeds['hopper']):.0f} TFLOP/s: {statistics.median(ratios):.2f}x "
+    return (f"{shape}: portable {statistics.median(speeds['portable']):.0f}, {name} "
+            f"{statistics.median(speeds[name]):.0f} TFLOP/s: {statistics.median(ratios):.2f}x "
             f"({ratios[0]:.2f}-{ratios[-1]:.2f}); max |d| / max: dq {errors[0]:.1e}, dk {errors[1]:.1e}, "
             f"dv {errors[2]:.1e}")
 
