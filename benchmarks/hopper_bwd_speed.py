@@ -7,10 +7,11 @@ GPU.
 
 Both paths run on the same tensors (head dim 128, 16k tokens per batch, hidden 2048, bf16) whatever
 ``hopper_bwd.MIN_SEQLEN`` says, so the table shows where the Hopper kernel starts to pay: the portable ``flash_bwd``
-(dQ kernel, then dK/dV) against what ``function._bwd_impl`` runs on the Hopper path (delta, the zeroed fp32
-dQ buffer, the kernel, dQ's cast), each whole. They alternate over ``--rounds`` rounds; the line prints the median TFLOP/s of each
-(the backward counted as 2.5x the forward's FLOPs, as the README's tables) and the median ratio with its range,
-and the largest difference of each gradient from the portable one, relative to its largest magnitude.
+(dQ kernel, then dK/dV) against what ``function._bwd_impl`` runs on the Hopper path (delta, the zeroed fp32 dQ
+buffer, the kernel, dQ's cast), each whole. They alternate over ``--rounds`` rounds; the line prints the median
+TFLOP/s of each (the backward counted as 2.5x the forward's FLOPs, as the README's tables) and the median ratio
+with its range, and the largest difference of each gradient from the portable one, relative to its largest
+magnitude.
 """
 
 from __future__ import annotations
