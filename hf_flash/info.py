@@ -121,24 +121,26 @@ def _gpu(index: int) -> dict:
 
 def _hopper_forward(device: torch.device) -> str:
     """Whether the forward runs the Hopper kernel on this GPU (``hf_flash/ops/hopper_fwd.py``), where, and why not."""
-    if not hopper_fwd.on_sm90(device):
-        return "off: sm90 only (wgmma)"
-    reason = hopper_fwd.unavailable_reason() or (None if hopper_fwd.enabled() else f"{hopper_fwd.ENV}=0")
-    if reason:
-        return f"off: {reason}"
-    return (f"on for {hopper_fwd.coverage()}, dense, Lq == Lk a multiple of {hopper_fwd.SPLIT_M}, no "
-            "window/softcap/dropout/sinks (Gluon, warp-specialized)")
+    return _hopper_kernel(device, hopper_fwd, f"{hopper_fwd.ENV}=0",
+                          f"{hopper_fwd.coverage()}, dense, Lq == Lk a multiple of {hopper_fwd.SPLIT_M}, no "
+                          "window/softcap/dropout/sinks (Gluon, warp-specialized)")
 
 
 def _hopper_backward(device: torch.device) -> str:
     """Whether the backward runs the Hopper kernel on this GPU (``hf_flash/ops/hopper_bwd.py``), where, and why not."""
+    return _hopper_kernel(device, hopper_bwd, f"opt-in, {hopper_bwd.ENV}=1",
+                          f"head dim {hopper_bwd.HEAD_DIM} from {hopper_bwd.MIN_SEQLEN} tokens, dense, Lq == Lk a "
+                          f"multiple of {hopper_bwd.BLOCK_N}, deterministic=False, no window/softcap/dropout/sinks "
+                          "(Gluon, dQ by atomics)")
+
+
+def _hopper_kernel(device: torch.device, module, when_off: str, coverage: str) -> str:
+    """``on for <coverage>``, or ``off: <why>`` (not sm90, no Gluon, or ``when_off``: its switch) for the Hopper
+    kernel of ``module`` (``hopper_fwd`` or ``hopper_bwd``)."""
     if not hopper_fwd.on_sm90(device):
         return "off: sm90 only (wgmma)"
-    reason = hopper_bwd.unavailable_reason() or (None if hopper_bwd.enabled() else f"opt-in, {hopper_bwd.ENV}=1")
-    if reason:
-        return f"off: {reason}"
-    return (f"on for head dim {hopper_bwd.HEAD_DIM} from {hopper_bwd.MIN_SEQLEN} tokens, dense, Lq == Lk a multiple "
-            f"of {hopper_bwd.BLOCK_N}, deterministic=False, no window/softcap/dropout/sinks (Gluon, dQ by atomics)")
+    reason = module.unavailable_reason() or (None if module.enabled() else when_off)
+    return f"off: {reason}" if reason else f"on for {coverage}"
 
 
 def report() -> dict:

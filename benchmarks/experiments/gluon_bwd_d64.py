@@ -38,6 +38,7 @@ from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 from benchmarks.hopper_bwd_speed import time_case
 from hf_flash.ops._hopper_bwd_kernel import _red_add, _stat_descriptor
 from hf_flash.ops._hopper_fwd_kernel import descriptor, tma_load, tma_store
+from hf_flash.ops.backward import flash_delta
 from hf_flash.ops.common import TmaLayout
 
 BLOCK = 128  # queries of a step, keys of a program
@@ -266,13 +267,14 @@ def _bwd_d64(q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, lse_desc, delta_
     gl.warp_specialize([(_consumer0, args), (_consumer1, args), (_loader_partition, args)], [4, 4], [232, 40])
 
 
-def gluon_bwd_d64(do, q, k, v, lse, delta, dq, dk, dv, softmax_scale: float, causal: bool, stages: int = 2) -> None:
-    """q/do/dq [B, L, H, 64], k/v/dk/dv [B, L, Hk, 64] contiguous; lse/delta fp32 [B, H, L] (rows 16-aligned); as
+def gluon_bwd_d64(do, q, k, v, out, lse, dq, dk, dv, softmax_scale: float, causal: bool, stages: int = 2) -> None:
+    """q/do/out/dq [B, L, H, 64], k/v/dk/dv [B, L, Hk, 64] contiguous; lse fp32 [B, H, L] (rows 16-aligned); as
     ``hopper_bwd.flash_bwd_hopper``."""
     batch, seqlen, n_heads, head_dim = q.shape
     assert head_dim == HALF and seqlen % BLOCK == 0 and k.shape[1] == seqlen
     assert all(t.is_contiguous() for t in (q, k, v, do, dk, dv))
     dense = TmaLayout()
+    delta = flash_delta(out, do, lse, None, seqlen)
     dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
     _bwd_d64[(seqlen // BLOCK, batch * k.shape[2])](
         q_desc=descriptor(q, dense, BLOCK), do_desc=descriptor(do, dense, BLOCK), k_desc=descriptor(k, dense, BLOCK),

@@ -413,9 +413,16 @@ def _bwd_dq(
     tl.store(dq_head + rows * stride_dqm + offs_d[None, :], dq.to(dQ.dtype.element_ty), mask=q_ok)
 
 
-def flash_delta(out, do, lse, delta, cu_seqlens_q, max_seqlen_q) -> None:
-    """``delta = rowsum(dO * O)`` (fp32) into ``delta``, laid out as ``lse``: ``[B, H, Lq]``, or varlen ``[H,
-    total_q]`` with ``cu_seqlens_q``. out/do ``[B, Lq, H, D]`` or ``[total_q, H, D]``."""
+def _empty_delta(lse: torch.Tensor) -> torch.Tensor:
+    """An fp32 buffer for delta with the LSE's strides (the kernels read both with the same offsets)."""
+    return torch.empty_strided(lse.shape, lse.stride(), dtype=lse.dtype, device=lse.device)
+
+
+def flash_delta(out, do, lse, cu_seqlens_q, max_seqlen_q, delta=None) -> torch.Tensor:
+    """``delta = rowsum(dO * O)`` (fp32) laid out as ``lse``: ``[B, H, Lq]``, or varlen ``[H, total_q]`` with
+    ``cu_seqlens_q``; into ``delta`` when given, else into a new buffer; returned. out/do ``[B, Lq, H, D]`` or
+    ``[total_q, H, D]``."""
+    delta = _empty_delta(lse) if delta is None else delta
     varlen = cu_seqlens_q is not None
     batch = cu_seqlens_q.numel() - 1 if varlen else out.shape[0]
     n_heads, head_dim = out.shape[-2], out.shape[-1]
@@ -424,6 +431,7 @@ def flash_delta(out, do, lse, delta, cu_seqlens_q, max_seqlen_q) -> None:
         **_strides(do, varlen, "do", "m"), **lse_strides(lse, varlen), seqlen_q_arg=max_seqlen_q, n_heads=n_heads,
         HEAD_DIM=head_dim, BLOCK_M=64, BLOCK_D=block_d_for(head_dim), IS_VARLEN=varlen,
     )  # fmt: skip
+    return delta
 
 
 def flash_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -443,7 +451,7 @@ def flash_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max
         batch, _, n_heads, head_dim = q.shape
         n_heads_k = k.shape[2]
         cu_seqlens_q = cu_seqlens_k = lse  # placeholders, never read when IS_VARLEN is off
-    delta = torch.empty_strided(lse.shape, lse.stride(), dtype=lse.dtype, device=lse.device)  # LSE's strides
+    delta = _empty_delta(lse)
     # what the launches share: shapes and layout, the LSE/delta rows, the lengths
     shared = dict(HEAD_DIM=head_dim, BLOCK_D=config_dq.block_d, IS_VARLEN=varlen, cu_seqlens_q=cu_seqlens_q,
                   **lse_strides(lse, varlen), seqlen_q_arg=max_seqlen_q)  # fmt: skip
@@ -455,7 +463,7 @@ def flash_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max
     atomic = not deterministic
     if atomic:
         # no dQ kernel to compute delta on the way: its own small launch
-        flash_delta(out, do, lse, delta, cu_seqlens_q if varlen else None, max_seqlen_q)
+        flash_delta(out, do, lse, cu_seqlens_q if varlen else None, max_seqlen_q, delta)
     else:
         # dQ first: it stores delta, which the dK/dV kernel reads
         c = config_dq

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from hf_flash.ops import checks, hopper_bwd, hopper_fwd
-from hf_flash.ops.backward import flash_bwd, flash_delta
+from hf_flash.ops.backward import flash_bwd
 from hf_flash.ops.config import backward_config, explain_launch_error, forward_config
 from hf_flash.ops.forward import flash_fwd
 
@@ -115,9 +115,7 @@ def _bwd_impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
         dv.zero_()
     elif k.numel() > 0 and hopper_bwd.takes(q, k, v, dout, lse, cu_seqlens_q is not None,
                                             (window_left, window_right), softcap, dropout_p, sinks, deterministic):
-        delta = torch.empty_strided(lse.shape, lse.stride(), dtype=lse.dtype, device=lse.device)
-        flash_delta(out, dout, lse, delta, None, max_seqlen_q)
-        hopper_bwd.flash_bwd_hopper(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scale, causal=window_right == 0)
+        hopper_bwd.flash_bwd_hopper(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal=window_right == 0)
     elif k.numel() > 0:
         config_dkdv, config_dq = backward_config(q.shape[-1], q.device, cu_seqlens_q is not None)
         deterministic = deterministic or q.shape[-1] < ATOMIC_DQ_MIN_HEAD_DIM

@@ -18,12 +18,11 @@ the command); it becomes the default once they have.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from hf_flash.ops.backward import flash_delta
 from hf_flash.ops.common import tma_layout
-from hf_flash.ops.hopper_fwd import descriptor_rows, on_sm90, unavailable_reason
+from hf_flash.ops.hopper_fwd import descriptor_rows, on_sm90, switched_on, unavailable_reason
 
 BLOCK_N = 128  # keys of a program: two consumer groups of 64
 HEAD_DIM = 128
@@ -39,7 +38,7 @@ else:
 
 
 def enabled() -> bool:
-    return os.environ.get(ENV, DEFAULT) not in ("0", "", "false", "False")
+    return switched_on(ENV, DEFAULT)
 
 
 def fits(q, k, v, do, lse, varlen, window, softcap, dropout_p, sinks, deterministic) -> bool:
@@ -70,15 +69,16 @@ def takes(q, k, v, do, lse, varlen, window, softcap, dropout_p, sinks, determini
     return _launch is not None and enabled() and q.device.type == "cuda" and on_sm90(q.device)
 
 
-def flash_bwd_hopper(do, q, k, v, lse, delta, dq, dk, dv, softmax_scale: float, causal: bool) -> None:
-    """Launch the backward for a call that :func:`takes`. q/do/dq ``[B, L, H, D]``, k/v/dk/dv ``[B, L, Hk, D]``;
-    lse and delta fp32 ``[B, H, L]`` alike (delta = rowsum(dO * O), computed by the caller); dq, dk, dv written
-    (dk and dv in one layout, as ``torch.empty_like`` makes them; dq any)."""
+def flash_bwd_hopper(do, q, k, v, out, lse, dq, dk, dv, softmax_scale: float, causal: bool) -> None:
+    """Launch the backward (delta = rowsum(dO * O), then the kernel) for a call that :func:`takes`. q/do/out/dq
+    ``[B, L, H, D]``, k/v/dk/dv ``[B, L, Hk, D]``; lse fp32 ``[B, H, L]``; dq, dk, dv written (dk and dv in one
+    layout, as ``torch.empty_like`` makes them; dq any)."""
     if q.shape[-1] != HEAD_DIM:
         raise ValueError(f"the Hopper backward takes head dim {HEAD_DIM}, got {q.shape[-1]}")
     layouts = tuple(tma_layout(t, False) for t in (q, do, k, dk))
     if layouts[3] is None or tma_layout(dv, False) != layouts[3]:
         raise ValueError("dk and dv must share one TMA-readable layout (torch.empty_like(k)) for the Hopper backward")
+    delta = flash_delta(out, do, lse, None, q.shape[1])
     dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
     _launch(q=q, k=k, v=v, do=do, dk=dk, dv=dv, lse=lse, delta=delta, dq_acc=dq_acc, layouts=layouts,
             rows=tuple(descriptor_rows(lay, t) for lay, t in zip(layouts, (q, do, k, dk))),

@@ -100,8 +100,14 @@ else:
     _launch = None
 
 
+def switched_on(env: str, default: str) -> bool:
+    """Whether the environment variable ``env`` (``default`` when unset) turns a kernel on: anything but ``0``,
+    ``false`` or empty."""
+    return os.environ.get(env, default) not in ("0", "", "false", "False")
+
+
 def enabled() -> bool:
-    return os.environ.get(ENV, "1") not in ("0", "", "false", "False")
+    return switched_on(ENV, "1")
 
 
 def takes(q, k, v, varlen, window, softcap, dropout_p, sinks) -> bool:
