@@ -8,12 +8,11 @@ with atomics by the loader's warps while the consumers go on (``_hopper_bwd_kern
 varies run to run, so the call is not bitwise reproducible: flash-attn's contract for ``deterministic=False``,
 which is the default; ``deterministic=True`` keeps the portable backward.
 
-It takes what it was measured on (:func:`takes`): dense batches on an sm90 GPU, head dim 64 or 128, ``Lq == Lk``
+It takes what it was measured on (:func:`takes`): dense batches on an sm90 GPU, head dim 128, ``Lq == Lk``
 a multiple of 128 and at least :data:`MIN_SEQLEN`, causal or not, no window, softcap, dropout or sinks, fp16/bf16,
 Q/dO/K/V readable by TMA (heads side by side or head-major, as in ``hopper_fwd``), the LSE of ``function._new_lse``.
-It is opt-in for now: ``HF_FLASH_HOPPER_BWD=1`` turns it on. Its GPU tests passed on an H100 (LOG, seventh
-session, call 1), but this final form of the code has not run on a GPU, nor has the GPU suite with it (PLAN.md has
-the command); it becomes the default once they have.
+It is on by default since the GPU suite passed with it (LOG, eighth session); ``HF_FLASH_HOPPER_BWD=0`` turns it
+off.
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ HEAD_DIM = 128
 STAGES = 2  # of Q, dO, LSE and delta: 198 KB of shared memory with K, V, dS^T and the dQ parts (3 do not fit)
 MIN_SEQLEN = 8192
 ENV = "HF_FLASH_HOPPER_BWD"
-DEFAULT = "0"  # opt-in until the GPU suite has run with it (module docstring)
+DEFAULT = "1"
 
 if unavailable_reason() is None:
     from hf_flash.ops._hopper_bwd_kernel import launch as _launch
