@@ -4,8 +4,9 @@ GPU.
 
     python benchmarks/hopper_bwd_speed.py                                  # L 1k-32k, causal and not
     python benchmarks/hopper_bwd_speed.py --kv-heads 8 --causal causal --seqlens 8192,32768
+    python benchmarks/hopper_bwd_speed.py --head-dim 64   # with benchmarks/experiments/hopper-bwd-d64.patch applied
 
-Both paths run on the same tensors (head dim 128, 16k tokens per batch, hidden 2048, bf16) whatever
+Both paths run on the same tensors (head dim 128 unless ``--head-dim``, 16k tokens per batch, hidden 2048, bf16) whatever
 ``hopper_bwd.MIN_SEQLEN`` says, so the table shows where the Hopper kernel starts to pay: the portable ``flash_bwd``
 (dQ kernel, then dK/dV) against what ``function._bwd_impl`` runs on the Hopper path (delta, the zeroed fp32 dQ
 buffer, the kernel, dQ's cast), each whole. They alternate over ``--rounds`` rounds; the line prints the median
@@ -30,10 +31,9 @@ from hf_flash.ops.forward import flash_fwd
 from hf_flash.ops.function import _new_lse
 
 
-def time_case(causal: bool, seqlen: int, rounds: int, kv_heads: int, head_dim: int = hopper_bwd.HEAD_DIM,
-              backward=hopper_bwd.flash_bwd_hopper, name: str = "hopper") -> str:
-    """One line: the portable backward against ``backward`` (``hopper_bwd.flash_bwd_hopper``'s arguments; a
-    prototype's, e.g. ``experiments/gluon_bwd_d64.py``), with its delta launch, same tensors."""
+def time_case(causal: bool, seqlen: int, rounds: int, kv_heads: int, head_dim: int) -> str:
+    """One line: the portable backward against ``hopper_bwd.flash_bwd_hopper`` (which launches its own delta), same
+    tensors."""
     batch, heads = max(1, 16384 // seqlen), 2048 // head_dim
     q, do = (torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     k, v = (torch.randn(batch, seqlen, kv_heads or heads, head_dim, device="cuda", dtype=torch.bfloat16)
@@ -42,6 +42,7 @@ def time_case(causal: bool, seqlen: int, rounds: int, kv_heads: int, head_dim: i
     scale, window = 1 / math.sqrt(head_dim), (-1, 0 if causal else -1)
     flash_fwd(q, k, v, out, lse, None, None, seqlen, seqlen, scale, window, 0.0, 0.0, 0,
               forward_config(head_dim, q.device, seqlen))
+    name = "hopper"
     grads = {n: (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)) for n in ("portable", name)}
     configs = backward_config(head_dim, q.device)
 
@@ -50,7 +51,7 @@ def time_case(causal: bool, seqlen: int, rounds: int, kv_heads: int, head_dim: i
                   *configs, True)
 
     def hopper():
-        backward(do, q, k, v, out, lse, *grads[name], scale, causal)
+        hopper_bwd.flash_bwd_hopper(do, q, k, v, out, lse, *grads[name], scale, causal)
 
     runs = {"portable": portable, name: hopper}
     for fn in runs.values():
@@ -76,13 +77,15 @@ def main():
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--kv-heads", type=int, default=0, help="GQA: K/V heads (0: as many as query heads)")
     p.add_argument("--causal", default="both", choices=["both", "causal", "plain"])
+    p.add_argument("--head-dim", type=int, default=hopper_bwd.HEAD_DIM,
+                   help="a head dim the kernel compiles for (hidden 2048: 2048 / D heads)")
     a = p.parse_args()
     if hopper_bwd.unavailable_reason() or torch.cuda.get_device_capability() != (9, 0):
         raise SystemExit(hopper_bwd.unavailable_reason() or "the Hopper backward needs an sm90 GPU")
     print(torch.cuda.get_device_name(), "| torch", torch.__version__, "| triton", triton.__version__, flush=True)
     for seqlen in map(int, a.seqlens.split(",")):
         for causal in {"both": (False, True), "causal": (True,), "plain": (False,)}[a.causal]:
-            print(time_case(causal, seqlen, a.rounds, a.kv_heads), flush=True)
+            print(time_case(causal, seqlen, a.rounds, a.kv_heads, a.head_dim), flush=True)
 
 
 if __name__ == "__main__":
