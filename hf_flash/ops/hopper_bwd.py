@@ -21,7 +21,7 @@ import torch
 
 from hf_flash.ops.backward import flash_delta
 from hf_flash.ops.common import tma_layout
-from hf_flash.ops.hopper_fwd import descriptor_rows, on_sm90, switched_on, unavailable_reason
+from hf_flash.ops.hopper_fwd import descriptor_rows, on_sm90, plain_dense, switched_on, unavailable_reason
 
 BLOCK_N = 128  # keys of a program: two consumer groups of 64
 HEAD_DIM = 128
@@ -42,22 +42,17 @@ def enabled() -> bool:
 
 def fits(q, k, v, do, lse, varlen, window, softcap, dropout_p, sinks, deterministic) -> bool:
     """The calls the kernel computes and was measured faster on (module docstring), whatever the device; arguments
-    as ``function._bwd_impl`` has them (``do``: the output's gradient)."""
-    if deterministic or varlen or sinks is not None or softcap > 0 or dropout_p > 0:
-        return False
-    if window[0] != -1 or window[1] not in (-1, 0) or q.shape[-1] != HEAD_DIM:
-        return False
-    if q.dtype not in (torch.float16, torch.bfloat16) or not all(t.dtype == q.dtype for t in (k, v, do)):
-        return False
+    as ``function._bwd_impl`` has them (``do``: the output's gradient): ``hopper_fwd.plain_dense``, not
+    ``deterministic``, head dim :data:`HEAD_DIM`, ``L`` a multiple of :data:`BLOCK_N` from :data:`MIN_SEQLEN`, dO
+    as Q, the LSE as ``function._new_lse`` makes it."""
     seqlen = q.shape[1]
-    if seqlen != k.shape[1] or seqlen < MIN_SEQLEN or seqlen % BLOCK_N:
+    if deterministic or q.shape[-1] != HEAD_DIM or seqlen < MIN_SEQLEN or seqlen % BLOCK_N:
         return False
     # the LSE (and delta, made like it) read as one flat tensor: rows evenly spaced, 16-byte aligned
     if lse.stride(2) != 1 or lse.stride(0) != lse.shape[1] * lse.stride(1) or lse.stride(1) % 4 or lse.data_ptr() % 16:
         return False
-    kv_layout = tma_layout(k, False)
-    return (tma_layout(q, False) is not None and tma_layout(do, False) is not None and kv_layout is not None
-            and kv_layout == tma_layout(v, False))  # fmt: skip
+    return (do.dtype == q.dtype and plain_dense(q, k, v, varlen, window, softcap, dropout_p, sinks)
+            and tma_layout(do, False) is not None)  # fmt: skip
 
 
 def takes(q, k, v, do, lse, varlen, window, softcap, dropout_p, sinks, deterministic) -> bool:

@@ -127,16 +127,24 @@ def on_sm90(device: torch.device) -> bool:
 
 def fits(q, k, v, varlen, window, softcap, dropout_p, sinks) -> bool:
     """The calls the kernel computes and was measured faster on (module docstring), whatever the device:
-    dense, causal or not, no window, softcap, dropout or sinks; a head dim of :data:`TILES`, fp16/bf16;
-    ``Lq == Lk``, a multiple of 64 and at least the tile's ``min_seqlen``; Q and K/V each readable in one TMA
-    layout."""
+    :func:`plain_dense`, a head dim of :data:`TILES`, ``L`` a multiple of 64 and at least the tile's
+    ``min_seqlen``."""
+    tile = TILES.get((q.shape[-1], window[1] == 0))
+    seqlen = q.shape[1]
+    if tile is None or seqlen < tile.min_seqlen or seqlen % tile.split_m:
+        return False
+    return plain_dense(q, k, v, varlen, window, softcap, dropout_p, sinks)
+
+
+def plain_dense(q, k, v, varlen, window, softcap, dropout_p, sinks) -> bool:
+    """What both Hopper kernels ask of a call (``hopper_bwd`` too): dense, causal or not without a window, no
+    softcap, dropout or sinks, fp16/bf16 throughout, ``Lq == Lk``, Q and K/V readable by TMA (K and V in one
+    layout)."""
     if varlen or sinks is not None or softcap > 0 or dropout_p > 0 or window[0] != -1 or window[1] not in (-1, 0):
         return False
-    tile = TILES.get((q.shape[-1], window[1] == 0))
-    if tile is None or q.dtype not in (torch.float16, torch.bfloat16):
+    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
         return False
-    seqlen = q.shape[1]
-    if seqlen != k.shape[1] or seqlen < tile.min_seqlen or seqlen % tile.split_m:
+    if q.shape[1] != k.shape[1]:
         return False
     kv_layout = tma_layout(k, False)
     return tma_layout(q, False) is not None and kv_layout is not None and kv_layout == tma_layout(v, False)
