@@ -129,7 +129,7 @@ def _hopper_forward(device: torch.device) -> str:
 def _hopper_backward(device: torch.device) -> str:
     """Whether the backward runs the Hopper kernel on this GPU (``hf_flash/ops/hopper_bwd.py``), where, and why not."""
     return _hopper_kernel(device, hopper_bwd, f"{hopper_bwd.ENV}=0",
-                          f"head dim {hopper_bwd.HEAD_DIM} from {hopper_bwd.MIN_SEQLEN} tokens, dense, Lq == Lk a "
+                          f"{hopper_bwd.coverage()}, dense, Lq == Lk a "
                           f"multiple of {hopper_bwd.BLOCK_N}, deterministic=False, no window/softcap/dropout/sinks "
                           "(Gluon, dQ by atomics)")
 

@@ -1,21 +1,22 @@
-"""Gluon kernel of the Hopper backward at head dim 128 and its launch (imported by ``hopper_bwd`` only where Triton
-has Gluon).
+"""Gluon kernel of the Hopper backward at head dims 64 and 128 and its launch (imported by ``hopper_bwd`` only where
+Triton has Gluon).
 
-A program owns 128 keys of one (batch, kv head) and walks the 64-row query blocks that see them, for every query
-head of the GQA group (causal: from its own diagonal on; otherwise each key block starts at its own query block
-and wraps around, so the programs running at once add into different dQ rows). Partitions
-(``gl.warp_specialize``):
+A program owns 128 keys of one (batch, kv head) and walks the query blocks that see them (STEP = 64 rows at D128,
+128 at D64: ``tile_rows``, FlashAttention-3's sm90 tiles), for every query head of the GQA group (causal: from its
+own diagonal on; otherwise each key block starts at its own query block and wraps around, so the programs running
+at once add into different dQ rows). Partitions (``gl.warp_specialize``):
 
 * loader, 4 warps: K and V once; per step Q, dO and the rows' LSE and delta through TMA into a ring of
   ``STAGES`` stages; and, between the loads, the dQ reductions: the fp32 part the consumers left in shared
   memory, added into the fp32 dQ buffer with ``red.global.add.v4.f32`` (the atomics of FlashAttention-2 and -3;
   FA3 reduces with a TMA instruction that Gluon in Triton 3.6 does not have);
 * two consumers, 4 warps each: group g owns keys g*64 .. g*64+63 and their dK, dV accumulators ([64, D] fp32 in
-  registers). Per step: S^T = K_g Q^T and dP^T = V_g dO^T (wgmma from shared memory), P^T = exp2(S^T * scale *
-  log2 e - LSE * log2 e), dS^T = P^T (dP^T - delta); dV_g += P^T dO and dK_g += dS^T Q (P^T, dS^T as register
-  A operands); dS^T to shared memory, and dQ = dS K, five products in all where the portable split computes
-  seven (``backward.py``). Group g computes the g-th half of dQ's columns over both groups' keys (one mbarrier
-  turn a step between the groups: each needs the other's dS^T), as FlashAttention-3 splits it at D128.
+  registers). Per step: S^T = K_g Q^T and dP^T = V_g dO^T ([64, STEP], wgmma from shared memory), P^T =
+  exp2(S^T * scale * log2 e - LSE * log2 e), dS^T = P^T (dP^T - delta); dV_g += P^T dO and dK_g += dS^T Q (P^T,
+  dS^T as register A operands); dS^T to shared memory, and dQ = dS K, five products in all where the portable
+  split computes seven (``backward.py``). dQ needs both groups' dS^T (one mbarrier turn a step, double-buffered):
+  group g computes the g-th half of dQ's columns at D128 and of the step's queries at D64, as FlashAttention-3
+  splits them.
 
 Shapes in comments: ``[rows, columns]`` of one consumer group.
 """
@@ -31,7 +32,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from hf_flash.ops._hopper_fwd_kernel import descriptor, tma_load, tma_store
 
-ROWS = 64  # query rows of a step, and keys of a consumer group
+ROWS = 64  # keys of a consumer group, query rows of a D128 step
 _ROWS = gl.constexpr(ROWS)
 BLOCK_N = 2 * ROWS  # keys of a program
 # the LSE and delta rows, read in [64] tiles of one flat fp32 tensor
@@ -39,26 +40,26 @@ _STAT_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, r
 
 
 @gluon.jit
-def _schedule(problem, CAUSAL: gl.constexpr):
-    """This program's (batch, kv head, first key n0, first query q_lo, steps per head, steps in all).
-    ``problem``: (seqlen, n_heads_k, n_groups, q_rows, do_rows, kv_rows, stat_stride, dkv_rows), ``*_rows`` =
-    (rows_b, rows_h, col_h) as in ``hopper_fwd``."""
+def _schedule(problem, STEP: gl.constexpr, CAUSAL: gl.constexpr):
+    """This program's (batch, kv head, first key n0, first query q_lo, steps per head, steps in all), for steps
+    of ``STEP`` queries. ``problem``: (seqlen, n_heads_k, n_groups, q_rows, do_rows, kv_rows, stat_stride,
+    dkv_rows), ``*_rows`` = (rows_b, rows_h, col_h) as in ``hopper_fwd``."""
     seqlen, n_heads_k, n_groups = problem[0], problem[1], problem[2]
     bh = gl.program_id(1)
     n0 = gl.program_id(0) * (2 * _ROWS)
     q_lo = n0 if CAUSAL else 0  # causal: queries before the key block see none of it
-    per_head = (seqlen - q_lo) // _ROWS
+    per_head = (seqlen - q_lo) // STEP
     return bh // n_heads_k, bh % n_heads_k, n0, q_lo, per_head, per_head * n_groups
 
 
 @gluon.jit
-def _q_block(i, per_head, n0, q_lo, CAUSAL: gl.constexpr):
-    """First query of step ``i`` of a head: causal from the diagonal on (the first two blocks cross it),
+def _q_block(i, per_head, n0, q_lo, STEP: gl.constexpr, CAUSAL: gl.constexpr):
+    """First query of step ``i`` of a head: causal from the diagonal on (the first 128 queries cross it),
     otherwise from the key block's own query block, wrapping around."""
     if CAUSAL:
-        return q_lo + i * _ROWS
+        return q_lo + i * STEP
     else:
-        return ((i + n0 // _ROWS) % per_head) * _ROWS
+        return ((i + n0 // STEP) % per_head) * STEP
 
 
 @gluon.jit
@@ -73,28 +74,31 @@ def _red_add(ptrs, vals):
 
 
 @gluon.jit
-def _reduce(j, problem, dq_out, CAUSAL: gl.constexpr):
-    """The loader's 4 warps add step ``j``'s dQ parts (each group's half of the columns) into the fp32 dQ buffer
-    ``[B * L, H * D]``. ``dq_out``: (parts [2, 64, D / 2] fp32 in shared memory, ready, empty, dQ buffer, its row
-    stride)."""
+def _reduce(j, problem, dq_out, STEP: gl.constexpr, HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr):
+    """The loader's 4 warps add step ``j``'s dQ parts into the fp32 dQ buffer ``[B * L, H * D]``: each group's
+    half of the columns (D128: [64, D / 2] each) or of the rows (D64: [64, D] each). ``dq_out``: (parts [2, 64,
+    WIDTH] fp32 in shared memory, ready, empty, dQ buffer, its row stride)."""
     dq_smem, dq_ready, dq_empty, dq_ptr, dq_stride = dq_out
-    HALF: gl.constexpr = dq_smem.type.shape[2]
-    TPR: gl.constexpr = HALF // 4  # threads per row, 4 floats each
+    WIDTH: gl.constexpr = dq_smem.type.shape[2]
+    TPR: gl.constexpr = WIDTH // 4  # threads per row, 4 floats each
     CHUNK: gl.constexpr = 32 // TPR * 4  # rows per pass of the 4 warps
     layout: gl.constexpr = gl.BlockedLayout([1, 4], [32 // TPR, TPR], [4, 1], [1, 0])
     seqlen, n_groups = problem[0], problem[2]
-    b, hk, n0, q_lo, per_head, n_steps = _schedule(problem, CAUSAL)
+    b, hk, n0, q_lo, per_head, n_steps = _schedule(problem, STEP, CAUSAL)
     h = hk * n_groups + j // per_head
-    q_start = _q_block(j % per_head, per_head, n0, q_lo, CAUSAL)
+    q_start = _q_block(j % per_head, per_head, n0, q_lo, STEP, CAUSAL)
     rows = gl.arange(0, CHUNK, layout=gl.SliceLayout(1, layout))
-    cols = gl.arange(0, HALF, layout=gl.SliceLayout(0, layout))
+    cols = gl.arange(0, WIDTH, layout=gl.SliceLayout(0, layout))
     offs = gl.expand_dims(rows, 1) * dq_stride + gl.expand_dims(cols, 0)
-    base = dq_ptr + (b * seqlen + q_start).to(gl.int64) * dq_stride + h * (2 * HALF)
+    base = dq_ptr + (b * seqlen + q_start).to(gl.int64) * dq_stride + h * HEAD_DIM
     mbarrier.wait(dq_ready, j & 1)
     for r in gl.static_range(0, _ROWS, CHUNK):
         for g in gl.static_range(2):
             part = dq_smem.index(g).slice(r, CHUNK, 0).load(layout)
-            _red_add(base + r * dq_stride + g * HALF + offs, part)
+            if STEP == _ROWS:  # column halves
+                _red_add(base + r * dq_stride + g * WIDTH + offs, part)
+            else:  # row halves
+                _red_add(base + (g * _ROWS + r) * dq_stride + offs, part)
     mbarrier.arrive(dq_empty, count=1)
 
 
@@ -107,8 +111,10 @@ def _loader(descs, smem, bars, problem, stats, dq_out, CAUSAL: gl.constexpr):
     kv_ready, qdo_ready, qdo_empty, ds_ready = bars
     lse_smem, delta_smem, lse_desc, delta_desc = stats
     STAGES: gl.constexpr = q_smem.type.shape[0]
+    STEP: gl.constexpr = q_smem.type.shape[1]
+    HEAD_DIM: gl.constexpr = q_smem.type.shape[2]
     seqlen, n_heads_k, n_groups, q_rows, do_rows, kv_rows, stat_stride, dkv_rows = problem
-    b, hk, n0, q_lo, per_head, n_steps = _schedule(problem, CAUSAL)
+    b, hk, n0, q_lo, per_head, n_steps = _schedule(problem, STEP, CAUSAL)
     kv_row = b * kv_rows[0] + hk * kv_rows[1] + n0
     mbarrier.expect(kv_ready, 4 * k_desc.block_type.nbytes)
     for g in gl.static_range(2):
@@ -116,7 +122,7 @@ def _loader(descs, smem, bars, problem, stats, dq_out, CAUSAL: gl.constexpr):
         tma_load(v_desc, [kv_row + g * _ROWS, hk * kv_rows[2]], kv_ready, v_smem.index(g))
     for j in range(n_steps):
         h = hk * n_groups + j // per_head
-        q_start = _q_block(j % per_head, per_head, n0, q_lo, CAUSAL)
+        q_start = _q_block(j % per_head, per_head, n0, q_lo, STEP, CAUSAL)
         stage = j % STAGES
         mbarrier.wait(qdo_empty.index(stage), ((j // STAGES) & 1) ^ 1)
         mbarrier.expect(qdo_ready.index(stage), 2 * q_desc.block_type.nbytes + 2 * lse_desc.block_type.nbytes)
@@ -128,16 +134,16 @@ def _loader(descs, smem, bars, problem, stats, dq_out, CAUSAL: gl.constexpr):
         tma_load(lse_desc, [stat], qdo_ready.index(stage), lse_smem.index(stage))
         tma_load(delta_desc, [stat], qdo_ready.index(stage), delta_smem.index(stage))
         if j >= STAGES:
-            _reduce(j - STAGES, problem, dq_out, CAUSAL)
+            _reduce(j - STAGES, problem, dq_out, STEP, HEAD_DIM, CAUSAL)
     for j in range(gl.maximum(n_steps - STAGES, 0), n_steps):
-        _reduce(j, problem, dq_out, CAUSAL)
+        _reduce(j, problem, dq_out, STEP, HEAD_DIM, CAUSAL)
 
 
 @gluon.jit
 def _step(c, q_start, g: gl.constexpr, smem, bars, acc, offs_key, stats, dq_out, qk_scale, dq_scale, zero_s,
           MASKED: gl.constexpr, a_layout: gl.constexpr, dq_layout: gl.constexpr):
-    """One query block (rows ``q_start`` ...) in stage-ring position ``c``; returns (dk, dv). ``MASKED``: the
-    block crosses the causal diagonal."""
+    """One query block (rows ``q_start`` ..., STEP of them: 64 at D128, 128 at D64) in stage-ring position ``c``;
+    returns (dk, dv). ``MASKED``: the block crosses the causal diagonal."""
     k_smem, v_smem, q_smem, do_smem, ds_smem = smem
     kv_ready, qdo_ready, qdo_empty, ds_ready = bars
     lse_smem, delta_smem = stats
@@ -146,8 +152,9 @@ def _step(c, q_start, g: gl.constexpr, smem, bars, acc, offs_key, stats, dq_out,
     k_g = k_smem.index(g)
     v_g = v_smem.index(g)
     STAGES: gl.constexpr = q_smem.type.shape[0]
+    STEP: gl.constexpr = q_smem.type.shape[1]
     dtype: gl.constexpr = q_smem.dtype
-    HALF: gl.constexpr = dq_smem.type.shape[2]
+    WIDTH: gl.constexpr = dq_smem.type.shape[2]
     col_s: gl.constexpr = gl.SliceLayout(0, zero_s.type.layout)
     stage = c % STAGES
     mbarrier.wait(qdo_ready.index(stage), (c // STAGES) & 1)
@@ -156,13 +163,13 @@ def _step(c, q_start, g: gl.constexpr, smem, bars, acc, offs_key, stats, dq_out,
     # -- S^T = K_g Q^T and dP^T = V_g dO^T, both issued before the exponentials
     st = warpgroup_mma(k_g, q_s.permute((1, 0)), zero_s, use_acc=False, is_async=True)
     dpt = warpgroup_mma(v_g, do_s.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-    st = warpgroup_mma_wait(1, deps=[st])  # [64 keys, 64 queries]
+    st = warpgroup_mma_wait(1, deps=[st])  # [64 keys, STEP queries]
     # the LSE and delta came with Q and dO: read here, where they are used, they hold no registers across the
     # products' waits (loaded per thread at the step's start, they pushed the kernel into spills)
     lse2 = lse_smem.index(stage).load(col_s) * 1.4426950408889634
     pt = gl.exp2(st * qk_scale - gl.expand_dims(lse2, 0))
     if MASKED:  # query i sees keys <= i
-        offs_q = q_start + gl.arange(0, _ROWS, layout=col_s)
+        offs_q = q_start + gl.arange(0, STEP, layout=col_s)
         pt = gl.where(gl.expand_dims(offs_key, 1) <= gl.expand_dims(offs_q, 0), pt, 0.0)
     dpt = warpgroup_mma_wait(0, deps=[dpt])
     delta = delta_smem.index(stage).load(col_s)
@@ -172,68 +179,85 @@ def _step(c, q_start, g: gl.constexpr, smem, bars, acc, offs_key, stats, dq_out,
     ds_smem.index(ds_buf * 2 + g).store(dst)
     fence_async_shared()
     mbarrier.arrive(ds_ready.index(ds_buf), count=1)
-    # -- dV_g += P^T dO, dK_g += dS^T Q (P^T, dS^T as A operands from registers)
+    # -- dV_g += P^T dO, dK_g += dS^T Q (P^T, dS^T as A operands from registers) and dQ = dS K
     pt16 = gl.convert_layout(pt.to(dtype), a_layout)
     dst16 = gl.convert_layout(dst, a_layout)
-    dv = warpgroup_mma(pt16, do_s, dv, is_async=True)
-    dk = warpgroup_mma(dst16, q_s, dk, is_async=True)
-    # dK/dV's products finish first: their register operands (P^T, dS^T) die before dQ's accumulator lives
-    dv, dk = warpgroup_mma_wait(0, deps=[dv, dk])
-    mbarrier.arrive(qdo_empty.index(stage), count=1)
-    zero_q = gl.zeros([_ROWS, HALF], gl.float32, dq_layout)
-    mbarrier.wait(ds_ready.index(ds_buf), (c // 2) & 1)  # the other group's dS^T is there too
-    # dQ[:, g-th half] = dS K[:, g-th half] over both groups' keys
-    dq = warpgroup_mma(ds_smem.index(ds_buf * 2).permute((1, 0)), k_smem.index(0).slice(g * HALF, HALF, 1), zero_q,
-                       use_acc=False, is_async=True)
-    dq = warpgroup_mma(ds_smem.index(ds_buf * 2 + 1).permute((1, 0)), k_smem.index(1).slice(g * HALF, HALF, 1), dq,
-                       is_async=True)
-    dq = warpgroup_mma_wait(0, deps=[dq])
+    zero_q = gl.zeros([_ROWS, WIDTH], gl.float32, dq_layout)
+    if STEP == _ROWS:
+        dv = warpgroup_mma(pt16, do_s, dv, is_async=True)
+        dk = warpgroup_mma(dst16, q_s, dk, is_async=True)
+        # D128: dK/dV's products finish first: their register operands (P^T, dS^T) die before dQ's accumulator lives
+        dv, dk = warpgroup_mma_wait(0, deps=[dv, dk])
+        mbarrier.arrive(qdo_empty.index(stage), count=1)
+        mbarrier.wait(ds_ready.index(ds_buf), (c // 2) & 1)  # the other group's dS^T is there too
+        # dQ[:, g-th half] = dS K[:, g-th half] over both groups' keys
+        dq = warpgroup_mma(ds_smem.index(ds_buf * 2).permute((1, 0)), k_smem.index(0).slice(g * WIDTH, WIDTH, 1),
+                           zero_q, use_acc=False, is_async=True)
+        dq = warpgroup_mma(ds_smem.index(ds_buf * 2 + 1).permute((1, 0)), k_smem.index(1).slice(g * WIDTH, WIDTH, 1),
+                           dq, is_async=True)
+        dq = warpgroup_mma_wait(0, deps=[dq])
+    else:
+        # D64, FlashAttention-3's order: dV, then dQ (its queries g*64 .. over both groups' keys), then dK, which
+        # runs while dQ's part goes to shared memory
+        dv = warpgroup_mma(pt16, do_s, dv, is_async=True)
+        mbarrier.wait(ds_ready.index(ds_buf), (c // 2) & 1)  # the other group's dS^T is there too
+        dq = warpgroup_mma(ds_smem.index(ds_buf * 2).slice(g * _ROWS, _ROWS, 1).permute((1, 0)), k_smem.index(0),
+                           zero_q, use_acc=False, is_async=True)
+        dq = warpgroup_mma(ds_smem.index(ds_buf * 2 + 1).slice(g * _ROWS, _ROWS, 1).permute((1, 0)),
+                           k_smem.index(1), dq, is_async=True)
+        dk = warpgroup_mma(dst16, q_s, dk, is_async=True)
+        dv, dq = warpgroup_mma_wait(1, deps=[dv, dq])
     # -- the fp32 part to shared memory, for the loader's atomics
     mbarrier.wait(dq_empty, (c & 1) ^ 1)
     dq_smem.index(g).store(dq * dq_scale)
     mbarrier.arrive(dq_ready, count=1)
+    if STEP != _ROWS:
+        dk = warpgroup_mma_wait(0, deps=[dk])
+        mbarrier.arrive(qdo_empty.index(stage), count=1)
     return dk, dv
 
 
 @gluon.jit
 def _consume(g: gl.constexpr, descs, smem, bars, problem, stats, dq_out, qk_scale, sm_scale, CAUSAL: gl.constexpr):
-    """4 warps: keys n0 + g*64 ... of this program, every query block of every head of the group, then dK and dV
-    out through K/V's buffers and TMA stores."""
+    """4 warps: keys n0 + g*64 ... of this program, every query block of every head of the group (64-query steps
+    at D128, 128-query steps at D64), then dK and dV out through K/V's buffers and TMA stores."""
     q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc = descs
     k_smem, v_smem, q_smem, do_smem, ds_smem = smem
     kv_ready, qdo_ready, qdo_empty, ds_ready = bars
     dq_smem = dq_out[0]
     HEAD_DIM: gl.constexpr = q_smem.type.shape[2]
+    STEP: gl.constexpr = q_smem.type.shape[1]
     HALF: gl.constexpr = dq_smem.type.shape[2]
     dtype: gl.constexpr = q_smem.dtype
     dkv_rows = problem[7]
-    b, hk, n0, q_lo, per_head, n_steps = _schedule(problem, CAUSAL)
+    b, hk, n0, q_lo, per_head, n_steps = _schedule(problem, STEP, CAUSAL)
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, _ROWS, 16])
+                                                       instr_shape=[16, STEP, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, HEAD_DIM, 16])
     dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, HALF, 16])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    zero_s = gl.zeros([_ROWS, _ROWS], gl.float32, s_layout)
+    zero_s = gl.zeros([_ROWS, STEP], gl.float32, s_layout)
     acc = (gl.zeros([_ROWS, HEAD_DIM], gl.float32, o_layout), gl.zeros([_ROWS, HEAD_DIM], gl.float32, o_layout))
     offs_key = n0 + g * _ROWS + gl.arange(0, _ROWS, layout=gl.SliceLayout(1, s_layout))
     stats = (stats[0], stats[1])
     dq_out = (dq_out[0], dq_out[1], dq_out[2])
-    n_diag = 2 if CAUSAL else 0  # causal: the first two query blocks of a head cross the key block's diagonal
+    n_diag = 2 * _ROWS // STEP if CAUSAL else 0  # causal: the query blocks of a head that cross the diagonal
     mbarrier.wait(kv_ready, 0)
     c = 0
     for hh in range(problem[2]):
         for i in range(0, n_diag):
-            acc = _step(c, q_lo + i * _ROWS, g, smem, bars, acc, offs_key, stats, dq_out, qk_scale, sm_scale,
+            acc = _step(c, q_lo + i * STEP, g, smem, bars, acc, offs_key, stats, dq_out, qk_scale, sm_scale,
                         zero_s, True, a_layout, dq_layout)
             c += 1
         for i in range(n_diag, per_head):
-            acc = _step(c, _q_block(i, per_head, n0, q_lo, CAUSAL), g, smem, bars, acc, offs_key, stats, dq_out,
-                        qk_scale, sm_scale, zero_s, False, a_layout, dq_layout)
+            q_start = _q_block(i, per_head, n0, q_lo, STEP, CAUSAL)
+            acc = _step(c, q_start, g, smem, bars, acc, offs_key, stats, dq_out, qk_scale, sm_scale, zero_s,
+                        False, a_layout, dq_layout)
             c += 1
     dk, dv = acc
-    # the other group may still read this group's K half for its dQ: both pass one more turn first
+    # the other group may still read this group's keys for its dQ: both pass one more turn first
     mbarrier.arrive(ds_ready.index(c % 2), count=1)
     mbarrier.wait(ds_ready.index(c % 2), (c // 2) & 1)
     k_g = k_smem.index(g)
@@ -271,29 +295,30 @@ def _bwd_hopper(
     n_groups, q_rows_b, q_rows_h, q_col_h, do_rows_b, do_rows_h, do_col_h, kv_rows_b, kv_rows_h, kv_col_h,
     dkv_rows_b, dkv_rows_h, dkv_col_h, stat_stride, qk_scale, sm_scale, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
 ):
-    """q/do_desc: Q and dO in ``[64, D]`` tiles, k/v/dk/dv_desc: K, V, dK, dV in ``[64, D]`` tiles, over the 2D
-    views of ``hopper_fwd`` (rows and columns from ``*_rows_b``, ``*_rows_h``, ``*_col_h``; K and V share
-    ``kv_*``, dK and dV ``dkv_*``); lse/delta_desc: the
-    flat fp32 LSE and delta, row (b, h) at ``(b * H + h) * stat_stride``, in [64] tiles; dq_ptr: fp32 ``[B * L,
-    H * D]`` with rows ``dq_stride`` apart, zeroed (gets scale * dS K added); L a multiple of 128; qk_scale =
-    scale * log2(e). Grid ``(L / 128, B * Hk)``."""
+    """q/do_desc: Q and dO in ``[STEP, D]`` tiles (STEP = 64 queries at D128, 128 at D64), k/v/dk/dv_desc: K, V,
+    dK and dV in ``[64, D]`` tiles, over the 2D views of ``hopper_fwd`` (rows and columns from ``*_rows_b``,
+    ``*_rows_h``, ``*_col_h``; K and V share ``kv_*``, dK and dV ``dkv_*``); lse/delta_desc: the flat fp32 LSE and
+    delta, row (b, h) at ``(b * H + h) * stat_stride``, in [STEP] tiles; dq_ptr: fp32 ``[B * L, H * D]`` with rows ``dq_stride`` apart, zeroed (gets scale * dS K added); L a
+    multiple of 128; qk_scale = scale * log2(e). Grid ``(L / 128, B * Hk)``."""
+    STEP: gl.constexpr = q_desc.block_type.shape[0]
     HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
     dtype: gl.constexpr = q_desc.dtype
     k_smem = gl.allocate_shared_memory(dtype, [2, _ROWS, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [2, _ROWS, HEAD_DIM], v_desc.layout)
-    q_smem = gl.allocate_shared_memory(dtype, [STAGES, _ROWS, HEAD_DIM], q_desc.layout)
-    do_smem = gl.allocate_shared_memory(dtype, [STAGES, _ROWS, HEAD_DIM], do_desc.layout)
-    lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, _ROWS], lse_desc.layout)
-    delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, _ROWS], delta_desc.layout)
-    # dS^T of both groups, double-buffered: [buffer * 2 + group]
-    ds_smem = gl.allocate_shared_memory(dtype, [4, _ROWS, _ROWS], gl.NVMMASharedLayout.get_default_for(
-        [_ROWS, _ROWS], dtype))
-    # the fp32 dQ parts, [group]: half of the columns each
-    dq_smem = gl.allocate_shared_memory(gl.float32, [2, _ROWS, HEAD_DIM // 2], gl.SwizzledSharedLayout(4, 1, 8, [1, 0]))
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES, STEP, HEAD_DIM], q_desc.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES, STEP, HEAD_DIM], do_desc.layout)
+    lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, STEP], lse_desc.layout)
+    delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, STEP], delta_desc.layout)
+    # dS^T of both groups, double-buffered: [buffer * 2 + group], [64 keys, STEP queries] each
+    ds_smem = gl.allocate_shared_memory(dtype, [4, _ROWS, STEP], gl.NVMMASharedLayout.get_default_for(
+        [_ROWS, STEP], dtype))
+    # the fp32 dQ parts, [group]: half of the columns each (D128), half of the step's queries each (D64)
+    DQ_WIDTH: gl.constexpr = HEAD_DIM // (2 * _ROWS // STEP)
+    dq_smem = gl.allocate_shared_memory(gl.float32, [2, _ROWS, DQ_WIDTH], gl.SwizzledSharedLayout(4, 1, 8, [1, 0]))
     kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     qdo_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     qdo_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     dq_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     dq_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     mbarrier.init(kv_ready, count=1)
@@ -309,19 +334,33 @@ def _bwd_hopper(
     args = ((q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc), (k_smem, v_smem, q_smem, do_smem, ds_smem),
             (kv_ready, qdo_ready, qdo_empty, ds_ready), problem, (lse_smem, delta_smem, lse_desc, delta_desc),
             (dq_smem, dq_ready, dq_empty, dq_ptr, dq_stride), qk_scale, sm_scale, CAUSAL)
-    # setmaxnreg: the consumers 232 registers a thread (their loops compile without spills), the loader's
-    # warpgroup 40 (its dQ reductions spilled at 24): 2 * 232 + 40 = 3 * 168, the launch's
-    gl.warp_specialize([(_consumer0, args), (_consumer1, args), (_loader_partition, args)], [4, 4], [232, 40])
+    # setmaxnreg, 2 * consumers + loader = 3 * 168, the launch's. D128: the consumers 232 registers a thread (their
+    # loops compile without spills), the loader 40 (its dQ reductions spilled at 24). D64: the consumers 240 (at
+    # 232 the non-causal loop spilled 7-10 LDL a step), the loader 24 (its reductions then reload 5-11 values a
+    # step), FlashAttention-3's split (offline, Triton 3.6)
+    if STEP == _ROWS:
+        gl.warp_specialize([(_consumer0, args), (_consumer1, args), (_loader_partition, args)], [4, 4], [232, 40])
+    else:
+        gl.warp_specialize([(_consumer0, args), (_consumer1, args), (_loader_partition, args)], [4, 4], [240, 24])
 
 
-def _stat_descriptor(t) -> TensorDescriptor:
+def _stat_descriptor(t, rows: int) -> TensorDescriptor:
     """``[B, H, L]`` fp32 whose (batch, head) rows are evenly spaced by a multiple of 4 elements (``function.
-    _new_lse``) as one flat tensor in [64] tiles; :func:`hopper_bwd.fits` checks the strides."""
+    _new_lse``) as one flat tensor in [rows] tiles; :func:`hopper_bwd.fits` checks the strides."""
     flat = torch.as_strided(t, (t.shape[0] * t.stride(0),), (1,))
-    return TensorDescriptor.from_tensor(flat, [ROWS], _STAT_LAYOUT)
+    return TensorDescriptor.from_tensor(flat, [rows], _STAT_LAYOUT)
 
 
 MAX_REGISTERS = 168  # 64K registers over the three warpgroups
+
+
+def tile_rows(head_dim: int) -> dict:
+    """Rows of each descriptor's tile. A step takes FlashAttention-3's sm90 tile: 64 queries x 128 keys at D128,
+    128 x 128 at D64 (the 64-query step left the D64 consumers no faster than the portable backward: LOG, seventh
+    session), so Q, dO, the LSE and delta come in tiles of 64 or 128 rows; K, V, dK and dV per group, [64, D]."""
+    step = BLOCK_N if head_dim == 64 else ROWS
+    return {"q_desc": step, "do_desc": step, "k_desc": ROWS, "v_desc": ROWS, "dk_desc": ROWS, "dv_desc": ROWS,
+            "lse_desc": step, "delta_desc": step}
 
 
 def launch_args(*, q, k, v, do, dk, dv, lse, delta, dq_acc, rows, layouts, softmax_scale, causal, stages) -> dict:
@@ -330,11 +369,13 @@ def launch_args(*, q, k, v, do, dk, dv, lse, delta, dq_acc, rows, layouts, softm
     it) and dk (dv shares it)."""
     q_rows, do_rows, kv_rows, dkv_rows = rows
     q_layout, do_layout, kv_layout, dkv_layout = layouts
+    tiles = tile_rows(q.shape[-1])
     return dict(
-        q_desc=descriptor(q, q_layout, ROWS), do_desc=descriptor(do, do_layout, ROWS),
-        k_desc=descriptor(k, kv_layout, ROWS), v_desc=descriptor(v, kv_layout, ROWS),
-        dk_desc=descriptor(dk, dkv_layout, ROWS), dv_desc=descriptor(dv, dkv_layout, ROWS),
-        lse_desc=_stat_descriptor(lse), delta_desc=_stat_descriptor(delta), dq_ptr=dq_acc,
+        q_desc=descriptor(q, q_layout, tiles["q_desc"]), do_desc=descriptor(do, do_layout, tiles["do_desc"]),
+        k_desc=descriptor(k, kv_layout, tiles["k_desc"]), v_desc=descriptor(v, kv_layout, tiles["v_desc"]),
+        dk_desc=descriptor(dk, dkv_layout, tiles["dk_desc"]), dv_desc=descriptor(dv, dkv_layout, tiles["dv_desc"]),
+        lse_desc=_stat_descriptor(lse, tiles["lse_desc"]), delta_desc=_stat_descriptor(delta, tiles["delta_desc"]),
+        dq_ptr=dq_acc,
         dq_stride=dq_acc.shape[2] * dq_acc.shape[3], seqlen=q.shape[1], n_heads_k=k.shape[2],
         n_groups=q.shape[2] // k.shape[2], q_rows_b=q_rows[0], q_rows_h=q_rows[1], q_col_h=q_rows[2],
         do_rows_b=do_rows[0], do_rows_h=do_rows[1], do_col_h=do_rows[2], kv_rows_b=kv_rows[0],

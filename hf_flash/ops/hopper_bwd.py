@@ -1,4 +1,4 @@
-"""The backward on Hopper (sm90) at head dim 128: dQ from the dK/dV program, warp-specialized, in Gluon.
+"""The backward on Hopper (sm90) at head dims 64 and 128: dQ from the dK/dV program, warp-specialized, in Gluon.
 
 The portable backward (``backward.py``) runs two kernels, dQ and dK/dV, so it computes ``Q K^T`` and ``dO V^T``
 twice: seven products where the gradients need five. Both already run near the tensor cores' practical rate,
@@ -8,8 +8,9 @@ with atomics by the loader's warps while the consumers go on (``_hopper_bwd_kern
 varies run to run, so the call is not bitwise reproducible: flash-attn's contract for ``deterministic=False``,
 which is the default; ``deterministic=True`` keeps the portable backward.
 
-It takes what it was measured on (:func:`takes`): dense batches on an sm90 GPU, head dim 128, ``Lq == Lk``
-a multiple of 128 and at least :data:`MIN_SEQLEN`, causal or not, no window, softcap, dropout or sinks, fp16/bf16,
+It takes what it was measured on (:func:`takes`): dense batches on an sm90 GPU, head dim 64 or 128, ``Lq == Lk``
+a multiple of 128 and at least :data:`MIN_SEQLEN` of its head dim and causality, causal or not, no window,
+softcap, dropout or sinks, fp16/bf16,
 Q/dO/K/V readable by TMA (heads side by side or head-major, as in ``hopper_fwd``), the LSE of ``function._new_lse``.
 It is on by default since the GPU suite passed with it (LOG, eighth session); ``HF_FLASH_HOPPER_BWD=0`` turns it
 off.
@@ -21,12 +22,16 @@ import torch
 
 from hf_flash.ops.backward import flash_delta
 from hf_flash.ops.common import tma_layout
-from hf_flash.ops.hopper_fwd import descriptor_rows, on_sm90, plain_dense, switched_on, unavailable_reason
+from hf_flash.ops.hopper_fwd import (descriptor_rows, lengths_in_words, on_sm90, plain_dense, switched_on,
+                                  unavailable_reason)
 
 BLOCK_N = 128  # keys of a program: two consumer groups of 64
-HEAD_DIM = 128
-STAGES = 2  # of Q, dO, LSE and delta: 198 KB of shared memory with K, V, dS^T and the dQ parts (3 do not fit)
-MIN_SEQLEN = 8192
+# of Q, dO, LSE and delta: 198 KB (D128) and 199 KB (D64) of shared memory with K, V, dS^T and the dQ parts
+# (3 do not fit)
+STAGES = 2
+# (head dim, causal) -> the shortest L it was measured faster than the portable backward at
+# (benchmarks/hopper_bwd_speed.py: D128 on an H100, D64 at >= 1.09x on an H200; docs/DESIGN.md)
+MIN_SEQLEN = {(128, False): 8192, (128, True): 8192, (64, False): 4096, (64, True): 8192}
 ENV = "HF_FLASH_HOPPER_BWD"
 DEFAULT = "1"
 
@@ -40,13 +45,19 @@ def enabled() -> bool:
     return switched_on(ENV, DEFAULT)
 
 
+def coverage() -> str:
+    """The head dims and lengths it takes, in words (``python -m hf_flash``)."""
+    return lengths_in_words(MIN_SEQLEN)
+
+
 def fits(q, k, v, do, lse, varlen, window, softcap, dropout_p, sinks, deterministic) -> bool:
     """The calls the kernel computes and was measured faster on (module docstring), whatever the device; arguments
     as ``function._bwd_impl`` has them (``do``: the output's gradient): ``hopper_fwd.plain_dense``, not
-    ``deterministic``, head dim :data:`HEAD_DIM`, ``L`` a multiple of :data:`BLOCK_N` from :data:`MIN_SEQLEN`, dO
-    as Q, the LSE as ``function._new_lse`` makes it."""
+    ``deterministic``, a (head dim, causal) of :data:`MIN_SEQLEN` and ``L`` a multiple of :data:`BLOCK_N` from its
+    bound, dO as Q, the LSE as ``function._new_lse`` makes it."""
     seqlen = q.shape[1]
-    if deterministic or q.shape[-1] != HEAD_DIM or seqlen < MIN_SEQLEN or seqlen % BLOCK_N:
+    min_seqlen = MIN_SEQLEN.get((q.shape[-1], window[1] == 0))
+    if deterministic or min_seqlen is None or seqlen < min_seqlen or seqlen % BLOCK_N:
         return False
     # the LSE (and delta, made like it) read as one flat tensor: rows evenly spaced, 16-byte aligned
     if lse.stride(2) != 1 or lse.stride(0) != lse.shape[1] * lse.stride(1) or lse.stride(1) % 4 or lse.data_ptr() % 16:
@@ -67,8 +78,8 @@ def flash_bwd_hopper(do, q, k, v, out, lse, dq, dk, dv, softmax_scale: float, ca
     """Launch the backward (delta = rowsum(dO * O), then the kernel) for a call that :func:`takes`. q/do/out/dq
     ``[B, L, H, D]``, k/v/dk/dv ``[B, L, Hk, D]``; lse fp32 ``[B, H, L]``; dq, dk, dv written (dk and dv in one
     layout, as ``torch.empty_like`` makes them; dq any)."""
-    if q.shape[-1] != HEAD_DIM:
-        raise ValueError(f"the Hopper backward takes head dim {HEAD_DIM}, got {q.shape[-1]}")
+    if (q.shape[-1], causal) not in MIN_SEQLEN:
+        raise ValueError(f"the Hopper backward takes head dims {sorted({d for d, _ in MIN_SEQLEN})}, got {q.shape[-1]}")
     layouts = tuple(tma_layout(t, False) for t in (q, do, k, dk))
     if layouts[3] is None or tma_layout(dv, False) != layouts[3]:
         raise ValueError("dk and dv must share one TMA-readable layout (torch.empty_like(k)) for the Hopper backward")

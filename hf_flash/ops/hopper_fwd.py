@@ -69,16 +69,21 @@ LOG2E = 1.4426950408889634
 
 
 def coverage() -> str:
-    """The calls :data:`TILES` covers, in words: ``head dim 128 from 2048 tokens; head dim 64 non-causal from
-    2048 tokens, causal from 3072 tokens``."""
+    """The calls :data:`TILES` covers, in words (:func:`lengths_in_words`)."""
+    return lengths_in_words({key: tile.min_seqlen for key, tile in TILES.items()})
+
+
+def lengths_in_words(min_seqlen: dict) -> str:
+    """``{(head dim, causal): shortest L}`` in words: ``head dim 128 from 2048 tokens; head dim 64 non-causal
+    from 2048 tokens, causal from 3072 tokens``."""
     parts = []
-    for d in sorted({d for d, _ in TILES}, reverse=True):
-        plain, causal = TILES.get((d, False)), TILES.get((d, True))
-        if plain and causal and plain.min_seqlen == causal.min_seqlen:
-            parts.append(f"head dim {d} from {plain.min_seqlen} tokens")
+    for d in sorted({d for d, _ in min_seqlen}, reverse=True):
+        plain, causal = min_seqlen.get((d, False)), min_seqlen.get((d, True))
+        if plain and plain == causal:
+            parts.append(f"head dim {d} from {plain} tokens")
         else:
-            parts.append(f"head dim {d} " + ", ".join(f"{name} from {t.min_seqlen} tokens" for name, t in
-                                                      (("non-causal", plain), ("causal", causal)) if t))
+            parts.append(f"head dim {d} " + ", ".join(f"{name} from {n} tokens" for name, n in
+                                                      (("non-causal", plain), ("causal", causal)) if n))
     return "; ".join(parts)
 
 

@@ -88,9 +88,10 @@ def _hopper_source(fn, case: dict):
     if case["kernel"] == "hopper_bwd":
         from hf_flash.ops import _hopper_bwd_kernel as K
 
-        stat = f"tensordesc<fp32[{K.ROWS}],{K._STAT_LAYOUT!r}>"
-        tiles = {**{n: desc(K.ROWS) for n in fn.arg_names if n.endswith("_desc")}, "lse_desc": stat,
-                 "delta_desc": stat, "dq_ptr": "*fp32", "qk_scale": "fp32", "sm_scale": "fp32"}
+        rows = K.tile_rows(d)
+        tiles = {n: f"tensordesc<fp32[{r}],{K._STAT_LAYOUT!r}>" if n in ("lse_desc", "delta_desc") else desc(r)
+                 for n, r in rows.items()}
+        tiles.update({"dq_ptr": "*fp32", "qk_scale": "fp32", "sm_scale": "fp32"})
         pointer = "dq_ptr"
     else:
         tiles = {"q_desc": desc(hopper_fwd.SPLIT_M), "o_desc": desc(hopper_fwd.SPLIT_M),
@@ -578,7 +579,7 @@ def test_info_says_where_the_hopper_backward_runs(fake_gpu, monkeypatch):
     fake_gpu((9, 0), name="NVIDIA H100")
     monkeypatch.setenv(hopper_bwd.ENV, "1")
     reason = hopper_bwd.unavailable_reason()
-    expected = f"off: {reason}" if reason else f"on for head dim 128 from {hopper_bwd.MIN_SEQLEN} tokens"
+    expected = f"off: {reason}" if reason else f"on for {hopper_bwd.coverage()}"
     assert report()["gpus"][0]["hopper_backward"].startswith(expected)
     out = io.StringIO()
     info(file=out)

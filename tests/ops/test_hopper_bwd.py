@@ -13,7 +13,8 @@ from flash_oracle import Case, make_inputs
 
 from hf_flash.ops import hopper_bwd
 
-L = hopper_bwd.MIN_SEQLEN
+L = hopper_bwd.MIN_SEQLEN[(128, True)]
+L64 = hopper_bwd.MIN_SEQLEN[(64, True)]
 
 
 def _call(batch=2, seqlen=L, heads=4, kv_heads=2, head_dim=128, dtype=torch.bfloat16):
@@ -43,11 +44,11 @@ def test_fits_the_measured_calls_only():
     assert not _fits(*call, window=(8, 0)) and not _fits(*call, window=(-1, 4))
     assert not _fits(*call, softcap=30.0) and not _fits(*call, dropout_p=0.1)
     assert not _fits(*call, sinks=torch.zeros(4))
-    assert not _fits(*_call(head_dim=64)), "D64: slower than the portable backward (LOG)"
+    assert _fits(*_call(head_dim=64, seqlen=L64)) and not _fits(*_call(head_dim=64, seqlen=L64 - 128))
     assert not _fits(*_call(head_dim=96)) and not _fits(*_call(head_dim=256))
     assert not _fits(*_call(dtype=torch.float32))
     assert not _fits(*_call(seqlen=L + 64)), "L a multiple of the program's 128 keys"
-    assert not _fits(*_call(seqlen=hopper_bwd.MIN_SEQLEN - 128))
+    assert not _fits(*_call(seqlen=L - 128))
     q2, k2, v2, *_ = _call(seqlen=2 * L)
     assert not _fits(q, k2, v2, do, lse), "Lq != Lk"
     assert not _fits(q, k, hm[2], do, lse), "K and V in different layouts"
@@ -69,17 +70,17 @@ def test_takes_only_cuda_tensors_and_can_be_turned_off(fake_gpu, monkeypatch):
 
 
 def hopper_bwd_cases() -> list[dict]:
-    """test_chips compile cases of the Hopper backward: causal or not, bf16/fp16."""
+    """test_chips compile cases of the Hopper backward: head dims 128 and 64, causal or not, bf16/fp16."""
     from hf_flash.ops._hopper_bwd_kernel import MAX_REGISTERS
 
     return [{"kernel": "hopper_bwd", "cc": 90, "dtype": dtype, "flags": "plain", "num_warps": 4, "num_stages": 1,
-             "maxnreg": MAX_REGISTERS, "head_dim": hopper_bwd.HEAD_DIM,
+             "maxnreg": MAX_REGISTERS, "head_dim": head_dim,
              "constexprs": {"CAUSAL": causal, "STAGES": hopper_bwd.STAGES}}
-            for causal in (False, True) for dtype in ("bf16", "fp16")]  # fmt: skip
+            for head_dim, causal in sorted(hopper_bwd.MIN_SEQLEN) for dtype in ("bf16", "fp16")]  # fmt: skip
 
 
 def test_compiles_for_sm90():
-    """The kernel compiles for sm90 with this Triton (CI's is not the device's), causal or not, bf16 and fp16,
+    """The kernel compiles for sm90 with this Triton (CI's is not the device's), D64 and D128, causal or not, bf16 and fp16,
     within the launch's registers a thread and the 227 KB of shared memory a program may have. Spills are
     reported, not held to zero: Triton 3.6 (the device's) compiles the consumers' loops without, 3.9 spills a
     few registers in the D128 causal loops (benchmarks/loop_spills.py reads them per loop)."""
@@ -131,6 +132,12 @@ GPU_CASES = [
     Case(1, 640, 640, 8, 1, 128, dtype=torch.bfloat16),
     Case(2, 384, 384, 4, 4, 128, causal=True, dtype=torch.float16),
     Case(1, 128, 128, 4, 2, 128, causal=True, dtype=torch.float16),
+    # D64: 128-query steps (a causal head's first step holds the diagonal), row halves of dQ
+    Case(2, 256, 256, 4, 2, 64, causal=True, dtype=torch.bfloat16),
+    Case(1, 384, 384, 4, 4, 64, dtype=torch.float16),
+    Case(2, 512, 512, 8, 1, 64, causal=True, dtype=torch.bfloat16),
+    Case(1, 128, 128, 4, 2, 64, causal=True, dtype=torch.float16),
+    Case(3, 640, 640, 2, 2, 64, dtype=torch.bfloat16),
 ]
 
 
@@ -140,7 +147,7 @@ def hopper_bwd_calls(monkeypatch):
     from test_hopper_fwd import count_launches
 
     calls = count_launches(monkeypatch, hopper_bwd, "flash_bwd_hopper", 1)
-    monkeypatch.setattr(hopper_bwd, "MIN_SEQLEN", 128)
+    monkeypatch.setattr(hopper_bwd, "MIN_SEQLEN", dict.fromkeys(hopper_bwd.MIN_SEQLEN, 128))
     monkeypatch.setenv(hopper_bwd.ENV, "1")
     return calls
 
@@ -156,13 +163,14 @@ def test_matches_oracle_on_sm90(case, head_major, hopper_bwd_calls):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("causal", [False, True], ids=["plain", "causal"])
-def test_gradients_match_the_portable_backward(causal, hopper_bwd_calls):
+def test_gradients_match_the_portable_backward(causal, head_dim, hopper_bwd_calls):
     """The same gradients, within the rounding of a different summation order, as ``deterministic=True`` (the
     portable kernels), which must not take this path."""
     from hf_flash import flash_attn_func
 
-    q, k, v, dout = make_inputs(Case(2, 1024, 1024, 8, 2, 128, causal=causal, dtype=torch.bfloat16), "cuda", seed=22)
+    q, k, v, dout = make_inputs(Case(2, 1024, 1024, 8, 2, head_dim, causal=causal, dtype=torch.bfloat16), "cuda", seed=22)
     grads = {}
     for det in (False, True):
         qq, kk, vv = (t.detach().clone().requires_grad_() for t in (q, k, v))
@@ -179,7 +187,7 @@ def test_other_calls_take_the_portable_backward(hopper_bwd_calls):
     from hf_flash import flash_attn_func
 
     for case in (Case(1, 192, 192, 2, 2, 128), Case(1, 256, 256, 2, 2, 96), Case(1, 256, 384, 2, 2, 128),
-                 Case(1, 256, 256, 2, 2, 64)):
+                 Case(1, 256, 256, 2, 2, 80)):
         q, k, v, dout = make_inputs(case, "cuda")
         q, k, v = (t.bfloat16().requires_grad_() for t in (q, k, v))
         flash_attn_func(q, k, v, causal=False).backward(dout.bfloat16())
