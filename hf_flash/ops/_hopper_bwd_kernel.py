@@ -298,8 +298,9 @@ def _bwd_hopper(
     """q/do_desc: Q and dO in ``[STEP, D]`` tiles (STEP = 64 queries at D128, 128 at D64), k/v/dk/dv_desc: K, V,
     dK and dV in ``[64, D]`` tiles, over the 2D views of ``hopper_fwd`` (rows and columns from ``*_rows_b``,
     ``*_rows_h``, ``*_col_h``; K and V share ``kv_*``, dK and dV ``dkv_*``); lse/delta_desc: the flat fp32 LSE and
-    delta, row (b, h) at ``(b * H + h) * stat_stride``, in [STEP] tiles; dq_ptr: fp32 ``[B * L, H * D]`` with rows ``dq_stride`` apart, zeroed (gets scale * dS K added); L a
-    multiple of 128; qk_scale = scale * log2(e). Grid ``(L / 128, B * Hk)``."""
+    delta, row (b, h) at ``(b * H + h) * stat_stride``, in [STEP] tiles; dq_ptr: fp32 ``[B * L, H * D]`` with rows
+    ``dq_stride`` apart, zeroed (gets scale * dS K added); L a multiple of 128; qk_scale = scale * log2(e). Grid
+    ``(L / 128, B * Hk)``."""
     STEP: gl.constexpr = q_desc.block_type.shape[0]
     HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
     dtype: gl.constexpr = q_desc.dtype
@@ -338,10 +339,9 @@ def _bwd_hopper(
     # loops compile without spills), the loader 40 (its dQ reductions spilled at 24). D64: the consumers 240 (at
     # 232 the non-causal loop spilled 7-10 LDL a step), the loader 24 (its reductions then reload 5-11 values a
     # step), FlashAttention-3's split (offline, Triton 3.6)
-    if STEP == _ROWS:
-        gl.warp_specialize([(_consumer0, args), (_consumer1, args), (_loader_partition, args)], [4, 4], [232, 40])
-    else:
-        gl.warp_specialize([(_consumer0, args), (_consumer1, args), (_loader_partition, args)], [4, 4], [240, 24])
+    CONSUMER_REGS: gl.constexpr = 232 if STEP == _ROWS else 240
+    gl.warp_specialize([(_consumer0, args), (_consumer1, args), (_loader_partition, args)], [4, 4],
+                       [CONSUMER_REGS, 3 * 168 - 2 * CONSUMER_REGS])
 
 
 def _stat_descriptor(t, rows: int) -> TensorDescriptor:

@@ -249,8 +249,8 @@ def flash_attn_func(
             own. False (default) does the same below head dim 129 (``ATOMIC_DQ_MIN_HEAD_DIM``), where that
             kernel is as fast, so those head dims are reproducible either way; from 129 on it adds dQ with fp32
             atomics inside the dK/dV kernel, faster there but not bitwise reproducible. On an sm90 GPU (H100,
-            H200), False takes the Hopper backward where it applies (``hopper_bwd``: dense, head dim 128, equal
-            lengths from its ``MIN_SEQLEN``, a multiple of 128), which adds dQ with atomics too: faster there, not
+            H200), False takes the Hopper backward where it applies (``hopper_bwd``: dense, head dim 64 or 128,
+            equal lengths from its ``MIN_SEQLEN``, a multiple of 128), which adds dQ with atomics too: faster there, not
             bitwise reproducible. The sinks' gradient is always reproducible.
         return_attn_probs: also return ``softmax_lse`` ``[B, H, Lq]`` (fp32, ``+inf`` on rows that see no key)
             and ``None`` in place of flash-attn's debugging score matrix.

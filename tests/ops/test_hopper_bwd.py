@@ -80,8 +80,8 @@ def hopper_bwd_cases() -> list[dict]:
 
 
 def test_compiles_for_sm90():
-    """The kernel compiles for sm90 with this Triton (CI's is not the device's), D64 and D128, causal or not, bf16 and fp16,
-    within the launch's registers a thread and the 227 KB of shared memory a program may have. Spills are
+    """The kernel compiles for sm90 with this Triton (CI's is not the device's), D64 and D128, causal or not, bf16
+    and fp16, within the launch's registers a thread and the 227 KB of shared memory a program may have. Spills are
     reported, not held to zero: Triton 3.6 (the device's) compiles the consumers' loops without, 3.9 spills a
     few registers in the D128 causal loops (benchmarks/loop_spills.py reads them per loop)."""
     from test_chips import _cross_compile_unavailable, run_workers
@@ -170,7 +170,8 @@ def test_gradients_match_the_portable_backward(causal, head_dim, hopper_bwd_call
     portable kernels), which must not take this path."""
     from hf_flash import flash_attn_func
 
-    q, k, v, dout = make_inputs(Case(2, 1024, 1024, 8, 2, head_dim, causal=causal, dtype=torch.bfloat16), "cuda", seed=22)
+    case = Case(2, 1024, 1024, 8, 2, head_dim, causal=causal, dtype=torch.bfloat16)
+    q, k, v, dout = make_inputs(case, "cuda", seed=22)
     grads = {}
     for det in (False, True):
         qq, kk, vv = (t.detach().clone().requires_grad_() for t in (q, k, v))
