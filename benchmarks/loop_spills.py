@@ -5,6 +5,7 @@
     python benchmarks/loop_spills.py --kernels dkdv --head-dims 64,128 --layouts varlen
     python benchmarks/loop_spills.py --kernels dkdv --set IS_GQA=1     # an experiment's constexpr
     python benchmarks/loop_spills.py --kernels fwd_short --tiles 64x64w4s3,128x64w8s3   # candidate tiles
+    python benchmarks/loop_spills.py --kernels hopper_bwd --head-dims 64,128   # the Gluon backward (dense only)
 
 ptxas' total ("1352 bytes spill stores") does not say where the spills are: in a loop that runs once per
 program they cost nothing, in the unmasked loop that does nearly all the work they cost a lot. This
@@ -94,8 +95,14 @@ def programs_per_sm(result: dict) -> int:
 
 
 def case_for(kernel: str, head_dim: int, causal: bool, layout: str, overrides: dict, tile=None) -> dict:
-    """``kernel``: as ``test_chips._case`` names them ("fwd_short": the forward's short-sequence tiles);
+    """``kernel``: as ``test_chips._case`` names them ("fwd_short": the forward's short-sequence tiles), or
+    "hopper_bwd" (the Gluon backward as ``test_hopper_bwd`` compiles it; dense lengths only, no tiles to swap);
     ``tile``: (block_m, block_n, num_warps, num_stages) in place of the table's."""
+    if kernel == "hopper_bwd":
+        case = next(c for c in test_chips.hopper_bwd_cases()
+                    if c["head_dim"] == head_dim and c["constexprs"]["CAUSAL"] == causal and c["dtype"] == "bf16")
+        case["constexprs"].update(overrides)
+        return case
     case = test_chips._case("sm90", kernel, head_dim, "causal" if causal else "plain", dtype="bf16",
                             atomic_dq=False, varlen=layout == "varlen")
     if tile:
@@ -129,14 +136,16 @@ def main():
     for kernel in a.kernels.split(","):
         for head_dim in (int(d) for d in a.head_dims.split(",")):
             for causal in (False, True):
-                for layout, tile in ((lay, t) for lay in a.layouts.split(",") for t in tiles):
+                layouts = ["dense"] if kernel == "hopper_bwd" else a.layouts.split(",")
+                for layout, tile in ((lay, t) for lay in layouts for t in tiles):
                     case = case_for(kernel, head_dim, causal, layout, overrides, tile)
                     r = test_chips.compile_case(case, with_cubin=True)
                     cx = r["constexprs"]
+                    block = f"{cx['BLOCK_M']}x{cx['BLOCK_N']}" if "BLOCK_M" in cx else "Hopper tile"
                     # no ptxas log: Triton's cache answered, i.e. the same compiled kernel as a line above
                     totals = (f"{r['regs']} registers, {r['spill_bytes']} B spilled" if r["regs"] is not None
                               else "the same kernel as a line above (cached: ptxas did not run)")
-                    print(f"{kernel} D{head_dim} causal={causal} {layout} ({cx['BLOCK_M']}x{cx['BLOCK_N']}, "
+                    print(f"{kernel} D{head_dim} causal={causal} {layout} ({block}, "
                           f"{r['num_warps']} warps, {r['num_stages']} stages): {totals}, {r['shared']} B shared, "
                           f"{programs_per_sm(r)} programs per SM")
                     for loop in (loop for loop in loops(disassemble(r["cubin"])) if loop["hgmma"]):

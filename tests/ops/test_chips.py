@@ -257,6 +257,18 @@ SPILL_BUDGET = {"plain": 4096, "causal": 4096, "window-varlen": 4096, "all": 819
 SPILL_CHECKED = {"sm75", "sm80", "sm89"}
 
 
+def hopper_bwd_cases() -> list[dict]:
+    """The compile cases of the Hopper backward (``test_hopper_bwd``, ``benchmarks/loop_spills.py``): head dims 128
+    and 64, causal or not, bf16 and fp16."""
+    from hf_flash.ops import hopper_bwd
+    from hf_flash.ops._hopper_bwd_kernel import MAX_REGISTERS
+
+    return [{"kernel": "hopper_bwd", "cc": 90, "dtype": dtype, "flags": "plain", "num_warps": 4, "num_stages": 1,
+             "maxnreg": MAX_REGISTERS, "head_dim": head_dim,
+             "constexprs": {"CAUSAL": causal, "STAGES": hopper_bwd.STAGES}}
+            for head_dim, causal in sorted(hopper_bwd.MIN_SEQLEN) for dtype in ("bf16", "fp16")]  # fmt: skip
+
+
 def _case(chip: str, kernel: str, head_dim: int, flags: str, dtype: str = "fp16", atomic_dq: bool = True,
           varlen: bool = False) -> dict:
     """The specialisation the launchers build for this chip's table (forward.flash_fwd, backward.flash_bwd).

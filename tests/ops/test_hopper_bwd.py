@@ -69,22 +69,12 @@ def test_takes_only_cuda_tensors_and_can_be_turned_off(fake_gpu, monkeypatch):
     assert hopper_bwd.enabled() == (hopper_bwd.DEFAULT == "1")
 
 
-def hopper_bwd_cases() -> list[dict]:
-    """test_chips compile cases of the Hopper backward: head dims 128 and 64, causal or not, bf16/fp16."""
-    from hf_flash.ops._hopper_bwd_kernel import MAX_REGISTERS
-
-    return [{"kernel": "hopper_bwd", "cc": 90, "dtype": dtype, "flags": "plain", "num_warps": 4, "num_stages": 1,
-             "maxnreg": MAX_REGISTERS, "head_dim": head_dim,
-             "constexprs": {"CAUSAL": causal, "STAGES": hopper_bwd.STAGES}}
-            for head_dim, causal in sorted(hopper_bwd.MIN_SEQLEN) for dtype in ("bf16", "fp16")]  # fmt: skip
-
-
 def test_compiles_for_sm90():
     """The kernel compiles for sm90 with this Triton (CI's is not the device's), D64 and D128, causal or not, bf16
     and fp16, within the launch's registers a thread and the 227 KB of shared memory a program may have. Spills are
     reported, not held to zero: Triton 3.6 (the device's) compiles the consumers' loops without, 3.9 spills a
     few registers in the D128 causal loops (benchmarks/loop_spills.py reads them per loop)."""
-    from test_chips import _cross_compile_unavailable, run_workers
+    from test_chips import _cross_compile_unavailable, hopper_bwd_cases, run_workers
 
     reason = hopper_bwd.unavailable_reason() or _cross_compile_unavailable()
     if reason:
