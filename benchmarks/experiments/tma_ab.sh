@@ -7,7 +7,7 @@ set -u
 ROOT=$PWD
 S=$(mktemp -d)
 for v in ko kot; do
-    mkdir -p $S/$v && cp -r hf_flash tests benchmarks $S/$v/
+    mkdir -p $S/$v && cp -r hf_flash tests benchmarks docs $S/$v/
     # the working tree may hold keys-outer already (the GPU suite's call that follows needs it applied)
     (cd $S/$v && { git apply -R --check $ROOT/benchmarks/experiments/hopper-bwd-keys-outer.patch 2>/dev/null ||
         git apply $ROOT/benchmarks/experiments/hopper-bwd-keys-outer.patch; }) || echo "!! ko patch"
