@@ -125,6 +125,8 @@ def main():
     p.add_argument("--set", default="", help="constexpr overrides, e.g. IS_GQA=1 (an experiment's flag)")
     p.add_argument("--tiles", default="", help="tiles in place of the table's, e.g. 64x64w4s3,128x64w8s3")
     a = p.parse_args()
+    if a.tiles and "hopper_bwd" in a.kernels.split(","):
+        p.error("--tiles: the Hopper backward has no tile table to swap; run --kernels hopper_bwd without it")
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from sweep_tiles import parse_tiles  # its --tiles syntax (imports torch and hf_flash: only here)
 
