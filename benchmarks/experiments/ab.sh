@@ -34,12 +34,10 @@ VARIANTS=(
   # common.UNSPECIALIZED: what keeping them out of the specialization (no recompile per new length) costs.
   # Time with SEQLENS="1024 4096 16384" and VARLEN=... (the varlen layouts are where new lengths come from)
   "specialize-lengths|specialize-lengths.patch|"
-  # varlen D64 dK/dV with the dense 64-row tile instead of 32 rows under a 168-register cap (SM90.dkdv_varlen):
-  # MATCH=varlen-d64 VARLEN="--head-dim 64 --heads 32 --kv-heads 8" HEAD_DIMS=64
-  "varlen-d64-dkdv64|varlen-d64-dkdv64.patch|"
   # A patch that no longer applies to main leaves this folder for the branch experiments-archive, e.g.
   # segment-loop.patch (main now does the same); one that lost leaves it too, its commit named in the LOG
-  # (fwd-overlap-d128.patch / fwd-overlap-all.patch: `git show 804544b:benchmarks/experiments/NAME`),
+  # (fwd-overlap-d128.patch / fwd-overlap-all.patch: `git show 804544b:benchmarks/experiments/NAME`;
+  # varlen-d64-dkdv64.patch, 7ca20bc, lost 1-10% in the varlen dK/dV kernel: LOG, eleventh session),
   # warp-specialized.patch (hangs on Triton 3.6: benchmarks/results/LOG.md, 2026-11-29 third session; for a
   # newer Triton, first `python benchmarks/experiments/ws_gemm_probe.py 128 128 64 3 ws`, then rebase it).
 )

@@ -7,16 +7,17 @@ own diagonal on; otherwise each key block starts at its own query block and wrap
 at once add into different dQ rows). Partitions (``gl.warp_specialize``):
 
 * loader, 4 warps: K and V once; per step Q, dO and the rows' LSE and delta through TMA into a ring of
-  ``STAGES`` stages; and, between the loads, the dQ reductions: the fp32 part the consumers left in shared
-  memory, added into the fp32 dQ buffer with ``red.global.add.v4.f32`` (the atomics of FlashAttention-2 and -3;
-  FA3 reduces with a TMA instruction that Gluon in Triton 3.6 does not have);
+  ``STAGES`` stages; and at D64, between the loads, the dQ reductions: the fp32 part the consumers left in
+  shared memory, added into the fp32 dQ buffer with ``red.global.add.v4.f32`` (FlashAttention-2's atomics);
 * two consumers, 4 warps each: group g owns keys g*64 .. g*64+63 and their dK, dV accumulators ([64, D] fp32 in
   registers). Per step: S^T = K_g Q^T and dP^T = V_g dO^T ([64, STEP], wgmma from shared memory), P^T =
   exp2(S^T * scale * log2 e - LSE * log2 e), dS^T = P^T (dP^T - delta); dV_g += P^T dO and dK_g += dS^T Q (P^T,
   dS^T as register A operands); dS^T to shared memory, and dQ = dS K, five products in all where the portable
   split computes seven (``backward.py``). dQ needs both groups' dS^T (one mbarrier turn a step, double-buffered):
   group g computes the g-th half of dQ's columns at D128 and of the step's queries at D64, as FlashAttention-3
-  splits them.
+  splits them. At D128 each group adds its fp32 part into the buffer itself, through a TMA reduction from shared
+  memory (``cp.reduce.async.bulk.tensor``, FlashAttention-3's), which runs while the group goes on; at D64 that
+  form lengthened the consumers' loops past their registers (LOG), so the loader's atomics stay there.
 
 Shapes in comments: ``[rows, columns]`` of one consumer group.
 """
@@ -32,6 +33,20 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from hf_flash.ops._hopper_fwd_kernel import descriptor, tma_load, tma_store
 
+_tma_add = getattr(tma, "async_atomic_add", None)
+if _tma_add is None:
+    # Triton 3.6: the TMA reduction exists (``tl``'s descriptor atomic_add lowers to it), its Gluon call does not
+    from triton._C.libtriton import ir as _ir
+    from triton.experimental.gluon.language._core import builtin as _builtin
+
+    @_builtin
+    def _tma_add(tensor_desc, coord, src, _semantic=None):
+        """``global[coord ...] += src`` for a tile in shared memory, through TMA (``cp.reduce.async.bulk.tensor``);
+        completes like a TMA store (``tma.store_wait``)."""
+        coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+        _semantic.builder.create_async_tma_reduce(_ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord,
+                                                  src.handle)
+
 ROWS = 64  # keys of a consumer group, query rows of a D128 step
 _ROWS = gl.constexpr(ROWS)
 BLOCK_N = 2 * ROWS  # keys of a program
@@ -43,10 +58,10 @@ _STAT_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, r
 def _schedule(problem, STEP: gl.constexpr, CAUSAL: gl.constexpr):
     """This program's (batch, kv head, first key n0, first query q_lo, steps per head, steps in all), for steps
     of ``STEP`` queries. ``problem``: (seqlen, n_heads_k, n_groups, q_rows, do_rows, kv_rows, stat_stride,
-    dkv_rows), ``*_rows`` = (rows_b, rows_h, col_h) as in ``hopper_fwd``."""
+    dkv_rows, (batch * n_heads_k + kv head, first key)), ``*_rows`` = (rows_b, rows_h, col_h) as in
+    ``hopper_fwd``."""
     seqlen, n_heads_k, n_groups = problem[0], problem[1], problem[2]
-    bh = gl.program_id(1)
-    n0 = gl.program_id(0) * (2 * _ROWS)
+    bh, n0 = problem[8]
     q_lo = n0 if CAUSAL else 0  # causal: queries before the key block see none of it
     per_head = (seqlen - q_lo) // STEP
     return bh // n_heads_k, bh % n_heads_k, n0, q_lo, per_head, per_head * n_groups
@@ -75,10 +90,10 @@ def _red_add(ptrs, vals):
 
 @gluon.jit
 def _reduce(j, problem, dq_out, STEP: gl.constexpr, HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr):
-    """The loader's 4 warps add step ``j``'s dQ parts into the fp32 dQ buffer ``[B * L, H * D]``: each group's
-    half of the columns (D128: [64, D / 2] each) or of the rows (D64: [64, D] each). ``dq_out``: (parts [2, 64,
-    WIDTH] fp32 in shared memory, ready, empty, dQ buffer, its row stride)."""
-    dq_smem, dq_ready, dq_empty, dq_ptr, dq_stride = dq_out
+    """D64: the loader's 4 warps add step ``j``'s dQ parts into the fp32 dQ buffer ``[B * L, H * D]``, each
+    group's half of the step's queries ([64, D] each). ``dq_out``: (parts [2, 64, D] fp32 in shared memory, the
+    buffer's TMA descriptor (D128's), ready, empty, dQ buffer, its row stride)."""
+    dq_smem, dq_desc, dq_ready, dq_empty, dq_ptr, dq_stride = dq_out
     WIDTH: gl.constexpr = dq_smem.type.shape[2]
     TPR: gl.constexpr = WIDTH // 4  # threads per row, 4 floats each
     CHUNK: gl.constexpr = 32 // TPR * 4  # rows per pass of the 4 warps
@@ -95,17 +110,14 @@ def _reduce(j, problem, dq_out, STEP: gl.constexpr, HEAD_DIM: gl.constexpr, CAUS
     for r in gl.static_range(0, _ROWS, CHUNK):
         for g in gl.static_range(2):
             part = dq_smem.index(g).slice(r, CHUNK, 0).load(layout)
-            if STEP == _ROWS:  # column halves
-                _red_add(base + r * dq_stride + g * WIDTH + offs, part)
-            else:  # row halves
-                _red_add(base + (g * _ROWS + r) * dq_stride + offs, part)
+            _red_add(base + (g * _ROWS + r) * dq_stride + offs, part)
     mbarrier.arrive(dq_empty, count=1)
 
 
 @gluon.jit
 def _loader(descs, smem, bars, problem, stats, dq_out, CAUSAL: gl.constexpr):
     """4 warps (one issues the copies): K, V once, then Q, dO, LSE and delta of each step into the stage ring;
-    between the loads, the dQ reduction of the step that released its stage (``_reduce``)."""
+    at D64, between the loads, the dQ reduction of the step that released its stage (``_reduce``)."""
     q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc = descs
     k_smem, v_smem, q_smem, do_smem, ds_smem = smem
     kv_ready, qdo_ready, qdo_empty, ds_ready = bars
@@ -113,7 +125,7 @@ def _loader(descs, smem, bars, problem, stats, dq_out, CAUSAL: gl.constexpr):
     STAGES: gl.constexpr = q_smem.type.shape[0]
     STEP: gl.constexpr = q_smem.type.shape[1]
     HEAD_DIM: gl.constexpr = q_smem.type.shape[2]
-    seqlen, n_heads_k, n_groups, q_rows, do_rows, kv_rows, stat_stride, dkv_rows = problem
+    seqlen, n_heads_k, n_groups, q_rows, do_rows, kv_rows, stat_stride, dkv_rows, program = problem
     b, hk, n0, q_lo, per_head, n_steps = _schedule(problem, STEP, CAUSAL)
     kv_row = b * kv_rows[0] + hk * kv_rows[1] + n0
     mbarrier.expect(kv_ready, 4 * k_desc.block_type.nbytes)
@@ -133,28 +145,31 @@ def _loader(descs, smem, bars, problem, stats, dq_out, CAUSAL: gl.constexpr):
         stat = (b * (n_heads_k * n_groups) + h) * stat_stride + q_start
         tma_load(lse_desc, [stat], qdo_ready.index(stage), lse_smem.index(stage))
         tma_load(delta_desc, [stat], qdo_ready.index(stage), delta_smem.index(stage))
-        if j >= STAGES:
-            _reduce(j - STAGES, problem, dq_out, STEP, HEAD_DIM, CAUSAL)
-    for j in range(gl.maximum(n_steps - STAGES, 0), n_steps):
-        _reduce(j, problem, dq_out, STEP, HEAD_DIM, CAUSAL)
+        if STEP != _ROWS:
+            if j >= STAGES:
+                _reduce(j - STAGES, problem, dq_out, STEP, HEAD_DIM, CAUSAL)
+    if STEP != _ROWS:
+        for j in range(gl.maximum(n_steps - STAGES, 0), n_steps):
+            _reduce(j, problem, dq_out, STEP, HEAD_DIM, CAUSAL)
 
 
 @gluon.jit
-def _step(c, q_start, g: gl.constexpr, smem, bars, acc, offs_key, stats, dq_out, qk_scale, dq_scale, zero_s,
+def _step(c, q_start, dq_at, g: gl.constexpr, smem, bars, acc, offs_key, stats, dq_out, qk_scale, dq_scale, zero_s,
           MASKED: gl.constexpr, a_layout: gl.constexpr, dq_layout: gl.constexpr):
     """One query block (rows ``q_start`` ..., STEP of them: 64 at D128, 128 at D64) in stage-ring position ``c``;
-    returns (dk, dv). ``MASKED``: the block crosses the causal diagonal."""
+    returns (dk, dv). ``dq_at``: (row, column) of this group's dQ part in the fp32 buffer's 2D view (D128).
+    ``MASKED``: the block crosses the causal diagonal."""
     k_smem, v_smem, q_smem, do_smem, ds_smem = smem
     kv_ready, qdo_ready, qdo_empty, ds_ready = bars
     lse_smem, delta_smem = stats
-    dq_smem, dq_ready, dq_empty = dq_out
+    dq_smem, dq_desc, dq_ready, dq_empty = dq_out
     dk, dv = acc
     k_g = k_smem.index(g)
     v_g = v_smem.index(g)
     STAGES: gl.constexpr = q_smem.type.shape[0]
     STEP: gl.constexpr = q_smem.type.shape[1]
     dtype: gl.constexpr = q_smem.dtype
-    WIDTH: gl.constexpr = dq_smem.type.shape[2]
+    WIDTH: gl.constexpr = q_smem.type.shape[2] * STEP // (2 * _ROWS)  # dQ columns of a group's part
     col_s: gl.constexpr = gl.SliceLayout(0, zero_s.type.layout)
     stage = c % STAGES
     mbarrier.wait(qdo_ready.index(stage), (c // STAGES) & 1)
@@ -207,11 +222,22 @@ def _step(c, q_start, g: gl.constexpr, smem, bars, acc, offs_key, stats, dq_out,
                            k_smem.index(1), dq, is_async=True)
         dk = warpgroup_mma(dst16, q_s, dk, is_async=True)
         dv, dq = warpgroup_mma_wait(1, deps=[dv, dq])
-    # -- the fp32 part to shared memory, for the loader's atomics
-    mbarrier.wait(dq_empty, (c & 1) ^ 1)
-    dq_smem.index(g).store(dq * dq_scale)
-    mbarrier.arrive(dq_ready, count=1)
-    if STEP != _ROWS:
+    if STEP == _ROWS:
+        # -- D128: the fp32 part added into the buffer by TMA, in two boxes of 32 columns (a 128-byte swizzle
+        # spans 32 floats): its columns split in registers, where bit 5 of a column is a register index of the
+        # wgmma layout
+        half0, half1 = gl.split(gl.permute(gl.reshape(dq * dq_scale, [_ROWS, 2, WIDTH // 2]), (0, 2, 1)))
+        tma.store_wait(0)  # the previous step's reduction has read the buffers
+        dq_smem.index(2 * g).store(half0)
+        dq_smem.index(2 * g + 1).store(half1)
+        fence_async_shared()
+        _tma_add(dq_desc, [dq_at[0], dq_at[1]], dq_smem.index(2 * g))
+        _tma_add(dq_desc, [dq_at[0], dq_at[1] + WIDTH // 2], dq_smem.index(2 * g + 1))
+    else:
+        # -- D64: the fp32 part to shared memory, for the loader's atomics
+        mbarrier.wait(dq_empty, (c & 1) ^ 1)
+        dq_smem.index(g).store(dq * dq_scale)
+        mbarrier.arrive(dq_ready, count=1)
         dk = warpgroup_mma_wait(0, deps=[dk])
         mbarrier.arrive(qdo_empty.index(stage), count=1)
     return dk, dv
@@ -227,7 +253,7 @@ def _consume(g: gl.constexpr, descs, smem, bars, problem, stats, dq_out, qk_scal
     dq_smem = dq_out[0]
     HEAD_DIM: gl.constexpr = q_smem.type.shape[2]
     STEP: gl.constexpr = q_smem.type.shape[1]
-    HALF: gl.constexpr = dq_smem.type.shape[2]
+    HALF: gl.constexpr = HEAD_DIM * STEP // (2 * _ROWS)  # dQ columns of a group's part
     dtype: gl.constexpr = q_smem.dtype
     dkv_rows = problem[7]
     b, hk, n0, q_lo, per_head, n_steps = _schedule(problem, STEP, CAUSAL)
@@ -242,19 +268,22 @@ def _consume(g: gl.constexpr, descs, smem, bars, problem, stats, dq_out, qk_scal
     acc = (gl.zeros([_ROWS, HEAD_DIM], gl.float32, o_layout), gl.zeros([_ROWS, HEAD_DIM], gl.float32, o_layout))
     offs_key = n0 + g * _ROWS + gl.arange(0, _ROWS, layout=gl.SliceLayout(1, s_layout))
     stats = (stats[0], stats[1])
-    dq_out = (dq_out[0], dq_out[1], dq_out[2])
+    dq_out = (dq_out[0], dq_out[1], dq_out[2], dq_out[3])
+    seqlen, n_groups = problem[0], problem[2]
     n_diag = 2 * _ROWS // STEP if CAUSAL else 0  # causal: the query blocks of a head that cross the diagonal
     mbarrier.wait(kv_ready, 0)
     c = 0
-    for hh in range(problem[2]):
+    for hh in range(n_groups):
+        dq_col = (hk * n_groups + hh) * HEAD_DIM + g * HALF  # D128: the g-th half of the head's columns
         for i in range(0, n_diag):
-            acc = _step(c, q_lo + i * STEP, g, smem, bars, acc, offs_key, stats, dq_out, qk_scale, sm_scale,
-                        zero_s, True, a_layout, dq_layout)
+            q_start = q_lo + i * STEP
+            acc = _step(c, q_start, (b * seqlen + q_start, dq_col), g, smem, bars, acc, offs_key, stats, dq_out,
+                        qk_scale, sm_scale, zero_s, True, a_layout, dq_layout)
             c += 1
         for i in range(n_diag, per_head):
             q_start = _q_block(i, per_head, n0, q_lo, STEP, CAUSAL)
-            acc = _step(c, q_start, g, smem, bars, acc, offs_key, stats, dq_out, qk_scale, sm_scale, zero_s,
-                        False, a_layout, dq_layout)
+            acc = _step(c, q_start, (b * seqlen + q_start, dq_col), g, smem, bars, acc, offs_key, stats, dq_out,
+                        qk_scale, sm_scale, zero_s, False, a_layout, dq_layout)
             c += 1
     dk, dv = acc
     # the other group may still read this group's keys for its dQ: both pass one more turn first
@@ -291,16 +320,19 @@ def _loader_partition(descs, smem, bars, problem, stats, dq_out, qk_scale, sm_sc
 # lengths and head counts are plain integers: a new length compiles nothing new
 @gluon.jit(do_not_specialize=["seqlen", "n_heads_k", "n_groups", "stat_stride"])
 def _bwd_hopper(
-    q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, lse_desc, delta_desc, dq_ptr, dq_stride, seqlen, n_heads_k,
+    q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, lse_desc, delta_desc, dq_desc, dq_ptr, dq_stride, seqlen,
+    n_heads_k,
     n_groups, q_rows_b, q_rows_h, q_col_h, do_rows_b, do_rows_h, do_col_h, kv_rows_b, kv_rows_h, kv_col_h,
     dkv_rows_b, dkv_rows_h, dkv_col_h, stat_stride, qk_scale, sm_scale, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
+    KEYS_OUTER: gl.constexpr,
 ):
     """q/do_desc: Q and dO in ``[STEP, D]`` tiles (STEP = 64 queries at D128, 128 at D64), k/v/dk/dv_desc: K, V,
     dK and dV in ``[64, D]`` tiles, over the 2D views of ``hopper_fwd`` (rows and columns from ``*_rows_b``,
     ``*_rows_h``, ``*_col_h``; K and V share ``kv_*``, dK and dV ``dkv_*``); lse/delta_desc: the flat fp32 LSE and
     delta, row (b, h) at ``(b * H + h) * stat_stride``, in [STEP] tiles; dq_ptr: fp32 ``[B * L, H * D]`` with rows
-    ``dq_stride`` apart, zeroed (gets scale * dS K added); L a multiple of 128; qk_scale = scale * log2(e). Grid
-    ``(L / 128, B * Hk)``."""
+    ``dq_stride`` apart, zeroed (gets scale * dS K added), and dq_desc the same buffer in [64, 32] tiles (the TMA
+    reduction's, D128); L a multiple of 128; qk_scale = scale * log2(e). Grid
+    ``(L / 128, B * Hk)``, or ``(B * Hk, L / 128)`` with ``KEYS_OUTER`` (:func:`launch`)."""
     STEP: gl.constexpr = q_desc.block_type.shape[0]
     HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
     dtype: gl.constexpr = q_desc.dtype
@@ -313,9 +345,13 @@ def _bwd_hopper(
     # dS^T of both groups, double-buffered: [buffer * 2 + group], [64 keys, STEP queries] each
     ds_smem = gl.allocate_shared_memory(dtype, [4, _ROWS, STEP], gl.NVMMASharedLayout.get_default_for(
         [_ROWS, STEP], dtype))
-    # the fp32 dQ parts, [group]: half of the columns each (D128), half of the step's queries each (D64)
-    DQ_WIDTH: gl.constexpr = HEAD_DIM // (2 * _ROWS // STEP)
-    dq_smem = gl.allocate_shared_memory(gl.float32, [2, _ROWS, DQ_WIDTH], gl.SwizzledSharedLayout(4, 1, 8, [1, 0]))
+    # the fp32 dQ parts: D128 [group * 2 + box], half of the columns a group in two TMA boxes of 32 columns; D64
+    # [group], half of the step's queries a group
+    if STEP == _ROWS:
+        dq_smem = gl.allocate_shared_memory(gl.float32, [4, _ROWS, dq_desc.block_type.shape[1]], dq_desc.layout)
+    else:
+        dq_smem = gl.allocate_shared_memory(gl.float32, [2, _ROWS, HEAD_DIM], gl.SwizzledSharedLayout(4, 1, 8,
+                                                                                                    [1, 0]))
     kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     qdo_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -328,20 +364,29 @@ def _bwd_hopper(
         mbarrier.init(qdo_empty.index(i), count=2)  # both consumer groups release a stage
     for i in gl.static_range(2):
         mbarrier.init(ds_ready.index(i), count=2)  # both groups' dS^T stored
-    mbarrier.init(dq_ready, count=2)  # both groups' dQ parts stored
-    mbarrier.init(dq_empty, count=1)  # the loader has read them
+    mbarrier.init(dq_ready, count=2)  # D64: both groups' dQ parts stored
+    mbarrier.init(dq_empty, count=1)  # D64: the loader has read them
+    if KEYS_OUTER:  # :func:`keys_outer`
+        bh, n0 = gl.program_id(0), gl.program_id(1) * (2 * _ROWS)
+    else:
+        bh, n0 = gl.program_id(1), gl.program_id(0) * (2 * _ROWS)
     problem = (seqlen, n_heads_k, n_groups, (q_rows_b, q_rows_h, q_col_h), (do_rows_b, do_rows_h, do_col_h),
-               (kv_rows_b, kv_rows_h, kv_col_h), stat_stride, (dkv_rows_b, dkv_rows_h, dkv_col_h))
+               (kv_rows_b, kv_rows_h, kv_col_h), stat_stride, (dkv_rows_b, dkv_rows_h, dkv_col_h),
+               (bh, n0))
     args = ((q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc), (k_smem, v_smem, q_smem, do_smem, ds_smem),
             (kv_ready, qdo_ready, qdo_empty, ds_ready), problem, (lse_smem, delta_smem, lse_desc, delta_desc),
-            (dq_smem, dq_ready, dq_empty, dq_ptr, dq_stride), qk_scale, sm_scale, CAUSAL)
-    # setmaxnreg, 2 * consumers + loader = 3 * 168, the launch's. D128: the consumers 232 registers a thread (their
-    # loops compile without spills), the loader 40 (its dQ reductions spilled at 24). D64: the consumers 240 (at
-    # 232 the non-causal loop spilled 7-10 LDL a step), the loader 24 (its reductions then reload 5-11 values a
-    # step), FlashAttention-3's split (offline, Triton 3.6)
-    CONSUMER_REGS: gl.constexpr = 232 if STEP == _ROWS else 240
-    gl.warp_specialize([(_consumer0, args), (_consumer1, args), (_loader_partition, args)], [4, 4],
-                       [CONSUMER_REGS, 3 * 168 - 2 * CONSUMER_REGS])
+            (dq_smem, dq_desc, dq_ready, dq_empty, dq_ptr, dq_stride), qk_scale, sm_scale, CAUSAL)
+    # setmaxnreg, 2 * consumers + loader = 3 * 168, the launch's: the consumers 240 registers a thread, the loader
+    # 24. D128: its loader only loads; D64: at 232 the consumers' non-causal loop spilled 7-10 LDL a step, and the
+    # loader's reductions reload 5-11 values a step at 24 (FlashAttention-3's split; offline, Triton 3.6)
+    gl.warp_specialize([(_consumer0, args), (_consumer1, args), (_loader_partition, args)], [4, 4], [240, 24])
+
+
+def _dq_descriptor(dq_acc) -> TensorDescriptor:
+    """The contiguous fp32 dQ buffer ``[B, L, H, D]`` as ``[B * L, H * D]`` in [64, 32] tiles (32 floats: the
+    128-byte swizzle's span), for the D128 TMA reduction."""
+    flat = dq_acc.view(dq_acc.shape[0] * dq_acc.shape[1], -1)
+    return TensorDescriptor.from_tensor(flat, [ROWS, 32], gl.NVMMASharedLayout.get_default_for([ROWS, 32], gl.float32))
 
 
 def _stat_descriptor(t, rows: int) -> TensorDescriptor:
@@ -352,6 +397,8 @@ def _stat_descriptor(t, rows: int) -> TensorDescriptor:
 
 
 MAX_REGISTERS = 168  # 64K registers over the three warpgroups
+# causal with at most this many (batch, kv head) pairs: programs numbered key block outer (:func:`launch`)
+KEYS_OUTER_MAX_HEADS = 32
 
 
 def tile_rows(head_dim: int) -> dict:
@@ -375,18 +422,30 @@ def launch_args(*, q, k, v, do, dk, dv, lse, delta, dq_acc, rows, layouts, softm
         k_desc=descriptor(k, kv_layout, tiles["k_desc"]), v_desc=descriptor(v, kv_layout, tiles["v_desc"]),
         dk_desc=descriptor(dk, dkv_layout, tiles["dk_desc"]), dv_desc=descriptor(dv, dkv_layout, tiles["dv_desc"]),
         lse_desc=_stat_descriptor(lse, tiles["lse_desc"]), delta_desc=_stat_descriptor(delta, tiles["delta_desc"]),
-        dq_ptr=dq_acc,
+        dq_desc=_dq_descriptor(dq_acc), dq_ptr=dq_acc,
         dq_stride=dq_acc.shape[2] * dq_acc.shape[3], seqlen=q.shape[1], n_heads_k=k.shape[2],
         n_groups=q.shape[2] // k.shape[2], q_rows_b=q_rows[0], q_rows_h=q_rows[1], q_col_h=q_rows[2],
         do_rows_b=do_rows[0], do_rows_h=do_rows[1], do_col_h=do_rows[2], kv_rows_b=kv_rows[0],
         kv_rows_h=kv_rows[1], kv_col_h=kv_rows[2], dkv_rows_b=dkv_rows[0], dkv_rows_h=dkv_rows[1],
         dkv_col_h=dkv_rows[2], stat_stride=lse.stride(1),
         qk_scale=softmax_scale * 1.4426950408889634, sm_scale=softmax_scale, CAUSAL=causal, STAGES=stages,
-        num_warps=4, maxnreg=MAX_REGISTERS,
+        KEYS_OUTER=keys_outer(q, k, causal), num_warps=4, maxnreg=MAX_REGISTERS,
     )  # fmt: skip
 
 
+def keys_outer(q, k, causal: bool) -> bool:
+    """Whether the programs are numbered key block outer, (batch, kv head) inner. Causal, a key block's walk is
+    as long as the queries after it, so in the default order (key blocks inner) the first, longest block of a late
+    (batch, kv head) starts near the end and runs on alone: with 8-32 pairs the other order, longest blocks
+    first, read 1.07-1.14x (GQA 32/8 D64 causal at 4k and 8k, D128 at 8k; H100, LOG ninth session). With 64 or
+    128 pairs it read 0.64-0.93x: the programs running at once then read one key block of as many heads, and
+    their Q and dO no longer come from L2."""
+    return causal and q.shape[0] * k.shape[2] <= KEYS_OUTER_MAX_HEADS
+
+
 def launch(**kwargs):
-    """One program per (128-key block, batch, kv head). Arguments as :func:`launch_args`."""
+    """One program per (128-key block, batch, kv head), numbered as :func:`keys_outer` says. Arguments as
+    :func:`launch_args`."""
     q, k = kwargs["q"], kwargs["k"]
-    _bwd_hopper[(q.shape[1] // BLOCK_N, q.shape[0] * k.shape[2])](**launch_args(**kwargs))
+    grid = (q.shape[1] // BLOCK_N, q.shape[0] * k.shape[2])
+    _bwd_hopper[grid[::-1] if keys_outer(q, k, kwargs["causal"]) else grid](**launch_args(**kwargs))

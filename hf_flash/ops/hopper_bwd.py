@@ -4,8 +4,8 @@ The portable backward (``backward.py``) runs two kernels, dQ and dK/dV, so it co
 twice: seven products where the gradients need five. Both already run near the tensor cores' practical rate,
 so the split itself caps it (DESIGN, "The backward"). This kernel computes all three gradients in the dK/dV
 program, as FlashAttention-2 and -3 do: ``dQ = dS K`` per step, its fp32 part added into a zeroed fp32 buffer
-with atomics by the loader's warps while the consumers go on (``_hopper_bwd_kernel``). The additions' order
-varies run to run, so the call is not bitwise reproducible: flash-attn's contract for ``deterministic=False``,
+while the consumers go on (D128: TMA reductions; D64: the loader's atomics; ``_hopper_bwd_kernel``). The additions'
+order varies run to run, so the call is not bitwise reproducible: flash-attn's contract for ``deterministic=False``,
 which is the default; ``deterministic=True`` keeps the portable backward.
 
 It takes what it was measured on (:func:`takes`): dense batches on an sm90 GPU, head dim 64 or 128, ``Lq == Lk``

@@ -91,7 +91,9 @@ def _hopper_source(fn, case: dict):
         rows = K.tile_rows(d)
         tiles = {n: f"tensordesc<fp32[{r}],{K._STAT_LAYOUT!r}>" if n in ("lse_desc", "delta_desc") else desc(r)
                  for n, r in rows.items()}
-        tiles.update({"dq_ptr": "*fp32", "qk_scale": "fp32", "sm_scale": "fp32"})
+        dq_layout = gl.NVMMASharedLayout.get_default_for([K.ROWS, 32], gl.float32)
+        tiles.update({"dq_desc": f"tensordesc<fp32[{K.ROWS},32],{dq_layout!r}>", "dq_ptr": "*fp32",
+                      "qk_scale": "fp32", "sm_scale": "fp32"})
         pointer = "dq_ptr"
     else:
         tiles = {"q_desc": desc(hopper_fwd.SPLIT_M), "o_desc": desc(hopper_fwd.SPLIT_M),
@@ -265,7 +267,7 @@ def hopper_bwd_cases() -> list[dict]:
 
     return [{"kernel": "hopper_bwd", "cc": 90, "dtype": dtype, "flags": "plain", "num_warps": 4, "num_stages": 1,
              "maxnreg": MAX_REGISTERS, "head_dim": head_dim,
-             "constexprs": {"CAUSAL": causal, "STAGES": hopper_bwd.STAGES}}
+             "constexprs": {"CAUSAL": causal, "STAGES": hopper_bwd.STAGES, "KEYS_OUTER": causal}}
             for head_dim, causal in sorted(hopper_bwd.MIN_SEQLEN) for dtype in ("bf16", "fp16")]  # fmt: skip
 
 

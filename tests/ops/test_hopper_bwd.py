@@ -110,6 +110,24 @@ def test_launch_names_every_kernel_argument():
     assert (args["q_rows_b"], args["q_rows_h"], args["q_col_h"]) == (L, 0, 128)
     assert (args["dkv_rows_b"], args["dkv_rows_h"], args["dkv_col_h"]) == (L, 0, 128)
     assert args["n_groups"] == 2 and args["stat_stride"] == lse.stride(1) and args["dq_stride"] == 4 * 128
+    # the same fp32 buffer as [B * L, H * D] in [64, 32] boxes, for D128's TMA reduction
+    assert list(args["dq_desc"].shape) == [2 * L, 4 * 128] and list(args["dq_desc"].block_shape) == [64, 32]
+    assert args["dq_desc"].base.data_ptr() == args["dq_ptr"].data_ptr()
+    assert args["KEYS_OUTER"]  # causal, 2 (batch, kv head) pairs
+
+
+def test_keys_outer_only_for_causal_calls_with_few_heads():
+    """The longest key blocks first where that was measured faster: causal, at most 32 (batch, kv head) pairs."""
+    if hopper_bwd.unavailable_reason():
+        pytest.skip(hopper_bwd.unavailable_reason())
+    from hf_flash.ops._hopper_bwd_kernel import KEYS_OUTER_MAX_HEADS, keys_outer
+
+    def qk(batch, kv_heads):
+        return torch.empty(batch, 128, 4 * kv_heads, 64), torch.empty(batch, 128, kv_heads, 64)
+
+    assert KEYS_OUTER_MAX_HEADS == 32
+    assert keys_outer(*qk(1, 8), True) and keys_outer(*qk(4, 8), True) and keys_outer(*qk(1, 32), True)
+    assert not keys_outer(*qk(1, 8), False) and not keys_outer(*qk(2, 32), True) and not keys_outer(*qk(33, 1), True)
 
 
 # -- on an sm90 GPU ---------------------------------------------------------------------------------------------
@@ -122,11 +140,14 @@ GPU_CASES = [
     Case(1, 640, 640, 8, 1, 128, dtype=torch.bfloat16),
     Case(2, 384, 384, 4, 4, 128, causal=True, dtype=torch.float16),
     Case(1, 128, 128, 4, 2, 128, causal=True, dtype=torch.float16),
+    # causal with more than 32 (batch, kv head) pairs: key blocks inner (the others run key blocks outer)
+    Case(9, 256, 256, 8, 4, 128, causal=True, dtype=torch.bfloat16),
     # D64: 128-query steps (a causal head's first step holds the diagonal), row halves of dQ
     Case(2, 256, 256, 4, 2, 64, causal=True, dtype=torch.bfloat16),
     Case(1, 384, 384, 4, 4, 64, dtype=torch.float16),
     Case(2, 512, 512, 8, 1, 64, causal=True, dtype=torch.bfloat16),
     Case(1, 128, 128, 4, 2, 64, causal=True, dtype=torch.float16),
+    Case(5, 384, 384, 8, 8, 64, causal=True, dtype=torch.float16),
     Case(3, 640, 640, 2, 2, 64, dtype=torch.bfloat16),
 ]
 
