@@ -31,9 +31,13 @@ from hf_flash.ops.forward import flash_fwd
 from hf_flash.ops.function import _new_lse
 
 
-def time_case(causal: bool, seqlen: int, rounds: int, kv_heads: int, head_dim: int) -> str:
+def time_case(causal: bool, seqlen: int, rounds: int, kv_heads: int, head_dim: int,
+              other_order: bool = False) -> str:
     """One line: the portable backward against ``hopper_bwd.flash_bwd_hopper`` (which launches its own delta), same
-    tensors."""
+    tensors; ``other_order``: also the Hopper backward with its programs in the other order (``keys_outer``
+    flipped), alternating with the others."""
+    from hf_flash.ops import _hopper_bwd_kernel  # Gluon: imported once main() has checked it is there
+
     batch, heads = max(1, 16384 // seqlen), 2048 // head_dim
     q, do = (torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     k, v = (torch.randn(batch, seqlen, kv_heads or heads, head_dim, device="cuda", dtype=torch.bfloat16)
@@ -53,7 +57,19 @@ def time_case(causal: bool, seqlen: int, rounds: int, kv_heads: int, head_dim: i
     def hopper():
         hopper_bwd.flash_bwd_hopper(do, q, k, v, out, lse, *grads[name], scale, causal)
 
+    def flipped():
+        # keys_outer() reads the bound at each call: 0 numbers no call key block outer, a huge one every causal call
+        default = _hopper_bwd_kernel.KEYS_OUTER_MAX_HEADS
+        outer = _hopper_bwd_kernel.keys_outer(q, k, causal)
+        _hopper_bwd_kernel.KEYS_OUTER_MAX_HEADS = 0 if outer else 1 << 30
+        try:
+            hopper()
+        finally:
+            _hopper_bwd_kernel.KEYS_OUTER_MAX_HEADS = default
+
     runs = {"portable": portable, name: hopper}
+    if other_order:
+        runs["other"] = flipped
     for fn in runs.values():
         fn()
     errors = [((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
@@ -65,6 +81,11 @@ def time_case(causal: bool, seqlen: int, rounds: int, kv_heads: int, head_dim: i
             speeds[n].append(flops / triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e-9)
     ratios = sorted(h / p for h, p in zip(speeds[name], speeds["portable"]))
     shape = f"D{head_dim} {'causal ' if causal else ''}B{batch} L={seqlen} H{heads}/{kv_heads or heads}"
+    if other_order:
+        order = "keys outer" if _hopper_bwd_kernel.keys_outer(q, k, causal) else "keys inner"
+        flip = sorted(o / h for o, h in zip(speeds["other"], speeds[name]))
+        shape += (f" ({order}; the other order {statistics.median(speeds['other']):.0f} TFLOP/s, "
+                  f"{statistics.median(flip):.2f}x)")
     return (f"{shape}: portable {statistics.median(speeds['portable']):.0f}, {name} "
             f"{statistics.median(speeds[name]):.0f} TFLOP/s: {statistics.median(ratios):.2f}x "
             f"({ratios[0]:.2f}-{ratios[-1]:.2f}); max |d| / max: dq {errors[0]:.1e}, dk {errors[1]:.1e}, "
@@ -79,13 +100,16 @@ def main():
     p.add_argument("--causal", default="both", choices=["both", "causal", "plain"])
     p.add_argument("--head-dim", type=int, default=128,
                    help="a head dim the kernel compiles for (hidden 2048: 2048 / D heads)")
+    p.add_argument("--other-order", action="store_true",
+                   help="also time the Hopper backward with keys_outer() flipped (causal calls: key blocks outer "
+                        "or inner), alternating in the same rounds")
     a = p.parse_args()
     if hopper_bwd.unavailable_reason() or torch.cuda.get_device_capability() != (9, 0):
         raise SystemExit(hopper_bwd.unavailable_reason() or "the Hopper backward needs an sm90 GPU")
     print(torch.cuda.get_device_name(), "| torch", torch.__version__, "| triton", triton.__version__, flush=True)
     for seqlen in map(int, a.seqlens.split(",")):
         for causal in {"both": (False, True), "causal": (True,), "plain": (False,)}[a.causal]:
-            print(time_case(causal, seqlen, a.rounds, a.kv_heads, a.head_dim), flush=True)
+            print(time_case(causal, seqlen, a.rounds, a.kv_heads, a.head_dim, a.other_order), flush=True)
 
 
 if __name__ == "__main__":
