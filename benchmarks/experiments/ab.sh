@@ -37,6 +37,7 @@ VARIANTS=(
   # the Hopper backward at any L (4D descriptors: TMA zero-fills a box past L), where main keeps L % 128 == 0 on
   # it and sends the rest to the portable backward: MATCH=any-length SEQLENS="12000 16384" KERNELS=bwd
   "any-length|hopper-bwd-any-length.patch|"
+  # (hopper-fwd-any-length-on-bwd.patch, the forward the same way, applies on top of it only: PLAN)
   # A patch that no longer applies to main leaves this folder for the branch experiments-archive, e.g.
   # segment-loop.patch (main now does the same); one that lost leaves it too, its commit named in the LOG
   # (fwd-overlap-d128.patch / fwd-overlap-all.patch: `git show 804544b:benchmarks/experiments/NAME`;
