@@ -6,6 +6,7 @@
     python benchmarks/loop_spills.py --kernels dkdv --set IS_GQA=1     # an experiment's constexpr
     python benchmarks/loop_spills.py --kernels fwd_short --tiles 64x64w4s3,128x64w8s3   # candidate tiles
     python benchmarks/loop_spills.py --kernels hopper_bwd --head-dims 64,128   # the Gluon backward (dense only)
+    python benchmarks/loop_spills.py --kernels hopper_fwd --head-dims 64,128   # the Gluon forward (dense only)
 
 ptxas' total ("1352 bytes spill stores") does not say where the spills are: in a loop that runs once per
 program they cost nothing, in the unmasked loop that does nearly all the work they cost a lot. This
@@ -41,6 +42,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import test_chips  # noqa: E402  (the launchers' specialisations and the offline compile)
 
 LAYOUTS = ("dense", "ragged", "varlen")
+KERNELS = ["dkdv", "dq", "fwd", "fwd_short"]  # the portable kernels, as test_chips._case names them
+GLUON = {"hopper_bwd", "hopper_fwd"}  # the Gluon kernels: dense only, their own compile cases
 INSTRUCTION = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);")
 
 
@@ -96,10 +99,17 @@ def programs_per_sm(result: dict) -> int:
 
 def case_for(kernel: str, head_dim: int, causal: bool, layout: str, overrides: dict, tile=None) -> dict:
     """``kernel``: as ``test_chips._case`` names them ("fwd_short": the forward's short-sequence tiles), or
-    "hopper_bwd" (the Gluon backward as ``test_hopper_bwd`` compiles it; dense lengths only, no tiles to swap);
-    ``tile``: (block_m, block_n, num_warps, num_stages) in place of the table's."""
-    if kernel == "hopper_bwd":
-        case = next(c for c in test_chips.hopper_bwd_cases()
+    "hopper_bwd" / "hopper_fwd" (the Gluon kernels as ``test_hopper_bwd`` / ``test_hopper_fwd`` compile them, the
+    forward with ``hopper_fwd.TILES``' tile; dense lengths only, no tiles to swap); ``tile``: (block_m, block_n,
+    num_warps, num_stages) in place of the table's."""
+    if kernel in GLUON:
+        if kernel == "hopper_bwd":
+            cases = test_chips.hopper_bwd_cases()
+        else:
+            from hf_flash.ops import hopper_fwd
+
+            cases = test_chips.hopper_fwd_cases(hopper_fwd.TILES)
+        case = next(c for c in cases
                     if c["head_dim"] == head_dim and c["constexprs"]["CAUSAL"] == causal and c["dtype"] == "bf16")
         case["constexprs"].update(overrides)
         return case
@@ -119,14 +129,19 @@ def case_for(kernel: str, head_dim: int, causal: bool, layout: str, overrides: d
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--kernels", default="dkdv,dq,fwd", help="of dkdv, dq, fwd, fwd_short (the short-sequence tiles)")
+    p.add_argument("--kernels", default="dkdv,dq,fwd",
+                   help="of dkdv, dq, fwd, fwd_short (the short-sequence tiles), hopper_bwd, hopper_fwd")
     p.add_argument("--head-dims", default="128")
     p.add_argument("--layouts", default=",".join(LAYOUTS))
     p.add_argument("--set", default="", help="constexpr overrides, e.g. IS_GQA=1 (an experiment's flag)")
     p.add_argument("--tiles", default="", help="tiles in place of the table's, e.g. 64x64w4s3,128x64w8s3")
     a = p.parse_args()
-    if a.tiles and "hopper_bwd" in a.kernels.split(","):
-        p.error("--tiles: the Hopper backward has no tile table to swap; run --kernels hopper_bwd without it")
+    unknown = sorted(set(a.kernels.split(",")) - set(KERNELS) - GLUON)
+    if unknown:
+        p.error(f"--kernels: {', '.join(unknown)} unknown; accepted: {', '.join(KERNELS + sorted(GLUON))}")
+    if a.tiles and GLUON & set(a.kernels.split(",")):
+        p.error("--tiles: the Hopper kernels have no tile table to swap; run --kernels hopper_bwd / hopper_fwd "
+                "without it")
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from sweep_tiles import parse_tiles  # its --tiles syntax (imports torch and hf_flash: only here)
 
@@ -138,7 +153,7 @@ def main():
     for kernel in a.kernels.split(","):
         for head_dim in (int(d) for d in a.head_dims.split(",")):
             for causal in (False, True):
-                layouts = ["dense"] if kernel == "hopper_bwd" else a.layouts.split(",")
+                layouts = ["dense"] if kernel in GLUON else a.layouts.split(",")
                 for layout, tile in ((lay, t) for lay in layouts for t in tiles):
                     case = case_for(kernel, head_dim, causal, layout, overrides, tile)
                     r = test_chips.compile_case(case, with_cubin=True)

@@ -259,6 +259,17 @@ SPILL_BUDGET = {"plain": 4096, "causal": 4096, "window-varlen": 4096, "all": 819
 SPILL_CHECKED = {"sm75", "sm80", "sm89"}
 
 
+def hopper_fwd_cases(tiles: dict) -> list[dict]:
+    """The compile cases of the Hopper forward for ``tiles`` ((head dim, causal) -> ``hopper_fwd.Tile``), bf16 and
+    fp16 (``test_hopper_fwd``, ``benchmarks/loop_spills.py``)."""
+    from hf_flash.ops._hopper_fwd_kernel import max_registers
+
+    return [{"kernel": "hopper_fwd", "cc": 90, "dtype": dtype, "flags": "plain", "num_warps": 4, "num_stages": 1,
+             "maxnreg": max_registers(t.groups), "head_dim": d, "block_n": t.block_n,
+             "constexprs": {"CAUSAL": causal, "STAGES": t.stages, "GROUPS": t.groups}}
+            for (d, causal), t in tiles.items() for dtype in ("bf16", "fp16")]  # fmt: skip
+
+
 def hopper_bwd_cases() -> list[dict]:
     """The compile cases of the Hopper backward (``test_hopper_bwd``, ``benchmarks/loop_spills.py``): head dims 128
     and 64, causal or not, bf16 and fp16."""

@@ -74,28 +74,17 @@ def test_only_a_real_sm90_gpu_runs_it(fake_gpu, monkeypatch):
     assert not hopper_fwd.on_sm90(device)
 
 
-def hopper_cases(tiles: dict) -> list[dict]:
-    """test_chips compile cases of the Hopper forward for ``tiles`` ((head dim, causal) -> ``hopper_fwd.Tile``),
-    bf16 and fp16."""
-    from hf_flash.ops._hopper_fwd_kernel import max_registers
-
-    return [{"kernel": "hopper_fwd", "cc": 90, "dtype": dtype, "flags": "plain", "num_warps": 4, "num_stages": 1,
-             "maxnreg": max_registers(t.groups), "head_dim": d, "block_n": t.block_n,
-             "constexprs": {"CAUSAL": causal, "STAGES": t.stages, "GROUPS": t.groups}}
-            for (d, causal), t in tiles.items() for dtype in ("bf16", "fp16")]  # fmt: skip
-
-
 def test_compiles_for_sm90_without_spills():
     """The kernel compiles for sm90 with this Triton (CI's is not the device's) for every tile of the table,
     within the launch's registers a thread (the consumers then raise theirs: ``setmaxnreg``), without spills, in
     the 227 KB of shared memory a program may have: causal or not, bf16 and fp16 (in fresh processes, as
     test_chips compiles)."""
-    from test_chips import _cross_compile_unavailable, run_workers
+    from test_chips import _cross_compile_unavailable, hopper_fwd_cases, run_workers
 
     reason = hopper_fwd.unavailable_reason() or _cross_compile_unavailable()
     if reason:
         pytest.skip(reason)
-    for r in run_workers(hopper_cases(hopper_fwd.TILES), processes=2, timeout=600):
+    for r in run_workers(hopper_fwd_cases(hopper_fwd.TILES), processes=2, timeout=600):
         c = r["constexprs"]
         name = f"D{r['head_dim']} causal={c['CAUSAL']} groups={c['GROUPS']} {r['dtype']}"
         assert "error" not in r, f"{name}: {r.get('error')}"
