@@ -1,0 +1,81 @@
+"""The arithmetic of ``hopper-bwd-any-length.patch`` on the CPU: its block walk (128-key programs of two 64-key
+groups, STEP-query steps, the causal and wrap-around orders, the masked steps) on inputs zero-filled past L as TMA
+fills them, the rows past L dropped from the dK/dV stores, in fp64 for one (batch, head), against autograd.
+
+    python benchmarks/experiments/any_length_emulation.py    # max |diff| per (L, causal, STEP); ~1e-15 expected
+
+It checks the derivation (the zero rows add nothing but through P, which the masks cover), not the kernel."""
+import math
+import torch
+
+torch.manual_seed(0)
+ROWS = 64
+
+
+def reference(q, k, v, do, causal, scale):
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    s = q @ k.T * scale
+    if causal:
+        L = q.shape[0]
+        s = s.masked_fill(torch.triu(torch.ones(L, L, dtype=torch.bool), 1), float("-inf"))
+    p = torch.softmax(s, -1)
+    o = p @ v
+    o.backward(do)
+    lse = torch.logsumexp(s, -1)
+    return o.detach(), lse.detach(), q.grad, k.grad, v.grad
+
+
+def emulate(q, k, v, do, o, lse, causal, scale, step):
+    L, D = q.shape
+    n_blocks = -(-L // (2 * ROWS))
+    pad = n_blocks * 2 * ROWS + 2 * ROWS  # room for a last step past L
+    z = lambda t: torch.cat([t, torch.zeros(pad - t.shape[0], *t.shape[1:], dtype=t.dtype)])
+    delta = (do * o).sum(-1)
+    Q, K, V, DO, LSE, DELTA = z(q), z(k), z(v), z(do), z(lse), z(delta)
+    dq = torch.zeros(pad, D, dtype=q.dtype)
+    dk = torch.zeros(pad, D, dtype=q.dtype)
+    dv = torch.zeros(pad, D, dtype=q.dtype)
+    for nb in range(n_blocks):
+        n0 = nb * 2 * ROWS
+        q_lo = n0 if causal else 0
+        per_head = -(-(L - q_lo) // step)
+        n_diag = min(2 * ROWS // step, per_head) if causal else (per_head if n0 + 2 * ROWS > L else 0)
+        keys = torch.arange(n0, n0 + 2 * ROWS)
+        Kb, Vb = K[keys], V[keys]
+        dkb = torch.zeros(2 * ROWS, D, dtype=q.dtype)
+        dvb = torch.zeros(2 * ROWS, D, dtype=q.dtype)
+        for i in range(per_head):
+            q_start = q_lo + i * step if causal else ((i + n0 // step) % per_head) * step
+            qs = torch.arange(q_start, q_start + step)
+            st = Kb @ Q[qs].T  # [keys, queries]
+            pt = torch.exp(st * scale - LSE[qs][None, :])
+            if i < n_diag:
+                if causal:
+                    pt = torch.where(keys[:, None] <= qs[None, :], pt, 0.0)
+                else:
+                    pt = torch.where((keys < L)[:, None], pt, 0.0)
+            dpt = Vb @ DO[qs].T
+            dst = pt * (dpt - DELTA[qs][None, :])
+            dvb += pt @ DO[qs]
+            dkb += dst @ Q[qs]
+            dq[qs] += (dst.T @ Kb) * scale
+        # TMA store: rows past L dropped
+        valid = keys < L
+        dk[keys[valid]] = dkb[valid] * scale
+        dv[keys[valid]] = dvb[valid]
+    return dq[:L], dk[:L], dv[:L]
+
+
+worst = 0.0
+for L in (129, 200, 333, 700, 64 * 3 + 5, 128, 256, 77 + 256):
+    for causal in (False, True):
+        for step in (64, 128):
+            D = 16
+            q, k, v, do = (torch.randn(L, D, dtype=torch.float64) for _ in range(4))
+            scale = 1 / math.sqrt(D)
+            o, lse, gq, gk, gv = reference(q, k, v, do, causal, scale)
+            eq, ek, ev = emulate(q, k, v, do, o, lse, causal, scale, step)
+            err = max((a - b).abs().max().item() for a, b in ((eq, gq), (ek, gk), (ev, gv)))
+            worst = max(worst, err)
+            print(f"L={L} causal={causal} step={step}: max |diff| {err:.1e}")
+print("worst", worst)
