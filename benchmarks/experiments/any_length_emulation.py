@@ -4,7 +4,9 @@ fills them, the rows past L dropped from the dK/dV stores, in fp64 for one (batc
 
     python benchmarks/experiments/any_length_emulation.py    # max |diff| per (L, causal, STEP); ~1e-15 expected
 
-It checks the derivation (the zero rows add nothing but through P, which the masks cover), not the kernel."""
+It checks the derivation (the zero rows add nothing but through P, which the masks cover), not the kernel. The
+``packed`` rows replay PLAN's varlen design instead: the rows past L hold another sequence's data (not zeros),
+the queries past L get LSE = +inf (P = 0), and the dQ rows past L must receive exact zeros."""
 import math
 import torch
 
@@ -25,13 +27,18 @@ def reference(q, k, v, do, causal, scale):
     return o.detach(), lse.detach(), q.grad, k.grad, v.grad
 
 
-def emulate(q, k, v, do, o, lse, causal, scale, step):
+def emulate(q, k, v, do, o, lse, causal, scale, step, packed=False):
     L, D = q.shape
     n_blocks = -(-L // (2 * ROWS))
     pad = n_blocks * 2 * ROWS + 2 * ROWS  # room for a last step past L
-    z = lambda t: torch.cat([t, torch.zeros(pad - t.shape[0], *t.shape[1:], dtype=t.dtype)])
+    if packed:  # the next sequence's rows (any finite values)
+        z = lambda t: torch.cat([t, torch.randn(pad - t.shape[0], *t.shape[1:], dtype=t.dtype)])
+    else:  # TMA's zero fill
+        z = lambda t: torch.cat([t, torch.zeros(pad - t.shape[0], *t.shape[1:], dtype=t.dtype)])
     delta = (do * o).sum(-1)
     Q, K, V, DO, LSE, DELTA = z(q), z(k), z(v), z(do), z(lse), z(delta)
+    if packed:  # the step's query mask: LSE = +inf past L
+        LSE[L:] = float("inf")
     dq = torch.zeros(pad, D, dtype=q.dtype)
     dk = torch.zeros(pad, D, dtype=q.dtype)
     dv = torch.zeros(pad, D, dtype=q.dtype)
@@ -63,6 +70,7 @@ def emulate(q, k, v, do, o, lse, causal, scale, step):
         valid = keys < L
         dk[keys[valid]] = dkb[valid] * scale
         dv[keys[valid]] = dvb[valid]
+    assert not packed or (dq[L:] == 0).all(), "dQ rows past L must receive zeros"
     return dq[:L], dk[:L], dv[:L]
 
 
@@ -70,12 +78,13 @@ worst = 0.0
 for L in (129, 200, 333, 700, 64 * 3 + 5, 128, 256, 77 + 256):
     for causal in (False, True):
         for step in (64, 128):
-            D = 16
-            q, k, v, do = (torch.randn(L, D, dtype=torch.float64) for _ in range(4))
-            scale = 1 / math.sqrt(D)
-            o, lse, gq, gk, gv = reference(q, k, v, do, causal, scale)
-            eq, ek, ev = emulate(q, k, v, do, o, lse, causal, scale, step)
-            err = max((a - b).abs().max().item() for a, b in ((eq, gq), (ek, gk), (ev, gv)))
-            worst = max(worst, err)
-            print(f"L={L} causal={causal} step={step}: max |diff| {err:.1e}")
+            for packed in (False, True):
+                D = 16
+                q, k, v, do = (torch.randn(L, D, dtype=torch.float64) for _ in range(4))
+                scale = 1 / math.sqrt(D)
+                o, lse, gq, gk, gv = reference(q, k, v, do, causal, scale)
+                eq, ek, ev = emulate(q, k, v, do, o, lse, causal, scale, step, packed)
+                err = max((a - b).abs().max().item() for a, b in ((eq, gq), (ek, gk), (ev, gv)))
+                worst = max(worst, err)
+                print(f"L={L} causal={causal} step={step} {'packed' if packed else 'zeros'}: max |diff| {err:.1e}")
 print("worst", worst)
