@@ -3,7 +3,8 @@
 # in a scratch copy ("any"), against main's tree. 1) their GPU tests (the oracle at L = 129-700 and main's cases);
 # 2) each patched kernel against the portable one at ragged lengths and at 16384 (the regression check against
 # the README's numbers); 3) the public call at L = 12,345 on main (portable kernels both ways there) and on the
-# patch, beside SDPA's cuDNN and flash backends. QUICK=1: the backward's tests and 2) only. Logs to $OUT.
+# patch, beside SDPA's cuDNN and flash backends. QUICK=1: the backward's tests and 2) only. VARLEN=1: also
+# hopper-bwd-varlen-on-any-length.patch (its GPU tests run with the backward's) and varlen_split.py. Logs to $OUT.
 set -u
 ROOT=$PWD
 OUT=${OUT:-$ROOT/any-out}
@@ -11,7 +12,9 @@ mkdir -p "$OUT"
 S=$(mktemp -d)
 mkdir -p $S/any && cp -r hf_flash tests benchmarks scripts docs README.md $S/any/
 (cd $S/any && git apply $ROOT/benchmarks/experiments/hopper-bwd-any-length.patch &&
-    git apply $ROOT/benchmarks/experiments/hopper-fwd-any-length-on-bwd.patch) || { echo "!! patches"; exit 1; }
+    git apply $ROOT/benchmarks/experiments/hopper-fwd-any-length-on-bwd.patch &&
+    { [ "${VARLEN:-0}" != 1 ] || git apply $ROOT/benchmarks/experiments/hopper-bwd-varlen-on-any-length.patch; }) ||
+    { echo "!! patches"; exit 1; }
 nvidia-smi --query-gpu=name --format=csv,noheader
 tests=tests/ops/test_hopper_bwd.py
 [ "${QUICK:-0}" = 1 ] || tests="$tests tests/ops/test_hopper_fwd.py"
@@ -26,6 +29,10 @@ F="timeout 100 python benchmarks/hopper_fwd_speed.py --rounds 3"
      $F --head-dim 128 --seqlens 4000,12345,16384 2>&1 | grep -E "TFLOP|rror"
      $F --head-dim 64 --seqlens 4000,12345,16384 2>&1 | grep -E "TFLOP|rror"
  fi) | tee $OUT/speed.log
+if [ "${VARLEN:-0}" = 1 ]; then
+    (cd $S/any && PYTHONPATH=$S/any timeout 150 python benchmarks/varlen_split.py --head-dim 64 --heads 32 \
+        --kv-heads 8 2>&1 | grep -E "TFLOP|rror") | tee $OUT/varlen.log
+fi
 [ "${QUICK:-0}" = 1 ] && exit 0
 for tree in $ROOT $S/any; do
     echo "== $tree"
