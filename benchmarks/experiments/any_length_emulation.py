@@ -4,6 +4,9 @@ fills them, the rows past L dropped from the dK/dV stores, in fp64 for one (batc
 
     python benchmarks/experiments/any_length_emulation.py    # max |diff| per (L, causal, STEP); ~1e-15 expected
 
+The forward's walk (``emulate_fwd``: tiles of 2 or 3 groups of 64 rows, any L, zeros or the next sequence's rows
+past it) is replayed the same way, O and LSE against the reference.
+
 It checks the derivation (the zero rows add nothing but through P, which the masks cover), not the kernel. The
 ``packed`` rows replay PLAN's varlen design instead: the rows past L hold another sequence's data (not zeros),
 the queries past L get LSE = +inf (P = 0), and the dQ rows past L must receive exact zeros."""
@@ -74,7 +77,57 @@ def emulate(q, k, v, do, o, lse, causal, scale, step, packed=False):
     return dq[:L], dk[:L], dv[:L]
 
 
+def emulate_fwd(q, k, v, causal, scale, groups, packed):
+    """The forward's tile walk (``hopper-fwd-varlen-on-bwd-varlen.patch``): tiles of ``groups`` 64-row groups,
+    128-key blocks, the unmasked blocks (causal: up to the group's first row; else the whole ones) then the
+    masked ones; past L the next sequence's rows (``packed``) or zeros; rows past L never stored (NaN marks)."""
+    L, D = q.shape
+    block_n, tile_m = 128, groups * ROWS
+    pad = -(-L // tile_m) * tile_m + block_n
+    fill = torch.randn if packed else torch.zeros
+    Q, K, V = (torch.cat([t, fill(pad - L, D, dtype=t.dtype)]) for t in (q, k, v))
+    o = torch.full((pad, D), float("nan"), dtype=q.dtype)
+    lse = torch.full((pad,), float("nan"), dtype=q.dtype)
+    for q_start in range(0, L, tile_m):
+        n_blocks = -(-min(L, q_start + tile_m) // block_n) if causal else -(-L // block_n)
+        for g in range(groups):
+            first = q_start + g * ROWS
+            if first >= L:
+                continue
+            rows = torch.arange(first, first + ROWS)
+            n_full = min((first + 1) // block_n, n_blocks) if causal else L // block_n
+            m = torch.full((ROWS,), float("-inf"), dtype=q.dtype)
+            l, acc = torch.zeros(ROWS, dtype=q.dtype), torch.zeros(ROWS, D, dtype=q.dtype)
+            for j in range(n_blocks):
+                keys = torch.arange(j * block_n, (j + 1) * block_n)
+                s = Q[rows] @ K[keys].T * scale
+                if j >= n_full:
+                    keep = keys[None, :] <= rows[:, None] if causal else (keys < L)[None, :].expand_as(s)
+                    s = torch.where(keep, s, float("-inf"))
+                m_new = torch.maximum(m, s.max(1).values)
+                m_new = torch.where(m_new == float("-inf"), 0.0, m_new)
+                p = torch.exp(s - m_new[:, None])
+                alpha = torch.exp(m - m_new)
+                l, acc, m = l * alpha + p.sum(1), acc * alpha[:, None] + p @ V[keys], m_new
+            valid = rows < L  # the masked stores
+            o[rows[valid]] = (acc / l[:, None])[valid]
+            lse[rows[valid]] = (m + torch.log(l))[valid]
+    assert not o[L:].isfinite().any(), "rows past L must not be stored"
+    return o[:L], lse[:L]
+
+
 worst = 0.0
+for L in (129, 200, 333, 700, 64 * 3 + 5, 128, 256, 77 + 256, 1000):
+    for causal in (False, True):
+        for groups in (2, 3):
+            for packed in (False, True):
+                q, k, v = (torch.randn(L, 16, dtype=torch.float64) for _ in range(3))
+                o, lse = reference(q, k, v, torch.zeros_like(q), causal, 0.25)[:2]
+                eo, else_ = emulate_fwd(q, k, v, causal, 0.25, groups, packed)
+                err = max((eo - o).abs().max().item(), (else_ - lse).abs().max().item())
+                worst = max(worst, err)
+                print(f"forward L={L} causal={causal} groups={groups} {'packed' if packed else 'zeros'}: "
+                      f"max |diff| {err:.1e}")
 for L in (129, 200, 333, 700, 64 * 3 + 5, 128, 256, 77 + 256):
     for causal in (False, True):
         for step in (64, 128):
