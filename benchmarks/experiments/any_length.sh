@@ -4,7 +4,8 @@
 # 2) each patched kernel against the portable one at ragged lengths and at 16384 (the regression check against
 # the README's numbers); 3) the public call at L = 12,345 on main (portable kernels both ways there) and on the
 # patch, beside SDPA's cuDNN and flash backends. QUICK=1: the backward's tests and 2) only. VARLEN=1: also
-# hopper-bwd-varlen-on-any-length.patch (its GPU tests run with the backward's) and varlen_split.py. Logs to $OUT.
+# hopper-bwd-varlen-on-any-length.patch (its GPU tests run with the backward's) and varlen_split.py; VARLEN=1
+# FWD_VARLEN=1: also hopper-fwd-varlen-on-bwd-varlen.patch (the forward for packed batches). Logs to $OUT.
 set -u
 ROOT=$PWD
 OUT=${OUT:-$ROOT/any-out}
@@ -13,11 +14,12 @@ S=$(mktemp -d)
 mkdir -p $S/any && cp -r hf_flash tests benchmarks scripts docs README.md $S/any/
 (cd $S/any && git apply $ROOT/benchmarks/experiments/hopper-bwd-any-length.patch &&
     git apply $ROOT/benchmarks/experiments/hopper-fwd-any-length-on-bwd.patch &&
-    { [ "${VARLEN:-0}" != 1 ] || git apply $ROOT/benchmarks/experiments/hopper-bwd-varlen-on-any-length.patch; }) ||
+    { [ "${VARLEN:-0}" != 1 ] || git apply $ROOT/benchmarks/experiments/hopper-bwd-varlen-on-any-length.patch; } &&
+    { [ "${FWD_VARLEN:-0}" != 1 ] || git apply $ROOT/benchmarks/experiments/hopper-fwd-varlen-on-bwd-varlen.patch; }) ||
     { echo "!! patches"; exit 1; }
 nvidia-smi --query-gpu=name --format=csv,noheader
 tests=tests/ops/test_hopper_bwd.py
-[ "${QUICK:-0}" = 1 ] || tests="$tests tests/ops/test_hopper_fwd.py"
+[ "${QUICK:-0}" = 1 ] && [ "${FWD_VARLEN:-0}" != 1 ] || tests="$tests tests/ops/test_hopper_fwd.py"
 (cd $S/any && PYTHONPATH=$S/any:$S/any/tests/ops timeout 240 python -m pytest -q -m gpu -p no:cacheprovider $tests \
     2>&1 | tail -6) | tee $OUT/tests.log
 B="timeout 100 python benchmarks/hopper_bwd_speed.py --rounds 3"
