@@ -122,16 +122,15 @@ def _gpu(index: int) -> dict:
 def _hopper_forward(device: torch.device) -> str:
     """Whether the forward runs the Hopper kernel on this GPU (``hf_flash/ops/hopper_fwd.py``), where, and why not."""
     return _hopper_kernel(device, hopper_fwd, f"{hopper_fwd.ENV}=0",
-                          f"{hopper_fwd.coverage()}, dense, Lq == Lk a multiple of {hopper_fwd.SPLIT_M}, no "
-                          "window/softcap/dropout/sinks (Gluon, warp-specialized)")
+                          f"{hopper_fwd.coverage()}, dense, Lq == Lk, no window/softcap/dropout/sinks (Gluon, "
+                          "warp-specialized)")
 
 
 def _hopper_backward(device: torch.device) -> str:
     """Whether the backward runs the Hopper kernel on this GPU (``hf_flash/ops/hopper_bwd.py``), where, and why not."""
     return _hopper_kernel(device, hopper_bwd, f"{hopper_bwd.ENV}=0",
-                          f"{hopper_bwd.coverage()}, dense, Lq == Lk a "
-                          f"multiple of {hopper_bwd.BLOCK_N}, deterministic=False, no window/softcap/dropout/sinks "
-                          "(Gluon, dQ by atomics)")
+                          f"{hopper_bwd.coverage()}, dense or varlen (mean length), Lq == Lk, deterministic=False, no "
+                          "window/softcap/dropout/sinks (Gluon, dQ by TMA reductions / atomics)")
 
 
 def _hopper_kernel(device: torch.device, module, when_off: str, coverage: str) -> str:

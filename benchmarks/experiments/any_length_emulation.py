@@ -1,6 +1,7 @@
-"""The arithmetic of ``hopper-bwd-any-length.patch`` on the CPU: its block walk (128-key programs of two 64-key
-groups, STEP-query steps, the causal and wrap-around orders, the masked steps) on inputs zero-filled past L as TMA
-fills them, the rows past L dropped from the dK/dV stores, in fp64 for one (batch, head), against autograd.
+"""The arithmetic of the Hopper backward at any L (``_hopper_bwd_kernel``) on the CPU: its block walk (128-key
+programs of two 64-key groups, STEP-query steps, the causal and wrap-around orders, the masked steps) on inputs
+zero-filled past L as TMA fills them, the rows past L dropped from the dK/dV stores, in fp64 for one (batch,
+head), against autograd.
 
     python benchmarks/experiments/any_length_emulation.py    # max |diff| per (L, causal, STEP); ~1e-15 expected
 
@@ -8,7 +9,7 @@ The forward's walk (``emulate_fwd``: tiles of 2 or 3 groups of 64 rows, any L, z
 past it) is replayed the same way, O and LSE against the reference.
 
 It checks the derivation (the zero rows add nothing but through P, which the masks cover), not the kernel. The
-``packed`` rows replay PLAN's varlen design instead: the rows past L hold another sequence's data (not zeros),
+``packed`` rows replay its varlen form instead: the rows past L hold another sequence's data (not zeros),
 the queries past L get LSE = +inf (P = 0), and the dQ rows past L must receive exact zeros."""
 import math
 import torch
@@ -78,7 +79,7 @@ def emulate(q, k, v, do, o, lse, causal, scale, step, packed=False):
 
 
 def emulate_fwd(q, k, v, causal, scale, groups, packed):
-    """The forward's tile walk (``hopper-fwd-varlen-on-bwd-varlen.patch``): tiles of ``groups`` 64-row groups,
+    """The forward's tile walk (``hopper-fwd-varlen.patch``; the dense walk is main's): tiles of ``groups`` 64-row groups,
     128-key blocks, the unmasked blocks (causal: up to the group's first row; else the whole ones) then the
     masked ones; past L the next sequence's rows (``packed``) or zeros; rows past L never stored (NaN marks)."""
     L, D = q.shape

@@ -15,6 +15,11 @@ own K/V from DRAM at short L). Partitions of a program (``gl.warp_specialize``):
   store. A group whose rows start at or past the sequence's end (the last tile when ``L`` is not a multiple
   of the tile) only releases the stages.
 
+Any L: Q, K, V and O are read through 4D descriptors ``[B, H, L, D]`` in boxes of one (batch, head)
+(:func:`box_descriptor`), so TMA zero-fills a box's rows past L and drops them from the O store; the keys past L
+are masked in the last key block (causal: past every query already) and the LSE of the rows past L is not
+stored.
+
 Shapes in comments: ``[rows, columns]`` of one consumer group (SPLIT_M = 64 rows).
 """
 
@@ -27,21 +32,23 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from hf_flash.ops.common import tma_view
-
 # Triton 3.9 renamed the TMA copies (3.6 has only the old names, 3.9 only the new)
 tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
 
 
 @gluon.jit
+def _box(ring, i):
+    """Box ``i`` of a ring of TMA boxes ``[n, 1, 1, rows, D]`` as the ``[rows, D]`` tile the products read."""
+    return ring.index(i).reshape([ring.type.shape[3], ring.type.shape[4]])
+
+
+@gluon.jit
 def _tile(t, problem, CAUSAL: gl.constexpr, TILE_M: gl.constexpr, BLOCK_N: gl.constexpr):
-    """Tile ``t`` (``TILE_M`` query rows): the descriptors' rows of its Q block and of its K/V head, their
-    columns, the first query, its key blocks and its LSE offset.
-    ``problem``: (seqlen, n_heads, n_groups, n_bh, n_tiles, q_rows, kv_rows, lse_strides, head_group) with
-    ``*_rows`` = (rows_b, rows_h, col_h) of the module docstring of ``hopper_fwd`` and ``lse_strides`` =
-    (batch, head)."""
-    seqlen, n_heads, n_groups, n_bh, n_tiles, q_rows, kv_rows, lse_strides, head_group = problem
+    """Tile ``t`` (``TILE_M`` query rows): its batch, head and K/V head, the first query, its key blocks and
+    its LSE offset. ``problem``: (seqlen, n_heads, n_groups, n_bh, n_tiles, lse_strides, head_group) with
+    ``lse_strides`` = (batch, head)."""
+    seqlen, n_heads, n_groups, n_bh, n_tiles, lse_strides, head_group = problem
     n_m = gl.cdiv(seqlen, TILE_M)
     # group of head_group (batch, head) pairs (the last one may be smaller), heaviest query block first within
     group = t // (head_group * n_m)
@@ -58,10 +65,8 @@ def _tile(t, problem, CAUSAL: gl.constexpr, TILE_M: gl.constexpr, BLOCK_N: gl.co
         n_blocks = gl.cdiv(gl.minimum(seqlen, q_start + TILE_M), BLOCK_N)
     else:
         n_blocks = gl.cdiv(seqlen, BLOCK_N)
-    q_row = b * q_rows[0] + h * q_rows[1] + q_start
-    kv_row = b * kv_rows[0] + hk * kv_rows[1]
     lse_off = b.to(gl.int64) * lse_strides[0] + h.to(gl.int64) * lse_strides[1] + q_start
-    return q_row, h * q_rows[2], kv_row, hk * kv_rows[2], q_start, n_blocks, lse_off
+    return b, h, hk, q_start, n_blocks, lse_off
 
 
 @gluon.jit
@@ -71,23 +76,22 @@ def _loader(descs, smem, bars, problem, CAUSAL: gl.constexpr):
     q_desc, k_desc, v_desc, o_desc = descs
     q_smem, k_smem, v_smem = smem
     q_ready, q_empty, k_ready, v_ready, kv_empty = bars
-    SPLIT_M: gl.constexpr = q_desc.block_type.shape[0]
-    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    SPLIT_M: gl.constexpr = q_desc.block_type.shape[2]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[2]
     STAGES: gl.constexpr = k_smem.type.shape[0]
     GROUPS: gl.constexpr = q_smem.type.shape[0]
     c = 0  # K/V blocks loaded so far
     i = 0  # tiles of this program so far
     for t in range(gl.program_id(0), problem[4], gl.num_programs(0)):
-        q_row, q_col, kv_row, kv_col, q_start, n_blocks, lse_off = _tile(t, problem, CAUSAL, GROUPS * SPLIT_M,
-                                                                         BLOCK_N)
+        b, h, hk, q_start, n_blocks, lse_off = _tile(t, problem, CAUSAL, GROUPS * SPLIT_M, BLOCK_N)
         for j in range(n_blocks):
             stage = c % STAGES
             # a fresh mbarrier counts as having completed phase 1: the first round does not wait
             mbarrier.wait(kv_empty.index(stage), ((c // STAGES) & 1) ^ 1)
             mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
-            tma_load(k_desc, [kv_row + j * BLOCK_N, kv_col], k_ready.index(stage), k_smem.index(stage))
+            tma_load(k_desc, [b, hk, j * BLOCK_N, 0], k_ready.index(stage), k_smem.index(stage))
             mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
-            tma_load(v_desc, [kv_row + j * BLOCK_N, kv_col], v_ready.index(stage), v_smem.index(stage))
+            tma_load(v_desc, [b, hk, j * BLOCK_N, 0], v_ready.index(stage), v_smem.index(stage))
             c += 1
             if j == 0:
                 # Q after the first K/V block, whose load then overlaps the previous tile's last steps while Q's
@@ -95,7 +99,7 @@ def _loader(descs, smem, bars, problem, CAUSAL: gl.constexpr):
                 for g in gl.static_range(GROUPS):
                     mbarrier.wait(q_empty.index(g), (i & 1) ^ 1)
                     mbarrier.expect(q_ready.index(g), q_desc.block_type.nbytes)
-                    tma_load(q_desc, [q_row + g * SPLIT_M, q_col], q_ready.index(g), q_smem.index(g))
+                    tma_load(q_desc, [b, h, q_start + g * SPLIT_M, 0], q_ready.index(g), q_smem.index(g))
         i += 1
 
 
@@ -105,7 +109,7 @@ def _softmax(s, m_i, l_i, k_start, offs_m, seqlen, qk_scale, MASKED: gl.constexp
     """One block's online softmax on S ``[64, BLOCK_N]`` (fp32, wgmma layout): P (fp32), the new running max
     m and sum l (base 2, scaled), and alpha, the factor that rescales the accumulator to the new max.
     ``MASKED``: causal, keys past the row; else keys past ``seqlen`` (the last block when ``BLOCK_N`` does not
-    divide L: the descriptor's 2D view has the next head's rows there, not zeros)."""
+    divide L: zero K rows there, whose scores of 0 would count)."""
     BLOCK_N: gl.constexpr = s.type.shape[1]
     if MASKED:
         offs_n = k_start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
@@ -130,19 +134,19 @@ def _step(j, c, q_buf, smem, bars, m_i, l_i, acc, offs_m, seqlen, qk_scale, zero
     q_smem, k_smem, v_smem = smem
     q_ready, q_empty, k_ready, v_ready, kv_empty = bars
     STAGES: gl.constexpr = k_smem.type.shape[0]
-    BLOCK_N: gl.constexpr = k_smem.type.shape[1]
+    BLOCK_N: gl.constexpr = k_smem.type.shape[3]
     s_layout: gl.constexpr = zero_s.type.layout
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     stage = c % STAGES
     phase = (c // STAGES) & 1
     mbarrier.wait(k_ready.index(stage), phase)
-    s = warpgroup_mma(q_buf, k_smem.index(stage).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    s = warpgroup_mma(q_buf, _box(k_smem, stage).permute((1, 0)), zero_s, use_acc=False, is_async=True)
     s = warpgroup_mma_wait(0, deps=[s])  # [64, BLOCK_N]
     p, m_i, l_i, alpha = _softmax(s, m_i, l_i, j * BLOCK_N, offs_m, seqlen, qk_scale, MASKED, CAUSAL, s_layout)
     p16 = gl.convert_layout(p.to(k_smem.dtype), p_layout)
     acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
     mbarrier.wait(v_ready.index(stage), phase)
-    acc = warpgroup_mma_wait(0, deps=[warpgroup_mma(p16, v_smem.index(stage), acc, is_async=True)])  # [64, D]
+    acc = warpgroup_mma_wait(0, deps=[warpgroup_mma(p16, _box(v_smem, stage), acc, is_async=True)])  # [64, D]
     mbarrier.arrive(kv_empty.index(stage), count=1)
     return m_i, l_i, acc
 
@@ -154,10 +158,10 @@ def _consume(g: gl.constexpr, descs, smem, bars, problem, lse_ptr, qk_scale, CAU
     q_smem, k_smem, v_smem = smem
     q_ready, q_empty, k_ready, v_ready, kv_empty = bars
     GROUPS: gl.constexpr = q_smem.type.shape[0]
-    SPLIT_M: gl.constexpr = q_smem.type.shape[1]
+    SPLIT_M: gl.constexpr = q_smem.type.shape[3]
     STAGES: gl.constexpr = k_smem.type.shape[0]
-    BLOCK_N: gl.constexpr = k_smem.type.shape[1]
-    HEAD_DIM: gl.constexpr = k_smem.type.shape[2]
+    BLOCK_N: gl.constexpr = k_smem.type.shape[3]
+    HEAD_DIM: gl.constexpr = k_smem.type.shape[4]
     dtype: gl.constexpr = k_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -165,13 +169,12 @@ def _consume(g: gl.constexpr, descs, smem, bars, problem, lse_ptr, qk_scale, CAU
                                                        instr_shape=[16, HEAD_DIM, 16])
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     zero_s = gl.zeros([SPLIT_M, BLOCK_N], gl.float32, s_layout)
-    q_buf = q_smem.index(g)
+    q_buf = _box(q_smem, g)
     seqlen = problem[0]
     c = 0  # stage-ring position, as the loader's
     i = 0
     for t in range(gl.program_id(0), problem[4], gl.num_programs(0)):
-        q_row, q_col, kv_row, kv_col, q_start, n_blocks, lse_off = _tile(t, problem, CAUSAL, GROUPS * SPLIT_M,
-                                                                         BLOCK_N)
+        b, h, hk, q_start, n_blocks, lse_off = _tile(t, problem, CAUSAL, GROUPS * SPLIT_M, BLOCK_N)
         row0 = q_start + g * SPLIT_M
         # the blocks that every row of the group sees in full (no mask); causal: up to the group's first row
         if CAUSAL:
@@ -197,15 +200,15 @@ def _consume(g: gl.constexpr, descs, smem, bars, problem, lse_ptr, qk_scale, CAU
             l_safe = gl.where(l_i == 0.0, 1.0, l_i)
             out = acc / gl.expand_dims(gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout)), 1)
             lse = gl.where(l_i == 0.0, float("inf"), (m_i + gl.log2(l_safe)) / 1.4426950408889634)
-            gl.store(lse_ptr + lse_off + g * SPLIT_M + gl.arange(0, SPLIT_M, layout=row_s), lse)
+            gl.store(lse_ptr + lse_off + g * SPLIT_M + gl.arange(0, SPLIT_M, layout=row_s), lse, mask=offs_m < seqlen)
             # Q's buffer is free once every block is done: it carries O to the TMA store, then takes the next Q
             q_buf.store(out.to(dtype))
             fence_async_shared()
-            tma_store(o_desc, [q_row + g * SPLIT_M, q_col], q_buf)
+            tma_store(o_desc, [b, h, row0, 0], q_smem.index(g))  # rows past L: dropped by TMA
             tma.store_wait(0)
         else:
-            # rows past the end (L is a multiple of 64, so a group is all in or all out): nothing to compute or
-            # store, but every stage waits for all groups, so release each once it has arrived
+            # rows all past the end: nothing to compute or store, but every stage waits for all groups, so
+            # release each once it has arrived
             for j in range(n_blocks):
                 mbarrier.wait(k_ready.index((c + j) % STAGES), ((c + j) // STAGES) & 1)
                 mbarrier.arrive(kv_empty.index((c + j) % STAGES), count=1)
@@ -236,23 +239,23 @@ def _loader_partition(descs, smem, bars, problem, lse_ptr, qk_scale, CAUSAL: gl.
 
 @gluon.jit
 def _fwd_hopper(
-    q_desc, k_desc, v_desc, o_desc, lse_ptr, seqlen, n_heads, n_groups, n_bh, q_rows_b, q_rows_h, q_col_h,
-    kv_rows_b, kv_rows_h, kv_col_h, stride_lb, stride_lh, qk_scale, head_group, CAUSAL: gl.constexpr,
-    STAGES: gl.constexpr, GROUPS: gl.constexpr,
+    q_desc, k_desc, v_desc, o_desc, lse_ptr, seqlen, n_heads, n_groups, n_bh, stride_lb, stride_lh, qk_scale,
+    head_group, CAUSAL: gl.constexpr, STAGES: gl.constexpr, GROUPS: gl.constexpr,
 ):
-    """q/o_desc: Q and O in ``[SPLIT_M, D]`` tiles, k/v_desc: K and V in ``[BLOCK_N, D]`` tiles, over the 2D
-    views of ``hopper_fwd`` (rows and columns from ``*_rows_b``, ``*_rows_h``, ``*_col_h``); lse: fp32 with
-    (batch, head) strides ``stride_lb, stride_lh``; n_bh = B * H; qk_scale = softmax scale * log2(e); L a
-    multiple of SPLIT_M; head_group: (batch, head) pairs whose tiles are numbered together (module docstring).
-    Grid ``(programs,)``: program p takes tiles p, p + programs, ... of the ``cdiv(L, GROUPS * SPLIT_M) * B * H``."""
-    SPLIT_M: gl.constexpr = q_desc.block_type.shape[0]
-    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
-    HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
+    """q/o_desc: Q and O ``[B, H, L, D]`` in ``[1, 1, SPLIT_M, D]`` boxes, k/v_desc: K and V ``[B, Hk, L, D]`` in
+    ``[1, 1, BLOCK_N, D]`` boxes (:func:`box_descriptor`); lse: fp32 with (batch, head) strides ``stride_lb,
+    stride_lh``; n_bh = B * H; qk_scale = softmax scale * log2(e); any L; head_group: (batch, head) pairs whose
+    tiles are numbered together (module docstring). Grid ``(programs,)``: program p takes tiles p, p +
+    programs, ... of the ``cdiv(L, GROUPS * SPLIT_M) * B * H``."""
+    SPLIT_M: gl.constexpr = q_desc.block_type.shape[2]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[2]
+    HEAD_DIM: gl.constexpr = k_desc.block_type.shape[3]
     dtype: gl.constexpr = k_desc.dtype
     n_tiles = gl.cdiv(seqlen, GROUPS * SPLIT_M) * n_bh
-    q_smem = gl.allocate_shared_memory(dtype, [GROUPS, SPLIT_M, HEAD_DIM], q_desc.layout)
-    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    # rings of TMA boxes, [i, 1, 1, rows, D] (``_box`` reads box i as [rows, D])
+    q_smem = gl.allocate_shared_memory(dtype, [GROUPS, 1, 1, SPLIT_M, HEAD_DIM], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
     q_ready = gl.allocate_shared_memory(gl.int64, [GROUPS, 1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [GROUPS, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -265,8 +268,7 @@ def _fwd_hopper(
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
         mbarrier.init(kv_empty.index(i), count=GROUPS)  # every consumer group releases a stage
-    problem = (seqlen, n_heads, n_groups, n_bh, n_tiles, (q_rows_b, q_rows_h, q_col_h),
-               (kv_rows_b, kv_rows_h, kv_col_h), (stride_lb, stride_lh), head_group)
+    problem = (seqlen, n_heads, n_groups, n_bh, n_tiles, (stride_lb, stride_lh), head_group)
     args = ((q_desc, k_desc, v_desc, o_desc), (q_smem, k_smem, v_smem),
             (q_ready, q_empty, k_ready, v_ready, kv_empty), problem, lse_ptr, qk_scale, CAUSAL)
     # setmaxnreg: the loader's warpgroup drops to 24 registers a thread, the consumers take the rest of the
@@ -278,13 +280,16 @@ def _fwd_hopper(
         gl.warp_specialize([(_consumer0, args), (_consumer1, args), (_loader_partition, args)], [4, 4], [240, 24])
 
 
-def descriptor(t, layout, block_rows: int) -> TensorDescriptor:
-    """A Gluon descriptor over ``t`` (``[B, L, H, D]``) in its 2D view for ``layout`` (``common.tma_view``), in
-    ``[block_rows, D]`` tiles with the default swizzled shared-memory layout (the backward kernel's too)."""
-    dtype = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
-    shape, strides = tma_view(t, False, layout)
-    smem = gl.NVMMASharedLayout.get_default_for([block_rows, t.shape[-1]], dtype)
-    return TensorDescriptor(t, shape, strides, [block_rows, t.shape[-1]], smem)
+def box_descriptor(t, rows: int) -> TensorDescriptor:
+    """``t`` ``[B, L, H, D]`` (any strides TMA takes: ``hopper_fwd.plain_dense`` checks them, D contiguous) as
+    ``[B, H, L, D]`` in ``[1, 1, rows, D]`` boxes with the default swizzled shared-memory layout: a box is rows of
+    one (batch, head), so TMA zero-fills its rows past L and drops them from stores (the backward kernel's
+    too)."""
+    block = [1, 1, rows, t.shape[3]]
+    dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}[t.dtype]
+    return TensorDescriptor(t, [t.shape[0], t.shape[2], t.shape[1], t.shape[3]],
+                            [t.stride(0), t.stride(2), t.stride(1), 1], block,
+                            gl.NVMMASharedLayout.get_default_for(block, dtype))
 
 
 def max_registers(groups: int) -> int:
@@ -292,18 +297,15 @@ def max_registers(groups: int) -> int:
     return 65536 // (128 * (groups + 1)) // 8 * 8
 
 
-def launch_args(*, q, k, v, out, lse, q_rows, kv_rows, q_layout, kv_layout, qk_scale, causal, tile,
-                head_group) -> dict:
+def launch_args(*, q, k, v, out, lse, qk_scale, causal, tile, head_group) -> dict:
     """The kernel's keyword arguments (descriptors built here) and its launch options; ``tile``:
     ``hopper_fwd.Tile`` (groups, split_m, block_n, stages)."""
     batch, seqlen, n_heads, _ = q.shape
-    (q_rows_b, q_rows_h, q_col_h), (kv_rows_b, kv_rows_h, kv_col_h) = q_rows, kv_rows
     return dict(
-        q_desc=descriptor(q, q_layout, tile.split_m), k_desc=descriptor(k, kv_layout, tile.block_n),
-        v_desc=descriptor(v, kv_layout, tile.block_n), o_desc=descriptor(out, q_layout, tile.split_m),
+        q_desc=box_descriptor(q, tile.split_m), k_desc=box_descriptor(k, tile.block_n),
+        v_desc=box_descriptor(v, tile.block_n), o_desc=box_descriptor(out, tile.split_m),
         lse_ptr=lse, seqlen=seqlen, n_heads=n_heads, n_groups=n_heads // k.shape[2], n_bh=batch * n_heads,
-        q_rows_b=q_rows_b, q_rows_h=q_rows_h, q_col_h=q_col_h, kv_rows_b=kv_rows_b, kv_rows_h=kv_rows_h,
-        kv_col_h=kv_col_h, stride_lb=lse.stride(0), stride_lh=lse.stride(1), qk_scale=qk_scale,
+        stride_lb=lse.stride(0), stride_lh=lse.stride(1), qk_scale=qk_scale,
         head_group=head_group, CAUSAL=causal, STAGES=tile.stages, GROUPS=tile.groups, num_warps=4,
         maxnreg=max_registers(tile.groups),
     )  # fmt: skip

@@ -108,14 +108,16 @@ def _bwd_impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
     a custom op cannot return None)."""
     dout, q, k, v, out = (_last_dim_contiguous(t) for t in (dout, q, k, v, out))
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    cu_seqlens = None if cu_seqlens_q is None else (cu_seqlens_q, cu_seqlens_k)
     # with no query or no key, every output row is 0, so delta and the sinks' gradient are 0
     dsinks = torch.zeros(0 if sinks is None else sinks.shape[0], device=q.device, dtype=torch.float32)
     if k.numel() > 0 and q.numel() == 0:
         dk.zero_()
         dv.zero_()
-    elif k.numel() > 0 and hopper_bwd.takes(q, k, v, dout, lse, cu_seqlens_q is not None,
-                                            (window_left, window_right), softcap, dropout_p, sinks, deterministic):
-        hopper_bwd.flash_bwd_hopper(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal=window_right == 0)
+    elif k.numel() > 0 and hopper_bwd.takes(q, k, v, dout, lse, cu_seqlens, (window_left, window_right), softcap,
+                                            dropout_p, sinks, deterministic):
+        hopper_bwd.flash_bwd_hopper(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal=window_right == 0,
+                                    cu_seqlens=cu_seqlens_q, max_seqlen=max_seqlen_q)
     elif k.numel() > 0:
         config_dkdv, config_dq = backward_config(q.shape[-1], q.device, cu_seqlens_q is not None)
         deterministic = deterministic or q.shape[-1] < ATOMIC_DQ_MIN_HEAD_DIM

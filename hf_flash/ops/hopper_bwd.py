@@ -8,8 +8,10 @@ while the consumers go on (D128: TMA reductions; D64: the loader's atomics; ``_h
 order varies run to run, so the call is not bitwise reproducible: flash-attn's contract for ``deterministic=False``,
 which is the default; ``deterministic=True`` keeps the portable backward.
 
-It takes what it was measured on (:func:`takes`): dense batches on an sm90 GPU, head dim 64 or 128, ``Lq == Lk``
-a multiple of 128 and at least :data:`MIN_SEQLEN` of its head dim and causality, causal or not, no window,
+It takes what it was measured on (:func:`takes`): dense or packed (varlen, self-attention: one ``cu_seqlens``)
+batches on an sm90 GPU, head dim 64 or 128, ``Lq == Lk`` (any length: TMA zero-fills past it,
+``_hopper_bwd_kernel``) and at least :data:`MIN_SEQLEN` of its head dim and causality (varlen: the mean length),
+causal or not, no window,
 softcap, dropout or sinks, fp16/bf16,
 Q/dO/K/V readable by TMA (heads side by side or head-major, as in ``hopper_fwd``), the LSE of ``function._new_lse``.
 It is on by default since the GPU suite passed with it (LOG, eighth session); ``HF_FLASH_HOPPER_BWD=0`` turns it
@@ -22,10 +24,8 @@ import torch
 
 from hf_flash.ops.backward import flash_delta
 from hf_flash.ops.common import tma_layout
-from hf_flash.ops.hopper_fwd import (descriptor_rows, lengths_in_words, on_sm90, plain_dense, switched_on,
-                                  unavailable_reason)
+from hf_flash.ops.hopper_fwd import lengths_in_words, on_sm90, plain_dense, switched_on, unavailable_reason
 
-BLOCK_N = 128  # keys of a program: two consumer groups of 64
 # of Q, dO, LSE and delta: 198 KB (D128) and 199 KB (D64) of shared memory with K, V, dS^T and the dQ parts
 # (3 do not fit)
 STAGES = 2
@@ -36,9 +36,11 @@ ENV = "HF_FLASH_HOPPER_BWD"
 DEFAULT = "1"
 
 if unavailable_reason() is None:
+    from hf_flash.ops._hopper_bwd_kernel import dq_buffer as _dq_buffer
     from hf_flash.ops._hopper_bwd_kernel import launch as _launch
+    from hf_flash.ops._hopper_bwd_kernel import padded_stats as _padded_stats
 else:
-    _launch = None
+    _launch = _dq_buffer = _padded_stats = None
 
 
 def enabled() -> bool:
@@ -50,42 +52,72 @@ def coverage() -> str:
     return lengths_in_words(MIN_SEQLEN)
 
 
-def fits(q, k, v, do, lse, varlen, window, softcap, dropout_p, sinks, deterministic) -> bool:
+def fits(q, k, v, do, lse, cu_seqlens, window, softcap, dropout_p, sinks, deterministic) -> bool:
     """The calls the kernel computes and was measured faster on (module docstring), whatever the device; arguments
-    as ``function._bwd_impl`` has them (``do``: the output's gradient): ``hopper_fwd.plain_dense``, not
-    ``deterministic``, a (head dim, causal) of :data:`MIN_SEQLEN` and ``L`` a multiple of :data:`BLOCK_N` from its
-    bound, dO as Q, the LSE as ``function._new_lse`` makes it."""
-    seqlen = q.shape[1]
+    as ``function._bwd_impl`` has them (``do``: the output's gradient; ``cu_seqlens``: (q's, k's) of a varlen
+    call, else None): ``hopper_fwd.plain_dense`` or :func:`_plain_varlen`, not ``deterministic``, a (head dim,
+    causal) of :data:`MIN_SEQLEN` and ``L`` (varlen: the mean length) from its bound, dO as Q, the LSE as
+    ``function._new_lse`` makes it."""
     min_seqlen = MIN_SEQLEN.get((q.shape[-1], window[1] == 0))
-    if deterministic or min_seqlen is None or seqlen < min_seqlen or seqlen % BLOCK_N:
+    if deterministic or min_seqlen is None:
         return False
-    # the LSE (and delta, made like it) read as one flat tensor: rows evenly spaced, 16-byte aligned
+    if cu_seqlens is not None:
+        return _plain_varlen(q, k, v, do, lse, cu_seqlens, min_seqlen, window, softcap, dropout_p, sinks)
+    seqlen = q.shape[1]
+    if seqlen < min_seqlen:
+        return False
+    # the LSE (and delta, made like it) read as [B, H, L] through TMA: rows evenly spaced, 16-byte aligned
     if lse.stride(2) != 1 or lse.stride(0) != lse.shape[1] * lse.stride(1) or lse.stride(1) % 4 or lse.data_ptr() % 16:
         return False
-    return (do.dtype == q.dtype and plain_dense(q, k, v, varlen, window, softcap, dropout_p, sinks)
+    return (do.dtype == q.dtype and plain_dense(q, k, v, False, window, softcap, dropout_p, sinks)
             and tma_layout(do, False) is not None)  # fmt: skip
 
 
-def takes(q, k, v, do, lse, varlen, window, softcap, dropout_p, sinks, deterministic) -> bool:
+def _plain_varlen(q, k, v, do, lse, cu_seqlens, min_seqlen, window, softcap, dropout_p, sinks) -> bool:
+    """A varlen call the kernel takes: self-attention over the same sequences (one ``cu_seqlens`` buffer for Q and
+    K/V, as the Transformers integration passes them, int32: no device sync to compare two), a mean length of at
+    least ``min_seqlen`` (a packed batch of short sequences keeps the portable backward, which was measured faster
+    on short lengths), no window, softcap, dropout or sinks, fp16/bf16, Q/K/V/dO readable by TMA, the LSE
+    ``[H, total]`` rows 16-byte aligned."""
+    cu_q, cu_k = cu_seqlens
+    same = cu_q.data_ptr() == cu_k.data_ptr() and cu_q.shape == cu_k.shape and cu_q.stride() == cu_k.stride()
+    if not same or cu_q.dtype != torch.int32 or cu_q.shape[0] < 2:
+        return False
+    if q.shape[0] < min_seqlen * (cu_q.shape[0] - 1) or k.shape[0] != q.shape[0]:
+        return False
+    if sinks is not None or softcap > 0 or dropout_p > 0 or window[0] != -1 or window[1] not in (-1, 0):
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16) or any(t.dtype != q.dtype for t in (k, v, do)):
+        return False
+    if lse.stride(1) != 1 or lse.stride(0) % 4 or lse.data_ptr() % 16:
+        return False
+    return all(tma_layout(t, True) is not None for t in (q, k, v, do))
+
+
+def takes(q, k, v, do, lse, cu_seqlens, window, softcap, dropout_p, sinks, deterministic) -> bool:
     """Whether this backward runs the call: :func:`fits`, on an sm90 GPU, the kernel available and not turned
     off. Runs on every backward call: the cheap checks come first."""
-    if not fits(q, k, v, do, lse, varlen, window, softcap, dropout_p, sinks, deterministic):
+    if not fits(q, k, v, do, lse, cu_seqlens, window, softcap, dropout_p, sinks, deterministic):
         return False
     return _launch is not None and enabled() and q.device.type == "cuda" and on_sm90(q.device)
 
 
-def flash_bwd_hopper(do, q, k, v, out, lse, dq, dk, dv, softmax_scale: float, causal: bool) -> None:
+def flash_bwd_hopper(do, q, k, v, out, lse, dq, dk, dv, softmax_scale: float, causal: bool, cu_seqlens=None,
+                     max_seqlen: int | None = None) -> None:
     """Launch the backward (delta = rowsum(dO * O), then the kernel) for a call that :func:`takes`. q/do/out/dq
-    ``[B, L, H, D]``, k/v/dk/dv ``[B, L, Hk, D]``; lse fp32 ``[B, H, L]``; dq, dk, dv written (dk and dv in one
-    layout, as ``torch.empty_like`` makes them; dq any)."""
+    ``[B, L, H, D]``, k/v/dk/dv ``[B, L, Hk, D]``; lse fp32 ``[B, H, L]``; dq, dk, dv written (dk and dv
+    TMA-readable, as ``torch.empty_like`` makes them; dq any). Varlen: ``cu_seqlens`` (int32 ``[B + 1]``, Q's and
+    K/V's), ``max_seqlen``, the tensors packed ``[total, H, D]`` and the LSE ``[H, total]``."""
     if (q.shape[-1], causal) not in MIN_SEQLEN:
         raise ValueError(f"the Hopper backward takes head dims {sorted({d for d, _ in MIN_SEQLEN})}, got {q.shape[-1]}")
-    layouts = tuple(tma_layout(t, False) for t in (q, do, k, dk))
-    if layouts[3] is None or tma_layout(dv, False) != layouts[3]:
-        raise ValueError("dk and dv must share one TMA-readable layout (torch.empty_like(k)) for the Hopper backward")
-    delta = flash_delta(out, do, lse, None, q.shape[1])
-    dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
-    _launch(q=q, k=k, v=v, do=do, dk=dk, dv=dv, lse=lse, delta=delta, dq_acc=dq_acc, layouts=layouts,
-            rows=tuple(descriptor_rows(lay, t) for lay, t in zip(layouts, (q, do, k, dk))),
-            softmax_scale=softmax_scale, causal=causal, stages=STAGES)
-    dq.copy_(dq_acc)
+    varlen = cu_seqlens is not None
+    if tma_layout(dk, varlen) is None or tma_layout(dv, varlen) is None:
+        raise ValueError("dk and dv must be TMA-readable (torch.empty_like(k)) for the Hopper backward")
+    delta = flash_delta(out, do, lse, cu_seqlens, max_seqlen if varlen else q.shape[1])
+    if varlen:  # the packed tensors as batch 1, as the kernel reads them; the LSE and delta per sequence
+        q, k, v, do, dk, dv = (t.unsqueeze(0) for t in (q, k, v, do, dk, dv))
+        lse, delta = _padded_stats(lse, delta, cu_seqlens, max_seqlen)
+    dq_acc = _dq_buffer(q, varlen)
+    _launch(q=q, k=k, v=v, do=do, dk=dk, dv=dv, lse=lse, delta=delta, dq_acc=dq_acc, softmax_scale=softmax_scale,
+            causal=causal, stages=STAGES, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    dq.copy_(dq_acc[0, : q.shape[1]] if varlen else dq_acc[:, : q.shape[1]])

@@ -12,15 +12,15 @@ causal to 32k; LOG, 2026-12-06, sixth session); shorter sequences are not faster
 portable kernel's short-sequence tiles): :data:`TILES` holds each tile and the length it starts at.
 
 So it takes only what it was measured on, and the portable kernel everything else (:func:`takes` decides):
-dense batches on an sm90 GPU, head dim 64 or 128, ``Lq == Lk`` a multiple of 64 and at least the tile's
+dense batches on an sm90 GPU, head dim 64 or 128, ``Lq == Lk`` of any length at least the tile's
 ``min_seqlen``, causal or not, no window, softcap, dropout or sinks, fp16/bf16, Q/K/V/O readable by TMA (heads
 side by side, or head-major as Transformers' ``[B, H, L, D]`` tensors are). ``HF_FLASH_HOPPER_FWD=0`` turns it
 off. It writes the same O and LSE (``[B, H, L]``, natural log) as the portable forward, which the backward
 reads.
 
-Layout of a tensor in its descriptor: the 2D view whose row ``b * rows_b + h * rows_h + l`` holds token ``l``
-of (batch ``b``, head ``h``) at column ``h * col_h``: heads side by side have ``rows_h = 0, col_h = D``,
-head-major ones ``col_h = 0`` (``common.TmaLayout``).
+A tensor ``[B, L, H, D]`` is read as ``[B, H, L, D]`` whatever its strides (heads side by side or head-major:
+``common.TmaLayout`` says which TMA takes), in boxes of one (batch, head), so the hardware zero-fills past L
+(``_hopper_fwd_kernel.box_descriptor``).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import torch
 
-from hf_flash.ops.common import TmaLayout, tma_layout
+from hf_flash.ops.common import tma_layout
 from hf_flash.ops.config import cuda_index, device_facts, own_capability, sm_count
 
 SPLIT_M = 64  # query rows of one consumer group (one warpgroup's wgmma rows)
@@ -132,11 +132,10 @@ def on_sm90(device: torch.device) -> bool:
 
 def fits(q, k, v, varlen, window, softcap, dropout_p, sinks) -> bool:
     """The calls the kernel computes and was measured faster on (module docstring), whatever the device:
-    :func:`plain_dense`, a head dim of :data:`TILES`, ``L`` a multiple of 64 and at least the tile's
-    ``min_seqlen``."""
+    :func:`plain_dense`, a head dim of :data:`TILES` and ``L`` at least the tile's ``min_seqlen``."""
     tile = TILES.get((q.shape[-1], window[1] == 0))
     seqlen = q.shape[1]
-    if tile is None or seqlen < tile.min_seqlen or seqlen % tile.split_m:
+    if tile is None or seqlen < tile.min_seqlen:
         return False
     return plain_dense(q, k, v, varlen, window, softcap, dropout_p, sinks)
 
@@ -155,13 +154,6 @@ def plain_dense(q, k, v, varlen, window, softcap, dropout_p, sinks) -> bool:
     return tma_layout(q, False) is not None and kv_layout is not None and kv_layout == tma_layout(v, False)
 
 
-def descriptor_rows(layout: TmaLayout, t: torch.Tensor) -> tuple[int, int, int]:
-    """(rows_b, rows_h, col_h) of ``t`` ``[B, L, H, D]`` in its descriptor's 2D view (module docstring)."""
-    if layout.head_major:
-        return layout.rows_b, layout.rows_h, 0
-    return t.shape[1], 0, t.shape[3]
-
-
 def head_group(seqlen: int, tile: Tile, sms: int) -> int:
     """(batch, head) pairs whose tiles the kernel numbers together: as many as make one wave of ``sms``
     programs (at least 1), so the programs running at once read the K/V of few heads, from L2."""
@@ -176,10 +168,7 @@ def flash_fwd_hopper(q, k, v, out, lse, softmax_scale: float, causal: bool, tile
     (``benchmarks/hopper_fwd_speed.py`` times others)."""
     seqlen = q.shape[1]
     tile = tile or TILES[q.shape[-1], causal]
-    q_layout, kv_layout = tma_layout(q, False), tma_layout(k, False)
-    if tma_layout(out, False) != q_layout:
-        raise ValueError("out must have q's layout (torch.empty_like(q)) for the Hopper forward")
-    _launch(q=q, k=k, v=v, out=out, lse=lse, q_rows=descriptor_rows(q_layout, q),
-            kv_rows=descriptor_rows(kv_layout, k),
-            q_layout=q_layout, kv_layout=kv_layout, qk_scale=softmax_scale * LOG2E, causal=causal,
-            tile=tile, head_group=group or head_group(seqlen, tile, sm_count(cuda_index(q.device))))
+    if tma_layout(out, False) is None:
+        raise ValueError("out must be TMA-readable (torch.empty_like(q)) for the Hopper forward")
+    _launch(q=q, k=k, v=v, out=out, lse=lse, qk_scale=softmax_scale * LOG2E, causal=causal, tile=tile,
+            head_group=group or head_group(seqlen, tile, sm_count(cuda_index(q.device))))

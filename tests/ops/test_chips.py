@@ -72,7 +72,7 @@ def _kernel(name: str):
 
 def _hopper_source(fn, case: dict):
     """The Gluon source of the Hopper forward or backward (``case``: dtype, head_dim, block_n (forward) and the
-    kernel's constexprs): its descriptors carry their shared-memory layouts, as ``_hopper_fwd_kernel.descriptor``
+    kernel's constexprs): its descriptors carry their shared-memory layouts, as ``_hopper_fwd_kernel.box_descriptor``
     builds them."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -82,17 +82,21 @@ def _hopper_source(fn, case: dict):
     dtype, d = case["dtype"], case["head_dim"]
     gl_dtype = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
 
+    def box(dt, block, layout):  # the kernels' 4D (3D: LSE, delta) boxes of one (batch, head)
+        return f"tensordesc<{dt}[{','.join(map(str, block))}],{layout!r}>"
+
     def desc(rows):
-        return f"tensordesc<{dtype}[{rows},{d}],{gl.NVMMASharedLayout.get_default_for([rows, d], gl_dtype)!r}>"
+        return box(dtype, [1, 1, rows, d], gl.NVMMASharedLayout.get_default_for([1, 1, rows, d], gl_dtype))
 
     if case["kernel"] == "hopper_bwd":
         from hf_flash.ops import _hopper_bwd_kernel as K
 
         rows = K.tile_rows(d)
-        tiles = {n: f"tensordesc<fp32[{r}],{K._STAT_LAYOUT!r}>" if n in ("lse_desc", "delta_desc") else desc(r)
+        tiles = {n: box("fp32", [1, 1, r], K._STAT_LAYOUT) if n in ("lse_desc", "delta_desc") else desc(r)
                  for n, r in rows.items()}
-        dq_layout = gl.NVMMASharedLayout.get_default_for([K.ROWS, 32], gl.float32)
-        tiles.update({"dq_desc": f"tensordesc<fp32[{K.ROWS},32],{dq_layout!r}>", "dq_ptr": "*fp32",
+        dq_block = [1, 1, K.ROWS, 32]
+        tiles.update({"dq_desc": box("fp32", dq_block, gl.NVMMASharedLayout.get_default_for(dq_block, gl.float32)),
+                      "dq_ptr": "*fp32", "cu_seqlens": "*i32", "dk_ptr": f"*{dtype}", "dv_ptr": f"*{dtype}",
                       "qk_scale": "fp32", "sm_scale": "fp32"})
         pointer = "dq_ptr"
     else:
@@ -272,14 +276,15 @@ def hopper_fwd_cases(tiles: dict) -> list[dict]:
 
 def hopper_bwd_cases() -> list[dict]:
     """The compile cases of the Hopper backward (``test_hopper_bwd``, ``benchmarks/loop_spills.py``): head dims 128
-    and 64, causal or not, bf16 and fp16."""
+    and 64, causal or not, bf16 and fp16, dense; and varlen (packed sequences) in bf16."""
     from hf_flash.ops import hopper_bwd
     from hf_flash.ops._hopper_bwd_kernel import MAX_REGISTERS
 
-    return [{"kernel": "hopper_bwd", "cc": 90, "dtype": dtype, "flags": "plain", "num_warps": 4, "num_stages": 1,
-             "maxnreg": MAX_REGISTERS, "head_dim": head_dim,
-             "constexprs": {"CAUSAL": causal, "STAGES": hopper_bwd.STAGES, "KEYS_OUTER": causal}}
-            for head_dim, causal in sorted(hopper_bwd.MIN_SEQLEN) for dtype in ("bf16", "fp16")]  # fmt: skip
+    return [{"kernel": "hopper_bwd", "cc": 90, "dtype": dtype, "flags": "varlen" if varlen else "plain",
+             "num_warps": 4, "num_stages": 1, "maxnreg": MAX_REGISTERS, "head_dim": head_dim,
+             "constexprs": {"CAUSAL": causal, "STAGES": hopper_bwd.STAGES, "KEYS_OUTER": causal, "VARLEN": varlen}}
+            for head_dim, causal in sorted(hopper_bwd.MIN_SEQLEN)
+            for dtype, varlen in (("bf16", False), ("fp16", False), ("bf16", True))]  # fmt: skip
 
 
 def _case(chip: str, kernel: str, head_dim: int, flags: str, dtype: str = "fp16", atomic_dq: bool = True,

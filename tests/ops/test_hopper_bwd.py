@@ -1,4 +1,4 @@
-"""The Hopper backward (``hf_flash/ops/hopper_bwd.py``, Gluon, dQ from the dK/dV program with atomics): which calls
+"""The Hopper backward (``hf_flash/ops/hopper_bwd.py``, Gluon, dQ from the dK/dV program): which calls
 it takes, that it compiles for sm90 with this Triton (no GPU needed), and on an sm90 GPU that its gradients match
 the fp32 oracle and the portable backward's.
 
@@ -26,9 +26,9 @@ def _call(batch=2, seqlen=L, heads=4, kv_heads=2, head_dim=128, dtype=torch.bflo
     return q, k, v, torch.empty_like(q), _new_lse(q, False, batch)
 
 
-def _fits(q, k, v, do, lse, varlen=False, window=(-1, 0), softcap=0.0, dropout_p=0.0, sinks=None,
+def _fits(q, k, v, do, lse, cu_seqlens=None, window=(-1, 0), softcap=0.0, dropout_p=0.0, sinks=None,
           deterministic=False):
-    return hopper_bwd.fits(q, k, v, do, lse, varlen, window, softcap, dropout_p, sinks, deterministic)
+    return hopper_bwd.fits(q, k, v, do, lse, cu_seqlens, window, softcap, dropout_p, sinks, deterministic)
 
 
 def test_fits_the_measured_calls_only():
@@ -40,14 +40,13 @@ def test_fits_the_measured_calls_only():
     hm = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v)]
     assert _fits(*hm, do, lse)
     assert not _fits(*call, deterministic=True), "atomics: only where reproducibility was not asked for"
-    assert not _fits(*call, varlen=True)
     assert not _fits(*call, window=(8, 0)) and not _fits(*call, window=(-1, 4))
     assert not _fits(*call, softcap=30.0) and not _fits(*call, dropout_p=0.1)
     assert not _fits(*call, sinks=torch.zeros(4))
     assert _fits(*_call(head_dim=64, seqlen=L64)) and not _fits(*_call(head_dim=64, seqlen=L64 - 128))
     assert not _fits(*_call(head_dim=96)) and not _fits(*_call(head_dim=256))
     assert not _fits(*_call(dtype=torch.float32))
-    assert not _fits(*_call(seqlen=L + 64)), "L a multiple of the program's 128 keys"
+    assert _fits(*_call(seqlen=L + 77)) and _fits(*_call(seqlen=L + 1)), "any L: TMA zero-fills past it"
     assert not _fits(*_call(seqlen=L - 128))
     q2, k2, v2, *_ = _call(seqlen=2 * L)
     assert not _fits(q, k2, v2, do, lse), "Lq != Lk"
@@ -56,10 +55,36 @@ def test_fits_the_measured_calls_only():
     assert not _fits(q, k, v, do, odd), "LSE rows not 16 bytes apart"
 
 
+def _packed(lengths, heads=4, kv_heads=2, head_dim=128, dtype=torch.bfloat16):
+    """(q, k, v, do, lse, (cu_seqlens, cu_seqlens)) of a varlen self-attention call, the LSE ``[H, total]`` padded
+    as ``function._new_lse`` makes it."""
+    from hf_flash.ops.function import _new_lse
+
+    total = sum(lengths)
+    q = torch.empty(total, heads, head_dim, dtype=dtype)
+    k, v = (torch.empty(total, kv_heads, head_dim, dtype=dtype) for _ in range(2))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return q, k, v, torch.empty_like(q), _new_lse(q, True, len(lengths)), (cu, cu)
+
+
+def test_fits_varlen_self_attention_of_long_enough_sequences():
+    """Packed batches: one cu_seqlens for Q and K/V (no sync to compare two), a mean length from the bound."""
+    lengths = [L + 77, L - 300, L + 1000]  # mean above L
+    assert _fits(*_packed(lengths)) and _fits(*_packed(lengths), window=(-1, -1))
+    assert _fits(*_packed([L64 + 5, L64 - 5], head_dim=64))
+    q, k, v, do, lse, (cu, _) = _packed(lengths)
+    assert not _fits(q, k, v, do, lse, (cu, cu.clone())), "Q's and K/V's sequences not known to be the same"
+    assert not _fits(q, k, v, do, lse, (cu.long(), cu.long()))
+    assert not _fits(*_packed([L // 4] * 4)), "short sequences keep the portable backward"
+    assert not _fits(*_packed(lengths), deterministic=True) and not _fits(*_packed(lengths), window=(8, 0))
+    assert not _fits(*_packed(lengths), softcap=30.0) and not _fits(*_packed(lengths), sinks=torch.zeros(4))
+    assert not _fits(*_packed(lengths, dtype=torch.float32))
+
+
 def test_takes_only_cuda_tensors_and_can_be_turned_off(fake_gpu, monkeypatch):
     call = _call()
     fake_gpu((9, 0), name="NVIDIA H100")
-    args = (False, (-1, 0), 0.0, 0.0, None, False)
+    args = (None, (-1, 0), 0.0, 0.0, None, False)
     assert _fits(*call) and not hopper_bwd.takes(*call, *args), "CPU tensors run the interpreter's kernels"
     monkeypatch.setenv(hopper_bwd.ENV, "0")
     assert not hopper_bwd.enabled()
@@ -93,27 +118,59 @@ def test_launch_names_every_kernel_argument():
     if hopper_bwd.unavailable_reason():
         pytest.skip(hopper_bwd.unavailable_reason())
     from hf_flash.ops import _hopper_bwd_kernel as K
-    from hf_flash.ops.common import tma_layout
-    from hf_flash.ops.hopper_fwd import descriptor_rows
 
-    q, k, v, do, lse = _call()
+    n = L + 77  # a length past a whole key block
+    q, k, v, do, lse = _call(seqlen=n)
     k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v))
     dk = torch.empty(k.shape, dtype=k.dtype)  # heads side by side where K is head-major
-    layouts = tuple(tma_layout(t, False) for t in (q, do, k, dk))
+    dq_acc = K.dq_buffer(q)
     args = K.launch_args(q=q, k=k, v=v, do=do, dk=dk, dv=torch.empty_like(dk), lse=lse,
-                         delta=torch.empty_like(lse), dq_acc=torch.zeros(q.shape), layouts=layouts,
-                         rows=tuple(descriptor_rows(lay, t) for lay, t in zip(layouts, (q, do, k, dk))),
-                         softmax_scale=0.125, causal=True, stages=2)
+                         delta=torch.empty_strided(lse.shape, lse.stride()), dq_acc=dq_acc, softmax_scale=0.125,
+                         causal=True, stages=2)
     assert set(args) - {"num_warps", "maxnreg"} == set(K._bwd_hopper.arg_names)
-    # K/V head-major: row = b * rows_b + hk * rows_h, column 0; Q heads side by side: row = b * L, column h * D
-    assert (args["kv_rows_b"], args["kv_rows_h"], args["kv_col_h"]) == (2 * L, L, 0)
-    assert (args["q_rows_b"], args["q_rows_h"], args["q_col_h"]) == (L, 0, 128)
-    assert (args["dkv_rows_b"], args["dkv_rows_h"], args["dkv_col_h"]) == (L, 0, 128)
-    assert args["n_groups"] == 2 and args["stat_stride"] == lse.stride(1) and args["dq_stride"] == 4 * 128
-    # the same fp32 buffer as [B * L, H * D] in [64, 32] boxes, for D128's TMA reduction
-    assert list(args["dq_desc"].shape) == [2 * L, 4 * 128] and list(args["dq_desc"].block_shape) == [64, 32]
+    # every tensor as [B, H, L, D] in boxes of one (batch, head), whatever its layout: K head-major, Q and dK not
+    for name, t in (("q_desc", q), ("k_desc", k), ("dk_desc", dk)):
+        desc = args[name]
+        assert list(desc.shape) == [2, t.shape[2], n, 128], name
+        assert list(desc.strides) == [t.stride(0), t.stride(2), t.stride(1), 1], name
+        assert list(desc.block_shape) == [1, 1, 64, 128], name
+    assert list(args["lse_desc"].shape) == [2, 4, n] and list(args["lse_desc"].block_shape) == [1, 1, 64]
+    # the dQ buffer: L rounded up to 128 rows (the D64 loader's atomics), its descriptor the first L of them
+    assert dq_acc.shape == (2, -(-n // 128) * 128, 4, 128)
+    assert args["dq_rows_b"] == dq_acc.shape[1] and args["dq_stride"] == 4 * 128
+    assert list(args["dq_desc"].shape) == [2, 4, n, 128] and list(args["dq_desc"].block_shape) == [1, 1, 64, 32]
     assert args["dq_desc"].base.data_ptr() == args["dq_ptr"].data_ptr()
+    assert args["n_groups"] == 2 and args["seqlen"] == n
     assert args["KEYS_OUTER"]  # causal, 2 (batch, kv head) pairs
+
+
+def test_varlen_launch_reads_the_packed_batch_and_per_sequence_stats():
+    """Varlen: the packed tensors as batch 1, the LSE and delta per sequence, +inf / 0 past each end."""
+    if hopper_bwd.unavailable_reason():
+        pytest.skip(hopper_bwd.unavailable_reason())
+    from hf_flash.ops import _hopper_bwd_kernel as K
+
+    lengths = [300, 129, 700]
+    q, k, v, do, lse, (cu, _) = _packed(lengths)
+    lse.copy_(torch.randn(lse.shape))
+    delta = torch.randn(lse.shape)
+    lse_p, delta_p = K.padded_stats(lse, delta, cu, max(lengths))
+    assert lse_p.shape == (3, 4, 768) and delta_p.shape == lse_p.shape  # the longest rounded up to 128
+    for b, (start, n) in enumerate(zip(cu[:-1].tolist(), lengths)):
+        assert torch.equal(lse_p[b, :, :n], lse[:, start:start + n]) and torch.isinf(lse_p[b, :, n:]).all()
+        assert torch.equal(delta_p[b, :, :n], delta[:, start:start + n]) and not delta_p[b, :, n:].any()
+    q4, k4, v4, do4 = (t.unsqueeze(0) for t in (q, k, v, do))
+    dk, dv = torch.empty_like(k4), torch.empty_like(v4)
+    dq_acc = K.dq_buffer(q4, varlen=True)
+    assert dq_acc.shape == (1, sum(lengths) + 128, 4, 128)  # the last sequence's last step stays inside
+    args = K.launch_args(q=q4, k=k4, v=v4, do=do4, dk=dk, dv=dv, lse=lse_p, delta=delta_p, dq_acc=dq_acc,
+                         softmax_scale=0.125, causal=True, stages=2, cu_seqlens=cu, max_seqlen=max(lengths))
+    assert set(args) - {"num_warps", "maxnreg"} == set(K._bwd_hopper.arg_names)
+    assert args["VARLEN"] and args["cu_seqlens"] is cu and args["seqlen"] == 700
+    assert list(args["q_desc"].shape) == [1, 4, sum(lengths), 128]
+    assert list(args["lse_desc"].shape) == [3, 4, 768]
+    assert args["KEYS_OUTER"]  # 3 sequences x 2 kv heads
+    assert args["dkv_stride"] == 2 * 128 and args["dkv_stride_h"] == 128
 
 
 def test_keys_outer_only_for_causal_calls_with_few_heads():
@@ -149,6 +206,16 @@ GPU_CASES = [
     Case(1, 128, 128, 4, 2, 64, causal=True, dtype=torch.float16),
     Case(5, 384, 384, 8, 8, 64, causal=True, dtype=torch.float16),
     Case(3, 640, 640, 2, 2, 64, dtype=torch.bfloat16),
+    # any L: the last key block and the last step end past it (TMA zero-fills the rows past L and drops them from
+    # the stores); non-causal, the last key block masks its keys past L
+    Case(2, 200, 200, 4, 2, 128, dtype=torch.bfloat16),
+    Case(2, 333, 333, 4, 2, 128, causal=True, dtype=torch.bfloat16),
+    Case(1, 129, 129, 4, 4, 128, dtype=torch.float16),
+    Case(3, 700, 700, 8, 2, 128, causal=True, dtype=torch.float16),
+    Case(2, 300, 300, 4, 2, 64, causal=True, dtype=torch.bfloat16),
+    Case(1, 450, 450, 8, 8, 64, dtype=torch.bfloat16),
+    Case(2, 129, 129, 2, 1, 64, dtype=torch.float16),
+    Case(9, 190, 190, 8, 4, 64, causal=True, dtype=torch.float16),
 ]
 
 
@@ -195,10 +262,33 @@ def test_gradients_match_the_portable_backward(causal, head_dim, hopper_bwd_call
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("causal", [False, True], ids=["plain", "causal"])
+def test_varlen_matches_oracle_on_sm90(causal, head_dim, hopper_bwd_calls):
+    """Packed sequences (one cu_seqlens for Q and K/V, as the Transformers integration passes it): lengths that
+    end inside a key block and a step, one shorter than a key block, one of whole blocks."""
+    from flash_oracle import assert_matches_oracle, varlen_inputs, varlen_oracle
+
+    from hf_flash import flash_attn_varlen_func
+
+    lengths = [300, 77, 512, 641]
+    q, k, v, dout, cu, _ = varlen_inputs(lengths, lengths, 8, 2, head_dim, "cuda", torch.bfloat16, seed=23)
+
+    def ours(q, k, v):
+        return flash_attn_varlen_func(q, k, v, cu, cu, max(lengths), max(lengths), causal=causal)
+
+    def oracle(q, k, v):
+        return varlen_oracle(q, k, v, cu, cu, causal=causal)[0]
+
+    assert_matches_oracle(ours, oracle, (q, k, v), dout)
+    assert hopper_bwd_calls, "the Hopper backward did not run"
+
+
+@pytest.mark.gpu
 def test_other_calls_take_the_portable_backward(hopper_bwd_calls):
     from hf_flash import flash_attn_func
 
-    for case in (Case(1, 192, 192, 2, 2, 128), Case(1, 256, 256, 2, 2, 96), Case(1, 256, 384, 2, 2, 128),
+    for case in (Case(1, 100, 100, 2, 2, 128), Case(1, 256, 256, 2, 2, 96), Case(1, 256, 384, 2, 2, 128),
                  Case(1, 256, 256, 2, 2, 80)):
         q, k, v, dout = make_inputs(case, "cuda")
         q, k, v = (t.bfloat16().requires_grad_() for t in (q, k, v))

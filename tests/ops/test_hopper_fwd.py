@@ -43,8 +43,9 @@ def test_fits_the_measured_calls_only():
     assert _fits(*_dense(head_dim=64, seqlen=d64)) and not _fits(*_dense(head_dim=64, seqlen=d64 - 64))
     assert not _fits(*_dense(head_dim=96)) and not _fits(*_dense(head_dim=256))
     assert not _fits(*_dense(dtype=torch.float32))
-    assert not _fits(*_dense(seqlen=L - 64)) and not _fits(*_dense(seqlen=L + 32))
+    assert not _fits(*_dense(seqlen=L - 64))
     assert _fits(*_dense(seqlen=L + 64)), "a last tile of one 64-row group"
+    assert _fits(*_dense(seqlen=L + 32)) and _fits(*_dense(seqlen=L + 1)), "any L: TMA zero-fills past it"
     q2, k2, v2 = _dense(seqlen=2 * L)
     assert not _fits(q, k2, v2), "Lq != Lk"
     assert not _fits(q, k, hm[2]), "K and V in different layouts"
@@ -106,21 +107,22 @@ def test_launch_names_every_kernel_argument():
     if hopper_fwd.unavailable_reason():
         pytest.skip(hopper_fwd.unavailable_reason())
     from hf_flash.ops import _hopper_fwd_kernel as K
-    from hf_flash.ops.common import tma_layout
 
-    q, k, v = (torch.zeros(t.shape, dtype=t.dtype) for t in _dense())
+    n = L + 37  # not a multiple of any tile
+    q, k, v = (torch.zeros(t.shape, dtype=t.dtype) for t in _dense(seqlen=n))
     q, k, v = q, k.transpose(1, 2).contiguous().transpose(1, 2), v.transpose(1, 2).contiguous().transpose(1, 2)
     out, lse = torch.empty_like(q), torch.empty(q.shape[0], q.shape[2], q.shape[1])
-    q_layout, kv_layout = tma_layout(q, False), tma_layout(k, False)
-    args = K.launch_args(q=q, k=k, v=v, out=out, lse=lse, q_rows=hopper_fwd.descriptor_rows(q_layout, q),
-                         kv_rows=hopper_fwd.descriptor_rows(kv_layout, k), q_layout=q_layout, kv_layout=kv_layout,
-                         qk_scale=1.0, causal=True, tile=hopper_fwd.TILES[128, True], head_group=4)
+    tile = hopper_fwd.TILES[128, True]
+    args = K.launch_args(q=q, k=k, v=v, out=out, lse=lse, qk_scale=1.0, causal=True, tile=tile, head_group=4)
     options = {"num_warps", "maxnreg"}
     assert set(args) - options == set(K._fwd_hopper.arg_names)
-    # K/V head-major: row = b * rows_b + hk * rows_h, column 0; Q heads side by side: row = b * L, column h * D
-    assert (args["kv_rows_b"], args["kv_rows_h"], args["kv_col_h"]) == (2 * L, L, 0)
-    assert (args["q_rows_b"], args["q_rows_h"], args["q_col_h"]) == (L, 0, 128)
-    assert args["n_groups"] == 2 and args["n_bh"] == 8 and args["head_group"] == 4
+    # every tensor as [B, H, L, D] in boxes of one (batch, head), whatever its layout: K/V head-major, Q not
+    for name, t, rows in (("q_desc", q, tile.split_m), ("k_desc", k, tile.block_n), ("o_desc", out, tile.split_m)):
+        desc = args[name]
+        assert list(desc.shape) == [2, t.shape[2], n, 128], name
+        assert list(desc.strides) == [t.stride(0), t.stride(2), t.stride(1), 1], name
+        assert list(desc.block_shape) == [1, 1, rows, 128], name
+    assert args["n_groups"] == 2 and args["n_bh"] == 8 and args["head_group"] == 4 and args["seqlen"] == n
 
 
 # -- on an sm90 GPU ---------------------------------------------------------------------------------------------
@@ -137,6 +139,13 @@ GPU_CASES = [
     Case(2, 256, 256, 4, 2, 64, causal=True, dtype=torch.bfloat16),
     Case(1, 448, 448, 8, 1, 64, dtype=torch.bfloat16),
     Case(2, 384, 384, 4, 4, 64, causal=True, dtype=torch.float16),
+    # any L: a group's rows and the last key block end past it (TMA zero-fills; the keys past L are masked)
+    Case(2, 200, 200, 4, 2, 128, dtype=torch.bfloat16),
+    Case(1, 333, 333, 4, 4, 128, causal=True, dtype=torch.float16),
+    Case(3, 129, 129, 8, 2, 128, causal=True, dtype=torch.bfloat16),
+    Case(2, 300, 300, 4, 2, 64, dtype=torch.bfloat16),
+    Case(1, 450, 450, 8, 8, 64, causal=True, dtype=torch.float16),
+    Case(2, 131, 131, 2, 1, 64, causal=True, dtype=torch.bfloat16),
 ]
 
 
@@ -222,7 +231,7 @@ def test_every_tile_order_computes_the_same(head_dim, hopper_calls):
 def test_other_calls_take_the_portable_forward(hopper_calls):
     from hf_flash import flash_attn_func
 
-    for case in (Case(1, 200, 200, 2, 2, 128), Case(1, 232, 232, 2, 2, 64), Case(1, 256, 256, 2, 2, 96),
+    for case in (Case(1, 100, 100, 2, 2, 128), Case(1, 96, 96, 2, 2, 64), Case(1, 256, 256, 2, 2, 96),
                  Case(1, 256, 384, 2, 2, 128)):
         q, k, v, _ = make_inputs(case, "cuda")
         flash_attn_func(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=False)
