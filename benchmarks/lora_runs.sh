@@ -16,6 +16,8 @@
 #   gptoss    gpt-oss-20b shape cut to 4 layers: one 8k and one 32k sequence, hf_flash / eager / flex_attention
 #   long      1B: one 8k and one 32k sequence, sdpa (cuDNN there) and hf_flash, LONG_STEPS steps (default 6, the
 #             first 2 not timed): the single-sequence LoRA step of issue 18
+#   longdocs  1B: long documents (lognormal:12000:0.4:24) packed into 32k rows, sdpa and hf_flash, then hf_flash
+#             with the Hopper kernels off: what they give a packed long-context step
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp}/lora
@@ -105,6 +107,17 @@ for part in ${PARTS:-loss}; do
             --output-dir "$out/varlen" | tail -n 8
         HF_FLASH_PADDING_FREE=0 "${CMP[@]}" "${ONE_B[@]}" --backends hf_flash --layout padded "${V[@]}" \
             --output-dir "$out/varlen-per-layer" | tail -n 3
+        ;;
+    longdocs)
+        # long documents packed into 32k rows (about 13k tokens on average, cut at 32k): the packed sequences'
+        # mean passes the Hopper kernels' varlen bounds (D64 causal: backward 8192, forward 3072), so hf_flash's
+        # packed step runs them; then the same with both Hopper kernels off (the portable varlen kernels): what
+        # they give the whole step. sdpa packed for reference.
+        D=(--lengths lognormal:12000:0.4:24 --max-len 32768 --pack-len 32768 --layout packed)
+        HF_FLASH_STRICT=1 "${CMP[@]}" "${ONE_B[@]}" --backends sdpa,hf_flash "${D[@]}" \
+            --output-dir "$out/longdocs" | tail -n 4
+        HF_FLASH_HOPPER_BWD=0 HF_FLASH_HOPPER_FWD=0 HF_FLASH_STRICT=1 "${CMP[@]}" "${ONE_B[@]}" --backends hf_flash \
+            "${D[@]}" --output-dir "$out/longdocs-portable" | tail -n 3
         ;;
     gptoss)
         "${CMP[@]}" --model-preset gpt-oss-20b-4l --gradient-checkpointing --save-steps 0 --no-save-adapter "${CAP[@]}" \
