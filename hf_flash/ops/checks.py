@@ -113,9 +113,28 @@ def _cache_key(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> tuple:
     return (version_of(cu_seqlens), total, max_seqlen)
 
 
-def _remember(cu_seqlens: torch.Tensor, key: tuple) -> None:
-    _CU_SEQLENS_CHECKED.insert(0, (weakref.ref(cu_seqlens), key))
+def _remember(cu_seqlens: torch.Tensor, key: tuple, values: tuple | None = None) -> None:
+    """Record a checked (or vouched-for) tensor; ``values``: what the check read, when it read them."""
+    _CU_SEQLENS_CHECKED.insert(0, (weakref.ref(cu_seqlens), key, values))
     del _CU_SEQLENS_CHECKED[_CU_SEQLENS_CHECKED_SIZE:]
+
+
+def same_boundaries(cu_a: torch.Tensor, cu_b: torch.Tensor) -> bool:
+    """Whether two ``cu_seqlens`` are known to hold the same values without reading them (no device sync): one
+    buffer (same address, shape and strides), or two tensors whose checks read equal values and that nothing
+    wrote to since. Transformers' ``DataCollatorWithFlattening`` hands ``cu_seq_lens_q`` and ``cu_seq_lens_k``
+    over as two equal tensors; the Hopper kernels take a varlen call only when Q's and K/V's sequences are the
+    same."""
+    if cu_a.data_ptr() == cu_b.data_ptr() and cu_a.shape == cu_b.shape and cu_a.stride() == cu_b.stride():
+        return True
+    read = []
+    for t in (cu_a, cu_b):
+        version = version_of(t)
+        found = next((values for ref, key, values in _CU_SEQLENS_CHECKED if ref() is t and key[0] == version), None)
+        if found is None or version is UNTRACKED:
+            return False
+        read.append(found)
+    return read[0] == read[1]
 
 
 def _read(cu_seqlens: torch.Tensor) -> list:
@@ -149,7 +168,7 @@ def check_cu_seqlens(name: str, cu_seqlens, total: int, max_seqlen, max_name: st
     if is_compiling():
         return  # reading the values would sync and break the graph; checked in eager runs
     key = _cache_key(cu_seqlens, total, max_seqlen)
-    if any(ref() is cu_seqlens and seen == key for ref, seen in _CU_SEQLENS_CHECKED):
+    if any(ref() is cu_seqlens and seen == key for ref, seen, _ in _CU_SEQLENS_CHECKED):
         return
     values = _read(cu_seqlens)
     lengths = [b - a for a, b in zip(values, values[1:])]
@@ -160,4 +179,4 @@ def check_cu_seqlens(name: str, cu_seqlens, total: int, max_seqlen, max_name: st
     if max(lengths) > max_seqlen:
         raise ValueError(f"{max_name}={max_seqlen} is smaller than the longest sequence in {name} ({max(lengths)})")
     if key[0] is not UNTRACKED:
-        _remember(cu_seqlens, key)
+        _remember(cu_seqlens, key, tuple(values))

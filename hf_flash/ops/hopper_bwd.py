@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from hf_flash.ops.backward import flash_delta
+from hf_flash.ops.checks import same_boundaries
 from hf_flash.ops.common import tma_layout
 from hf_flash.ops.hopper_fwd import lengths_in_words, on_sm90, plain_dense, switched_on, unavailable_reason
 
@@ -74,14 +75,14 @@ def fits(q, k, v, do, lse, cu_seqlens, window, softcap, dropout_p, sinks, determ
 
 
 def _plain_varlen(q, k, v, do, lse, cu_seqlens, min_seqlen, window, softcap, dropout_p, sinks) -> bool:
-    """A varlen call the kernel takes: self-attention over the same sequences (one ``cu_seqlens`` buffer for Q and
-    K/V, as the Transformers integration passes them, int32: no device sync to compare two), a mean length of at
+    """A varlen call the kernel takes: self-attention over the same sequences (one int32 ``cu_seqlens`` buffer for Q
+    and K/V, as the Transformers integration builds them, or two that hf_flash's input checks read as equal:
+    ``checks.same_boundaries``, no device sync), a mean length of at
     least ``min_seqlen`` (a packed batch of short sequences keeps the portable backward, which was measured faster
     on short lengths), no window, softcap, dropout or sinks, fp16/bf16, Q/K/V/dO readable by TMA, the LSE
     ``[H, total]`` rows 16-byte aligned."""
     cu_q, cu_k = cu_seqlens
-    same = cu_q.data_ptr() == cu_k.data_ptr() and cu_q.shape == cu_k.shape and cu_q.stride() == cu_k.stride()
-    if not same or cu_q.dtype != torch.int32 or cu_q.shape[0] < 2:
+    if cu_q.dtype != torch.int32 or cu_q.shape[0] < 2 or not same_boundaries(cu_q, cu_k):
         return False
     if q.shape[0] < min_seqlen * (cu_q.shape[0] - 1) or k.shape[0] != q.shape[0]:
         return False

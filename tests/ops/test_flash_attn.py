@@ -584,6 +584,26 @@ def test_cu_seqlens_read_once_per_tensor(device, monkeypatch):
     assert sum(reads) == 2
 
 
+def test_equal_cu_seqlens_are_known_equal_without_a_read(device, monkeypatch):
+    """Two cu_seqlens tensors that the input checks read as equal (Transformers' DataCollatorWithFlattening hands
+    cu_seq_lens_q and cu_seq_lens_k over as two tensors) are known to be the same sequences with no further
+    read; not once one is written to, nor when their values differ or were never read."""
+    from hf_flash.ops import checks
+
+    packed = torch.randn(8, 2, 32, device=device).half()
+    cu_q, cu_k, other = cu_seqlens([3, 5], device), cu_seqlens([3, 5], device), cu_seqlens([5, 3], device)
+    assert checks.same_boundaries(cu_q, cu_q) and not checks.same_boundaries(cu_q, cu_k), "not read yet"
+    flash_attn_varlen_func(packed, packed, packed, cu_q, cu_k, 5, 5)
+    flash_attn_varlen_func(packed, packed, packed, cu_q, other, 5, 5)
+    reads = []
+    monkeypatch.setattr(checks, "_read", lambda t: reads.append(t) or t.tolist())
+    assert checks.same_boundaries(cu_q, cu_k) and checks.same_boundaries(cu_k, cu_q)
+    assert not checks.same_boundaries(cu_q, other), "other lengths"
+    cu_k[1] = 3  # in place, even to the same value: no longer known
+    assert not checks.same_boundaries(cu_q, cu_k)
+    assert not reads, "knowing costs no read"
+
+
 def test_autograd_only_where_a_gradient_is_wanted(device, monkeypatch):
     """Inference calls (no input requires grad, or grad mode off) skip the autograd Function, whose
     bookkeeping is host time that short calls (generation) feel; training calls still build the graph."""

@@ -68,12 +68,19 @@ def _packed(lengths, heads=4, kv_heads=2, head_dim=128, dtype=torch.bfloat16):
 
 
 def test_fits_varlen_self_attention_of_long_enough_sequences():
-    """Packed batches: one cu_seqlens for Q and K/V (no sync to compare two), a mean length from the bound."""
+    """Packed batches: one cu_seqlens for Q and K/V, or two the input checks read as equal (no sync to compare
+    them), a mean length from the bound."""
+    from hf_flash.ops import checks
+
     lengths = [L + 77, L - 300, L + 1000]  # mean above L
     assert _fits(*_packed(lengths)) and _fits(*_packed(lengths), window=(-1, -1))
     assert _fits(*_packed([L64 + 5, L64 - 5], head_dim=64))
     q, k, v, do, lse, (cu, _) = _packed(lengths)
-    assert not _fits(q, k, v, do, lse, (cu, cu.clone())), "Q's and K/V's sequences not known to be the same"
+    other = cu.clone()
+    assert not _fits(q, k, v, do, lse, (cu, other)), "Q's and K/V's sequences not known to be the same"
+    for name, t in (("cu_seqlens_q", cu), ("cu_seqlens_k", other)):
+        checks.check_cu_seqlens(name, t, q.shape[0], max(lengths), "max_seqlen", q.device)
+    assert _fits(q, k, v, do, lse, (cu, other)), "two tensors that the input checks read as equal"
     assert not _fits(q, k, v, do, lse, (cu.long(), cu.long()))
     assert not _fits(*_packed([L // 4] * 4)), "short sequences keep the portable backward"
     assert not _fits(*_packed(lengths), deterministic=True) and not _fits(*_packed(lengths), window=(8, 0))
