@@ -39,7 +39,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from hf_flash.ops._hopper_fwd_kernel import box_descriptor, tma_load, tma_store
+from hf_flash.ops._hopper_fwd_kernel import _box, box_descriptor, tma_load, tma_store
 
 _tma_add = getattr(tma, "async_atomic_add", None)
 if _tma_add is None:
@@ -60,12 +60,6 @@ _ROWS = gl.constexpr(ROWS)
 BLOCK_N = 2 * ROWS  # keys of a program
 # the LSE and delta rows, read in [1, 1, STEP] boxes of the fp32 [B, H, L]
 _STAT_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3)
-
-
-@gluon.jit
-def _tile(ring, i):
-    """Box ``i`` of a ring of TMA boxes ``[n, 1, 1, rows, cols]`` as the ``[rows, cols]`` tile the products read."""
-    return ring.index(i).reshape([ring.type.shape[3], ring.type.shape[4]])
 
 
 @gluon.jit
@@ -187,8 +181,8 @@ def _step(c, q_start, dq_at, g: gl.constexpr, smem, bars, acc, offs_key, stats, 
     lse_smem, delta_smem = stats
     dq_smem, dq_desc, dq_ready, dq_empty = dq_out
     dk, dv = acc
-    k_g = _tile(k_smem, g)
-    v_g = _tile(v_smem, g)
+    k_g = _box(k_smem, g)
+    v_g = _box(v_smem, g)
     STAGES: gl.constexpr = q_smem.type.shape[0]
     STEP: gl.constexpr = q_smem.type.shape[3]
     dtype: gl.constexpr = q_smem.dtype
@@ -196,8 +190,8 @@ def _step(c, q_start, dq_at, g: gl.constexpr, smem, bars, acc, offs_key, stats, 
     col_s: gl.constexpr = gl.SliceLayout(0, zero_s.type.layout)
     stage = c % STAGES
     mbarrier.wait(qdo_ready.index(stage), (c // STAGES) & 1)
-    q_s = _tile(q_smem, stage)
-    do_s = _tile(do_smem, stage)
+    q_s = _box(q_smem, stage)
+    do_s = _box(do_smem, stage)
     # -- S^T = K_g Q^T and dP^T = V_g dO^T, both issued before the exponentials
     st = warpgroup_mma(k_g, q_s.permute((1, 0)), zero_s, use_acc=False, is_async=True)
     dpt = warpgroup_mma(v_g, do_s.permute((1, 0)), zero_s, use_acc=False, is_async=True)
@@ -232,9 +226,9 @@ def _step(c, q_start, dq_at, g: gl.constexpr, smem, bars, acc, offs_key, stats, 
         mbarrier.arrive(qdo_empty.index(stage), count=1)
         mbarrier.wait(ds_ready.index(ds_buf), (c // 2) & 1)  # the other group's dS^T is there too
         # dQ[:, g-th half] = dS K[:, g-th half] over both groups' keys
-        dq = warpgroup_mma(ds_smem.index(ds_buf * 2).permute((1, 0)), _tile(k_smem, 0).slice(g * WIDTH, WIDTH, 1),
+        dq = warpgroup_mma(ds_smem.index(ds_buf * 2).permute((1, 0)), _box(k_smem, 0).slice(g * WIDTH, WIDTH, 1),
                            zero_q, use_acc=False, is_async=True)
-        dq = warpgroup_mma(ds_smem.index(ds_buf * 2 + 1).permute((1, 0)), _tile(k_smem, 1).slice(g * WIDTH, WIDTH, 1),
+        dq = warpgroup_mma(ds_smem.index(ds_buf * 2 + 1).permute((1, 0)), _box(k_smem, 1).slice(g * WIDTH, WIDTH, 1),
                            dq, is_async=True)
         dq = warpgroup_mma_wait(0, deps=[dq])
     else:
@@ -242,10 +236,10 @@ def _step(c, q_start, dq_at, g: gl.constexpr, smem, bars, acc, offs_key, stats, 
         # runs while dQ's part goes to shared memory
         dv = warpgroup_mma(pt16, do_s, dv, is_async=True)
         mbarrier.wait(ds_ready.index(ds_buf), (c // 2) & 1)  # the other group's dS^T is there too
-        dq = warpgroup_mma(ds_smem.index(ds_buf * 2).slice(g * _ROWS, _ROWS, 1).permute((1, 0)), _tile(k_smem, 0),
+        dq = warpgroup_mma(ds_smem.index(ds_buf * 2).slice(g * _ROWS, _ROWS, 1).permute((1, 0)), _box(k_smem, 0),
                            zero_q, use_acc=False, is_async=True)
         dq = warpgroup_mma(ds_smem.index(ds_buf * 2 + 1).slice(g * _ROWS, _ROWS, 1).permute((1, 0)),
-                           _tile(k_smem, 1), dq, is_async=True)
+                           _box(k_smem, 1), dq, is_async=True)
         dk = warpgroup_mma(dst16, q_s, dk, is_async=True)
         dv, dq = warpgroup_mma_wait(1, deps=[dv, dq])
     if STEP == _ROWS:
@@ -254,8 +248,8 @@ def _step(c, q_start, dq_at, g: gl.constexpr, smem, bars, acc, offs_key, stats, 
         # wgmma layout
         half0, half1 = gl.split(gl.permute(gl.reshape(dq * dq_scale, [_ROWS, 2, WIDTH // 2]), (0, 2, 1)))
         tma.store_wait(0)  # the previous step's reduction has read the buffers
-        _tile(dq_smem, 2 * g).store(half0)
-        _tile(dq_smem, 2 * g + 1).store(half1)
+        _box(dq_smem, 2 * g).store(half0)
+        _box(dq_smem, 2 * g + 1).store(half1)
         fence_async_shared()
         # rows past L fall outside the descriptor: TMA drops them
         _tma_add(dq_desc, [dq_at[0], dq_at[1], dq_at[2] + q_start, dq_at[3]], dq_smem.index(2 * g))
@@ -335,8 +329,8 @@ def _consume(g: gl.constexpr, descs, smem, bars, problem, stats, dq_out, qk_scal
         gl.store(dkv_ptr[0] + offs, dk16, mask=keep)
         gl.store(dkv_ptr[1] + offs, dv16, mask=keep)
     else:
-        _tile(k_smem, g).store(dk16)
-        _tile(v_smem, g).store(dv16)
+        _box(k_smem, g).store(dk16)
+        _box(v_smem, g).store(dv16)
         fence_async_shared()
         # dense: rows past L (the zero keys') fall outside the descriptors, TMA drops them
         tma_store(dk_desc, [cb, hk, row0 + n0 + g * _ROWS, 0], k_smem.index(g))
@@ -396,7 +390,7 @@ def _bwd_hopper(
             return
     else:
         coords = (bh // n_heads_k, 0)
-    # rings of TMA boxes, [i, 1, 1, rows, D] (``_tile`` reads box i as [rows, D])
+    # rings of TMA boxes, [i, 1, 1, rows, D] (``_box`` reads box i as [rows, D])
     k_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, _ROWS, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, _ROWS, HEAD_DIM], v_desc.layout)
     q_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, STEP, HEAD_DIM], q_desc.layout)
@@ -503,7 +497,7 @@ def launch_args(*, q, k, v, do, dk, dv, lse, delta, dq_acc, softmax_scale, causa
                                  dq_acc.stride(2), dq_acc.stride(1), 1], [1, 1, ROWS, 32],
                                  gl.NVMMASharedLayout.get_default_for([1, 1, ROWS, 32], gl.float32)),
         dq_ptr=dq_acc, dq_stride=dq_acc.stride(1), dq_rows_b=dq_acc.shape[1],
-        cu_seqlens=cu_seqlens if varlen else torch.zeros(1, dtype=torch.int32, device=q.device), dk_ptr=dk, dv_ptr=dv,
+        cu_seqlens=cu_seqlens if varlen else torch.empty(1, dtype=torch.int32, device=q.device), dk_ptr=dk, dv_ptr=dv,
         dkv_strides_b=dk.stride(0), dkv_stride=dk.stride(1), dkv_stride_h=dk.stride(2),
         seqlen=max_seqlen if varlen else seqlen, n_heads_k=k.shape[2], n_groups=q.shape[2] // k.shape[2],
         qk_scale=softmax_scale * 1.4426950408889634, sm_scale=softmax_scale, CAUSAL=causal, STAGES=stages,

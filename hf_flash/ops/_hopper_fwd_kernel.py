@@ -39,7 +39,8 @@ tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
 
 @gluon.jit
 def _box(ring, i):
-    """Box ``i`` of a ring of TMA boxes ``[n, 1, 1, rows, D]`` as the ``[rows, D]`` tile the products read."""
+    """Box ``i`` of a ring of TMA boxes ``[n, 1, 1, rows, cols]`` as the ``[rows, cols]`` tile the products read
+    (the backward kernel's too)."""
     return ring.index(i).reshape([ring.type.shape[3], ring.type.shape[4]])
 
 

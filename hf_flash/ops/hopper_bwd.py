@@ -25,7 +25,8 @@ import torch
 from hf_flash.ops.backward import flash_delta
 from hf_flash.ops.checks import same_boundaries
 from hf_flash.ops.common import tma_layout
-from hf_flash.ops.hopper_fwd import lengths_in_words, on_sm90, plain_dense, switched_on, unavailable_reason
+from hf_flash.ops.hopper_fwd import (lengths_in_words, on_sm90, plain_dense, plain_options, switched_on,
+                                     unavailable_reason)
 
 # of Q, dO, LSE and delta: 198 KB (D128) and 199 KB (D64) of shared memory with K, V, dS^T and the dQ parts
 # (3 do not fit)
@@ -86,9 +87,7 @@ def _plain_varlen(q, k, v, do, lse, cu_seqlens, min_seqlen, window, softcap, dro
         return False
     if q.shape[0] < min_seqlen * (cu_q.shape[0] - 1) or k.shape[0] != q.shape[0]:
         return False
-    if sinks is not None or softcap > 0 or dropout_p > 0 or window[0] != -1 or window[1] not in (-1, 0):
-        return False
-    if q.dtype not in (torch.float16, torch.bfloat16) or any(t.dtype != q.dtype for t in (k, v, do)):
+    if not plain_options(q, k, v, window, softcap, dropout_p, sinks) or do.dtype != q.dtype:
         return False
     if lse.stride(1) != 1 or lse.stride(0) % 4 or lse.data_ptr() % 16:
         return False

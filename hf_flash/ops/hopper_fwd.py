@@ -140,13 +140,18 @@ def fits(q, k, v, varlen, window, softcap, dropout_p, sinks) -> bool:
     return plain_dense(q, k, v, varlen, window, softcap, dropout_p, sinks)
 
 
-def plain_dense(q, k, v, varlen, window, softcap, dropout_p, sinks) -> bool:
-    """What both Hopper kernels ask of a call (``hopper_bwd`` too): dense, causal or not without a window, no
-    softcap, dropout or sinks, fp16/bf16 throughout, ``Lq == Lk``, Q and K/V readable by TMA (K and V in one
-    layout)."""
-    if varlen or sinks is not None or softcap > 0 or dropout_p > 0 or window[0] != -1 or window[1] not in (-1, 0):
+def plain_options(q, k, v, window, softcap, dropout_p, sinks) -> bool:
+    """What both Hopper kernels ask of a call's options, dense or varlen: causal or not without a window, no
+    softcap, dropout or sinks, fp16/bf16 throughout."""
+    if sinks is not None or softcap > 0 or dropout_p > 0 or window[0] != -1 or window[1] not in (-1, 0):
         return False
-    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+    return q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype and v.dtype == q.dtype
+
+
+def plain_dense(q, k, v, varlen, window, softcap, dropout_p, sinks) -> bool:
+    """What both Hopper kernels ask of a call (``hopper_bwd`` too): dense, :func:`plain_options`, ``Lq == Lk``, Q
+    and K/V readable by TMA (K and V in one layout)."""
+    if varlen or not plain_options(q, k, v, window, softcap, dropout_p, sinks):
         return False
     if q.shape[1] != k.shape[1]:
         return False
