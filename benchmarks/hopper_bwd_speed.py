@@ -58,14 +58,15 @@ def time_case(causal: bool, seqlen: int, rounds: int, kv_heads: int, head_dim: i
         hopper_bwd.flash_bwd_hopper(do, q, k, v, out, lse, *grads[name], scale, causal)
 
     def flipped():
-        # keys_outer() reads the bound at each call: 0 numbers no call key block outer, a huge one every causal call
-        default = _hopper_bwd_kernel.KEYS_OUTER_MAX_HEADS
-        outer = _hopper_bwd_kernel.keys_outer(q, k, causal)
-        _hopper_bwd_kernel.KEYS_OUTER_MAX_HEADS = 0 if outer else 1 << 30
+        # keys_outer() reads the bounds at each call: 0 numbers no call key block outer, huge ones every causal call
+        kernel = _hopper_bwd_kernel
+        default = kernel.KEYS_OUTER_MAX_HEADS, kernel.KEYS_OUTER_MAX_SEQLEN
+        bound = 0 if kernel.keys_outer(q, k, causal) else 1 << 30
+        kernel.KEYS_OUTER_MAX_HEADS = kernel.KEYS_OUTER_MAX_SEQLEN = bound
         try:
             hopper()
         finally:
-            _hopper_bwd_kernel.KEYS_OUTER_MAX_HEADS = default
+            kernel.KEYS_OUTER_MAX_HEADS, kernel.KEYS_OUTER_MAX_SEQLEN = default
 
     runs = {"portable": portable, name: hopper}
     if other_order:

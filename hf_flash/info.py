@@ -122,8 +122,8 @@ def _gpu(index: int) -> dict:
 def _hopper_forward(device: torch.device) -> str:
     """Whether the forward runs the Hopper kernel on this GPU (``hf_flash/ops/hopper_fwd.py``), where, and why not."""
     return _hopper_kernel(device, hopper_fwd, f"{hopper_fwd.ENV}=0",
-                          f"{hopper_fwd.coverage()}, dense, Lq == Lk, no window/softcap/dropout/sinks (Gluon, "
-                          "warp-specialized)")
+                          f"{hopper_fwd.coverage()}, dense or varlen (mean length), Lq == Lk, no "
+                          "window/softcap/dropout/sinks (Gluon, warp-specialized)")
 
 
 def _hopper_backward(device: torch.device) -> str:

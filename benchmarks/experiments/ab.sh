@@ -34,8 +34,6 @@ VARIANTS=(
   # common.UNSPECIALIZED: what keeping them out of the specialization (no recompile per new length) costs.
   # Time with SEQLENS="1024 4096 16384" and VARLEN=... (the varlen layouts are where new lengths come from)
   "specialize-lengths|specialize-lengths.patch|"
-  # the Hopper forward for packed batches: MATCH=fwd-varlen KERNELS=fwd VARLEN=... (or fwd_varlen.sh, PLAN)
-  "fwd-varlen|hopper-fwd-varlen.patch|"
   # A patch that no longer applies to main leaves this folder for the branch experiments-archive, e.g.
   # segment-loop.patch (main now does the same); one that lost leaves it too, its commit named in the LOG
   # (fwd-overlap-d128.patch / fwd-overlap-all.patch: `git show 804544b:benchmarks/experiments/NAME`;

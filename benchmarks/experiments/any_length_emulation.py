@@ -79,7 +79,7 @@ def emulate(q, k, v, do, o, lse, causal, scale, step, packed=False):
 
 
 def emulate_fwd(q, k, v, causal, scale, groups, packed):
-    """The forward's tile walk (``hopper-fwd-varlen.patch``; the dense walk is main's): tiles of ``groups`` 64-row groups,
+    """The Hopper forward's tile walk (``packed``: its varlen form, landed in the thirteenth session): tiles of ``groups`` 64-row groups,
     128-key blocks, the unmasked blocks (causal: up to the group's first row; else the whole ones) then the
     masked ones; past L the next sequence's rows (``packed``) or zeros; rows past L never stored (NaN marks)."""
     L, D = q.shape

@@ -466,8 +466,10 @@ def dq_buffer(q, varlen: bool = False) -> torch.Tensor:
 
 
 MAX_REGISTERS = 168  # 64K registers over the three warpgroups
-# causal with at most this many (batch, kv head) pairs: programs numbered key block outer (:func:`launch`)
+# causal with at most this many (batch, kv head) pairs and L (varlen: the longest sequence) up to this: programs
+# numbered key block outer (:func:`keys_outer`)
 KEYS_OUTER_MAX_HEADS = 32
+KEYS_OUTER_MAX_SEQLEN = 8192
 
 
 def tile_rows(head_dim: int) -> dict:
@@ -501,7 +503,7 @@ def launch_args(*, q, k, v, do, dk, dv, lse, delta, dq_acc, softmax_scale, causa
         dkv_strides_b=dk.stride(0), dkv_stride=dk.stride(1), dkv_stride_h=dk.stride(2),
         seqlen=max_seqlen if varlen else seqlen, n_heads_k=k.shape[2], n_groups=q.shape[2] // k.shape[2],
         qk_scale=softmax_scale * 1.4426950408889634, sm_scale=softmax_scale, CAUSAL=causal, STAGES=stages,
-        KEYS_OUTER=keys_outer(q, k, causal, _batch(q, cu_seqlens)), VARLEN=varlen, num_warps=4,
+        KEYS_OUTER=keys_outer(q, k, causal, _batch(q, cu_seqlens), max_seqlen if varlen else None), VARLEN=varlen, num_warps=4,
         maxnreg=MAX_REGISTERS,
     )  # fmt: skip
 
@@ -511,14 +513,18 @@ def _batch(q, cu_seqlens) -> int:
     return q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
 
 
-def keys_outer(q, k, causal: bool, batch: int | None = None) -> bool:
+def keys_outer(q, k, causal: bool, batch: int | None = None, seqlen: int | None = None) -> bool:
     """Whether the programs are numbered key block outer, (batch, kv head) inner. Causal, a key block's walk is
     as long as the queries after it, so in the default order (key blocks inner) the first, longest block of a late
     (batch, kv head) starts near the end and runs on alone: with 8-32 pairs the other order, longest blocks
     first, read 1.07-1.14x (GQA 32/8 D64 causal at 4k and 8k, D128 at 8k; H100, LOG ninth session). With 64 or
     128 pairs it read 0.64-0.93x: the programs running at once then read one key block of as many heads, and
-    their Q and dO no longer come from L2. ``batch``: the sequences (varlen), else ``q``'s batch."""
-    return causal and (batch or q.shape[0]) * k.shape[2] <= KEYS_OUTER_MAX_HEADS
+    their Q and dO no longer come from L2. From 16k the lone last walk is a small part of the call and key blocks
+    inner read 1.01-1.07x the other order even with 8-32 pairs (D64 and D128, 16k and 32k; H100, thirteenth
+    session). ``batch``: the sequences (varlen), else ``q``'s batch; ``seqlen``: the longest (varlen), else
+    ``q``'s L."""
+    pairs = (batch or q.shape[0]) * k.shape[2]
+    return causal and pairs <= KEYS_OUTER_MAX_HEADS and (seqlen or q.shape[1]) <= KEYS_OUTER_MAX_SEQLEN
 
 
 def launch(**kwargs):
@@ -528,4 +534,5 @@ def launch(**kwargs):
     batch = _batch(q, cu_seqlens)
     longest = q.shape[1] if cu_seqlens is None else kwargs["max_seqlen"]
     grid = (-(-longest // BLOCK_N), batch * k.shape[2])
-    _bwd_hopper[grid[::-1] if keys_outer(q, k, kwargs["causal"], batch) else grid](**launch_args(**kwargs))
+    outer = keys_outer(q, k, kwargs["causal"], batch, longest)
+    _bwd_hopper[grid[::-1] if outer else grid](**launch_args(**kwargs))

@@ -7,18 +7,19 @@ all heads of the group for one block before the next), so the short tiles fill t
 once then share the K/V of few heads, which L2 serves (all heads of one block first had every program stream its
 own K/V from DRAM at short L). Partitions of a program (``gl.warp_specialize``):
 
-* loader (one warpgroup, one warp of it busy): per tile, K and V blocks into a ring of ``STAGES``
-  shared-memory stages (each stage waits until every consumer group has released it), and Q's 64-row parts
-  after the first K/V block;
+* loader (one warpgroup, one warp of it busy): K and V blocks into a ring of ``STAGES`` shared-memory stages
+  (each stage waits until every consumer group has released it), and Q's 64-row parts after the first K/V block;
 * ``GROUPS`` consumers, 4 warps each: rows ``g * 64 .. g * 64 + 63``, ``S = Q K^T`` and ``O += P V`` with
   ``wgmma`` (P from registers), the online softmax between; the O tile leaves through Q's buffer and a TMA
   store. A group whose rows start at or past the sequence's end (the last tile when ``L`` is not a multiple
   of the tile) only releases the stages.
 
 Any L: Q, K, V and O are read through 4D descriptors ``[B, H, L, D]`` in boxes of one (batch, head)
-(:func:`box_descriptor`), so TMA zero-fills a box's rows past L and drops them from the O store; the keys past L
-are masked in the last key block (causal: past every query already) and the LSE of the rows past L is not
-stored.
+(:func:`box_descriptor`), so TMA zero-fills a box's rows past L; the keys past L are masked in the last key block
+(causal: past every query already), and a group whose rows end past L stores its O rows and LSE masked. Varlen
+(packed sequences): the packed batch is one sequence of ``total`` rows to the descriptors, each tile's rows
+offset by its sequence's start; past a sequence's end come the next one's rows, not zeros, which the same masks
+keep out (its keys from the scores, its rows from the stores).
 
 Shapes in comments: ``[rows, columns]`` of one consumer group (SPLIT_M = 64 rows).
 """
@@ -45,63 +46,45 @@ def _box(ring, i):
 
 
 @gluon.jit
-def _tile(t, problem, CAUSAL: gl.constexpr, TILE_M: gl.constexpr, BLOCK_N: gl.constexpr):
-    """Tile ``t`` (``TILE_M`` query rows): its batch, head and K/V head, the first query, its key blocks and
-    its LSE offset. ``problem``: (seqlen, n_heads, n_groups, n_bh, n_tiles, lse_strides, head_group) with
-    ``lse_strides`` = (batch, head)."""
-    seqlen, n_heads, n_groups, n_bh, n_tiles, lse_strides, head_group = problem
+def _tile(t, seqlen, n_heads, n_groups, n_bh, head_group, TILE_M: gl.constexpr):
+    """Tile ``t`` (``TILE_M`` query rows, ``seqlen``: the longest sequence): its batch, head, K/V head and first
+    query. Tiles come in groups of ``head_group`` (batch, head) pairs (the last group may be smaller), heaviest
+    query block first within a group."""
     n_m = gl.cdiv(seqlen, TILE_M)
-    # group of head_group (batch, head) pairs (the last one may be smaller), heaviest query block first within
     group = t // (head_group * n_m)
     first_bh = group * head_group
     size = gl.minimum(head_group, n_bh - first_bh)
     within = t - group * (head_group * n_m)
     pid_m = n_m - 1 - within // size
     bh = first_bh + within % size
-    b = bh // n_heads
     h = bh % n_heads
-    hk = h // n_groups
-    q_start = pid_m * TILE_M
-    if CAUSAL:
-        n_blocks = gl.cdiv(gl.minimum(seqlen, q_start + TILE_M), BLOCK_N)
-    else:
-        n_blocks = gl.cdiv(seqlen, BLOCK_N)
-    lse_off = b.to(gl.int64) * lse_strides[0] + h.to(gl.int64) * lse_strides[1] + q_start
-    return b, h, hk, q_start, n_blocks, lse_off
+    return bh // n_heads, h, h // n_groups, pid_m * TILE_M
 
 
 @gluon.jit
 def _loader(descs, smem, bars, problem, CAUSAL: gl.constexpr):
-    """1 warp: K and V block by block into the stage ring (its position runs on across tiles), Q's 64-row parts
-    once their buffers are free."""
-    q_desc, k_desc, v_desc, o_desc = descs
+    """1 warp: K and V block by block into the stage ring, Q's 64-row parts after the first block."""
+    q_desc, k_desc, v_desc = descs[0], descs[1], descs[2]
     q_smem, k_smem, v_smem = smem
-    q_ready, q_empty, k_ready, v_ready, kv_empty = bars
+    q_ready, k_ready, v_ready, kv_empty = bars
     SPLIT_M: gl.constexpr = q_desc.block_type.shape[2]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[2]
     STAGES: gl.constexpr = k_smem.type.shape[0]
     GROUPS: gl.constexpr = q_smem.type.shape[0]
-    c = 0  # K/V blocks loaded so far
-    i = 0  # tiles of this program so far
-    for t in range(gl.program_id(0), problem[4], gl.num_programs(0)):
-        b, h, hk, q_start, n_blocks, lse_off = _tile(t, problem, CAUSAL, GROUPS * SPLIT_M, BLOCK_N)
-        for j in range(n_blocks):
-            stage = c % STAGES
-            # a fresh mbarrier counts as having completed phase 1: the first round does not wait
-            mbarrier.wait(kv_empty.index(stage), ((c // STAGES) & 1) ^ 1)
-            mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
-            tma_load(k_desc, [b, hk, j * BLOCK_N, 0], k_ready.index(stage), k_smem.index(stage))
-            mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
-            tma_load(v_desc, [b, hk, j * BLOCK_N, 0], v_ready.index(stage), v_smem.index(stage))
-            c += 1
-            if j == 0:
-                # Q after the first K/V block, whose load then overlaps the previous tile's last steps while Q's
-                # buffers wait for the consumers to have stored that tile's O from them
-                for g in gl.static_range(GROUPS):
-                    mbarrier.wait(q_empty.index(g), (i & 1) ^ 1)
-                    mbarrier.expect(q_ready.index(g), q_desc.block_type.nbytes)
-                    tma_load(q_desc, [b, h, q_start + g * SPLIT_M, 0], q_ready.index(g), q_smem.index(g))
-        i += 1
+    cb, row0, h, hk, q_start, n_blocks = problem[1], problem[2], problem[3], problem[4], problem[5], problem[6]
+    for j in range(n_blocks):
+        stage = j % STAGES
+        # a fresh mbarrier counts as having completed phase 1: the first round does not wait
+        mbarrier.wait(kv_empty.index(stage), ((j // STAGES) & 1) ^ 1)
+        mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
+        tma_load(k_desc, [cb, hk, row0 + j * BLOCK_N, 0], k_ready.index(stage), k_smem.index(stage))
+        mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
+        tma_load(v_desc, [cb, hk, row0 + j * BLOCK_N, 0], v_ready.index(stage), v_smem.index(stage))
+        if j == 0:
+            # Q after the first K/V block, whose load then runs while Q's come in
+            for g in gl.static_range(GROUPS):
+                mbarrier.expect(q_ready.index(g), q_desc.block_type.nbytes)
+                tma_load(q_desc, [cb, h, row0 + q_start + g * SPLIT_M, 0], q_ready.index(g), q_smem.index(g))
 
 
 @gluon.jit
@@ -128,18 +111,18 @@ def _softmax(s, m_i, l_i, k_start, offs_m, seqlen, qk_scale, MASKED: gl.constexp
 
 
 @gluon.jit
-def _step(j, c, q_buf, smem, bars, m_i, l_i, acc, offs_m, seqlen, qk_scale, zero_s, MASKED: gl.constexpr,
+def _step(j, q_buf, smem, bars, m_i, l_i, acc, offs_m, seqlen, qk_scale, zero_s, MASKED: gl.constexpr,
           CAUSAL: gl.constexpr, o_layout: gl.constexpr):
-    """Key block j in stage-ring position c: S = Q K_j^T, the softmax, acc += P V_j; the stage is released
-    after its two products."""
+    """Key block j (stage-ring position j): S = Q K_j^T, the softmax, acc += P V_j; the stage is released after
+    its two products."""
     q_smem, k_smem, v_smem = smem
-    q_ready, q_empty, k_ready, v_ready, kv_empty = bars
+    q_ready, k_ready, v_ready, kv_empty = bars
     STAGES: gl.constexpr = k_smem.type.shape[0]
     BLOCK_N: gl.constexpr = k_smem.type.shape[3]
     s_layout: gl.constexpr = zero_s.type.layout
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    stage = c % STAGES
-    phase = (c // STAGES) & 1
+    stage = j % STAGES
+    phase = (j // STAGES) & 1
     mbarrier.wait(k_ready.index(stage), phase)
     s = warpgroup_mma(q_buf, _box(k_smem, stage).permute((1, 0)), zero_s, use_acc=False, is_async=True)
     s = warpgroup_mma_wait(0, deps=[s])  # [64, BLOCK_N]
@@ -154,11 +137,10 @@ def _step(j, c, q_buf, smem, bars, m_i, l_i, acc, offs_m, seqlen, qk_scale, zero
 
 @gluon.jit
 def _consume(g: gl.constexpr, descs, smem, bars, problem, lse_ptr, qk_scale, CAUSAL: gl.constexpr):
-    """4 warps (one warpgroup): rows g * 64 ... g * 64 + 63 of every tile of this program."""
+    """4 warps (one warpgroup): rows g * 64 ... g * 64 + 63 of the program's tile."""
     o_desc = descs[3]
     q_smem, k_smem, v_smem = smem
-    q_ready, q_empty, k_ready, v_ready, kv_empty = bars
-    GROUPS: gl.constexpr = q_smem.type.shape[0]
+    q_ready, k_ready, v_ready, kv_empty = bars
     SPLIT_M: gl.constexpr = q_smem.type.shape[3]
     STAGES: gl.constexpr = k_smem.type.shape[0]
     BLOCK_N: gl.constexpr = k_smem.type.shape[3]
@@ -171,51 +153,54 @@ def _consume(g: gl.constexpr, descs, smem, bars, problem, lse_ptr, qk_scale, CAU
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     zero_s = gl.zeros([SPLIT_M, BLOCK_N], gl.float32, s_layout)
     q_buf = _box(q_smem, g)
-    seqlen = problem[0]
-    c = 0  # stage-ring position, as the loader's
-    i = 0
-    for t in range(gl.program_id(0), problem[4], gl.num_programs(0)):
-        b, h, hk, q_start, n_blocks, lse_off = _tile(t, problem, CAUSAL, GROUPS * SPLIT_M, BLOCK_N)
-        row0 = q_start + g * SPLIT_M
-        # the blocks that every row of the group sees in full (no mask); causal: up to the group's first row
-        if CAUSAL:
-            n_full = gl.minimum((row0 + 1) // BLOCK_N, n_blocks)
+    seqlen, cb, row0, h, q_start, n_blocks, lse_off = (problem[0], problem[1], problem[2], problem[3], problem[5],
+                                                       problem[6], problem[7])
+    first = q_start + g * SPLIT_M  # the group's first row in its sequence
+    # the blocks that every row of the group sees in full (no mask); causal: up to the group's first row
+    if CAUSAL:
+        n_full = gl.minimum((first + 1) // BLOCK_N, n_blocks)
+    else:
+        n_full = seqlen // BLOCK_N
+    mbarrier.wait(q_ready.index(g), 0)
+    if first < seqlen:
+        offs_m = first + gl.arange(0, SPLIT_M, layout=row_s)
+        m_i = gl.full([SPLIT_M], -float("inf"), gl.float32, row_s)
+        l_i = gl.full([SPLIT_M], 0.0, gl.float32, row_s)
+        acc = gl.zeros([SPLIT_M, HEAD_DIM], gl.float32, o_layout)
+        # -- the blocks every row of the group sees in full, then those that cross the causal diagonal (or the
+        # sequence's end)
+        for j in range(0, n_full):
+            m_i, l_i, acc = _step(j, q_buf, smem, bars, m_i, l_i, acc, offs_m, seqlen, qk_scale, zero_s, False,
+                                  CAUSAL, o_layout)
+        for j in range(n_full, n_blocks):
+            m_i, l_i, acc = _step(j, q_buf, smem, bars, m_i, l_i, acc, offs_m, seqlen, qk_scale, zero_s, True,
+                                  CAUSAL, o_layout)
+        # -- O = acc / l; LSE = (m + log2 l) / log2(e). Every row sees a key (Lq == Lk), so l > 0; the guard keeps
+        # the portable forward's convention (O = 0, LSE = +inf) should one not
+        l_safe = gl.where(l_i == 0.0, 1.0, l_i)
+        out = acc / gl.expand_dims(gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout)), 1)
+        lse = gl.where(l_i == 0.0, float("inf"), (m_i + gl.log2(l_safe)) / 1.4426950408889634)
+        gl.store(lse_ptr + lse_off + g * SPLIT_M + gl.arange(0, SPLIT_M, layout=row_s), lse, mask=offs_m < seqlen)
+        if first + SPLIT_M > seqlen:
+            # rows past the sequence's end: varlen, the next sequence's, so O goes from registers, masked (dense,
+            # TMA would drop them; a condition on VARLEN here is a runtime value in a partition)
+            o_ptr, o_stride, o_off = problem[8]
+            rows = first + gl.arange(0, SPLIT_M, layout=gl.SliceLayout(1, o_layout))
+            cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+            offs = o_off + gl.expand_dims(rows.to(gl.int64) * o_stride, 1) + gl.expand_dims(cols, 0)
+            gl.store(o_ptr + offs, out.to(dtype), mask=gl.expand_dims(rows < seqlen, 1))
         else:
-            n_full = seqlen // BLOCK_N
-        mbarrier.wait(q_ready.index(g), i & 1)
-        if row0 < seqlen:
-            offs_m = row0 + gl.arange(0, SPLIT_M, layout=row_s)
-            m_i = gl.full([SPLIT_M], -float("inf"), gl.float32, row_s)
-            l_i = gl.full([SPLIT_M], 0.0, gl.float32, row_s)
-            acc = gl.zeros([SPLIT_M, HEAD_DIM], gl.float32, o_layout)
-            # -- the blocks every row of the group sees in full, then those that cross the causal diagonal (or
-            # the sequence's end)
-            for j in range(0, n_full):
-                m_i, l_i, acc = _step(j, c + j, q_buf, smem, bars, m_i, l_i, acc, offs_m, seqlen, qk_scale, zero_s,
-                                      False, CAUSAL, o_layout)
-            for j in range(n_full, n_blocks):
-                m_i, l_i, acc = _step(j, c + j, q_buf, smem, bars, m_i, l_i, acc, offs_m, seqlen, qk_scale, zero_s,
-                                      True, CAUSAL, o_layout)
-            # -- O = acc / l; LSE = (m + log2 l) / log2(e). Every row sees a key (Lq == Lk), so l > 0; the guard
-            # keeps the portable forward's convention (O = 0, LSE = +inf) should one not
-            l_safe = gl.where(l_i == 0.0, 1.0, l_i)
-            out = acc / gl.expand_dims(gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout)), 1)
-            lse = gl.where(l_i == 0.0, float("inf"), (m_i + gl.log2(l_safe)) / 1.4426950408889634)
-            gl.store(lse_ptr + lse_off + g * SPLIT_M + gl.arange(0, SPLIT_M, layout=row_s), lse, mask=offs_m < seqlen)
-            # Q's buffer is free once every block is done: it carries O to the TMA store, then takes the next Q
+            # Q's buffer is free once every block is done: it carries O to the TMA store
             q_buf.store(out.to(dtype))
             fence_async_shared()
-            tma_store(o_desc, [b, h, row0, 0], q_smem.index(g))  # rows past L: dropped by TMA
+            tma_store(o_desc, [cb, h, row0 + first, 0], q_smem.index(g))
             tma.store_wait(0)
-        else:
-            # rows all past the end: nothing to compute or store, but every stage waits for all groups, so
-            # release each once it has arrived
-            for j in range(n_blocks):
-                mbarrier.wait(k_ready.index((c + j) % STAGES), ((c + j) // STAGES) & 1)
-                mbarrier.arrive(kv_empty.index((c + j) % STAGES), count=1)
-        c += n_blocks
-        mbarrier.arrive(q_empty.index(g), count=1)
-        i += 1
+    else:
+        # rows all past the end: nothing to compute or store, but every stage waits for all groups, so release
+        # each once it has arrived
+        for j in range(n_blocks):
+            mbarrier.wait(k_ready.index(j % STAGES), (j // STAGES) & 1)
+            mbarrier.arrive(kv_empty.index(j % STAGES), count=1)
 
 
 @gluon.jit
@@ -240,38 +225,60 @@ def _loader_partition(descs, smem, bars, problem, lse_ptr, qk_scale, CAUSAL: gl.
 
 @gluon.jit
 def _fwd_hopper(
-    q_desc, k_desc, v_desc, o_desc, lse_ptr, seqlen, n_heads, n_groups, n_bh, stride_lb, stride_lh, qk_scale,
-    head_group, CAUSAL: gl.constexpr, STAGES: gl.constexpr, GROUPS: gl.constexpr,
+    q_desc, k_desc, v_desc, o_desc, lse_ptr, cu_seqlens, o_ptr, o_strides_b, o_stride, o_stride_h, seqlen, n_heads,
+    n_groups, n_bh, stride_lb, stride_lh, qk_scale, head_group, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
+    GROUPS: gl.constexpr, VARLEN: gl.constexpr,
 ):
     """q/o_desc: Q and O ``[B, H, L, D]`` in ``[1, 1, SPLIT_M, D]`` boxes, k/v_desc: K and V ``[B, Hk, L, D]`` in
     ``[1, 1, BLOCK_N, D]`` boxes (:func:`box_descriptor`); lse: fp32 with (batch, head) strides ``stride_lb,
     stride_lh``; n_bh = B * H; qk_scale = softmax scale * log2(e); any L; head_group: (batch, head) pairs whose
-    tiles are numbered together (module docstring). Grid ``(programs,)``: program p takes tiles p, p +
-    programs, ... of the ``cdiv(L, GROUPS * SPLIT_M) * B * H``."""
+    tiles are numbered together (module docstring). Grid ``(cdiv(L, GROUPS * SPLIT_M) * B * H,)``, one program a
+    tile. ``VARLEN``: Q, K, V and O are the packed ``[total, ...]`` seen as batch 1 (``L = total`` above),
+    sequence b's tokens ``cu_seqlens[b] ..`` (int32), ``seqlen`` its longest and B the sequences; the LSE ``[H,
+    total]`` (``stride_lh``); a tile past its sequence's end returns at once. A group whose rows end past its
+    sequence stores O from registers (``o_ptr`` with batch, token and head strides ``o_strides_b``,
+    ``o_stride``, ``o_stride_h``), masked. Dense: ``cu_seqlens`` unused."""
     SPLIT_M: gl.constexpr = q_desc.block_type.shape[2]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[2]
     HEAD_DIM: gl.constexpr = k_desc.block_type.shape[3]
     dtype: gl.constexpr = k_desc.dtype
-    n_tiles = gl.cdiv(seqlen, GROUPS * SPLIT_M) * n_bh
+    b, h, hk, q_start = _tile(gl.program_id(0), seqlen, n_heads, n_groups, n_bh, head_group, GROUPS * SPLIT_M)
+    if VARLEN:
+        row0 = gl.load(cu_seqlens + b)  # the sequence's first row in the packed batch
+        seqlen = gl.load(cu_seqlens + b + 1) - row0
+        if q_start >= seqlen:  # the grid covers the longest sequence
+            return
+        cb = 0  # the descriptors' batch coordinate
+        lse_off = h.to(gl.int64) * stride_lh + row0 + q_start
+        o_off = h.to(gl.int64) * o_stride_h + row0.to(gl.int64) * o_stride
+    else:
+        row0 = 0
+        cb = b
+        lse_off = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + q_start
+        o_off = b.to(gl.int64) * o_strides_b + h.to(gl.int64) * o_stride_h
+    if CAUSAL:
+        n_blocks = gl.cdiv(gl.minimum(seqlen, q_start + GROUPS * SPLIT_M), BLOCK_N)
+    else:
+        n_blocks = gl.cdiv(seqlen, BLOCK_N)
     # rings of TMA boxes, [i, 1, 1, rows, D] (``_box`` reads box i as [rows, D])
     q_smem = gl.allocate_shared_memory(dtype, [GROUPS, 1, 1, SPLIT_M, HEAD_DIM], q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
     q_ready = gl.allocate_shared_memory(gl.int64, [GROUPS, 1], mbarrier.MBarrierLayout())
-    q_empty = gl.allocate_shared_memory(gl.int64, [GROUPS, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for g in gl.static_range(GROUPS):
         mbarrier.init(q_ready.index(g), count=1)
-        mbarrier.init(q_empty.index(g), count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
         mbarrier.init(kv_empty.index(i), count=GROUPS)  # every consumer group releases a stage
-    problem = (seqlen, n_heads, n_groups, n_bh, n_tiles, (stride_lb, stride_lh), head_group)
-    args = ((q_desc, k_desc, v_desc, o_desc), (q_smem, k_smem, v_smem),
-            (q_ready, q_empty, k_ready, v_ready, kv_empty), problem, lse_ptr, qk_scale, CAUSAL)
+    # a group whose rows end past the sequence stores O from registers: its pointer, token stride and the
+    # sequence's offset (o_off above)
+    problem = (seqlen, cb, row0, h, hk, q_start, n_blocks, lse_off, (o_ptr, o_stride, o_off))
+    args = ((q_desc, k_desc, v_desc, o_desc), (q_smem, k_smem, v_smem), (q_ready, k_ready, v_ready, kv_empty),
+            problem, lse_ptr, qk_scale, CAUSAL)
     # setmaxnreg: the loader's warpgroup drops to 24 registers a thread, the consumers take the rest of the
     # SM's 64K (FlashAttention-3's split: 2 groups 240, 3 groups 160; the launch's maxnreg is what all start at)
     if GROUPS == 3:
@@ -298,23 +305,28 @@ def max_registers(groups: int) -> int:
     return 65536 // (128 * (groups + 1)) // 8 * 8
 
 
-def launch_args(*, q, k, v, out, lse, qk_scale, causal, tile, head_group) -> dict:
+def launch_args(*, q, k, v, out, lse, qk_scale, causal, tile, head_group, cu_seqlens=None, max_seqlen=None) -> dict:
     """The kernel's keyword arguments (descriptors built here) and its launch options; ``tile``:
-    ``hopper_fwd.Tile`` (groups, split_m, block_n, stages)."""
-    batch, seqlen, n_heads, _ = q.shape
+    ``hopper_fwd.Tile`` (groups, split_m, block_n, stages). Varlen (``cu_seqlens``, int32, and ``max_seqlen``):
+    q, k, v and out the packed tensors as batch 1 (``[1, total, H, D]``), lse ``[H, total]``."""
+    varlen = cu_seqlens is not None
+    seqlen, n_heads = q.shape[1], q.shape[2]
+    batch = cu_seqlens.shape[0] - 1 if varlen else q.shape[0]
     return dict(
         q_desc=box_descriptor(q, tile.split_m), k_desc=box_descriptor(k, tile.block_n),
-        v_desc=box_descriptor(v, tile.block_n), o_desc=box_descriptor(out, tile.split_m),
-        lse_ptr=lse, seqlen=seqlen, n_heads=n_heads, n_groups=n_heads // k.shape[2], n_bh=batch * n_heads,
-        stride_lb=lse.stride(0), stride_lh=lse.stride(1), qk_scale=qk_scale,
-        head_group=head_group, CAUSAL=causal, STAGES=tile.stages, GROUPS=tile.groups, num_warps=4,
-        maxnreg=max_registers(tile.groups),
+        v_desc=box_descriptor(v, tile.block_n), o_desc=box_descriptor(out, tile.split_m), lse_ptr=lse,
+        cu_seqlens=cu_seqlens if varlen else torch.empty(1, dtype=torch.int32, device=q.device), o_ptr=out,
+        o_strides_b=out.stride(0), o_stride=out.stride(1), o_stride_h=out.stride(2),
+        seqlen=max_seqlen if varlen else seqlen, n_heads=n_heads, n_groups=n_heads // k.shape[2],
+        n_bh=batch * n_heads, stride_lb=0 if varlen else lse.stride(0), stride_lh=lse.stride(-2),
+        qk_scale=qk_scale, head_group=head_group, CAUSAL=causal, STAGES=tile.stages, GROUPS=tile.groups,
+        VARLEN=varlen, num_warps=4, maxnreg=max_registers(tile.groups),
     )  # fmt: skip
 
 
 def launch(**kwargs):
     """One program per tile (a persistent grid, one program per SM, measured slower: LOG 2026-12-06).
     Arguments as :func:`launch_args`."""
-    q, tile = kwargs["q"], kwargs["tile"]
-    tiles = tile.per_head(q.shape[1]) * q.shape[0] * q.shape[2]
-    _fwd_hopper[(tiles,)](**launch_args(**kwargs))
+    args = launch_args(**kwargs)
+    tiles = kwargs["tile"].per_head(args["seqlen"]) * args["n_bh"]
+    _fwd_hopper[(tiles,)](**args)

@@ -57,8 +57,10 @@ def _fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s
     # the seed comes from torch's default generator, so torch.manual_seed makes dropout reproducible
     seed = int(torch.randint(0, 2**30, (1,)).item()) if dropout_p > 0 else 0
     window = (window_left, window_right)
-    if out.numel() > 0 and hopper_fwd.takes(q, k, v, varlen, window, softcap, dropout_p, sinks):
-        hopper_fwd.flash_fwd_hopper(q, k, v, out, lse, softmax_scale, causal=window_right == 0)
+    cu_seqlens = (cu_seqlens_q, cu_seqlens_k) if varlen else None
+    if out.numel() > 0 and hopper_fwd.takes(q, k, v, cu_seqlens, window, softcap, dropout_p, sinks):
+        hopper_fwd.flash_fwd_hopper(q, k, v, out, lse, softmax_scale, causal=window_right == 0,
+                                    cu_seqlens=cu_seqlens_q, max_seqlen=max_seqlen_q)
     elif out.numel() > 0:
         config = forward_config(q.shape[-1], q.device, max_seqlen_q)
         try:  # free unless a launch fails; the first launch of a call is always this one

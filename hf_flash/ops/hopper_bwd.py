@@ -23,17 +23,18 @@ from __future__ import annotations
 import torch
 
 from hf_flash.ops.backward import flash_delta
-from hf_flash.ops.checks import same_boundaries
 from hf_flash.ops.common import tma_layout
-from hf_flash.ops.hopper_fwd import (lengths_in_words, on_sm90, plain_dense, plain_options, switched_on,
+from hf_flash.ops.hopper_fwd import (lengths_in_words, on_sm90, plain_dense, plain_varlen, switched_on,
                                      unavailable_reason)
 
 # of Q, dO, LSE and delta: 198 KB (D128) and 199 KB (D64) of shared memory with K, V, dS^T and the dQ parts
 # (3 do not fit)
 STAGES = 2
-# (head dim, causal) -> the shortest L it was measured faster than the portable backward at
-# (benchmarks/hopper_bwd_speed.py: D128 on an H100, D64 at >= 1.09x on an H200; docs/DESIGN.md)
-MIN_SEQLEN = {(128, False): 8192, (128, True): 8192, (64, False): 4096, (64, True): 8192}
+# (head dim, causal) -> the shortest L it was measured faster than the portable backward at, by >= 1.03x at
+# that L and every longer one measured (benchmarks/hopper_bwd_speed.py --rounds 3 on an H100, thirteenth session:
+# D128 1.12-1.17x from 1k, causal 1.06-1.22x from 1.5k (1.01x at 1k); D64 1.08-1.17x from 3k (1.05x, 0.97-1.07,
+# at 2k), causal 1.11x at 8k (0.98-1.04x at 2k-4k); docs/DESIGN.md)
+MIN_SEQLEN = {(128, False): 1024, (128, True): 1536, (64, False): 3072, (64, True): 8192}
 ENV = "HF_FLASH_HOPPER_BWD"
 DEFAULT = "1"
 
@@ -71,27 +72,18 @@ def fits(q, k, v, do, lse, cu_seqlens, window, softcap, dropout_p, sinks, determ
     # the LSE (and delta, made like it) read as [B, H, L] through TMA: rows evenly spaced, 16-byte aligned
     if lse.stride(2) != 1 or lse.stride(0) != lse.shape[1] * lse.stride(1) or lse.stride(1) % 4 or lse.data_ptr() % 16:
         return False
-    return (do.dtype == q.dtype and plain_dense(q, k, v, False, window, softcap, dropout_p, sinks)
+    return (do.dtype == q.dtype and plain_dense(q, k, v, window, softcap, dropout_p, sinks)
             and tma_layout(do, False) is not None)  # fmt: skip
 
 
 def _plain_varlen(q, k, v, do, lse, cu_seqlens, min_seqlen, window, softcap, dropout_p, sinks) -> bool:
-    """A varlen call the kernel takes: self-attention over the same sequences (one int32 ``cu_seqlens`` buffer for Q
-    and K/V, as the Transformers integration builds them, or two that hf_flash's input checks read as equal:
-    ``checks.same_boundaries``, no device sync), a mean length of at
-    least ``min_seqlen`` (a packed batch of short sequences keeps the portable backward, which was measured faster
-    on short lengths), no window, softcap, dropout or sinks, fp16/bf16, Q/K/V/dO readable by TMA, the LSE
-    ``[H, total]`` rows 16-byte aligned."""
-    cu_q, cu_k = cu_seqlens
-    if cu_q.dtype != torch.int32 or cu_q.shape[0] < 2 or not same_boundaries(cu_q, cu_k):
+    """A varlen call the kernel takes: ``hopper_fwd.plain_varlen``, dO as Q, the LSE ``[H, total]`` rows 16-byte
+    aligned (read through TMA)."""
+    if not plain_varlen(q, k, v, cu_seqlens, min_seqlen, window, softcap, dropout_p, sinks):
         return False
-    if q.shape[0] < min_seqlen * (cu_q.shape[0] - 1) or k.shape[0] != q.shape[0]:
+    if do.dtype != q.dtype or lse.stride(1) != 1 or lse.stride(0) % 4 or lse.data_ptr() % 16:
         return False
-    if not plain_options(q, k, v, window, softcap, dropout_p, sinks) or do.dtype != q.dtype:
-        return False
-    if lse.stride(1) != 1 or lse.stride(0) % 4 or lse.data_ptr() % 16:
-        return False
-    return all(tma_layout(t, True) is not None for t in (q, k, v, do))
+    return tma_layout(do, True) is not None
 
 
 def takes(q, k, v, do, lse, cu_seqlens, window, softcap, dropout_p, sinks, deterministic) -> bool:

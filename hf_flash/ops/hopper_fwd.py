@@ -12,9 +12,10 @@ causal to 32k; LOG, 2026-12-06, sixth session); shorter sequences are not faster
 portable kernel's short-sequence tiles): :data:`TILES` holds each tile and the length it starts at.
 
 So it takes only what it was measured on, and the portable kernel everything else (:func:`takes` decides):
-dense batches on an sm90 GPU, head dim 64 or 128, ``Lq == Lk`` of any length at least the tile's
-``min_seqlen``, causal or not, no window, softcap, dropout or sinks, fp16/bf16, Q/K/V/O readable by TMA (heads
-side by side, or head-major as Transformers' ``[B, H, L, D]`` tensors are). ``HF_FLASH_HOPPER_FWD=0`` turns it
+dense or packed (varlen, self-attention: one ``cu_seqlens``) batches on an sm90 GPU, head dim 64 or 128, ``Lq ==
+Lk`` of any length at least the tile's ``min_seqlen`` (varlen: the mean length), causal or not, no window,
+softcap, dropout or sinks, fp16/bf16, Q/K/V/O readable by TMA (heads side by side, or head-major as
+Transformers' ``[B, H, L, D]`` tensors are; varlen: heads side by side). ``HF_FLASH_HOPPER_FWD=0`` turns it
 off. It writes the same O and LSE (``[B, H, L]``, natural log) as the portable forward, which the backward
 reads.
 
@@ -31,6 +32,7 @@ from typing import NamedTuple
 
 import torch
 
+from hf_flash.ops.checks import same_boundaries
 from hf_flash.ops.common import tma_layout
 from hf_flash.ops.config import cuda_index, device_facts, own_capability, sm_count
 
@@ -115,11 +117,12 @@ def enabled() -> bool:
     return switched_on(ENV, "1")
 
 
-def takes(q, k, v, varlen, window, softcap, dropout_p, sinks) -> bool:
-    """Whether this forward runs the call (arguments as ``forward.flash_fwd`` gets them): :func:`fits`, on an
-    sm90 GPU (a forced arch other than sm90 brings its own table), with the kernel available and not turned
-    off. Runs on every forward call: the cheap checks come first."""
-    if not fits(q, k, v, varlen, window, softcap, dropout_p, sinks) or _launch is None or not enabled():
+def takes(q, k, v, cu_seqlens, window, softcap, dropout_p, sinks) -> bool:
+    """Whether this forward runs the call (arguments as ``function._fwd_impl`` has them; ``cu_seqlens``: (q's,
+    k's) of a varlen call, else None): :func:`fits`, on an sm90 GPU (a forced arch other than sm90 brings its own
+    table), with the kernel available and not turned off. Runs on every forward call: the cheap checks come
+    first."""
+    if not fits(q, k, v, cu_seqlens, window, softcap, dropout_p, sinks) or _launch is None or not enabled():
         return False
     return q.device.type == "cuda" and on_sm90(q.device)
 
@@ -130,14 +133,34 @@ def on_sm90(device: torch.device) -> bool:
     return device_facts(device)[0] == (9, 0) and own_capability(device) == (9, 0)
 
 
-def fits(q, k, v, varlen, window, softcap, dropout_p, sinks) -> bool:
+def fits(q, k, v, cu_seqlens, window, softcap, dropout_p, sinks) -> bool:
     """The calls the kernel computes and was measured faster on (module docstring), whatever the device:
-    :func:`plain_dense`, a head dim of :data:`TILES` and ``L`` at least the tile's ``min_seqlen``."""
+    :func:`plain_dense` or :func:`plain_varlen`, a head dim of :data:`TILES` and ``L`` (varlen: the mean length)
+    at least the tile's ``min_seqlen``."""
     tile = TILES.get((q.shape[-1], window[1] == 0))
-    seqlen = q.shape[1]
-    if tile is None or seqlen < tile.min_seqlen:
+    if tile is None:
         return False
-    return plain_dense(q, k, v, varlen, window, softcap, dropout_p, sinks)
+    if cu_seqlens is not None:
+        return plain_varlen(q, k, v, cu_seqlens, tile.min_seqlen, window, softcap, dropout_p, sinks)
+    if q.shape[1] < tile.min_seqlen:
+        return False
+    return plain_dense(q, k, v, window, softcap, dropout_p, sinks)
+
+
+def plain_varlen(q, k, v, cu_seqlens, min_seqlen: int, window, softcap, dropout_p, sinks) -> bool:
+    """What both Hopper kernels ask of a varlen call (``hopper_bwd`` too; ``cu_seqlens``: (q's, k's)):
+    self-attention over the same sequences (one int32 buffer for Q's and K/V's, as the Transformers integration
+    builds them, or two that the input checks read as equal: ``checks.same_boundaries``, no device sync), a mean
+    length of at least ``min_seqlen`` (a packed batch of short sequences keeps the portable kernels, measured
+    faster on short lengths), :func:`plain_options`, Q/K/V ``[total, H, D]`` readable by TMA."""
+    cu_q, cu_k = cu_seqlens
+    if cu_q.dtype != torch.int32 or cu_q.shape[0] < 2 or not same_boundaries(cu_q, cu_k):
+        return False
+    if q.shape[0] < min_seqlen * (cu_q.shape[0] - 1) or k.shape[0] != q.shape[0]:
+        return False
+    if not plain_options(q, k, v, window, softcap, dropout_p, sinks):
+        return False
+    return all(tma_layout(t, True) is not None for t in (q, k, v))
 
 
 def plain_options(q, k, v, window, softcap, dropout_p, sinks) -> bool:
@@ -148,10 +171,10 @@ def plain_options(q, k, v, window, softcap, dropout_p, sinks) -> bool:
     return q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype and v.dtype == q.dtype
 
 
-def plain_dense(q, k, v, varlen, window, softcap, dropout_p, sinks) -> bool:
+def plain_dense(q, k, v, window, softcap, dropout_p, sinks) -> bool:
     """What both Hopper kernels ask of a call (``hopper_bwd`` too): dense, :func:`plain_options`, ``Lq == Lk``, Q
     and K/V readable by TMA (K and V in one layout)."""
-    if varlen or not plain_options(q, k, v, window, softcap, dropout_p, sinks):
+    if not plain_options(q, k, v, window, softcap, dropout_p, sinks):
         return False
     if q.shape[1] != k.shape[1]:
         return False
@@ -166,14 +189,19 @@ def head_group(seqlen: int, tile: Tile, sms: int) -> int:
 
 
 def flash_fwd_hopper(q, k, v, out, lse, softmax_scale: float, causal: bool, tile: Tile | None = None,
-                     group: int | None = None) -> None:
+                     group: int | None = None, cu_seqlens=None, max_seqlen: int | None = None) -> None:
     """Launch the forward for a call that :func:`takes`. q/out ``[B, L, H, D]``, k/v ``[B, L, Hk, D]``
     (``H % Hk == 0``); out written in q's layout (``torch.empty_like(q)``), lse fp32 ``[B, H, L]`` written.
-    ``tile`` and ``group`` (:func:`head_group`): the table's for (D, causal) and the one-wave group unless given
-    (``benchmarks/hopper_fwd_speed.py`` times others)."""
-    seqlen = q.shape[1]
+    Varlen: ``cu_seqlens`` (int32 ``[B + 1]``, Q's and K/V's), ``max_seqlen``, the tensors packed ``[total, H,
+    D]`` and lse ``[H, total]``. ``tile`` and ``group`` (:func:`head_group`): the table's for (D, causal) and the
+    one-wave group unless given (``benchmarks/hopper_fwd_speed.py`` times others)."""
+    varlen = cu_seqlens is not None
+    seqlen = max_seqlen if varlen else q.shape[1]
     tile = tile or TILES[q.shape[-1], causal]
-    if tma_layout(out, False) is None:
+    if tma_layout(out, varlen) is None:
         raise ValueError("out must be TMA-readable (torch.empty_like(q)) for the Hopper forward")
+    if varlen:  # the packed tensors as batch 1, as the kernel reads them
+        q, k, v, out = (t.unsqueeze(0) for t in (q, k, v, out))
     _launch(q=q, k=k, v=v, out=out, lse=lse, qk_scale=softmax_scale * LOG2E, causal=causal, tile=tile,
-            head_group=group or head_group(seqlen, tile, sm_count(cuda_index(q.device))))
+            head_group=group or head_group(seqlen, tile, sm_count(cuda_index(q.device))), cu_seqlens=cu_seqlens,
+            max_seqlen=max_seqlen)

@@ -287,3 +287,20 @@ def varlen_keep_masks(attn_fn, q, k, lengths_q, lengths_k, seed, **kwargs):
     )
     starts = cu_q.tolist()
     return [keep[starts[b] : starts[b + 1], :, :n].transpose(0, 1)[None] for b, n in enumerate(lengths_k)]
+
+
+def assert_packed_self_attention_matches(lengths, head_dim, causal, seed):
+    """``flash_attn_varlen_func`` on the GPU over packed sequences of ``lengths`` (8 heads, 2 K/V heads, bf16, one
+    cu_seqlens for Q and K/V, as the Transformers integration passes it) against the fp32 oracle, forward and
+    backward."""
+    from hf_flash import flash_attn_varlen_func
+
+    q, k, v, dout, cu, _ = varlen_inputs(lengths, lengths, 8, 2, head_dim, "cuda", torch.bfloat16, seed=seed)
+
+    def ours(q, k, v):
+        return flash_attn_varlen_func(q, k, v, cu, cu, max(lengths), max(lengths), causal=causal)
+
+    def oracle(q, k, v):
+        return varlen_oracle(q, k, v, cu, cu, causal=causal)[0]
+
+    assert_matches_oracle(ours, oracle, (q, k, v), dout)

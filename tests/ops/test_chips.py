@@ -102,7 +102,7 @@ def _hopper_source(fn, case: dict):
     else:
         tiles = {"q_desc": desc(hopper_fwd.SPLIT_M), "o_desc": desc(hopper_fwd.SPLIT_M),
                  "k_desc": desc(case["block_n"]), "v_desc": desc(case["block_n"]), "lse_ptr": "*fp32",
-                 "qk_scale": "fp32"}
+                 "cu_seqlens": "*i32", "o_ptr": f"*{dtype}", "qk_scale": "fp32"}
         pointer = "lse_ptr"
     signature = {n: "constexpr" if n in case["constexprs"] else tiles.get(n, "i32") for n in fn.arg_names}
     aligned = list(fn.arg_names).index(pointer)
@@ -265,13 +265,14 @@ SPILL_CHECKED = {"sm75", "sm80", "sm89"}
 
 def hopper_fwd_cases(tiles: dict) -> list[dict]:
     """The compile cases of the Hopper forward for ``tiles`` ((head dim, causal) -> ``hopper_fwd.Tile``), bf16 and
-    fp16 (``test_hopper_fwd``, ``benchmarks/loop_spills.py``)."""
+    fp16 dense, and varlen (packed sequences) in bf16 (``test_hopper_fwd``, ``benchmarks/loop_spills.py``)."""
     from hf_flash.ops._hopper_fwd_kernel import max_registers
 
-    return [{"kernel": "hopper_fwd", "cc": 90, "dtype": dtype, "flags": "plain", "num_warps": 4, "num_stages": 1,
-             "maxnreg": max_registers(t.groups), "head_dim": d, "block_n": t.block_n,
-             "constexprs": {"CAUSAL": causal, "STAGES": t.stages, "GROUPS": t.groups}}
-            for (d, causal), t in tiles.items() for dtype in ("bf16", "fp16")]  # fmt: skip
+    return [{"kernel": "hopper_fwd", "cc": 90, "dtype": dtype, "flags": "varlen" if varlen else "plain",
+             "num_warps": 4, "num_stages": 1, "maxnreg": max_registers(t.groups), "head_dim": d, "block_n": t.block_n,
+             "constexprs": {"CAUSAL": causal, "STAGES": t.stages, "GROUPS": t.groups, "VARLEN": varlen}}
+            for (d, causal), t in tiles.items()
+            for dtype, varlen in (("bf16", False), ("fp16", False), ("bf16", True))]  # fmt: skip
 
 
 def hopper_bwd_cases() -> list[dict]:

@@ -180,18 +180,21 @@ def test_varlen_launch_reads_the_packed_batch_and_per_sequence_stats():
     assert args["dkv_stride"] == 2 * 128 and args["dkv_stride_h"] == 128
 
 
-def test_keys_outer_only_for_causal_calls_with_few_heads():
-    """The longest key blocks first where that was measured faster: causal, at most 32 (batch, kv head) pairs."""
+def test_keys_outer_only_for_causal_calls_with_few_heads_up_to_8k():
+    """The longest key blocks first where that was measured faster: causal, at most 32 (batch, kv head) pairs, L
+    (varlen: the longest sequence) up to 8k."""
     if hopper_bwd.unavailable_reason():
         pytest.skip(hopper_bwd.unavailable_reason())
-    from hf_flash.ops._hopper_bwd_kernel import KEYS_OUTER_MAX_HEADS, keys_outer
+    from hf_flash.ops._hopper_bwd_kernel import KEYS_OUTER_MAX_HEADS, KEYS_OUTER_MAX_SEQLEN, keys_outer
 
-    def qk(batch, kv_heads):
-        return torch.empty(batch, 128, 4 * kv_heads, 64), torch.empty(batch, 128, kv_heads, 64)
+    def qk(batch, kv_heads, seqlen=128):
+        return torch.empty(batch, seqlen, 4 * kv_heads, 64), torch.empty(batch, seqlen, kv_heads, 64)
 
-    assert KEYS_OUTER_MAX_HEADS == 32
+    assert KEYS_OUTER_MAX_HEADS == 32 and KEYS_OUTER_MAX_SEQLEN == 8192
     assert keys_outer(*qk(1, 8), True) and keys_outer(*qk(4, 8), True) and keys_outer(*qk(1, 32), True)
     assert not keys_outer(*qk(1, 8), False) and not keys_outer(*qk(2, 32), True) and not keys_outer(*qk(33, 1), True)
+    assert keys_outer(*qk(1, 8, 8192), True) and not keys_outer(*qk(1, 8, 8193), True)
+    assert not keys_outer(*qk(1, 8), True, batch=1, seqlen=16384), "varlen: the longest sequence decides"
 
 
 # -- on an sm90 GPU ---------------------------------------------------------------------------------------------
@@ -274,20 +277,9 @@ def test_gradients_match_the_portable_backward(causal, head_dim, hopper_bwd_call
 def test_varlen_matches_oracle_on_sm90(causal, head_dim, hopper_bwd_calls):
     """Packed sequences (one cu_seqlens for Q and K/V, as the Transformers integration passes it): lengths that
     end inside a key block and a step, one shorter than a key block, one of whole blocks."""
-    from flash_oracle import assert_matches_oracle, varlen_inputs, varlen_oracle
+    from flash_oracle import assert_packed_self_attention_matches
 
-    from hf_flash import flash_attn_varlen_func
-
-    lengths = [300, 77, 512, 641]
-    q, k, v, dout, cu, _ = varlen_inputs(lengths, lengths, 8, 2, head_dim, "cuda", torch.bfloat16, seed=23)
-
-    def ours(q, k, v):
-        return flash_attn_varlen_func(q, k, v, cu, cu, max(lengths), max(lengths), causal=causal)
-
-    def oracle(q, k, v):
-        return varlen_oracle(q, k, v, cu, cu, causal=causal)[0]
-
-    assert_matches_oracle(ours, oracle, (q, k, v), dout)
+    assert_packed_self_attention_matches([300, 77, 512, 641], head_dim, causal, seed=23)
     assert hopper_bwd_calls, "the Hopper backward did not run"
 
 

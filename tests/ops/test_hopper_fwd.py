@@ -24,8 +24,17 @@ def _dense(batch=2, seqlen=L, heads=4, kv_heads=2, head_dim=128, dtype=torch.bfl
     return q, k, v
 
 
-def _fits(q, k, v, varlen=False, window=(-1, 0), softcap=0.0, dropout_p=0.0, sinks=None):
-    return hopper_fwd.fits(q, k, v, varlen, window, softcap, dropout_p, sinks)
+def _fits(q, k, v, cu_seqlens=None, window=(-1, 0), softcap=0.0, dropout_p=0.0, sinks=None):
+    return hopper_fwd.fits(q, k, v, cu_seqlens, window, softcap, dropout_p, sinks)
+
+
+def _packed(lengths, heads=4, kv_heads=2, head_dim=128, dtype=torch.bfloat16):
+    """(q, k, v, (cu_seqlens, cu_seqlens)) of a varlen self-attention call."""
+    total = sum(lengths)
+    q = torch.empty(total, heads, head_dim, dtype=dtype)
+    k, v = (torch.empty(total, kv_heads, head_dim, dtype=dtype) for _ in range(2))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return q, k, v, (cu, cu)
 
 
 def test_fits_the_measured_calls_only():
@@ -35,7 +44,6 @@ def test_fits_the_measured_calls_only():
     # Transformers' [B, H, L, D] tensors seen as [B, L, H, D]: head-major descriptors
     hm = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v)]
     assert _fits(*hm)
-    assert not _fits(q, k, v, varlen=True)
     assert not _fits(q, k, v, window=(8, 0)) and not _fits(q, k, v, window=(-1, 4))
     assert not _fits(q, k, v, softcap=30.0) and not _fits(q, k, v, dropout_p=0.1)
     assert not _fits(q, k, v, sinks=torch.zeros(4))
@@ -52,9 +60,27 @@ def test_fits_the_measured_calls_only():
     assert not _fits(q[..., ::2, :], k, v), "heads neither side by side nor whole rows apart"
 
 
+def test_fits_varlen_self_attention_of_long_enough_sequences():
+    """Packed batches: one cu_seqlens for Q and K/V (no sync to compare two), a mean length from the tile's bound,
+    any lengths."""
+    lengths = [L + 77, L - 300, L + 1000]  # mean above L, none a multiple of a tile
+    assert _fits(*_packed(lengths)) and _fits(*_packed(lengths), window=(-1, -1))
+    d64 = hopper_fwd.TILES[64, True].min_seqlen
+    assert _fits(*_packed([d64 + 5, d64 - 5], head_dim=64))
+    assert not _fits(*_packed([d64 - 5, d64 - 5], head_dim=64))
+    q, k, v, (cu, _) = _packed(lengths)
+    assert not _fits(q, k, v, (cu, cu.clone())), "Q's and K/V's sequences not known to be the same"
+    assert not _fits(q, k, v, (cu.long(), cu.long()))
+    assert not _fits(*_packed([L // 4] * 4)), "short sequences keep the portable forward"
+    assert not _fits(*_packed(lengths), window=(8, 0)) and not _fits(*_packed(lengths), softcap=30.0)
+    assert not _fits(*_packed(lengths), dropout_p=0.1) and not _fits(*_packed(lengths), sinks=torch.zeros(4))
+    assert not _fits(*_packed(lengths, dtype=torch.float32)) and not _fits(*_packed(lengths, head_dim=96))
+    assert not _fits(q[:, ::2], k, v, (cu, cu)), "heads not side by side"
+
+
 def test_takes_only_cuda_tensors_and_can_be_turned_off(fake_gpu, monkeypatch):
     q, k, v = _dense()
-    args = (False, (-1, 0), 0.0, 0.0, None)
+    args = (None, (-1, 0), 0.0, 0.0, None)
     fake_gpu((9, 0), name="NVIDIA H100")
     assert _fits(q, k, v) and not hopper_fwd.takes(q, k, v, *args), "CPU tensors run the interpreter's kernels"
     monkeypatch.setenv(hopper_fwd.ENV, "0")
@@ -125,6 +151,29 @@ def test_launch_names_every_kernel_argument():
     assert args["n_groups"] == 2 and args["n_bh"] == 8 and args["head_group"] == 4 and args["seqlen"] == n
 
 
+def test_varlen_launch_reads_the_packed_batch():
+    """Varlen: the packed tensors as batch 1, one program per tile of the longest sequence, the LSE ``[H, total]``."""
+    if hopper_fwd.unavailable_reason():
+        pytest.skip(hopper_fwd.unavailable_reason())
+    from hf_flash.ops import _hopper_fwd_kernel as K
+    from hf_flash.ops.function import _new_lse
+
+    lengths = [300, 129, 700]
+    q, k, v, (cu, _) = _packed(lengths)
+    lse = _new_lse(q, True, len(lengths))
+    q4, k4, v4 = (t.unsqueeze(0) for t in (q, k, v))
+    out = torch.empty_like(q4)
+    tile = hopper_fwd.TILES[128, True]
+    args = K.launch_args(q=q4, k=k4, v=v4, out=out, lse=lse, qk_scale=1.0, causal=True, tile=tile, head_group=2,
+                         cu_seqlens=cu, max_seqlen=max(lengths))
+    assert set(args) - {"num_warps", "maxnreg"} == set(K._fwd_hopper.arg_names)
+    assert args["VARLEN"] and args["cu_seqlens"] is cu and args["seqlen"] == 700 and args["n_bh"] == 3 * 4
+    assert list(args["q_desc"].shape) == [1, 4, sum(lengths), 128]
+    assert args["stride_lb"] == 0 and args["stride_lh"] == lse.stride(0)
+    assert args["o_stride"] == 4 * 128 and args["o_stride_h"] == 128
+    assert tile.per_head(args["seqlen"]) * args["n_bh"] == 6 * 12  # 700 rows in 128-row tiles, 12 (seq, head)
+
+
 # -- on an sm90 GPU ---------------------------------------------------------------------------------------------
 
 GPU_CASES = [
@@ -193,6 +242,39 @@ def matches_oracle(case: Case, head_major: bool, seed: int) -> None:
         q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
     ours = functools.partial(flash_attn_func, **case.kwargs)
     assert_matches_oracle(ours, oracle_for(case), (q, k, v), dout)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("causal", [False, True], ids=["plain", "causal"])
+def test_varlen_matches_oracle_on_sm90(causal, head_dim, hopper_calls):
+    """Packed sequences (one cu_seqlens for Q and K/V, as the Transformers integration passes it): lengths that
+    end inside a group of 64 rows and a key block, one shorter than a group, one of whole tiles; the next
+    sequence's rows past each end must stay out of the scores and the stores."""
+    from flash_oracle import assert_packed_self_attention_matches
+
+    assert_packed_self_attention_matches([300, 77, 384, 641], head_dim, causal, seed=29)
+    assert hopper_calls, "the Hopper forward did not run"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_varlen_lse_matches_the_portable_forward(head_dim, hopper_calls, monkeypatch):
+    """Every packed row's O and LSE as the portable varlen forward's (which the backward reads), none left
+    unwritten."""
+    from flash_oracle import varlen_inputs
+
+    from hf_flash import flash_attn_varlen_func
+
+    lengths = [200, 513, 64, 450]
+    q, k, v, _, cu, _ = varlen_inputs(lengths, lengths, 8, 2, head_dim, "cuda", torch.bfloat16, seed=31)
+    out, lse, _ = flash_attn_varlen_func(q, k, v, cu, cu, 513, 513, causal=True, return_attn_probs=True)
+    assert hopper_calls
+    monkeypatch.setenv(hopper_fwd.ENV, "0")
+    base, base_lse, _ = flash_attn_varlen_func(q, k, v, cu, cu, 513, 513, causal=True, return_attn_probs=True)
+    assert len(hopper_calls) == 1, f"{hopper_fwd.ENV}=0 must turn the kernel off"
+    torch.testing.assert_close(lse, base_lse, atol=1e-4, rtol=0)
+    torch.testing.assert_close(out.float(), base.float(), atol=2e-2, rtol=0)
 
 
 @pytest.mark.gpu
