@@ -8,14 +8,12 @@ while the consumers go on (D128: TMA reductions; D64: the loader's atomics; ``_h
 order varies run to run, so the call is not bitwise reproducible: flash-attn's contract for ``deterministic=False``,
 which is the default; ``deterministic=True`` keeps the portable backward.
 
-It takes what it was measured on (:func:`takes`): dense or packed (varlen, self-attention: one ``cu_seqlens``)
-batches on an sm90 GPU, head dim 64 or 128, ``Lq == Lk`` (any length: TMA zero-fills past it,
+It takes what it was measured on (:func:`takes`): dense or packed (varlen, self-attention: one ``cu_seqlens``, or
+two equal) batches on an sm90 GPU, head dim 64 or 128, ``Lq == Lk`` (any length: TMA zero-fills past it,
 ``_hopper_bwd_kernel``) and at least :data:`MIN_SEQLEN` of its head dim and causality (varlen: the mean length),
-causal or not, no window,
-softcap, dropout or sinks, fp16/bf16,
-Q/dO/K/V readable by TMA (heads side by side or head-major, as in ``hopper_fwd``), the LSE of ``function._new_lse``.
-It is on by default since the GPU suite passed with it (LOG, eighth session); ``HF_FLASH_HOPPER_BWD=0`` turns it
-off.
+causal or not, no window, softcap, dropout or sinks, fp16/bf16, Q/dO/K/V readable by TMA (heads side by side or
+head-major, as in ``hopper_fwd``), the LSE of ``function._new_lse``. It is on by default since the GPU suite passed
+with it (LOG, eighth session); ``HF_FLASH_HOPPER_BWD=0`` turns it off.
 """
 
 from __future__ import annotations

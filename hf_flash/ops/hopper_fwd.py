@@ -12,8 +12,8 @@ causal to 32k; LOG, 2026-12-06, sixth session); shorter sequences are not faster
 portable kernel's short-sequence tiles): :data:`TILES` holds each tile and the length it starts at.
 
 So it takes only what it was measured on, and the portable kernel everything else (:func:`takes` decides):
-dense or packed (varlen, self-attention: one ``cu_seqlens``) batches on an sm90 GPU, head dim 64 or 128, ``Lq ==
-Lk`` of any length at least the tile's ``min_seqlen`` (varlen: the mean length), causal or not, no window,
+dense or packed (varlen, self-attention: one ``cu_seqlens``, or two equal) batches on an sm90 GPU, head dim 64 or
+128, ``Lq == Lk`` of any length at least the tile's ``min_seqlen`` (varlen: the mean length), causal or not, no window,
 softcap, dropout or sinks, fp16/bf16, Q/K/V/O readable by TMA (heads side by side, or head-major as
 Transformers' ``[B, H, L, D]`` tensors are; varlen: heads side by side). ``HF_FLASH_HOPPER_FWD=0`` turns it
 off. It writes the same O and LSE (``[B, H, L]``, natural log) as the portable forward, which the backward
