@@ -503,8 +503,8 @@ def launch_args(*, q, k, v, do, dk, dv, lse, delta, dq_acc, softmax_scale, causa
         dkv_strides_b=dk.stride(0), dkv_stride=dk.stride(1), dkv_stride_h=dk.stride(2),
         seqlen=max_seqlen if varlen else seqlen, n_heads_k=k.shape[2], n_groups=q.shape[2] // k.shape[2],
         qk_scale=softmax_scale * 1.4426950408889634, sm_scale=softmax_scale, CAUSAL=causal, STAGES=stages,
-        KEYS_OUTER=keys_outer(q, k, causal, _batch(q, cu_seqlens), max_seqlen if varlen else None), VARLEN=varlen, num_warps=4,
-        maxnreg=MAX_REGISTERS,
+        KEYS_OUTER=keys_outer(q, k, causal, _batch(q, cu_seqlens), max_seqlen if varlen else None), VARLEN=varlen,
+        num_warps=4, maxnreg=MAX_REGISTERS,
     )  # fmt: skip
 
 
