@@ -39,7 +39,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from hf_flash.ops._hopper_fwd_kernel import _box, box_descriptor, tma_load, tma_store
+from hf_flash.ops._hopper_fwd_kernel import _box, box_descriptor, box_layout, tma_load, tma_store
 
 _tma_add = getattr(tma, "async_atomic_add", None)
 if _tma_add is None:
@@ -497,7 +497,7 @@ def launch_args(*, q, k, v, do, dk, dv, lse, delta, dq_acc, softmax_scale, causa
         # D128's TMA reduction: the buffer's first L rows of each batch, in boxes of 32 columns (a 128-byte swizzle)
         dq_desc=TensorDescriptor(dq_acc, [q.shape[0], q.shape[2], seqlen, q.shape[3]], [dq_acc.stride(0),
                                  dq_acc.stride(2), dq_acc.stride(1), 1], [1, 1, ROWS, 32],
-                                 gl.NVMMASharedLayout.get_default_for([1, 1, ROWS, 32], gl.float32)),
+                                 box_layout((1, 1, ROWS, 32), torch.float32)),
         dq_ptr=dq_acc, dq_stride=dq_acc.stride(1), dq_rows_b=dq_acc.shape[1],
         cu_seqlens=cu_seqlens if varlen else torch.empty(1, dtype=torch.int32, device=q.device), dk_ptr=dk, dv_ptr=dv,
         dkv_strides_b=dk.stride(0), dkv_stride=dk.stride(1), dkv_stride_h=dk.stride(2),

@@ -26,6 +26,8 @@ Shapes in comments: ``[rows, columns]`` of one consumer group (SPLIT_M = 64 rows
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -288,16 +290,22 @@ def _fwd_hopper(
         gl.warp_specialize([(_consumer0, args), (_consumer1, args), (_loader_partition, args)], [4, 4], [240, 24])
 
 
+@functools.lru_cache(maxsize=None)
+def box_layout(block: tuple, dtype: torch.dtype):
+    """The default swizzled shared-memory layout of a TMA box ``block`` of ``dtype``. Cached: a launch builds up to
+    9 descriptors, and deriving the layout was most of their host time (~15 us each on a CI core, profiled)."""
+    gl_dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}[dtype]
+    return gl.NVMMASharedLayout.get_default_for(list(block), gl_dtype)
+
+
 def box_descriptor(t, rows: int) -> TensorDescriptor:
     """``t`` ``[B, L, H, D]`` (any strides TMA takes: ``hopper_fwd.plain_dense`` checks them, D contiguous) as
     ``[B, H, L, D]`` in ``[1, 1, rows, D]`` boxes with the default swizzled shared-memory layout: a box is rows of
     one (batch, head), so TMA zero-fills its rows past L and drops them from stores (the backward kernel's
     too)."""
-    block = [1, 1, rows, t.shape[3]]
-    dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}[t.dtype]
+    block = (1, 1, rows, t.shape[3])
     return TensorDescriptor(t, [t.shape[0], t.shape[2], t.shape[1], t.shape[3]],
-                            [t.stride(0), t.stride(2), t.stride(1), 1], block,
-                            gl.NVMMASharedLayout.get_default_for(block, dtype))
+                            [t.stride(0), t.stride(2), t.stride(1), 1], list(block), box_layout(block, t.dtype))
 
 
 def max_registers(groups: int) -> int:

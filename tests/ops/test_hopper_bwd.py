@@ -147,6 +147,11 @@ def test_launch_names_every_kernel_argument():
     assert args["dq_rows_b"] == dq_acc.shape[1] and args["dq_stride"] == 4 * 128
     assert list(args["dq_desc"].shape) == [2, 4, n, 128] and list(args["dq_desc"].block_shape) == [1, 1, 64, 32]
     assert args["dq_desc"].base.data_ptr() == args["dq_ptr"].data_ptr()
+    # the cached layouts (``_hopper_fwd_kernel.box_layout``) are the ones Gluon derives: fp32 dQ boxes, bf16 tiles
+    gl = K.gl
+    assert args["dq_desc"].layout == gl.NVMMASharedLayout.get_default_for([1, 1, 64, 32], gl.float32)
+    assert args["q_desc"].layout == gl.NVMMASharedLayout.get_default_for([1, 1, 64, 128], gl.bfloat16)
+    assert args["dq_desc"].layout != args["q_desc"].layout
     assert args["n_groups"] == 2 and args["seqlen"] == n
     assert args["KEYS_OUTER"]  # causal, 2 (batch, kv head) pairs
 

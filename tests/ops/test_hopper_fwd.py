@@ -148,7 +148,11 @@ def test_launch_names_every_kernel_argument():
         assert list(desc.shape) == [2, t.shape[2], n, 128], name
         assert list(desc.strides) == [t.stride(0), t.stride(2), t.stride(1), 1], name
         assert list(desc.block_shape) == [1, 1, rows, 128], name
+        # the cached layout is the one Gluon derives for the box
+        assert desc.layout == K.gl.NVMMASharedLayout.get_default_for([1, 1, rows, 128], K.gl.bfloat16), name
     assert args["n_groups"] == 2 and args["n_bh"] == 8 and args["head_group"] == 4 and args["seqlen"] == n
+    fp16 = K.box_descriptor(q.half(), 64)
+    assert fp16.layout == K.gl.NVMMASharedLayout.get_default_for([1, 1, 64, 128], K.gl.float16)
 
 
 def test_varlen_launch_reads_the_packed_batch():
