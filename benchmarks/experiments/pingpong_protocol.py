@@ -13,10 +13,28 @@ reached it, the waiting group's (``sync``) and the arriving one's (``arrive``); 
 import random
 
 
-def group_ops(g: int, n_blocks: int, empty: bool) -> list:
-    """The barrier operations of consumer group ``g`` in program order (``_consume`` / ``_step`` of the patch)."""
+def group_ops(g: int, n_blocks: int, empty: bool, overlap: bool = False) -> list:
+    """The barrier operations of consumer group ``g`` in program order (``_consume`` / ``_step`` of
+    hopper-fwd-pingpong.patch; ``overlap``: ``_first_overlap`` / ``_step_overlap`` of
+    hopper-fwd-pingpong-overlap.patch, a turn issues S_j and P_{j-1} V_{j-1})."""
     other = 1 - g
     ops = [("arrive", 0)] if g == 0 else []
+    if overlap:
+        for j in range(n_blocks):
+            ops += [("wait_k", j), ("sync", g)]
+            if not empty and j > 0:
+                ops.append(("wait_v", j - 1))
+            ops.append(("arrive", other))
+            if empty:
+                ops.append(("release", j))
+            elif j > 0:
+                ops.append(("release", j - 1))
+        if not empty:
+            ops.append(("wait_v", n_blocks - 1))
+        ops += [("sync", g), ("arrive", other)]
+        if not empty:
+            ops.append(("release", n_blocks - 1))
+        return ops
     ops.append(("sync", g))
     for j in range(n_blocks):
         ops.append(("wait_k", j))
@@ -29,11 +47,11 @@ def group_ops(g: int, n_blocks: int, empty: bool) -> list:
     return ops
 
 
-def run(n_blocks: int, stages: int, empty: tuple, rng: random.Random) -> None:
+def run(n_blocks: int, stages: int, empty: tuple, rng: random.Random, overlap: bool = False) -> None:
     """One random interleaving of the two groups and the loader; raises on a deadlock or a barrier phase that
     completes without exactly one waiting group (two arrivals pairing up would release nobody, and the waiter
     would then wait for a phase nobody completes)."""
-    progs = {g: group_ops(g, n_blocks, empty[g]) for g in (0, 1)}
+    progs = {g: group_ops(g, n_blocks, empty[g], overlap) for g in (0, 1)}
     pc = {0: 0, 1: 0}
     loaded = -1  # the last K/V block the loader has brought in
     released = [0] * n_blocks  # groups that have released each block's stage
@@ -91,14 +109,16 @@ def run(n_blocks: int, stages: int, empty: tuple, rng: random.Random) -> None:
 
 def main():
     rng = random.Random(0)
-    cases = 0
-    for n_blocks in range(1, 7):
-        for stages in (2, 3):  # one stage deadlocks: a group holds the turn while it waits for the next K
-            for empty in ((False, False), (False, True)):  # only the last group can start past the end
-                for _ in range(300):
-                    run(n_blocks, stages, empty, rng)
-                    cases += 1
-    print(f"{cases} random interleavings: no deadlock, no double arrival")
+    for overlap in (False, True):
+        cases = 0
+        for n_blocks in range(1, 7):
+            for stages in (2, 3):  # one stage deadlocks: a group holds the turn while it waits for the next K
+                for empty in ((False, False), (False, True)):  # only the last group can start past the end
+                    for _ in range(300):
+                        run(n_blocks, stages, empty, rng, overlap)
+                        cases += 1
+        print(f"{'overlap' if overlap else 'plain'}: {cases} random interleavings, no deadlock, every barrier phase"
+              " completed by one waiting and one arriving group")
 
 
 if __name__ == "__main__":
