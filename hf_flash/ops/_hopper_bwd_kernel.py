@@ -528,11 +528,8 @@ def keys_outer(q, k, causal: bool, batch: int | None = None, seqlen: int | None 
 
 
 def launch(**kwargs):
-    """One program per (128-key block, batch, kv head), numbered as :func:`keys_outer` says. Arguments as
-    :func:`launch_args`."""
-    q, k, cu_seqlens = kwargs["q"], kwargs["k"], kwargs.get("cu_seqlens")
-    batch = _batch(q, cu_seqlens)
-    longest = q.shape[1] if cu_seqlens is None else kwargs["max_seqlen"]
-    grid = (-(-longest // BLOCK_N), batch * k.shape[2])
-    outer = keys_outer(q, k, kwargs["causal"], batch, longest)
-    _bwd_hopper[grid[::-1] if outer else grid](**launch_args(**kwargs))
+    """One program per (128-key block, batch, kv head), numbered as :func:`keys_outer` says (the arguments'
+    ``KEYS_OUTER``). Arguments as :func:`launch_args`."""
+    args = launch_args(**kwargs)
+    grid = (-(-args["seqlen"] // BLOCK_N), _batch(kwargs["q"], kwargs.get("cu_seqlens")) * args["n_heads_k"])
+    _bwd_hopper[grid[::-1] if args["KEYS_OUTER"] else grid](**args)
