@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Replays the turn protocol of ``hopper-fwd-pingpong.patch`` (two consumer groups of the Hopper forward taking turns
-through two named barriers) with the K/V stage ring, for every interleaving a scheduler may pick (random walks),
+"""Replays the turn protocol of the D128 Hopper forward (``_hopper_fwd_kernel._turn``: two consumer groups taking turns
+through two named barriers; landed in the fourteenth session from ``hopper-fwd-pingpong.patch``) with the K/V stage ring, for every interleaving a scheduler may pick (random walks),
 and checks that it neither deadlocks nor lets a group arrive twice at a barrier that has not completed (which
 would complete it without its waiter). No GPU: the protocol only.
 
@@ -15,8 +15,9 @@ import random
 
 def group_ops(g: int, n_blocks: int, empty: bool, overlap: bool = False) -> list:
     """The barrier operations of consumer group ``g`` in program order (``_consume`` / ``_step`` of
-    hopper-fwd-pingpong.patch; ``overlap``: ``_first_overlap`` / ``_step_overlap`` of
-    hopper-fwd-pingpong-overlap.patch, a turn issues S_j and P_{j-1} V_{j-1})."""
+    ``_hopper_fwd_kernel``; ``overlap``: ``_first_overlap`` / ``_step_overlap`` of hopper-fwd-pingpong-overlap.patch,
+    a turn issues S_j and P_{j-1} V_{j-1}; it lost, 0.82-0.89x the portable forward: ``git show
+    2c67d18:benchmarks/experiments/hopper-fwd-pingpong-overlap.patch``)."""
     other = 1 - g
     ops = [("arrive", 0)] if g == 0 else []
     if overlap:
