@@ -32,13 +32,13 @@ from hf_flash.ops.function import _new_lse
 
 
 def time_case(causal: bool, seqlen: int, rounds: int, kv_heads: int, head_dim: int,
-              other_order: bool = False) -> str:
+              other_order: bool = False, heads: int = 0) -> str:
     """One line: the portable backward against ``hopper_bwd.flash_bwd_hopper`` (which launches its own delta), same
     tensors; ``other_order``: also the Hopper backward with its programs in the other order (``keys_outer``
     flipped), alternating with the others."""
     from hf_flash.ops import _hopper_bwd_kernel  # Gluon: imported once main() has checked it is there
 
-    batch, heads = max(1, 16384 // seqlen), 2048 // head_dim
+    batch, heads = max(1, 16384 // seqlen), heads or 2048 // head_dim
     q, do = (torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     k, v = (torch.randn(batch, seqlen, kv_heads or heads, head_dim, device="cuda", dtype=torch.bfloat16)
             for _ in range(2))
@@ -58,15 +58,14 @@ def time_case(causal: bool, seqlen: int, rounds: int, kv_heads: int, head_dim: i
         hopper_bwd.flash_bwd_hopper(do, q, k, v, out, lse, *grads[name], scale, causal)
 
     def flipped():
-        # keys_outer() reads the bounds at each call: 0 numbers no call key block outer, huge ones every causal call
+        # launch_args() looks keys_outer() up in its module at each call: a stand-in answers the other order
         kernel = _hopper_bwd_kernel
-        default = kernel.KEYS_OUTER_MAX_HEADS, kernel.KEYS_OUTER_MAX_SEQLEN
-        bound = 0 if kernel.keys_outer(q, k, causal) else 1 << 30
-        kernel.KEYS_OUTER_MAX_HEADS = kernel.KEYS_OUTER_MAX_SEQLEN = bound
+        default, other = kernel.keys_outer, not kernel.keys_outer(q, k, causal)
+        kernel.keys_outer = lambda *args, **kwargs: other
         try:
             hopper()
         finally:
-            kernel.KEYS_OUTER_MAX_HEADS, kernel.KEYS_OUTER_MAX_SEQLEN = default
+            kernel.keys_outer = default
 
     runs = {"portable": portable, name: hopper}
     if other_order:
@@ -98,6 +97,8 @@ def main():
     p.add_argument("--seqlens", default="1024,2048,4096,8192,16384,32768")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--kv-heads", type=int, default=0, help="GQA: K/V heads (0: as many as query heads)")
+    p.add_argument("--heads", type=int, default=0,
+                   help="query heads (0: hidden 2048, 2048 / D; README's GQA rows: --heads 32 --kv-heads 8)")
     p.add_argument("--causal", default="both", choices=["both", "causal", "plain"])
     p.add_argument("--head-dim", type=int, default=128,
                    help="a head dim the kernel compiles for (hidden 2048: 2048 / D heads)")
@@ -110,7 +111,7 @@ def main():
     print(torch.cuda.get_device_name(), "| torch", torch.__version__, "| triton", triton.__version__, flush=True)
     for seqlen in map(int, a.seqlens.split(",")):
         for causal in {"both": (False, True), "causal": (True,), "plain": (False,)}[a.causal]:
-            print(time_case(causal, seqlen, a.rounds, a.kv_heads, a.head_dim, a.other_order), flush=True)
+            print(time_case(causal, seqlen, a.rounds, a.kv_heads, a.head_dim, a.other_order, a.heads), flush=True)
 
 
 if __name__ == "__main__":

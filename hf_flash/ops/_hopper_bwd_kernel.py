@@ -466,10 +466,11 @@ def dq_buffer(q, varlen: bool = False) -> torch.Tensor:
 
 
 MAX_REGISTERS = 168  # 64K registers over the three warpgroups
-# causal with at most this many (batch, kv head) pairs and L (varlen: the longest sequence) up to this: programs
-# numbered key block outer (:func:`keys_outer`)
+# causal with at most this many (batch, kv head) pairs and L (varlen: the longest sequence) up to the head dim's
+# bound: programs numbered key block outer (:func:`keys_outer`); at D128 only with 2 query heads a kv head
 KEYS_OUTER_MAX_HEADS = 32
-KEYS_OUTER_MAX_SEQLEN = 8192
+KEYS_OUTER_MAX_SEQLEN = {64: 12288, 128: 8192}
+KEYS_OUTER_D128_GROUP = 2
 
 
 def tile_rows(head_dim: int) -> dict:
@@ -517,14 +518,19 @@ def keys_outer(q, k, causal: bool, batch: int | None = None, seqlen: int | None 
     """Whether the programs are numbered key block outer, (batch, kv head) inner. Causal, a key block's walk is
     as long as the queries after it, so in the default order (key blocks inner) the first, longest block of a late
     (batch, kv head) starts near the end and runs on alone: with 8-32 pairs the other order, longest blocks
-    first, read 1.07-1.14x (GQA 32/8 D64 causal at 4k and 8k, D128 at 8k; H100, LOG ninth session). With 64 or
-    128 pairs it read 0.64-0.93x: the programs running at once then read one key block of as many heads, and
-    their Q and dO no longer come from L2. From 16k the lone last walk is a small part of the call and key blocks
-    inner read 1.01-1.07x the other order even with 8-32 pairs (D64 and D128, 16k and 32k; H100, thirteenth
-    session). ``batch``: the sequences (varlen), else ``q``'s batch; ``seqlen``: the longest (varlen), else
-    ``q``'s L."""
+    first, read 1.07-1.14x (GQA 32/8 D64 causal at 4k and 8k; H100, LOG ninth session) and 1.10x at 12k (fourteenth
+    session). With 64 or 128 pairs it read 0.64-0.93x: the programs running at once then read one key block of as
+    many heads, and their Q and dO no longer come from L2. From 16k the lone last walk is a small part of the call
+    and key blocks inner read 1.01-1.07x the other order even with 8-32 pairs (D64 and D128, 16k and 32k; H100,
+    thirteenth session). At D128 (the kernel with dQ's TMA reduction, fourteenth session) the outer order read
+    ahead only with 2 query heads a kv head (GQA 16/8 causal 4k / 8k: 1.07x / 1.10x; 32/16 at 8k: even): with 4
+    (GQA 32/8) key blocks inner read 1.22x / 1.16x / 1.06x at 4k / 8k / 12k, with 1 (MHA) 1.06x at 8k.
+    ``batch``: the sequences (varlen), else ``q``'s batch; ``seqlen``: the longest (varlen), else ``q``'s L."""
+    head_dim, group = q.shape[-1], q.shape[2] // k.shape[2]
+    if not causal or (head_dim == 128 and group != KEYS_OUTER_D128_GROUP):
+        return False
     pairs = (batch or q.shape[0]) * k.shape[2]
-    return causal and pairs <= KEYS_OUTER_MAX_HEADS and (seqlen or q.shape[1]) <= KEYS_OUTER_MAX_SEQLEN
+    return pairs <= KEYS_OUTER_MAX_HEADS and (seqlen or q.shape[1]) <= KEYS_OUTER_MAX_SEQLEN[head_dim]
 
 
 def launch(**kwargs):

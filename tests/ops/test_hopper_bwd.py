@@ -185,21 +185,28 @@ def test_varlen_launch_reads_the_packed_batch_and_per_sequence_stats():
     assert args["dkv_stride"] == 2 * 128 and args["dkv_stride_h"] == 128
 
 
-def test_keys_outer_only_for_causal_calls_with_few_heads_up_to_8k():
+def test_keys_outer_only_for_causal_calls_with_few_heads_where_measured_ahead():
     """The longest key blocks first where that was measured faster: causal, at most 32 (batch, kv head) pairs, L
-    (varlen: the longest sequence) up to 8k."""
+    (varlen: the longest sequence) up to 12k at D64 and 8k at D128, and at D128 only with 2 query heads a kv
+    head."""
     if hopper_bwd.unavailable_reason():
         pytest.skip(hopper_bwd.unavailable_reason())
     from hf_flash.ops._hopper_bwd_kernel import KEYS_OUTER_MAX_HEADS, KEYS_OUTER_MAX_SEQLEN, keys_outer
 
-    def qk(batch, kv_heads, seqlen=128):
-        return torch.empty(batch, seqlen, 4 * kv_heads, 64), torch.empty(batch, seqlen, kv_heads, 64)
+    def qk(batch, kv_heads, seqlen=128, group=4, head_dim=64):
+        return (torch.empty(batch, seqlen, group * kv_heads, head_dim),
+                torch.empty(batch, seqlen, kv_heads, head_dim))
 
-    assert KEYS_OUTER_MAX_HEADS == 32 and KEYS_OUTER_MAX_SEQLEN == 8192
+    assert KEYS_OUTER_MAX_HEADS == 32 and KEYS_OUTER_MAX_SEQLEN == {64: 12288, 128: 8192}
     assert keys_outer(*qk(1, 8), True) and keys_outer(*qk(4, 8), True) and keys_outer(*qk(1, 32), True)
     assert not keys_outer(*qk(1, 8), False) and not keys_outer(*qk(2, 32), True) and not keys_outer(*qk(33, 1), True)
-    assert keys_outer(*qk(1, 8, 8192), True) and not keys_outer(*qk(1, 8, 8193), True)
+    assert keys_outer(*qk(1, 8, 12288), True) and not keys_outer(*qk(1, 8, 12289), True)
     assert not keys_outer(*qk(1, 8), True, batch=1, seqlen=16384), "varlen: the longest sequence decides"
+    # D128: GQA with 2 query heads a kv head, up to 8k; MHA and 4 heads a kv head keep key blocks inner
+    assert keys_outer(*qk(2, 8, 8192, group=2, head_dim=128), True)
+    assert not keys_outer(*qk(2, 8, 8193, group=2, head_dim=128), True)
+    assert not keys_outer(*qk(2, 8, 4096, group=4, head_dim=128), True)
+    assert not keys_outer(*qk(2, 16, 4096, group=1, head_dim=128), True)
 
 
 # -- on an sm90 GPU ---------------------------------------------------------------------------------------------
@@ -212,7 +219,8 @@ GPU_CASES = [
     Case(1, 640, 640, 8, 1, 128, dtype=torch.bfloat16),
     Case(2, 384, 384, 4, 4, 128, causal=True, dtype=torch.float16),
     Case(1, 128, 128, 4, 2, 128, causal=True, dtype=torch.float16),
-    # causal with more than 32 (batch, kv head) pairs: key blocks inner (the others run key blocks outer)
+    # causal with more than 32 (batch, kv head) pairs: key blocks inner (so do D128's causal cases without 2 query
+    # heads a kv head; the other causal cases run key blocks outer)
     Case(9, 256, 256, 8, 4, 128, causal=True, dtype=torch.bfloat16),
     # D64: 128-query steps (a causal head's first step holds the diagonal), row halves of dQ
     Case(2, 256, 256, 4, 2, 64, causal=True, dtype=torch.bfloat16),
