@@ -28,6 +28,7 @@ import gc
 import json
 import os
 import random
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -361,6 +362,36 @@ def build_shapes(args):
 # ---- output ----
 
 
+def merge_rounds(rounds):
+    """One row from a backend's rows of several rounds (same shape): each mode's median time, and the times of
+    every round (``<mode>_ms_rounds``) so that ratios can be taken round by round. A round that failed makes the
+    row its error."""
+    failed = [row for row in rounds if "error" in row]
+    if failed or len(rounds) == 1:
+        return failed[0] if failed else rounds[0]
+    row = {key: rounds[0][key] for key in ("shape", "label", "backend")}
+    flops = Shape(**rounds[0]["shape"]).fwd_flops()
+    for mode in [key[: -len("_ms")] for key in rounds[0] if key.endswith("_ms")]:
+        times = [r[f"{mode}_ms"] for r in rounds]
+        row[f"{mode}_ms"] = statistics.median(times)
+        row[f"{mode}_tflops"] = flops * FLOP_FACTOR[mode] / (row[f"{mode}_ms"] * 1e-3) / 1e12
+        row[f"{mode}_ms_rounds"] = times
+    row["extra_mib"] = max(r["extra_mib"] for r in rounds)
+    return row
+
+
+def _ratio(ours, row, mode):
+    """hf_flash's speed over the row's backend: the ratio of the medians, or with rounds the median of the
+    round-by-round ratios and their range (a drift of the GPU's clock hits both sides of a round alike)."""
+    if f"{mode}_tflops" not in ours:
+        return "-"
+    mine, theirs = ours.get(f"{mode}_ms_rounds"), row.get(f"{mode}_ms_rounds")
+    if not mine or not theirs or len(mine) != len(theirs):
+        return f"{ours[f'{mode}_tflops'] / row[f'{mode}_tflops']:.2f}"
+    ratios = sorted(t / m for m, t in zip(mine, theirs))
+    return f"{statistics.median(ratios):.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f})"
+
+
 def markdown_table(rows, modes, gpu):
     by_case = {}
     for row in rows:
@@ -379,9 +410,7 @@ def markdown_table(rows, modes, gpu):
                 lines.append(f"| {label} | {name} | {row['error']} |" + " |" * (2 * len(modes)))
                 continue
             speeds = " | ".join(f"{row[f'{m}_tflops']:.0f}" for m in modes)
-            ratios = " | ".join(
-                f"{ours[f'{m}_tflops'] / row[f'{m}_tflops']:.2f}" if f"{m}_tflops" in ours else "-" for m in modes
-            )
+            ratios = " | ".join(_ratio(ours, row, m) for m in modes)
             lines.append(f"| {label} | {name} | {speeds} | {row['extra_mib']:.0f} | {ratios} |")
     return "\n".join(lines)
 
@@ -455,6 +484,13 @@ def parse_args(argv=None):
     p.add_argument("--eager-max-len", type=int, default=8192, help="skip eager above this L (quadratic memory)")
     p.add_argument("--rep-ms", type=float, default=50, help="do_bench's rep: ms of timed runs per number (default 50)")
     p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="time each shape's backends this many times, alternating; rows keep each mode's median and\n"
+        "the table hf_flash's median ratio over the rounds with its range (a cell moves ~8%% run to run)",
+    )
+    p.add_argument(
         "--flex-dynamic",
         action="store_true",
         help="compile FlexAttention with dynamic shapes: far fewer compiles, maybe slower kernels",
@@ -480,6 +516,8 @@ def parse_args(argv=None):
     bad = [d for d in args.dtypes if d not in DTYPES] + [m for m in args.modes if m not in MODES]
     if bad:
         p.error(f"unknown dtype/mode {bad}: dtypes are bf16,fp16 and modes fwd,bwd,fwd_bwd")
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
     return args
 
 
@@ -491,16 +529,24 @@ def run_shapes(shapes, args, bench, skipped, rows, meta, out_dir):
             print(f"time budget spent: {len(shapes) - i} shapes not run (--resume the JSON to go on)", flush=True)
             meta["not_run"] = [s.label for s in shapes[i:]]
             break
-        for name, build in backend_builders(bool(shape.lengths)).items():
-            if name in skipped or (args.backends and name not in args.backends):
-                continue
-            if name == "eager" and shape.seqlen > args.eager_max_len:
-                continue
-            row = run_case(name, build, shape, args.modes, bench)
-            rows.append(row)
-            speeds = row.get("error") or " ".join(f"{m} {row[f'{m}_tflops']:.0f}" for m in args.modes)
-            print(f"[{time.time() - start:6.0f}s] {shape.label:45s} {name:15s} {speeds}", flush=True)
-            (out_dir / "bench_attention.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        builders = {
+            name: build
+            for name, build in backend_builders(bool(shape.lengths)).items()
+            if name not in skipped and (not args.backends or name in args.backends)
+            and not (name == "eager" and shape.seqlen > args.eager_max_len)
+        }
+        # the backends alternate round by round, so that the GPU's drift over a shape's minutes hits each alike
+        rounds = {name: [] for name in builders}
+        for r in range(args.rounds):
+            for name, build in builders.items():
+                row = run_case(name, build, shape, args.modes, bench)
+                rounds[name].append(row)
+                speeds = row.get("error") or " ".join(f"{m} {row[f'{m}_tflops']:.0f}" for m in args.modes)
+                tag = f" (round {r + 1})" if args.rounds > 1 else ""
+                print(f"[{time.time() - start:6.0f}s] {shape.label:45s} {name:15s} {speeds}{tag}", flush=True)
+        for name in builders:
+            rows.append(merge_rounds(rounds[name]))
+        (out_dir / "bench_attention.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (out_dir / "bench_attention.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
 
@@ -547,7 +593,7 @@ def main(argv=None):
         "modes": args.modes,
         "layouts": "SDPA/Flex/eager [B, H, L, D]; hf_flash/flash-attn [B, L, H, D]; each contiguous",
         "flex_dynamic": args.flex_dynamic,
-        "timing": f"triton do_bench median, rep {args.rep_ms} ms",
+        "timing": f"triton do_bench median, rep {args.rep_ms} ms; median of {args.rounds} alternating round(s)",
     }
     run_shapes(shapes, args, bench, skipped, rows, meta, out_dir)
     plot(rows, args.modes, out_dir)
