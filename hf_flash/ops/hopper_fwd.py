@@ -56,7 +56,8 @@ class Tile(NamedTuple):
 
 # (head dim, causal) -> tile, FlashAttention-3's split of rows (H100, hopper_fwd_speed.py; docs/DESIGN.md).
 # D128: 2 x 64 rows, 128 keys, 2 stages = 2 x (2 x 32 KB) + Q's 2 x 16 KB = 160 KB of the 227 KB a program may
-# have. D64: 3 x 64 rows (the softmax of a 64-wide head outweighs its products, so a third group keeps the tensor
+# have; the two groups take turns to issue their products (the kernel's ping-pong needs the 2 stages; 3 read no
+# faster). D64: 3 x 64 rows (the softmax of a 64-wide head outweighs its products, so a third group keeps the tensor
 # cores fed: 2 groups read 0.86-1.08x), 128 keys, 2 stages (3 measured no faster), 88 KB. With one-wave head
 # groups: 1.06-1.35x the portable forward from min_seqlen to 16k (GQA 32/8 D64 causal to 32k); below, D128
 # 0.98-1.03x at 1k, D64 0.72-0.99x at 1k and 0.86x causal at 2k.
