@@ -63,12 +63,9 @@ def _turn(group, ARRIVE: gl.constexpr):
     its group's 128 waiting and the other group's 128 arriving. Inline PTX, one instruction a thread (a [128]
     tensor over the partition's 4 warps)."""
     ids = gl.full([128], TURN_BARRIER + group, gl.int32, gl.BlockedLayout([1], [32], [4], [0]))
-    if ARRIVE:
-        gl.inline_asm_elementwise("bar.arrive $1, 256;\n\tmov.u32 $0, $1;", "=r,r", [ids], dtype=gl.int32,
-                                  is_pure=False, pack=1)
-    else:
-        gl.inline_asm_elementwise("bar.sync $1, 256;\n\tmov.u32 $0, $1;", "=r,r", [ids], dtype=gl.int32,
-                                  is_pure=False, pack=1)
+    op: gl.constexpr = "bar.arrive" if ARRIVE else "bar.sync"
+    gl.inline_asm_elementwise(op + " $1, 256;\n\tmov.u32 $0, $1;", "=r,r", [ids], dtype=gl.int32, is_pure=False,
+                              pack=1)
 
 
 @gluon.jit
