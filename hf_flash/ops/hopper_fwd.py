@@ -58,10 +58,10 @@ class Tile(NamedTuple):
 # D128: 2 x 64 rows, 128 keys, 2 stages = 2 x (2 x 32 KB) + Q's 2 x 16 KB = 160 KB of the 227 KB a program may
 # have; the two groups take turns to issue their products (the kernel's ping-pong needs the 2 stages; 3 read no
 # faster). D64: 3 x 64 rows (the softmax of a 64-wide head outweighs its products, so a third group keeps the tensor
-# cores fed: 2 groups read 0.86-1.08x), 128 keys, 2 stages (3 measured no faster), 88 KB. With one-wave head
-# groups: 1.06-1.35x the portable forward from min_seqlen to 16k (GQA 32/8 D64 causal to 32k; D128 1.16-1.41x at
-# 4k-16k since the ping-pong); below, D128 0.98-1.03x at 1k (before the ping-pong), D64 0.72-0.99x at 1k and 0.86x
-# causal at 2k.
+# cores fed: 2 groups read 0.86-1.08x, and 1.03-1.14x with the ping-pong against 3 groups' 1.15-1.26x), 128 keys,
+# 2 stages (3 measured no faster), 88 KB. With one-wave head groups: 1.06-1.35x the portable forward from min_seqlen
+# to 16k (GQA 32/8 D64 causal to 32k; D128 1.16-1.41x at 4k-16k since the ping-pong); below, D128 with the ping-pong
+# 1.08x non-causal but 0.95x / 0.99x causal at 1k / 1.5k, D64 0.72-0.99x at 1k and 0.86x causal at 2k.
 TILES = {
     (128, False): Tile(groups=2, block_n=128, stages=2, min_seqlen=2048),
     (128, True): Tile(groups=2, block_n=128, stages=2, min_seqlen=2048),
