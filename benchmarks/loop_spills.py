@@ -89,8 +89,9 @@ def loops(sass: str) -> list[dict]:
 
 def programs_per_sm(result: dict) -> int:
     """Programs that fit one sm90 SM at once: 64K registers (allocated per warp in units of 256), 228 KB of
-    shared memory (1 KB of it reserved per program), 64 warps."""
-    warps = result["num_warps"]
+    shared memory (1 KB of it reserved per program), 64 warps. ``warps``: the program's, partitions included (the Gluon
+    kernels launch 4 and specialize 12 or 16)."""
+    warps = result["warps"]
     regs_per_warp = -(-(result["regs"] or 255) * 32 // 256) * 256
     by_regs = 65536 // (regs_per_warp * warps)
     by_smem = 228 * 1024 // (result["shared"] + 1024)
@@ -163,7 +164,7 @@ def main():
                     totals = (f"{r['regs']} registers, {r['spill_bytes']} B spilled" if r["regs"] is not None
                               else "the same kernel as a line above (cached: ptxas did not run)")
                     print(f"{kernel} D{head_dim} causal={causal} {layout} ({block}, "
-                          f"{r['num_warps']} warps, {r['num_stages']} stages): {totals}, {r['shared']} B shared, "
+                          f"{r['warps']} warps, {r['num_stages']} stages): {totals}, {r['shared']} B shared, "
                           f"{programs_per_sm(r)} programs per SM")
                     for loop in (loop for loop in loops(disassemble(r["cubin"])) if loop["hgmma"]):
                         print(f"    loop of {loop['size']:5d} instructions: HGMMA {loop['hgmma']:3d}, "

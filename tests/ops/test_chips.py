@@ -171,7 +171,9 @@ def _compiled(source, case: dict, with_cubin: bool, asm: tuple) -> dict:
         options = {k: case[k] for k in ("num_warps", "num_stages", "maxnreg") if k in case}
         compiled = triton.compile(source, target=GPUTarget("cuda", case["cc"], 32), options=options)
     seconds = time.perf_counter() - start
-    result = dict(case, shared=compiled.metadata.shared, seconds=round(seconds, 2), **_resources(log.getvalue()))
+    # warps: all of the program's (a warp-specialized kernel's partitions add theirs to the launch's num_warps)
+    result = dict(case, shared=compiled.metadata.shared, warps=compiled.metadata.num_warps, seconds=round(seconds, 2),
+                  **_resources(log.getvalue()))
     if with_cubin:
         result["cubin"] = compiled.asm["cubin"]
     if asm:
