@@ -78,10 +78,13 @@ def emulate(q, k, v, do, o, lse, causal, scale, step, packed=False):
     return dq[:L], dk[:L], dv[:L]
 
 
-def emulate_fwd(q, k, v, causal, scale, groups, packed):
+def emulate_fwd(q, k, v, causal, scale, groups, packed, lead=False):
     """The Hopper forward's tile walk (``packed``: its varlen form, landed in the thirteenth session): tiles of ``groups`` 64-row groups,
     128-key blocks, the unmasked blocks (causal: up to the group's first row; else the whole ones) then the
-    masked ones; past L the next sequence's rows (``packed``) or zeros; rows past L never stored (NaN marks)."""
+    masked ones; past L the next sequence's rows (``packed``) or zeros; rows past L never stored (NaN marks).
+    ``lead`` (causal; ``hopper-fwd-causal-lead.patch``): the tiles start ``_lead`` rows before the sequence, in
+    whole groups, so that the last ends at L; the groups before the start compute nothing. Either way the grid's
+    ``cdiv(L, tile_m)`` tiles store every row once."""
     L, D = q.shape
     block_n, tile_m = 128, groups * ROWS
     pad = -(-L // tile_m) * tile_m + block_n
@@ -89,11 +92,14 @@ def emulate_fwd(q, k, v, causal, scale, groups, packed):
     Q, K, V = (torch.cat([t, fill(pad - L, D, dtype=t.dtype)]) for t in (q, k, v))
     o = torch.full((pad, D), float("nan"), dtype=q.dtype)
     lse = torch.full((pad,), float("nan"), dtype=q.dtype)
-    for q_start in range(0, L, tile_m):
+    shift = (-(-L // tile_m) * tile_m - L) // ROWS * ROWS if lead and causal else 0
+    starts = range(-shift, L, tile_m)
+    assert len(starts) == -(-L // tile_m), "the grid's tiles"
+    for q_start in starts:
         n_blocks = -(-min(L, q_start + tile_m) // block_n) if causal else -(-L // block_n)
         for g in range(groups):
             first = q_start + g * ROWS
-            if first >= L:
+            if first < 0 or first >= L:
                 continue
             rows = torch.arange(first, first + ROWS)
             n_full = min((first + 1) // block_n, n_blocks) if causal else L // block_n
@@ -111,6 +117,7 @@ def emulate_fwd(q, k, v, causal, scale, groups, packed):
                 alpha = torch.exp(m - m_new)
                 l, acc, m = l * alpha + p.sum(1), acc * alpha[:, None] + p @ V[keys], m_new
             valid = rows < L  # the masked stores
+            assert not o[rows[valid]].isfinite().any(), "a row stored twice"
             o[rows[valid]] = (acc / l[:, None])[valid]
             lse[rows[valid]] = (m + torch.log(l))[valid]
     assert not o[L:].isfinite().any(), "rows past L must not be stored"
@@ -121,14 +128,17 @@ worst = 0.0
 for L in (129, 200, 333, 700, 64 * 3 + 5, 128, 256, 77 + 256, 1000):
     for causal in (False, True):
         for groups in (2, 3):
-            for packed in (False, True):
+            for packed, lead in ((False, False), (True, False), (False, True), (True, True)):
+                if lead and not causal:
+                    continue
                 q, k, v = (torch.randn(L, 16, dtype=torch.float64) for _ in range(3))
                 o, lse = reference(q, k, v, torch.zeros_like(q), causal, 0.25)[:2]
-                eo, else_ = emulate_fwd(q, k, v, causal, 0.25, groups, packed)
+                eo, else_ = emulate_fwd(q, k, v, causal, 0.25, groups, packed, lead)
+                assert eo.isfinite().all(), "a row left unstored"
                 err = max((eo - o).abs().max().item(), (else_ - lse).abs().max().item())
                 worst = max(worst, err)
-                print(f"forward L={L} causal={causal} groups={groups} {'packed' if packed else 'zeros'}: "
-                      f"max |diff| {err:.1e}")
+                print(f"forward L={L} causal={causal} groups={groups} {'packed' if packed else 'zeros'}"
+                      f"{' lead' if lead else ''}: max |diff| {err:.1e}")
 for L in (129, 200, 333, 700, 64 * 3 + 5, 128, 256, 77 + 256):
     for causal in (False, True):
         for step in (64, 128):
