@@ -60,6 +60,12 @@ MODES = ("fwd", "bwd", "fwd_bwd")
 FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
 
 
+def tflops(shape, mode, ms):
+    """TFLOP/s of ``mode`` on ``shape`` (a ``Shape``) taking ``ms`` milliseconds: the forward's FLOPs times the
+    mode's factor."""
+    return shape.fwd_flops() * FLOP_FACTOR[mode] / (ms * 1e-3) / 1e12
+
+
 # ---- measuring ----
 
 
@@ -98,7 +104,7 @@ def run_case(name, build, shape, modes, bench):
         result = measure(build, shape, modes, bench)
         for mode in modes:
             row[f"{mode}_ms"] = result[mode]
-            row[f"{mode}_tflops"] = shape.fwd_flops() * FLOP_FACTOR[mode] / (result[mode] * 1e-3) / 1e12
+            row[f"{mode}_tflops"] = tflops(shape, mode, result[mode])
         row["extra_mib"] = result["extra_mib"]
     except torch.cuda.OutOfMemoryError:
         row["error"] = "out of memory"
@@ -152,11 +158,11 @@ def merge_rounds(rounds):
     if failed or len(rounds) == 1:
         return failed[0] if failed else rounds[0]
     row = {key: rounds[0][key] for key in ("shape", "label", "backend")}
-    flops = Shape(**rounds[0]["shape"]).fwd_flops()
+    shape = Shape(**rounds[0]["shape"])
     for mode in [key[: -len("_ms")] for key in rounds[0] if key.endswith("_ms")]:
         times = [r[f"{mode}_ms"] for r in rounds]
         row[f"{mode}_ms"] = statistics.median(times)
-        row[f"{mode}_tflops"] = flops * FLOP_FACTOR[mode] / (row[f"{mode}_ms"] * 1e-3) / 1e12
+        row[f"{mode}_tflops"] = tflops(shape, mode, row[f"{mode}_ms"])
         row[f"{mode}_ms_rounds"] = times
     row["extra_mib"] = max(r["extra_mib"] for r in rounds)
     return row

@@ -19,7 +19,7 @@ def row(backend, fwd_ms, bwd_ms, extra=100.0):
     r = {"shape": bench.asdict(SHAPE), "label": SHAPE.label, "backend": backend, "extra_mib": extra}
     for mode, ms in (("fwd", fwd_ms), ("bwd", bwd_ms)):
         r[f"{mode}_ms"] = ms
-        r[f"{mode}_tflops"] = SHAPE.fwd_flops() * bench.FLOP_FACTOR[mode] / (ms * 1e-3) / 1e12
+        r[f"{mode}_tflops"] = bench.tflops(SHAPE, mode, ms)
     return r
 
 
