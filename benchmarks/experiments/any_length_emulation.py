@@ -82,7 +82,7 @@ def emulate_fwd(q, k, v, causal, scale, groups, packed, lead=False):
     """The Hopper forward's tile walk (``packed``: its varlen form, landed in the thirteenth session): tiles of ``groups`` 64-row groups,
     128-key blocks, the unmasked blocks (causal: up to the group's first row; else the whole ones) then the
     masked ones; past L the next sequence's rows (``packed``) or zeros; rows past L never stored (NaN marks).
-    ``lead`` (causal; ``hopper-fwd-causal-lead.patch``): the tiles start ``_lead`` rows before the sequence, in
+    ``lead`` (causal; landed in the sixteenth session): the tiles start ``_lead`` rows before the sequence, in
     whole groups, so that the last ends at L; the groups before the start compute nothing. Either way the grid's
     ``cdiv(L, tile_m)`` tiles store every row once."""
     L, D = q.shape

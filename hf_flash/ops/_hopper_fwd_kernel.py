@@ -69,6 +69,15 @@ def _turn(group, ARRIVE: gl.constexpr):
 
 
 @gluon.jit
+def _lead(seqlen, TILE_M: gl.constexpr, SPLIT_M: gl.constexpr):
+    """Causal: rows by which the tiles start before the sequence, so that the last one ends at its end (to within a
+    group). The tile that L leaves partly empty is then the first, which sees one key block, not the last, which
+    sees them all: at D64 (192-row tiles) and L = 4096 the last tile had 1 of its 3 groups at work through 32 key
+    blocks. Whole groups (``SPLIT_M``), so that a group's rows are all before the start or none are."""
+    return (gl.cdiv(seqlen, TILE_M) * TILE_M - seqlen) // SPLIT_M * SPLIT_M
+
+
+@gluon.jit
 def _tile(t, seqlen, n_heads, n_groups, n_bh, head_group, TILE_M: gl.constexpr):
     """Tile ``t`` (``TILE_M`` query rows, ``seqlen``: the longest sequence): its batch, head, K/V head and first
     query. Tiles come in groups of ``head_group`` (batch, head) pairs (the last group may be smaller), heaviest
@@ -201,7 +210,7 @@ def _consume(g: gl.constexpr, descs, smem, bars, problem, lse_ptr, qk_scale, CAU
             _turn(0, True)
         _turn(g, False)
     mbarrier.wait(q_ready.index(g), 0)
-    if first < seqlen:
+    if (first >= 0) & (first < seqlen):
         offs_m = first + gl.arange(0, SPLIT_M, layout=row_s)
         m_i = gl.full([SPLIT_M], -float("inf"), gl.float32, row_s)
         l_i = gl.full([SPLIT_M], 0.0, gl.float32, row_s)
@@ -237,7 +246,8 @@ def _consume(g: gl.constexpr, descs, smem, bars, problem, lse_ptr, qk_scale, CAU
             tma_store(o_desc, [cb, h, row0 + first, 0], q_smem.index(g))
             tma.store_wait(0)
     else:
-        # rows all past the end: nothing to compute or store, but every stage waits for all groups, so release
+        # rows all past the end (or, causal, before the start: :func:`_lead`): nothing to compute or store, but
+        # every stage waits for all groups, so release
         # each once it has arrived
         for j in range(n_blocks):
             mbarrier.wait(k_ready.index(j % STAGES), (j // STAGES) & 1)
@@ -292,7 +302,10 @@ def _fwd_hopper(
     if VARLEN:
         row0 = gl.load(cu_seqlens + b)  # the sequence's first row in the packed batch
         seqlen = gl.load(cu_seqlens + b + 1) - row0
-        if q_start >= seqlen:  # the grid covers the longest sequence
+    if CAUSAL:
+        q_start -= _lead(seqlen, GROUPS * SPLIT_M, SPLIT_M)
+    if VARLEN:
+        if q_start >= seqlen:  # the grid covers the longest sequence (the lead keeps its tiles past the end)
             return
         cb = 0  # the descriptors' batch coordinate
         lse_off = h.to(gl.int64) * stride_lh + row0 + q_start

@@ -188,7 +188,8 @@ GPU_CASES = [
     # L not a multiple of the 128-row tile: the last tile's second group has no rows
     Case(2, 320, 320, 4, 2, 128, causal=True, dtype=torch.bfloat16),
     Case(1, 320, 320, 4, 4, 128, dtype=torch.float16),
-    # D64: 192-row tiles (3 groups); 256 and 448 end in a tile of one group, 384 in whole tiles
+    # D64: 192-row tiles (3 groups); 448 ends in a tile of one group, 384 in whole tiles; causal, the tiles end at
+    # L (_hopper_fwd_kernel._lead): 256's first tile has one group at work, 320's (D128) one of two
     Case(2, 256, 256, 4, 2, 64, causal=True, dtype=torch.bfloat16),
     Case(1, 448, 448, 8, 1, 64, dtype=torch.bfloat16),
     Case(2, 384, 384, 4, 4, 64, causal=True, dtype=torch.float16),
