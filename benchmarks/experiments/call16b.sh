@@ -19,8 +19,8 @@ variant() {  # name, patch ('' for none), sed on hopper_bwd.py ('' for none)
   (cd $d && { [ -z "$2" ] || patch -s -p1 < $R/benchmarks/experiments/$2; } && { [ -z "$3" ] || sed -i "$3" hf_flash/ops/hopper_bwd.py; })
   echo "== $1"
   B="timeout 100 env PYTHONPATH=$d python benchmarks/hopper_bwd_speed.py --head-dim 128 --rounds 3"
-  $B --causal both --seqlens 4096,16384 2>&1 | grep hopper:
-  $B --heads 32 --kv-heads 8 --causal causal --seqlens 8192 2>&1 | grep hopper:
+  $B --causal both --seqlens 4096,16384 2>&1 | grep TFLOP
+  $B --heads 32 --kv-heads 8 --causal causal --seqlens 8192 2>&1 | grep TFLOP
 }
 {
   variant main "" ""
