@@ -2,7 +2,8 @@
 # Sixteenth session, third call: hopper-bwd-dq-loader.patch (D128: the loader issues dQ's TMA reductions, the
 # consumers only store their parts; the profile of call 2 put ~15% of a consumer's stall samples on issuing them)
 # against main, ratio to the portable backward, each in its own process; if it gains >= 2% on average, loses no
-# case by more than 2% and its dQ matches, the GPU suite with the patch applied to the tree.
+# case by more than 2% and its dQ matches, the Hopper backward's GPU tests with the patch applied to the tree
+# (SUITE=1: the whole GPU suite instead).
 export PYTHONPATH=$PWD
 R=$PWD
 nvidia-smi --query-gpu=name --format=csv,noheader
@@ -34,6 +35,10 @@ print("WIN" if ok else "NO")
 PY
 if tail -1 $OUT/ab_dqld.log | grep -q WIN; then
   patch -s -p1 < benchmarks/experiments/hopper-bwd-dq-loader.patch && echo "applied to the tree"
-  LOG_DIR=/tmp/gpu_all LIMIT=${LIMIT:-400} bash tests/run_gpu_all.sh 2>&1 | tail -16
-  tar -czf $OUT/gpu_all.tgz -C /tmp gpu_all
+  if [ "${SUITE:-0}" = 1 ]; then
+    LOG_DIR=/tmp/gpu_all LIMIT=${LIMIT:-400} bash tests/run_gpu_all.sh 2>&1 | tail -16
+    tar -czf $OUT/gpu_all.tgz -C /tmp gpu_all
+  else  # the Hopper backward's GPU cases (D64 and D128, causal or not, GQA, varlen, odd lengths)
+    timeout ${TEST_LIMIT:-130} python -m pytest -q -m gpu tests/ops/test_hopper_bwd.py 2>&1 | tail -4 | tee $OUT/test_hopper_bwd.log
+  fi
 fi
