@@ -33,7 +33,7 @@ for spec in "$@"; do
   dir=$scratch/$name
   mkdir -p "$dir" && cp -r "$ROOT/hf_flash" "$dir/"
   case $spec in
-    *.patch) (cd "$dir" && patch -s -p1 < "$ROOT/benchmarks/experiments/$spec") ||
+    *.patch) (cd "$dir" && git apply --include='hf_flash/*' "$ROOT/benchmarks/experiments/$spec") ||
       { echo "!! $spec does not apply" >&2; echo "== $name" >> "$log"; continue; } ;;
     *=*@*) expr=${spec#*=}; sed -i "${expr%@*}" "$dir/${expr##*@}" ;;
   esac
