@@ -1,6 +1,7 @@
 #!/bin/bash
-# Prepared in the sixteenth session (no device time was left): where the D128 non-causal forward at 4k (0.93x cuDNN, README) loses: tiles and tile
-# orders against the portable forward, then a profile of one call (MHA B4 H16 L=4096).
+# Prepared in the sixteenth session (no device time was left): where the D128 non-causal forward at 4k (0.93x
+# cuDNN, README) loses: tiles and tile orders against the portable forward, then a profile of one call (MHA B4 H16
+# L=4096).
 export PYTHONPATH=$PWD
 nvidia-smi --query-gpu=name --format=csv,noheader
 F="timeout 90 python benchmarks/hopper_fwd_speed.py --head-dim 128 --causal plain --seqlens 4096 --rounds 3"

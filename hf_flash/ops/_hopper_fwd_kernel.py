@@ -247,8 +247,7 @@ def _consume(g: gl.constexpr, descs, smem, bars, problem, lse_ptr, qk_scale, CAU
             tma.store_wait(0)
     else:
         # rows all past the end (or, causal, before the start: :func:`_lead`): nothing to compute or store, but
-        # every stage waits for all groups, so release
-        # each once it has arrived
+        # every stage waits for all groups, so release each once it has arrived
         for j in range(n_blocks):
             mbarrier.wait(k_ready.index(j % STAGES), (j // STAGES) & 1)
             if PINGPONG:  # the turns as a computing group takes them, so that the other group's go on
