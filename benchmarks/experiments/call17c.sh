@@ -6,7 +6,8 @@
 # 128-byte-swizzled [64, 32] boxes and permutes a box's rows instead (query row 8a + 4b + c at shared row
 # 8a + 2c + b, a 5D descriptor of the buffer as [H, B * L' / 8, 4, 2, D]): a half-warp's 4 rows meet 4 different
 # chunk pairs of the swizzle; 128-byte rows to L2 as main; varlen keeps main's boxes (its steps start at any row).
-# Offline: Triton 3.6 66 STS.64 (main 66), 8 UTMAREDG.5D (main 8 .4D); 3.9 compiles. If it wins: the Hopper
+# Offline: Triton 3.6 66 STS.64 (main 66), 8 UTMAREDG.5D (main 8 .4D); 3.9 compiles; Triton's own bank-conflict
+# count (gl.bank_conflicts, both versions) reads 0 for these stores and 1 (2-way) for main's (a CPU test, with it). If it wins: the Hopper
 # backward's GPU tests with it, README's D128 backward cells against cuDNN, then the whole GPU suite with it in
 # the seconds left (a process that runs out is rerun with ONLY= in the next call). It did not run in the
 # seventeenth session: four starts got no machine and took the device time.
